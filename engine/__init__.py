@@ -1,0 +1,1 @@
+"""cpm2 engine: the encoder-decoder MoE model, its weights, tokenizer and generation."""

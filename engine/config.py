@@ -1,0 +1,226 @@
+"""Model configuration: one typed, validated description of every model cpm2 runs.
+
+CPM-2 (Zhang et al. 2021, SEED.md), T5 v1.0 / v1.1, mT5 and Switch Transformers are all T5-style
+encoder-decoders; they differ in a handful of switches captured here. The config is what
+`config.json` of a native model directory holds; `engine.weights.hf` translates Hugging Face configs
+into it, so nothing else in the engine ever looks at a foreign config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from engine.errors import ConfigError
+
+Activation = Literal["relu", "gelu_new", "gelu", "silu"]
+RouterKind = Literal["centroid", "learned"]
+
+#: Version of the native `config.json` layout; bumped when a field changes meaning.
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True, kw_only=True)
+class MoEConfig:
+    """Where the Mixture-of-Experts layers are and how tokens are routed to experts."""
+
+    num_experts: int
+    """Experts per MoE layer (CPM-2-MoE: 32; switch-base-8: 8)."""
+    router: RouterKind
+    """`centroid`: CPM-2 / BASE layers, score = RMSNorm(x) @ centroids (frozen), top-1, output not
+    scaled by the gate. `learned`: Switch Transformers, a trained linear router in `router_dtype`,
+    top-1, expert output scaled by the router probability."""
+    encoder_layers: tuple[int, ...]
+    """Indices of the encoder blocks whose feed-forward is an MoE layer (others are dense)."""
+    decoder_layers: tuple[int, ...]
+    """Indices of the decoder blocks whose feed-forward is an MoE layer (others are dense)."""
+    expert_capacity: int | None = None
+    """Switch only: at most this many tokens of one sequence go to one expert, in token order; the
+    rest skip the expert (their MoE output is zero), exactly as HF transformers applies it. `None`
+    means no limit (CPM-2 inference, SEED.md)."""
+    router_bias: bool = False
+    """Switch only: whether the learned router has a bias."""
+    router_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Precision the learned router runs in (Switch's "selective precision": float32)."""
+    centroid_gain: float = 0.01
+    """Gain of the random orthogonal centroids drawn at initialisation (CPM-2-MoE upcycling used 0.01)."""
+
+    def __post_init__(self) -> None:
+        if self.num_experts < 1:
+            raise ConfigError(f"moe.num_experts must be at least 1, got {self.num_experts}")
+        if self.router not in ("centroid", "learned"):
+            raise ConfigError(f"moe.router must be 'centroid' or 'learned', got {self.router!r}")
+        if self.expert_capacity is not None and self.expert_capacity < 0:
+            raise ConfigError(
+                f"moe.expert_capacity must be >= 0 or null (no limit), got {self.expert_capacity}"
+            )
+        for name in ("encoder_layers", "decoder_layers"):
+            layers = getattr(self, name)
+            if list(layers) != sorted(set(layers)) or any(i < 0 for i in layers):
+                raise ConfigError(
+                    f"moe.{name} must be strictly increasing non-negative block indices, got {list(layers)}"
+                )
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """Shape and behaviour of a T5-style encoder-decoder (optionally MoE) language model."""
+
+    family: str = "cpm2"
+    """Informational name of the model family (`cpm2`, `t5`, `mt5`, `switch_transformers`)."""
+    vocab_size: int
+    """Rows of the input embedding and of the output head."""
+    d_model: int
+    """Width of the residual stream."""
+    num_heads: int
+    """Attention heads per attention layer."""
+    d_kv: int
+    """Width of one attention head (the inner attention width is `num_heads * d_kv`)."""
+    d_ff: int
+    """Inner width of each feed-forward network (dense FFN and every expert)."""
+    num_encoder_layers: int
+    """Encoder blocks."""
+    num_decoder_layers: int
+    """Decoder blocks."""
+    activation: Activation = "gelu_new"
+    """FFN non-linearity; `gelu_new` is the tanh approximation CPM-2 and T5 v1.1 use."""
+    is_gated_ffn: bool = True
+    """`wo(act(wi_0 x) * wi_1 x)` (CPM-2, T5 v1.1) instead of `wo(act(wi x))` (T5 v1.0, Switch)."""
+    relative_attention_num_buckets: int = 32
+    """Buckets of the T5 relative position bias."""
+    relative_attention_max_distance: int = 128
+    """Distance from which all relative positions share the last bucket."""
+    layer_norm_eps: float = 1e-6
+    """Epsilon of the RMS layer norm."""
+    tie_word_embeddings: bool = False
+    """Reuse the input embedding as the output head (T5 v1.0, Switch). CPM-2 keeps them separate."""
+    scale_decoder_output: bool = False
+    """Multiply the final decoder state by d_model^-0.5 before the output head (T5 v1.0 and Switch
+    with tied embeddings, from Mesh TensorFlow)."""
+    pad_token_id: int = 0
+    """Padding id; also T5's decoder start token."""
+    eos_token_id: int = 1
+    """End-of-sequence id; generation stops when it is produced."""
+    decoder_start_token_id: int = 0
+    """First decoder input token."""
+    dropout_rate: float = 0.0
+    """Dropout after embeddings and every sublayer during training (T5 pre-training used 0.1)."""
+    moe: MoEConfig | None = None
+    """Mixture-of-Experts layout, or `None` for a dense model."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Free-form provenance (source architecture, converter version). Never read by model code."""
+
+    def __post_init__(self) -> None:
+        positive = {
+            "vocab_size": self.vocab_size,
+            "d_model": self.d_model,
+            "num_heads": self.num_heads,
+            "d_kv": self.d_kv,
+            "d_ff": self.d_ff,
+            "num_encoder_layers": self.num_encoder_layers,
+            "num_decoder_layers": self.num_decoder_layers,
+            "relative_attention_num_buckets": self.relative_attention_num_buckets,
+            "relative_attention_max_distance": self.relative_attention_max_distance,
+        }
+        for name, value in positive.items():
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.activation not in ("relu", "gelu_new", "gelu", "silu"):
+            raise ConfigError(
+                f"activation must be one of relu, gelu_new, gelu, silu; got {self.activation!r}"
+            )
+        if not 0.0 <= self.dropout_rate < 1.0:
+            raise ConfigError(f"dropout_rate must be in [0, 1), got {self.dropout_rate}")
+        if not self.layer_norm_eps > 0:
+            raise ConfigError(f"layer_norm_eps must be > 0, got {self.layer_norm_eps}")
+        for name in ("pad_token_id", "eos_token_id", "decoder_start_token_id"):
+            token = getattr(self, name)
+            if not 0 <= token < self.vocab_size:
+                raise ConfigError(f"{name}={token} is outside the vocabulary [0, {self.vocab_size})")
+        if self.moe is not None:
+            for stack, layers, count in (
+                ("encoder", self.moe.encoder_layers, self.num_encoder_layers),
+                ("decoder", self.moe.decoder_layers, self.num_decoder_layers),
+            ):
+                if layers and layers[-1] >= count:
+                    raise ConfigError(
+                        f"moe.{stack}_layers lists block {layers[-1]} but the {stack} has only {count} "
+                        f"blocks (0..{count - 1})"
+                    )
+
+    @property
+    def inner_dim(self) -> int:
+        """Total attention width, `num_heads * d_kv`."""
+        return self.num_heads * self.d_kv
+
+    def moe_layers(self, stack: Literal["encoder", "decoder"]) -> tuple[int, ...]:
+        """Block indices of `stack` whose feed-forward is an MoE layer."""
+        if self.moe is None:
+            return ()
+        return self.moe.encoder_layers if stack == "encoder" else self.moe.decoder_layers
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        """A copy with `changes` applied (and validated)."""
+        return dataclasses.replace(self, **changes)
+
+    # ---- serialisation -------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form written to a native model directory's `config.json`."""
+        data = dataclasses.asdict(self)
+        if self.moe is not None:
+            data["moe"]["encoder_layers"] = list(self.moe.encoder_layers)
+            data["moe"]["decoder_layers"] = list(self.moe.decoder_layers)
+        return {"format": "cpm2", "format_version": FORMAT_VERSION, **data}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, source: str = "config") -> ModelConfig:
+        """Parse the JSON form; unknown or missing fields raise `ConfigError` naming `source`."""
+        data = dict(data)
+        data.pop("format", None)
+        version = data.pop("format_version", FORMAT_VERSION)
+        if version != FORMAT_VERSION:
+            raise ConfigError(
+                f"{source}: format_version {version} is not supported by this cpm2 "
+                f"(it reads version {FORMAT_VERSION}); upgrade cpm2 or re-convert the model"
+            )
+        moe_data = data.pop("moe", None)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"{source}: unknown field(s) {unknown}; known fields are {sorted(known)}")
+        try:
+            moe = None
+            if moe_data is not None:
+                moe_known = {f.name for f in dataclasses.fields(MoEConfig)}
+                moe_unknown = sorted(set(moe_data) - moe_known)
+                if moe_unknown:
+                    raise ConfigError(f"{source}: unknown moe field(s) {moe_unknown}")
+                moe = MoEConfig(
+                    **{
+                        **moe_data,
+                        "encoder_layers": tuple(moe_data.get("encoder_layers", ())),
+                        "decoder_layers": tuple(moe_data.get("decoder_layers", ())),
+                    }
+                )
+            return cls(**data, moe=moe)
+        except TypeError as exc:  # a missing required field
+            raise ConfigError(f"{source}: {exc}") from exc
+
+    def save(self, path: Path) -> None:
+        """Write the config as JSON to `path`."""
+        path.write_text(json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> ModelConfig:
+        """Read a native `config.json`."""
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError as exc:
+            raise ConfigError(f"{path}: no such file") from exc
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{path}: not valid JSON ({exc})") from exc
+        return cls.from_dict(data, source=str(path))

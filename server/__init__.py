@@ -1,0 +1,1 @@
+"""cpm2 HTTP server: generation, runtime soft prompts and metrics over one engine protocol."""

@@ -1,0 +1,1 @@
+"""cpm2 training jobs: span-corruption pretraining, knowledge inheritance, upcycling, prompt tuning."""
