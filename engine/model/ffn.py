@@ -1,0 +1,75 @@
+"""T5 feed-forward networks: the dense FFN sublayer and the identical-shaped MoE experts.
+
+T5 v1.0 and Switch use `wo(act(wi x))`; CPM-2 and T5 v1.1 the gated form `wo(act(wi_0 x) * wi_1 x)`
+with the tanh-approximated GELU (SEED.md). An expert is exactly one such network.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.model.linear import Linear, linear
+
+
+def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "relu": F.relu,
+    "gelu_new": _gelu_tanh,
+    "gelu": F.gelu,
+    "silu": F.silu,
+}
+
+
+class ExpertWeights(NamedTuple):
+    """The three (or two) matrices of one feed-forward network, in `nn.Linear` layout (out, in)
+    or packed for the CPU (`engine.model.linear`).
+
+    `wi_0` is the activation branch (`wi` of an ungated FFN), `wi_1` the linear gate branch (None
+    when ungated), `wo` the output projection.
+    """
+
+    wi_0: torch.Tensor  # (F, D)
+    wi_1: torch.Tensor | None  # (F, D)
+    wo: torch.Tensor  # (D, F)
+
+
+def feed_forward(
+    x: torch.Tensor, weights: ExpertWeights, act: Callable[[torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
+    """Apply one FFN to `x` (..., D) and return (..., D)."""
+    h = act(linear(x, weights.wi_0))
+    if weights.wi_1 is not None:
+        h = h * linear(x, weights.wi_1)
+    return linear(h.to(weights.wo.dtype), weights.wo)
+
+
+class FeedForward(nn.Module):
+    """A dense FFN with T5 parameter names (`wi` or `wi_0`/`wi_1`, `wo`); also the unit an expert is."""
+
+    def __init__(self, d_model: int, d_ff: int, *, activation: str, is_gated: bool) -> None:
+        super().__init__()
+        self.is_gated = is_gated
+        self.act = ACTIVATIONS[activation]
+        if is_gated:
+            self.wi_0 = Linear(d_model, d_ff)
+            self.wi_1 = Linear(d_model, d_ff)
+        else:
+            self.wi = Linear(d_model, d_ff)
+        self.wo = Linear(d_ff, d_model)
+
+    def weights(self) -> ExpertWeights:
+        """The matrices as an `ExpertWeights` (views, no copies)."""
+        if self.is_gated:
+            return ExpertWeights(self.wi_0.weight, self.wi_1.weight, self.wo.weight)
+        return ExpertWeights(self.wi.weight, None, self.wo.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return feed_forward(x, self.weights(), self.act)

@@ -1,0 +1,181 @@
+"""Mixture-of-Experts feed-forward layer: route, group tokens by expert, run each expert once.
+
+Shape legend: B batch rows, S positions, N routed tokens (padding removed), D model width,
+E experts.
+
+Routers (SEED.md):
+- CPM-2 / BASE layers: score = RMSNorm(x) @ centroids^T with frozen random orthogonal centroids;
+  inference sends each token to its argmax expert, no capacity limit, output not gate-scaled.
+- Switch Transformers (Fedus et al. 2021; HF `SwitchTransformersTop1Router`): a learned linear
+  router run in float32; top-1; the expert output is scaled by the router probability; with an
+  expert capacity, only the first `capacity` tokens of a sequence routed to an expert reach it and
+  the others get a zero MoE output (HF transformers 5.x semantics).
+
+Where the expert weights live is not this module's business: it asks an `ExpertProvider` for the
+experts its tokens need and runs them in whatever order the provider yields them (InfMoE orders
+them so each transfer hides behind earlier compute). The default provider reads the layer's own
+parameters; an offloading provider plugs in through `MoEFeedForward.expert_provider`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Literal, Protocol, runtime_checkable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.config import MoEConfig
+from engine.model.ffn import ACTIVATIONS, ExpertWeights, FeedForward, feed_forward
+
+
+@dataclass(frozen=True, order=True)
+class MoELayerKey:
+    """Names one MoE layer: the stack and the block index within it."""
+
+    stack: Literal["encoder", "decoder"]
+    block: int
+
+    def __str__(self) -> str:
+        return f"{self.stack}.{self.block}"
+
+
+@dataclass(frozen=True)
+class ExpertDemand:
+    """One expert a layer needs in this forward pass, and how many tokens it will process."""
+
+    expert: int
+    num_tokens: int
+
+
+@runtime_checkable
+class ExpertProvider(Protocol):
+    """Supplies expert weights to MoE layers; owns placement, transfer, caching and ordering."""
+
+    def fetch(
+        self, layer: MoELayerKey, demand: Sequence[ExpertDemand], hidden_ND: torch.Tensor
+    ) -> Iterable[tuple[int, ExpertWeights]]:
+        """Yield `(expert, weights)` once for every expert in `demand`, in the order to run them.
+
+        The layer computes each expert as it is yielded, so a provider can start moving the next
+        expert while the current one computes. `hidden_ND` is the layer's routed input (read-only),
+        which lets a provider speculate about later layers' experts.
+        """
+        ...
+
+
+class ResidentExpertProvider:
+    """Experts that are ordinary parameters of the layer, yielded in index order."""
+
+    def __init__(self, experts: nn.ModuleList) -> None:
+        self.experts = experts
+
+    def fetch(
+        self, layer: MoELayerKey, demand: Sequence[ExpertDemand], hidden_ND: torch.Tensor
+    ) -> Iterable[tuple[int, ExpertWeights]]:
+        for item in demand:
+            expert = self.experts[item.expert]
+            assert isinstance(expert, FeedForward)
+            yield item.expert, expert.weights()
+
+
+class CentroidRouter(nn.Module):
+    """CPM-2's router: frozen centroids; the routing decision alone, no gate value."""
+
+    def __init__(self, d_model: int, num_experts: int) -> None:
+        super().__init__()
+        # A buffer, not a parameter: the centroids never receive gradients (SEED.md).
+        self.centroids: torch.Tensor
+        self.register_buffer("centroids", torch.zeros(num_experts, d_model))
+
+    def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        # float32 scores so the argmax, and hence the routing, does not depend on the weight dtype.
+        scores_BSE = F.linear(x_BSD.float(), self.centroids.float())
+        return scores_BSE.argmax(dim=-1), None
+
+
+class LearnedRouter(nn.Module):
+    """Switch Transformers' top-1 router: softmax over a learned linear map, in `dtype`."""
+
+    def __init__(self, d_model: int, num_experts: int, *, bias: bool, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.classifier = nn.Linear(d_model, num_experts, bias=bias)
+        self.router_dtype = dtype
+
+    def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        weight = self.classifier.weight.to(self.router_dtype)
+        bias = None if self.classifier.bias is None else self.classifier.bias.to(self.router_dtype)
+        logits_BSE = F.linear(x_BSD.to(self.router_dtype), weight, bias)
+        probs_BSE = torch.softmax(logits_BSE, dim=-1, dtype=self.router_dtype).to(x_BSD.dtype)
+        gate_BS, expert_BS = probs_BSE.max(dim=-1)
+        return expert_BS, gate_BS
+
+
+class MoEFeedForward(nn.Module):
+    """An MoE feed-forward sublayer (the pre-norm lives in the block and is shared by the experts)."""
+
+    def __init__(
+        self, key: MoELayerKey, moe: MoEConfig, *, d_model: int, d_ff: int, activation: str, is_gated: bool
+    ) -> None:
+        super().__init__()
+        self.key = key
+        self.num_experts = moe.num_experts
+        self.capacity = moe.expert_capacity
+        self.act = ACTIVATIONS[activation]
+        self.router: CentroidRouter | LearnedRouter
+        if moe.router == "centroid":
+            self.router = CentroidRouter(d_model, moe.num_experts)
+        else:
+            self.router = LearnedRouter(
+                d_model, moe.num_experts, bias=moe.router_bias, dtype=getattr(torch, moe.router_dtype)
+            )
+        self.experts = nn.ModuleList(
+            FeedForward(d_model, d_ff, activation=activation, is_gated=is_gated)
+            for _ in range(moe.num_experts)
+        )
+        self.expert_provider: ExpertProvider = ResidentExpertProvider(self.experts)
+
+    def route(
+        self, x_BSD: torch.Tensor, valid_BS: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """Expert (B, S), gate (B, S) or None, and which tokens reach their expert (B, S)."""
+        expert_BS, gate_BS = self.router(x_BSD)
+        keep_BS = torch.ones_like(expert_BS, dtype=torch.bool) if valid_BS is None else valid_BS
+        if self.capacity is not None:
+            # A token's priority is its rank among the tokens of its sequence routed to the same
+            # expert, in sequence order (padding excluded); HF's cumsum over the sequence axis.
+            onehot_BSE = F.one_hot(expert_BS, self.num_experts) * keep_BS.unsqueeze(-1)
+            priority_BS = onehot_BSE.cumsum(dim=1).gather(-1, expert_BS.unsqueeze(-1)).squeeze(-1)
+            keep_BS = keep_BS & (priority_BS <= self.capacity)
+        return expert_BS, gate_BS, keep_BS
+
+    def forward(self, x_BSD: torch.Tensor, valid_BS: torch.Tensor | None = None) -> torch.Tensor:
+        """MoE output for normed input `x_BSD`; `valid_BS` marks real (non-padding) tokens."""
+        B, S, D = x_BSD.shape
+        expert_BS, gate_BS, keep_BS = self.route(x_BSD, valid_BS)
+        x_ND = x_BSD.reshape(B * S, D)
+        token_N = keep_BS.reshape(-1).nonzero().squeeze(-1)
+        expert_N = expert_BS.reshape(-1)[token_N]
+        # Sort the kept tokens by expert so each expert reads one contiguous slice.
+        order_N = torch.argsort(expert_N, stable=True)
+        token_N = token_N[order_N]
+        counts = torch.bincount(expert_N, minlength=self.num_experts).tolist()
+        starts = [0] * self.num_experts
+        total = 0
+        for e, count in enumerate(counts):
+            starts[e] = total
+            total += count
+        demand = [ExpertDemand(e, n) for e, n in enumerate(counts) if n > 0]
+
+        routed_ND = x_ND.index_select(0, token_N)
+        out_ND = torch.empty_like(routed_ND)
+        for e, weights in self.expert_provider.fetch(self.key, demand, routed_ND):
+            rows = slice(starts[e], starts[e] + counts[e])
+            out_ND[rows] = feed_forward(routed_ND[rows], weights, self.act)
+        if gate_BS is not None:
+            out_ND = out_ND * gate_BS.reshape(-1)[token_N].unsqueeze(-1)
+        # Tokens that were dropped (over capacity) or are padding get a zero MoE output.
+        y_ND = torch.zeros_like(x_ND).index_copy_(0, token_N, out_ND.to(x_ND.dtype))
+        return y_ND.view(B, S, D)

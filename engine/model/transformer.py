@@ -1,0 +1,210 @@
+"""T5-style encoder-decoder with optional MoE feed-forward layers (CPM-2, T5, mT5, Switch).
+
+Shape legend: B batch rows, S encoder positions, T decoder positions of this call, K attended
+decoder key positions, H heads, D model width, V vocabulary.
+
+Follows the T5 reference (Raffel et al. 2020) as HF transformers implements it, and CPM-2
+(SEED.md): pre-norm RMSNorm sublayers with residuals, relative position bias owned by the first
+block of each stack, a final norm per stack, one embedding shared by encoder and decoder, and an
+output head that is either the tied embedding (scaled by d_model^-0.5) or a separate matrix.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.config import ModelConfig
+from engine.model.attention import CrossAttention, SelfAttention
+from engine.model.cache import DecoderState
+from engine.model.ffn import FeedForward
+from engine.model.linear import Linear, linear
+from engine.model.moe import MoEFeedForward, MoELayerKey
+from engine.model.norm import RMSNorm
+from engine.model.position import RelativePositionBias
+
+
+def _additive_mask(valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """0 where `valid`, the dtype's most negative value elsewhere (finite, so softmax stays defined)."""
+    return torch.zeros(valid.shape, dtype=dtype, device=valid.device).masked_fill(
+        ~valid, torch.finfo(dtype).min
+    )
+
+
+def build_mlp(config: ModelConfig, key: MoELayerKey) -> FeedForward | MoEFeedForward:
+    """The feed-forward network of one block: dense, or MoE where the config places one."""
+    if config.moe is not None and key.block in config.moe_layers(key.stack):
+        return MoEFeedForward(
+            key,
+            config.moe,
+            d_model=config.d_model,
+            d_ff=config.d_ff,
+            activation=config.activation,
+            is_gated=config.is_gated_ffn,
+        )
+    return FeedForward(
+        config.d_model, config.d_ff, activation=config.activation, is_gated=config.is_gated_ffn
+    )
+
+
+def _run_mlp(mlp: FeedForward | MoEFeedForward, h: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    return mlp(h, valid) if isinstance(mlp, MoEFeedForward) else mlp(h)
+
+
+class EncoderBlock(nn.Module):
+    def __init__(self, config: ModelConfig, index: int) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(config.d_model, config.layer_norm_eps)
+        self.attn = SelfAttention(config.d_model, config.num_heads, config.d_kv)
+        # The pre-norm is shared by all experts of an MoE layer (SEED.md), so it lives here.
+        self.ff_norm = RMSNorm(config.d_model, config.layer_norm_eps)
+        self.mlp = build_mlp(config, MoELayerKey("encoder", index))
+        self.dropout = config.dropout_rate
+
+    def forward(self, x_BSD: torch.Tensor, bias_BHSS: torch.Tensor, valid_BS: torch.Tensor) -> torch.Tensor:
+        x_BSD = x_BSD + F.dropout(self.attn(self.attn_norm(x_BSD), bias_BHSS), self.dropout, self.training)
+        mlp = _run_mlp(self.mlp, self.ff_norm(x_BSD), valid_BS)
+        return x_BSD + F.dropout(mlp, self.dropout, self.training)
+
+
+class DecoderBlock(nn.Module):
+    def __init__(self, config: ModelConfig, index: int) -> None:
+        super().__init__()
+        self.index = index
+        self.attn_norm = RMSNorm(config.d_model, config.layer_norm_eps)
+        self.attn = SelfAttention(config.d_model, config.num_heads, config.d_kv)
+        self.cross_norm = RMSNorm(config.d_model, config.layer_norm_eps)
+        self.cross = CrossAttention(config.d_model, config.num_heads, config.d_kv)
+        self.ff_norm = RMSNorm(config.d_model, config.layer_norm_eps)
+        self.mlp = build_mlp(config, MoELayerKey("decoder", index))
+        self.dropout = config.dropout_rate
+
+    def forward(
+        self, x_BTD: torch.Tensor, bias_BHTK: torch.Tensor, state: DecoderState, valid_BT: torch.Tensor | None
+    ) -> torch.Tensor:
+        attn = self.attn(self.attn_norm(x_BTD), bias_BHTK, state=state, layer=self.index)
+        x_BTD = x_BTD + F.dropout(attn, self.dropout, self.training)
+        cross = self.cross(
+            self.cross_norm(x_BTD), state.cross_k[self.index], state.cross_v[self.index], state.cross_mask
+        )
+        x_BTD = x_BTD + F.dropout(cross, self.dropout, self.training)
+        mlp = _run_mlp(self.mlp, self.ff_norm(x_BTD), valid_BT)
+        return x_BTD + F.dropout(mlp, self.dropout, self.training)
+
+
+class Encoder(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.relative_bias = RelativePositionBias(
+            config.num_heads,
+            num_buckets=config.relative_attention_num_buckets,
+            max_distance=config.relative_attention_max_distance,
+            bidirectional=True,
+        )
+        self.blocks = nn.ModuleList(EncoderBlock(config, i) for i in range(config.num_encoder_layers))
+        self.final_norm = RMSNorm(config.d_model, config.layer_norm_eps)
+        self.dropout = config.dropout_rate
+
+    def forward(self, x_BSD: torch.Tensor, valid_BS: torch.Tensor) -> torch.Tensor:
+        S = x_BSD.shape[1]
+        positions = torch.arange(S, device=x_BSD.device)
+        bias_1HSS = self.relative_bias(positions, positions).unsqueeze(0)
+        bias_BHSS = bias_1HSS + _additive_mask(valid_BS, bias_1HSS.dtype)[:, None, None, :]
+        x_BSD = F.dropout(x_BSD, self.dropout, self.training)
+        for block in self.blocks:
+            x_BSD = block(x_BSD, bias_BHSS, valid_BS)
+        return F.dropout(self.final_norm(x_BSD), self.dropout, self.training)
+
+
+class Decoder(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.relative_bias = RelativePositionBias(
+            config.num_heads,
+            num_buckets=config.relative_attention_num_buckets,
+            max_distance=config.relative_attention_max_distance,
+            bidirectional=False,
+        )
+        self.blocks = nn.ModuleList(DecoderBlock(config, i) for i in range(config.num_decoder_layers))
+        self.final_norm = RMSNorm(config.d_model, config.layer_norm_eps)
+        self.dropout = config.dropout_rate
+
+    def layers(self) -> list[DecoderBlock]:
+        """The blocks, typed."""
+        return [block for block in self.blocks if isinstance(block, DecoderBlock)]
+
+    def forward(
+        self, x_BTD: torch.Tensor, state: DecoderState, valid_BT: torch.Tensor | None
+    ) -> torch.Tensor:
+        T = x_BTD.shape[1]
+        state.reserve(T)
+        query_pos = state.query_positions(T)  # (1 or B, T)
+        key_pos = torch.arange(state.key_length(T), device=x_BTD.device)
+        bias_BHTK = self.relative_bias(query_pos, key_pos)
+        # Causal: a query sees keys at or before its own position (which also hides the unwritten
+        # tail of shorter rows in a ragged batch).
+        causal_BTK = key_pos <= query_pos.unsqueeze(-1)
+        bias_BHTK = bias_BHTK + _additive_mask(causal_BTK, bias_BHTK.dtype).unsqueeze(1)
+        x_BTD = F.dropout(x_BTD, self.dropout, self.training)
+        for block in self.blocks:
+            x_BTD = block(x_BTD, bias_BHTK, state, valid_BT)
+        state.advance(T)
+        return F.dropout(self.final_norm(x_BTD), self.dropout, self.training)
+
+
+class Seq2SeqLM(nn.Module):
+    """The full model. Inference goes `embed` → `encode` → `start_decoding` → `decode`* → `logits`."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.encoder = Encoder(config)
+        self.decoder = Decoder(config)
+        self.lm_head = None if config.tie_word_embeddings else Linear(config.d_model, config.vocab_size)
+
+    def moe_layers(self) -> list[MoEFeedForward]:
+        """Every MoE layer, encoder first, in block order."""
+        return [m for m in self.modules() if isinstance(m, MoEFeedForward)]
+
+    def encode(self, embeds_BSD: torch.Tensor, valid_BS: torch.Tensor) -> torch.Tensor:
+        """Encoder output (B, S, D) for input embeddings; `valid_BS` is False on padding."""
+        return self.encoder(embeds_BSD, valid_BS)
+
+    def start_decoding(self, enc_BSD: torch.Tensor, valid_BS: torch.Tensor, *, capacity: int) -> DecoderState:
+        """Decoder state for these encoder outputs: cross-attention K/V computed once, empty cache."""
+        cross = [block.cross.project_kv(enc_BSD) for block in self.decoder.layers()]
+        return DecoderState.allocate(
+            cross_k=[k for k, _ in cross],
+            cross_v=[v for _, v in cross],
+            cross_mask=_additive_mask(valid_BS, enc_BSD.dtype)[:, None, None, :],
+            capacity=capacity,
+        )
+
+    def decode(
+        self, embeds_BTD: torch.Tensor, state: DecoderState, valid_BT: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Run T new decoder positions per row, appending them to `state`; returns (B, T, D) states."""
+        return self.decoder(embeds_BTD, state, valid_BT)
+
+    def logits(self, hidden_BTD: torch.Tensor) -> torch.Tensor:
+        """Vocabulary logits (B, T, V) for final decoder states."""
+        if self.config.scale_decoder_output:
+            hidden_BTD = hidden_BTD * (self.config.d_model**-0.5)
+        weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
+        return linear(hidden_BTD, weight)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        decoder_input_ids: torch.Tensor,
+        decoder_attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Teacher-forced logits (B, T, V): the whole decoder sequence in one pass (training, tests)."""
+        valid_BS = attention_mask.bool()
+        enc_BSD = self.encode(self.embed(input_ids), valid_BS)
+        state = self.start_decoding(enc_BSD, valid_BS, capacity=decoder_input_ids.shape[1])
+        valid_BT = None if decoder_attention_mask is None else decoder_attention_mask.bool()
+        return self.logits(self.decode(self.embed(decoder_input_ids), state, valid_BT))
