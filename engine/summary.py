@@ -1,0 +1,65 @@
+"""Parameter counts and sizes of a model, from its config alone (for `cpm2 info` and sizing)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from engine.config import ModelConfig
+from engine.model import Seq2SeqLM
+
+
+@dataclass(frozen=True)
+class ModelSummary:
+    """How big a model is, split the way offloading cares about: dense weights vs experts."""
+
+    total_parameters: int
+    dense_parameters: int
+    """Everything that is not an expert (stays resident when experts are offloaded)."""
+    expert_parameters: int
+    num_moe_layers: int
+    num_experts_per_layer: int
+    parameters_per_expert: int
+    bytes_per_parameter: int
+
+    @property
+    def bytes_per_expert(self) -> int:
+        return self.parameters_per_expert * self.bytes_per_parameter
+
+    @property
+    def total_bytes(self) -> int:
+        return self.total_parameters * self.bytes_per_parameter
+
+    @property
+    def expert_bytes(self) -> int:
+        return self.expert_parameters * self.bytes_per_parameter
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            **asdict(self),
+            "bytes_per_expert": self.bytes_per_expert,
+            "total_bytes": self.total_bytes,
+            "expert_bytes": self.expert_bytes,
+            "dense_bytes": self.total_bytes - self.expert_bytes,
+        }
+
+
+def summarize(config: ModelConfig, dtype: torch.dtype = torch.float32) -> ModelSummary:
+    """Count parameters by building the model on the meta device (no memory is allocated)."""
+    with torch.device("meta"):
+        model = Seq2SeqLM(config)
+    counts = {k: v.numel() for k, v in model.state_dict().items()}
+    expert = sum(n for k, n in counts.items() if ".experts." in k)
+    moe_layers = len(model.moe_layers())
+    num_experts = config.moe.num_experts if config.moe else 0
+    return ModelSummary(
+        total_parameters=sum(counts.values()),
+        dense_parameters=sum(counts.values()) - expert,
+        expert_parameters=expert,
+        num_moe_layers=moe_layers,
+        num_experts_per_layer=num_experts,
+        parameters_per_expert=expert // (moe_layers * num_experts) if expert else 0,
+        bytes_per_parameter=torch.empty((), dtype=dtype).element_size(),
+    )

@@ -1,0 +1,196 @@
+"""Hugging Face T5 / mT5 / Switch Transformers checkpoints: the one place their names are translated.
+
+Config: `hf_to_config` turns an HF `config.json` into a `ModelConfig`. Weights: `hf_key_plan` says,
+for every native parameter, which HF tensors it is made of (several when cpm2 fuses projections:
+`qkv` = [q; k; v], `kv` = [k; v]). Model code never sees an HF name.
+
+Facts this follows (HF transformers 5.x modeling files, checked by the parity tests):
+- Switch places MoE in block i when `i % step == 1` (or `step == 1`), step = layers // sparse_layers.
+- T5 v1.0 / Switch with tied embeddings scale the last decoder state by d_model^-0.5; T5 v1.1 and
+  mT5 do not. A checkpoint without `lm_head.weight` uses the shared embedding as the head.
+- The decoder's cross-attention never has a relative bias; HF still saves one in some checkpoints,
+  which is ignored.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from engine.config import Activation, ModelConfig, MoEConfig
+from engine.errors import UnsupportedModelError
+
+SUPPORTED_MODEL_TYPES = ("t5", "mt5", "switch_transformers")
+
+_ACTIVATIONS: dict[str, Activation] = {"relu": "relu", "gelu_new": "gelu_new", "gelu": "gelu", "silu": "silu"}
+
+#: HF keys that are aliases of another tensor or unused by the math; present or not, they are skipped.
+IGNORED_HF_KEYS = re.compile(
+    r"^(encoder\.embed_tokens\.weight|decoder\.embed_tokens\.weight"
+    r"|decoder\.block\.0\.layer\.1\.EncDecAttention\.relative_attention_bias\.weight)$"
+)
+
+
+def is_hf_config(data: dict[str, Any]) -> bool:
+    """Whether a parsed `config.json` is a Hugging Face one (it names a `model_type`)."""
+    return "model_type" in data and data.get("format") != "cpm2"
+
+
+def _switch_sparse_layers(num_layers: int, num_sparse: int) -> tuple[int, ...]:
+    step = num_layers // num_sparse if num_sparse > 0 else num_layers
+    if step <= 0:
+        return ()
+    return tuple(i for i in range(num_layers) if i % step == 1 or step == 1)
+
+
+def hf_to_config(data: dict[str, Any], *, has_lm_head: bool, source: str) -> ModelConfig:
+    """Translate an HF T5 / mT5 / Switch `config.json` (parsed) into a `ModelConfig`.
+
+    `has_lm_head` says whether the checkpoint stores a separate `lm_head.weight`.
+    """
+    model_type = data.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise UnsupportedModelError(
+            f"{source}: model_type {model_type!r} is not supported; cpm2 runs "
+            f"{', '.join(SUPPORTED_MODEL_TYPES)} and native cpm2 directories"
+        )
+    num_layers = int(data.get("num_layers", 12))
+    num_decoder_layers = int(data.get("num_decoder_layers") or num_layers)
+    proj = str(data.get("feed_forward_proj", ""))
+    if model_type == "switch_transformers":
+        is_gated = False
+        act_name = str(data.get("dense_act_fn", "relu"))
+    else:
+        parts = proj.split("-") if proj else ["relu"]
+        is_gated = parts[0] == "gated"
+        act_name = "gelu_new" if proj == "gated-gelu" else parts[-1]
+        act_name = str(data.get("dense_act_fn", act_name)) if proj == "" else act_name
+    if act_name not in _ACTIVATIONS:
+        raise UnsupportedModelError(f"{source}: activation {act_name!r} is not supported")
+
+    original_tie = data.get("tie_word_embeddings", True)
+    if model_type == "t5":
+        scale = bool(data.get("scale_decoder_outputs", original_tie is not False))
+    elif model_type == "mt5":
+        scale = False
+    else:
+        scale = bool(original_tie)
+
+    moe = None
+    if model_type == "switch_transformers":
+        encoder_layers = _switch_sparse_layers(num_layers, int(data.get("num_sparse_encoder_layers", 3)))
+        decoder_layers = _switch_sparse_layers(
+            num_decoder_layers, int(data.get("num_sparse_decoder_layers", 3))
+        )
+        if encoder_layers or decoder_layers:
+            capacity = data.get("expert_capacity")
+            moe = MoEConfig(
+                num_experts=int(data.get("num_experts", 8)),
+                router="learned",
+                encoder_layers=encoder_layers,
+                decoder_layers=decoder_layers,
+                expert_capacity=None if capacity is None else int(capacity),
+                router_bias=bool(data.get("router_bias", False)),
+                router_dtype=data.get("router_dtype", "float32"),
+            )
+    pad = data.get("pad_token_id")
+    eos = data.get("eos_token_id")
+    if isinstance(eos, list):
+        eos = eos[0]
+    start = data.get("decoder_start_token_id")
+    pad = 0 if pad is None else int(pad)
+    return ModelConfig(
+        family=str(model_type),
+        vocab_size=int(data.get("vocab_size", 32128)),
+        d_model=int(data.get("d_model", 512)),
+        num_heads=int(data.get("num_heads", 8)),
+        d_kv=int(data.get("d_kv", 64)),
+        d_ff=int(data.get("d_ff", 2048)),
+        num_encoder_layers=num_layers,
+        num_decoder_layers=num_decoder_layers,
+        activation=_ACTIVATIONS[act_name],
+        is_gated_ffn=is_gated,
+        relative_attention_num_buckets=int(data.get("relative_attention_num_buckets", 32)),
+        relative_attention_max_distance=int(data.get("relative_attention_max_distance", 128)),
+        layer_norm_eps=float(data.get("layer_norm_epsilon", 1e-6)),
+        tie_word_embeddings=not has_lm_head,
+        scale_decoder_output=scale,
+        pad_token_id=pad,
+        eos_token_id=1 if eos is None else int(eos),
+        decoder_start_token_id=pad if start is None else int(start),
+        moe=moe,
+        extra={"source": "hf", "model_type": model_type},
+    )
+
+
+@dataclass(frozen=True)
+class KeyPlan:
+    """A native tensor and the HF tensors it is concatenated from (along dim 0), in order."""
+
+    native: str
+    sources: tuple[str, ...]
+
+
+_FFN_NAMES = ("wi", "wi_0", "wi_1", "wo")
+
+
+def _hf_ff_prefix(config: ModelConfig, stack: str, block: int) -> str:
+    layer = 2 if stack == "decoder" else 1
+    switch = config.family == "switch_transformers"
+    mlp = "mlp" if switch else "DenseReluDense"
+    return f"{stack}.block.{block}.layer.{layer}.{mlp}"
+
+
+def _hf_sources(config: ModelConfig, native: str) -> tuple[str, ...]:
+    """HF tensor names making up native tensor `native` (raises KeyError for an unmapped name)."""
+    fixed = {
+        "embed.weight": ("shared.weight",),
+        "lm_head.weight": ("lm_head.weight",),
+        "encoder.final_norm.weight": ("encoder.final_layer_norm.weight",),
+        "decoder.final_norm.weight": ("decoder.final_layer_norm.weight",),
+        "encoder.relative_bias.weight": (
+            "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
+        ),
+        "decoder.relative_bias.weight": (
+            "decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
+        ),
+    }
+    if native in fixed:
+        return fixed[native]
+    m = re.fullmatch(r"(encoder|decoder)\.blocks\.(\d+)\.(.+)", native)
+    if m is None:
+        raise KeyError(native)
+    stack, block, rest = m.group(1), int(m.group(2)), m.group(3)
+    block_prefix = f"{stack}.block.{block}"
+    attn = f"{block_prefix}.layer.0.SelfAttention"
+    cross = f"{block_prefix}.layer.1.EncDecAttention"
+    ff_layer = 2 if stack == "decoder" else 1
+    ff = _hf_ff_prefix(config, stack, block)
+    table = {
+        "attn_norm.weight": (f"{block_prefix}.layer.0.layer_norm.weight",),
+        "attn.qkv.weight": (f"{attn}.q.weight", f"{attn}.k.weight", f"{attn}.v.weight"),
+        "attn.o.weight": (f"{attn}.o.weight",),
+        "cross_norm.weight": (f"{block_prefix}.layer.1.layer_norm.weight",),
+        "cross.q.weight": (f"{cross}.q.weight",),
+        "cross.kv.weight": (f"{cross}.k.weight", f"{cross}.v.weight"),
+        "cross.o.weight": (f"{cross}.o.weight",),
+        "ff_norm.weight": (f"{block_prefix}.layer.{ff_layer}.layer_norm.weight",),
+        "mlp.router.classifier.weight": (f"{ff}.router.classifier.weight",),
+        "mlp.router.classifier.bias": (f"{ff}.router.classifier.bias",),
+    }
+    if rest in table:
+        return table[rest]
+    m = re.fullmatch(r"mlp\.(\w+)\.weight", rest)
+    if m and m.group(1) in _FFN_NAMES:
+        return (f"{ff}.{m.group(1)}.weight",)
+    m = re.fullmatch(r"mlp\.experts\.(\d+)\.(\w+)\.weight", rest)
+    if m and m.group(2) in _FFN_NAMES:
+        return (f"{ff}.experts.expert_{m.group(1)}.{m.group(2)}.weight",)
+    raise KeyError(native)
+
+
+def hf_key_plan(config: ModelConfig, native_keys: Iterable[str]) -> list[KeyPlan]:
+    """For every native key, the HF tensors it is built from."""
+    return [KeyPlan(key, _hf_sources(config, key)) for key in native_keys]

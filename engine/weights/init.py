@@ -1,0 +1,139 @@
+"""Random-initialised model directories (`cpm2 init`), written tensor by tensor, shard by shard.
+
+Shapes come from a model built on the meta device, so even the 198B preset never needs its weights
+in memory at once: each tensor is drawn, queued into the current shard and written when the shard is
+full. Each tensor has its own seed (from the run seed and its name), so a directory is reproducible
+and the order of writing does not change the values. Initial scales are T5's (HF `T5PreTrainedModel.
+_init_weights`, Mesh TensorFlow); the CPM-2 centroids are a random orthogonal projection times
+`centroid_gain` (SEED.md).
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from engine.config import ModelConfig
+from engine.errors import ConfigError
+from engine.model import Seq2SeqLM
+from engine.sizes import format_bytes
+from engine.tokenizer import builtin_corpus, train_sentencepiece
+from engine.weights.files import ShardWriter
+from engine.weights.loader import parse_dtype
+
+#: SentencePiece pieces of the tokenizer written with every random model (the model's vocabulary
+#: must be at least this plus the 100 sentinels; extra rows are simply never produced).
+PRESET_TOKENIZER_PIECES = 1000
+DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
+
+
+def init_std(config: ModelConfig, key: str) -> float:
+    """Standard deviation T5's initialiser uses for the parameter `key` (factor 1.0)."""
+    d, h, dk, ff = config.d_model, config.num_heads, config.d_kv, config.d_ff
+    rules: list[tuple[str, float]] = [
+        (r"embed\.weight|lm_head\.weight|.*router\.classifier\.weight", 1.0),
+        (r".*relative_bias\.weight", d**-0.5),
+        (r".*attn\.qkv\.weight", -1.0),  # per-row: q and k/v differ, handled by the caller
+        (r".*(attn|cross)\.o\.weight", (h * dk) ** -0.5),
+        (r".*cross\.q\.weight", (d * dk) ** -0.5),
+        (r".*cross\.kv\.weight", d**-0.5),
+        (r".*\.wi(_0|_1)?\.weight", d**-0.5),
+        (r".*\.wo\.weight", ff**-0.5),
+    ]
+    for pattern, std in rules:
+        if re.fullmatch(pattern, key):
+            return std
+    raise KeyError(key)
+
+
+def _seeded(seed: int, key: str) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(key.encode()))
+
+
+def random_tensor(config: ModelConfig, key: str, shape: torch.Size, *, seed: int) -> torch.Tensor:
+    """The float32 initial value of parameter `key`."""
+    gen = _seeded(seed, key)
+    if key.endswith("norm.weight"):
+        return torch.ones(shape)
+    if key.endswith("router.classifier.bias"):
+        return torch.zeros(shape)
+    if key.endswith("router.centroids"):
+        assert config.moe is not None
+        centroids = torch.empty(shape)
+        torch.nn.init.orthogonal_(centroids, gain=config.moe.centroid_gain, generator=gen)
+        return centroids
+    if key.endswith("attn.qkv.weight"):
+        inner = config.inner_dim
+        q = torch.randn(inner, shape[1], generator=gen) * (config.d_model * config.d_kv) ** -0.5
+        kv = torch.randn(2 * inner, shape[1], generator=gen) * config.d_model**-0.5
+        return torch.cat([q, kv])
+    return torch.randn(shape, generator=gen) * init_std(config, key)
+
+
+@dataclass(frozen=True)
+class InitPlan:
+    """What `write_random_model` will write."""
+
+    num_parameters: int
+    num_bytes: int
+
+
+def plan_random_model(config: ModelConfig, *, dtype: str) -> tuple[InitPlan, dict[str, torch.Size]]:
+    """Parameter count, bytes on disk and every tensor's shape, without allocating anything."""
+    with torch.device("meta"):
+        model = Seq2SeqLM(config)
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    element = torch.empty((), dtype=parse_dtype(dtype)).element_size()
+    count = sum(s.numel() for s in shapes.values())
+    return InitPlan(count, count * element), shapes
+
+
+def write_tokenizer(out_dir: Path) -> Path:
+    """Train the built-in bilingual SentencePiece tokenizer into `out_dir/spiece.model`."""
+    return train_sentencepiece(builtin_corpus(), out_dir / "spiece.model", vocab_size=PRESET_TOKENIZER_PIECES)
+
+
+def write_random_model(
+    config: ModelConfig,
+    out_dir: Path,
+    *,
+    dtype: str = "float32",
+    seed: int = 0,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    progress: bool = True,
+) -> InitPlan:
+    """Write a randomly initialised native model directory (config, shards, tokenizer) to `out_dir`."""
+    if config.vocab_size < PRESET_TOKENIZER_PIECES + 100:
+        raise ConfigError(
+            f"vocab_size {config.vocab_size} is smaller than the built-in tokenizer "
+            f"({PRESET_TOKENIZER_PIECES} pieces + 100 sentinels); "
+            f"use at least {PRESET_TOKENIZER_PIECES + 100}"
+        )
+    torch_dtype = parse_dtype(dtype)
+    plan, shapes = plan_random_model(config, dtype=dtype)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if any(out_dir.iterdir()):
+        raise ConfigError(f"{out_dir} is not empty; choose a new directory (nothing was written)")
+    free = shutil.disk_usage(out_dir).free
+    if plan.num_bytes > free:
+        raise ConfigError(
+            f"{out_dir}: the model needs {format_bytes(plan.num_bytes)} "
+            f"but only {format_bytes(free)} are free"
+        )
+    writer = ShardWriter(out_dir, max_shard_bytes=max_shard_bytes, metadata={"producer": "cpm2 init"})
+    bar = tqdm(total=plan.num_bytes, unit="B", unit_scale=True, desc="writing", disable=not progress)
+    for key, shape in shapes.items():
+        tensor = random_tensor(config, key, shape, seed=seed).to(torch_dtype)
+        writer.add(key, tensor)
+        bar.update(tensor.numel() * tensor.element_size())
+    writer.close()
+    bar.close()
+    write_tokenizer(out_dir)
+    config.replace(extra={**config.extra, "init_seed": seed}).save(out_dir / "config.json")
+    return plan

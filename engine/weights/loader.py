@@ -1,0 +1,212 @@
+"""Build a model from a directory: native cpm2 or Hugging Face T5 / mT5 / Switch.
+
+The model is built on the meta device (no memory), every tensor is checked against the config
+(missing, unexpected, wrong shape: errors name the file and key) and then assigned straight from
+the memory-mapped safetensors (`load_state_dict(assign=True)`), so loading a model in its stored
+dtype copies nothing (gpt-fast `_load_model`, torchtitan state-dict adapters).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from engine.config import ModelConfig
+from engine.errors import CheckpointError, ConfigError
+from engine.model import Seq2SeqLM
+from engine.model.linear import Linear, can_pack, pack_for_cpu, pack_weight
+from engine.weights.files import TensorFiles, TensorSource, open_tensor_source
+from engine.weights.hf import IGNORED_HF_KEYS, KeyPlan, hf_key_plan, hf_to_config, is_hf_config
+
+CONFIG_FILE = "config.json"
+SourceFormat = Literal["cpm2", "hf"]
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
+    """`"bf16"` / `"float32"` / a torch dtype → torch dtype; None stays None (the checkpoint's own)."""
+    if name is None or isinstance(name, torch.dtype):
+        return name
+    try:
+        return DTYPES[name.lower()]
+    except KeyError:
+        raise ConfigError(f"dtype {name!r} is not supported; use one of float32, bfloat16, float16") from None
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """What a model directory holds, read without loading any tensor data."""
+
+    path: Path
+    config: ModelConfig
+    source_format: SourceFormat
+    stored_dtype: torch.dtype
+
+
+def _read_json(path: Path) -> dict[str, object]:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing (a model directory needs a {CONFIG_FILE})") from None
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return data
+
+
+def inspect_checkpoint(model_dir: Path, files: TensorSource | None = None) -> CheckpointInfo:
+    """Read the config and tensor index of `model_dir`."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise CheckpointError(f"{model_dir}: no such model directory")
+    config_path = model_dir / CONFIG_FILE
+    data = _read_json(config_path)
+    files = files or TensorFiles.open(model_dir)
+    try:
+        if is_hf_config(data):
+            config = hf_to_config(data, has_lm_head="lm_head.weight" in files, source=str(config_path))
+            fmt: SourceFormat = "hf"
+        else:
+            config = ModelConfig.from_dict(data, source=str(config_path))
+            fmt = "cpm2"
+    except ConfigError as exc:
+        raise CheckpointError(str(exc)) from exc
+    probe = "embed.weight" if fmt == "cpm2" else "shared.weight"
+    stored = files.get(probe).dtype if probe in files else torch.float32
+    return CheckpointInfo(model_dir, config, fmt, stored)
+
+
+def key_plan(info: CheckpointInfo, native_keys: list[str]) -> list[KeyPlan]:
+    """Which stored tensors make up each native tensor."""
+    if info.source_format == "hf":
+        return hf_key_plan(info.config, native_keys)
+    return [KeyPlan(key, (key,)) for key in native_keys]
+
+
+def _check_plan(
+    plan: list[KeyPlan], files: TensorSource, expected: dict[str, torch.Size], model_dir: Path
+) -> None:
+    used: set[str] = set()
+    for item in plan:
+        shapes = []
+        for source in item.sources:
+            if source not in files:
+                raise CheckpointError(
+                    f"{model_dir}: tensor '{source}' is missing from the checkpoint "
+                    f"(needed for '{item.native}'; the config says this model has it)"
+                )
+            used.add(source)
+            shapes.append(files.shape(source))
+        want = tuple(expected[item.native])
+        rows = sum(s[0] for s in shapes) if all(len(s) == len(want) for s in shapes) and shapes else -1
+        got = (rows, *shapes[0][1:]) if rows >= 0 else shapes[0]
+        if got != want or any(s[1:] != want[1:] for s in shapes):
+            found = " + ".join(str(list(s)) for s in shapes)
+            raise CheckpointError(
+                f"{files.file_of(item.sources[0])}: tensor '{item.sources[0]}' has shape {found} but the "
+                f"config needs {list(want)} for '{item.native}'; the checkpoint and config.json disagree"
+            )
+    unused = [k for k in files.keys() if k not in used]  # noqa: SIM118 (a TensorSource, not a dict)
+    extra = sorted(k for k in unused if not IGNORED_HF_KEYS.match(k))
+    if extra:
+        raise CheckpointError(
+            f"{files.file_of(extra[0])}: unexpected tensor '{extra[0]}' ({len(extra)} unexpected in all); "
+            "the config does not describe it. Check config.json (layers, experts, MoE layout)"
+        )
+
+
+def default_dtype(stored: torch.dtype, device: torch.device) -> torch.dtype:
+    """The stored dtype, except float16 on CPU, which CPU kernels handle poorly: bfloat16 there."""
+    if device.type == "cpu" and stored == torch.float16:
+        return torch.bfloat16
+    return stored
+
+
+def native_tensors(
+    info: CheckpointInfo,
+    files: TensorSource,
+    *,
+    dtype: torch.dtype,
+    device: torch.device,
+    include_experts: bool = True,
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every native tensor of the checkpoint, checked against the config first, in the model's order.
+
+    Tensors already in `dtype` on the CPU are the memory-mapped data itself (no copy).
+    """
+    with torch.device("meta"):
+        model = Seq2SeqLM(info.config)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    plan = key_plan(info, list(expected))
+    _check_plan(plan, files, expected, info.path)
+    for item in plan:
+        if not include_experts and ".experts." in item.native:
+            continue
+        parts = [files.get(s) for s in item.sources]
+        tensor = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+        yield item.native, tensor.to(device=device, dtype=dtype)
+
+
+def load_model(
+    model_dir: Path | str,
+    *,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    load_experts: bool = True,
+    pack: bool = True,
+) -> tuple[Seq2SeqLM, CheckpointInfo]:
+    """Load `model_dir` (native or HF) for inference: eval mode, no gradients.
+
+    With `load_experts=False`, expert weights stay on the meta device; an offloading expert
+    provider then supplies them. With `pack` (the default), CPU weights are packed for fast
+    decoding (`prepare_for_inference`).
+    """
+    model_dir = Path(model_dir)
+    device = torch.device(device)
+    files = open_tensor_source(model_dir)
+    try:
+        info = inspect_checkpoint(model_dir, files)
+        target = parse_dtype(dtype) or default_dtype(info.stored_dtype, device)
+        if device.type == "cpu" and target == torch.float16:
+            raise ConfigError("float16 is not supported on CPU; use bfloat16 or float32")
+        state = dict(native_tensors(info, files, dtype=target, device=device, include_experts=load_experts))
+        with torch.device("meta"):
+            model = Seq2SeqLM(info.config)
+        model.load_state_dict(state, assign=True, strict=load_experts)
+    finally:
+        # Assigned tensors keep their own references to the mapped memory.
+        files.close()
+    model.eval().requires_grad_(False)
+    if pack:
+        prepare_for_inference(model)
+    return model, info
+
+
+def prepare_for_inference(model: Seq2SeqLM) -> int:
+    """Pack CPU weights into oneDNN's layout (`engine.model.linear`); returns the number packed.
+
+    A tied output head gets its own packed copy, since the embedding lookup needs the plain matrix.
+    The model can no longer be trained or saved afterwards.
+    """
+    count = pack_for_cpu(model)
+    if model.lm_head is None and can_pack(model.embed.weight):
+        with torch.device("meta"):
+            head = Linear(model.config.d_model, model.config.vocab_size)
+        head.weight = torch.nn.Parameter(pack_weight(model.embed.weight), requires_grad=False)
+        model.lm_head = head
+        count += 1
+    return count
