@@ -1,0 +1,1 @@
+"""The `cpm2` command line: one entry point for the engine, server and training commands."""

@@ -1,0 +1,3 @@
+from cpm2.cli import main
+
+raise SystemExit(main())

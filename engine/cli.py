@@ -1,0 +1,218 @@
+"""Engine commands of the `cpm2` CLI: generate, info, convert, init.
+
+Each command parses its flags into the engine's typed objects and calls the engine; errors the user
+can fix (`Cpm2Error`) are printed as one line by `cpm2.cli.main`, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine.config import ModelConfig
+from engine.errors import ConfigError
+from engine.generation import GenerationRequest, Generator, SamplingParams
+from engine.sizes import format_bytes, parse_bytes
+from engine.summary import summarize
+from engine.tokenizer import load_tokenizer
+from engine.weights.convert import convert_hf
+from engine.weights.init import DEFAULT_MAX_SHARD_BYTES, plan_random_model, write_random_model
+from engine.weights.loader import inspect_checkpoint, load_model, parse_dtype
+from engine.weights.presets import PRESETS, get_preset
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, type=Path, help="native cpm2 or HF T5/mT5/Switch directory")
+    parser.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: as stored)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
+
+
+def _sampling_params(args: argparse.Namespace) -> SamplingParams:
+    return SamplingParams(
+        max_new_tokens=args.max_new_tokens,
+        do_sample=args.do_sample,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+        stop=tuple(args.stop),
+        num_beams=args.num_beams,
+        ignore_eos=args.ignore_eos,
+    )
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    params = _sampling_params(args)
+    texts: list[str] = [line.rstrip("\n") for line in sys.stdin] if args.text == ["-"] else args.text
+    model, _ = load_model(args.model, dtype=args.dtype, device=args.device)
+    tokenizer = load_tokenizer(args.model)
+    generator = Generator(model, tokenizer)
+    requests = [GenerationRequest(tuple(tokenizer.encode(t)), params) for t in texts]
+    for result in generator.generate(requests):
+        if args.json:
+            out: dict[str, Any] = {"text": result.text, "token_ids": result.token_ids}
+            if args.details:
+                out.update(finish_reason=result.finish_reason, logprobs=result.logprobs, seed=result.seed)
+            print(json.dumps(out, ensure_ascii=False))
+        else:
+            print(result.text)
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    info = inspect_checkpoint(args.model)
+    dtype = parse_dtype(args.dtype) or info.stored_dtype
+    summary = summarize(info.config, dtype)
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "path": str(info.path),
+                    "format": info.source_format,
+                    "dtype": str(dtype).removeprefix("torch."),
+                    "config": info.config.to_dict(),
+                    "summary": summary.to_dict(),
+                },
+                indent=2,
+            )
+        )
+        return 0
+    _print_summary(info.config, summary, header=f"{info.path} ({info.source_format}, {dtype})")
+    return 0
+
+
+def _print_summary(config: ModelConfig, summary: Any, *, header: str) -> None:
+    c = config
+    print(header)
+    print(f"  family            {c.family}")
+    print(f"  layers            {c.num_encoder_layers} encoder + {c.num_decoder_layers} decoder")
+    print(f"  d_model / d_ff    {c.d_model} / {c.d_ff}   heads {c.num_heads} x {c.d_kv}")
+    print(f"  vocabulary        {c.vocab_size}   tied head: {c.tie_word_embeddings}")
+    ffn = ("gated " if c.is_gated_ffn else "") + c.activation
+    print(f"  feed-forward      {ffn}")
+    if c.moe is not None:
+        m = c.moe
+        print(
+            f"  MoE               {m.num_experts} experts, {m.router} router, "
+            f"layers enc {list(m.encoder_layers)} dec {list(m.decoder_layers)}, capacity {m.expert_capacity}"
+        )
+    print(f"  parameters        {summary.total_parameters:,} ({format_bytes(summary.total_bytes)})")
+    print(f"    dense           {summary.dense_parameters:,}")
+    print(f"    experts         {summary.expert_parameters:,} ({format_bytes(summary.expert_bytes)})")
+    if summary.parameters_per_expert:
+        print(
+            f"    per expert      {summary.parameters_per_expert:,} "
+            f"({format_bytes(summary.bytes_per_expert)}), "
+            f"{summary.num_moe_layers} MoE layers x {summary.num_experts_per_layer}"
+        )
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    if args.source_format != "hf":
+        raise ConfigError(f"unknown source format {args.source_format!r}; supported: hf")
+    convert_hf(args.src, args.dst, dtype=args.dtype, max_shard_bytes=parse_bytes(args.max_shard_size))
+    print(f"wrote {args.dst}")
+    return 0
+
+
+def _apply_overrides(config: ModelConfig, pairs: list[str]) -> ModelConfig:
+    data = config.to_dict()
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise ConfigError(f"--set takes FIELD=VALUE, got {pair!r}")
+        target = data
+        *parents, leaf = key.split(".")
+        for parent in parents:
+            if not isinstance(target.get(parent), dict):
+                raise ConfigError(f"--set {key}: {parent!r} is not a config section")
+            target = target[parent]
+        try:
+            target[leaf] = json.loads(value)
+        except json.JSONDecodeError:
+            target[leaf] = value
+    return ModelConfig.from_dict(data, source="--set")
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    if args.list:
+        for name, preset in PRESETS.items():
+            summary = summarize(preset.config, parse_dtype(preset.dtype) or torch.float32)
+            print(f"{name:18s} {format_bytes(summary.total_bytes):>11s}  {preset.description}")
+        return 0
+    if not args.preset or not args.out:
+        raise ConfigError("cpm2 init needs --preset NAME and --out DIR (or --list)")
+    preset = get_preset(args.preset)
+    config = _apply_overrides(preset.config, args.set)
+    dtype = args.dtype or preset.dtype
+    plan, _ = plan_random_model(config, dtype=dtype)
+    print(f"{args.preset}: {plan.num_parameters:,} parameters, {format_bytes(plan.num_bytes)} in {dtype}")
+    if args.dry_run:
+        return 0
+    write_random_model(
+        config,
+        args.out,
+        dtype=dtype,
+        seed=args.seed,
+        max_shard_bytes=parse_bytes(args.max_shard_size),
+        progress=not args.quiet,
+    )
+    print(f"wrote {args.out}")
+    return 0
+
+
+def register(subparsers: Any) -> None:
+    """Add the engine's commands to the `cpm2` argument parser."""
+    p = subparsers.add_parser("generate", help="generate text with a model")
+    _add_model_args(p)
+    p.add_argument("text", nargs="+", help="input text(s); '-' reads one input per line from stdin")
+    p.add_argument("--max-new-tokens", type=int, default=20)
+    p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--repetition-penalty", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--stop", action="append", default=[], help="stop sequence (repeatable)")
+    p.add_argument("--num-beams", type=int, default=1)
+    p.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-sequence token")
+    p.add_argument("--json", action="store_true", help='print {"text": ..., "token_ids": [...]} per input')
+    p.add_argument("--details", action="store_true", help="with --json: add finish_reason, logprobs, seed")
+    p.set_defaults(handler=cmd_generate)
+
+    p = subparsers.add_parser("info", help="print a model's config, parameter counts and expert sizes")
+    p.add_argument("--model", required=True, type=Path)
+    p.add_argument("--dtype", default=None, help="count bytes in this dtype (default: as stored)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=cmd_info)
+
+    p = subparsers.add_parser("convert", help="convert a checkpoint into a native cpm2 directory")
+    p.add_argument("source_format", help="hf: a Hugging Face T5 / mT5 / Switch Transformers directory")
+    p.add_argument("src", type=Path)
+    p.add_argument("dst", type=Path)
+    p.add_argument("--dtype", default=None, help="store in this dtype (default: as stored)")
+    p.add_argument("--max-shard-size", default=str(DEFAULT_MAX_SHARD_BYTES), help="e.g. 2GiB (default)")
+    p.set_defaults(handler=cmd_convert)
+
+    p = subparsers.add_parser("init", help="write a randomly initialised model from a named preset")
+    p.add_argument("--preset", help=f"one of: {', '.join(PRESETS)}")
+    p.add_argument("--out", type=Path, help="new (empty) output directory")
+    p.add_argument("--dtype", default=None, help="default: the preset's (float32 small, float16 large)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--set", action="append", default=[], metavar="FIELD=VALUE", help="override a config field"
+    )
+    p.add_argument("--max-shard-size", default=str(DEFAULT_MAX_SHARD_BYTES))
+    p.add_argument("--dry-run", action="store_true", help="print the size and write nothing")
+    p.add_argument("--list", action="store_true", help="list the presets")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(handler=cmd_init)

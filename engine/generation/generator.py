@@ -1,0 +1,198 @@
+"""Batched generation: encode a batch once, then decode step by step, dropping rows as they finish.
+
+Each request keeps its own sampling state (`TokenChooser`) and stop conditions (`Sequence`); the
+tensors of all running requests form one `DecodeBatch`. `prefill` admits requests and `step` runs
+one decoder step for every running row: the step-shaped interface a continuous-batching scheduler
+drives (vLLM v1 `EngineCore.step`, TGI `Seq2SeqLM.generate_token`). `generate` is the simple loop
+over both for callers that have all their requests up front.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.errors import InputError
+from engine.generation.beam import beam_search
+from engine.generation.params import FinishReason, GenerationRequest, GenerationResult
+from engine.generation.sampling import TokenChooser, choose_tokens
+from engine.model import DecoderState, Seq2SeqLM
+from engine.tokenizer import IncrementalDecoder, Tokenizer
+
+
+@dataclass
+class Sequence:
+    """One request being generated: its tokens so far and why it stopped, if it has."""
+
+    request: GenerationRequest
+    chooser: TokenChooser
+    detokenizer: IncrementalDecoder | None
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    finish_reason: FinishReason | None = None
+    stop_text_end: int | None = None
+
+    @property
+    def is_finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def append(self, token: int, logprob: float, eos_token_id: int) -> None:
+        """Record a new token and decide whether the sequence is done."""
+        self.token_ids.append(token)
+        self.logprobs.append(logprob)
+        params = self.request.params
+        if token == eos_token_id and not params.ignore_eos:
+            self.finish_reason = "eos_token"
+        elif self.detokenizer is not None:
+            previous = len(self.detokenizer.text)
+            self.detokenizer.push(token)
+            if params.stop:
+                self._check_stop(previous)
+        if self.finish_reason is None and len(self.token_ids) >= params.max_new_tokens:
+            self.finish_reason = "length"
+
+    def _check_stop(self, previous_length: int) -> None:
+        assert self.detokenizer is not None
+        text = self.detokenizer.text
+        longest = max(len(s) for s in self.request.params.stop)
+        # Only the new text, plus enough of the old to catch a stop string spanning the boundary.
+        window_start = max(0, previous_length - longest + 1)
+        ends = [
+            found + len(stop)
+            for stop in self.request.params.stop
+            if (found := text.find(stop, window_start)) >= 0
+        ]
+        if ends:
+            self.finish_reason = "stop_sequence"
+            self.stop_text_end = min(ends)
+
+    def result(self, tokenizer: Tokenizer | None) -> GenerationResult:
+        assert self.finish_reason is not None
+        text = ""
+        if tokenizer is not None:
+            text = tokenizer.decode(self.token_ids)
+            if self.stop_text_end is not None:
+                text = text[: self.stop_text_end]
+        return GenerationResult(
+            token_ids=list(self.token_ids),
+            logprobs=list(self.logprobs),
+            finish_reason=self.finish_reason,
+            seed=self.chooser.seed,
+            text=text,
+            num_input_tokens=len(self.request.input_ids),
+        )
+
+
+@dataclass
+class DecodeBatch:
+    """The running rows: host-side sequences and the decoder cache, row i of one is row i of the other."""
+
+    sequences: list[Sequence]
+    state: DecoderState
+
+    def __len__(self) -> int:
+        return len(self.sequences)
+
+    def drop_finished(self) -> list[Sequence]:
+        """Remove finished rows (shrinking the cache) and return them."""
+        done = [s for s in self.sequences if s.is_finished]
+        if done:
+            keep = [i for i, s in enumerate(self.sequences) if not s.is_finished]
+            self.sequences = [self.sequences[i] for i in keep]
+            self.state = self.state.select(keep) if keep else self.state
+        return done
+
+    def extend(self, other: DecodeBatch) -> None:
+        """Admit the rows of `other` (already prefilled) into this batch."""
+        self.state = DecoderState.concat([self.state, other.state]) if self.sequences else other.state
+        self.sequences = self.sequences + other.sequences
+
+
+class Generator:
+    """Runs generation requests on a model (greedy, sampling and beam search)."""
+
+    def __init__(self, model: Seq2SeqLM, tokenizer: Tokenizer | None = None) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = model.config
+        # Models often have more embedding rows than the tokenizer has pieces (T5: 32128 vs 32100);
+        # the extra rows are never trained, and an id the tokenizer cannot print must not be chosen.
+        self.num_choosable = model.config.vocab_size
+        if tokenizer is not None:
+            self.num_choosable = min(self.num_choosable, tokenizer.vocab_size)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed.weight.device
+
+    def _pad(self, rows: Seq[Seq[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), self.config.pad_token_id, dtype=torch.long)
+        for i, row in enumerate(rows):
+            ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        valid = torch.arange(width).unsqueeze(0) < torch.tensor([len(r) for r in rows]).unsqueeze(1)
+        return ids.to(self.device), valid.to(self.device)
+
+    def prefill(self, requests: Seq[GenerationRequest]) -> DecodeBatch:
+        """Encode `requests` as one right-padded batch and set up their decoder state."""
+        self._check_inputs(requests)
+        ids_BS, valid_BS = self._pad([r.input_ids for r in requests])
+        enc_BSD = self.model.encode(self.model.embed(ids_BS), valid_BS)
+        capacity = max(r.params.max_new_tokens for r in requests)
+        state = self.model.start_decoding(enc_BSD, valid_BS, capacity=capacity)
+        sequences = [
+            Sequence(
+                request=r,
+                chooser=TokenChooser.create(
+                    r.params, start_token=self.config.decoder_start_token_id, device=self.device
+                ),
+                detokenizer=IncrementalDecoder(self.tokenizer) if self.tokenizer is not None else None,
+            )
+            for r in requests
+        ]
+        return DecodeBatch(sequences, state)
+
+    def _check_inputs(self, requests: Seq[GenerationRequest]) -> None:
+        vocab = self.config.vocab_size
+        for r in requests:
+            bad = [t for t in r.input_ids if not 0 <= t < vocab]
+            if bad:
+                raise InputError(f"input token id {bad[0]} is outside the vocabulary [0, {vocab})")
+            if r.params.stop and self.tokenizer is None:
+                raise InputError("stop sequences need a tokenizer; load the model with its tokenizer")
+
+    def step(self, batch: DecodeBatch) -> None:
+        """One decoder step for every row of `batch`; appends a token to each sequence."""
+        start = self.config.decoder_start_token_id
+        last = [s.token_ids[-1] if s.token_ids else start for s in batch.sequences]
+        tokens_B1 = torch.tensor(last, dtype=torch.long, device=self.device).unsqueeze(1)
+        hidden_B1D = self.model.decode(self.model.embed(tokens_B1), batch.state)
+        logits_BV = self.model.logits(hidden_B1D)[:, -1, : self.num_choosable]
+        tokens, logprobs = choose_tokens(logits_BV, [s.chooser for s in batch.sequences])
+        eos = self.config.eos_token_id
+        for sequence, token, logprob in zip(batch.sequences, tokens, logprobs, strict=True):
+            sequence.append(token, logprob, eos)
+
+    @torch.inference_mode()
+    def generate(self, requests: Seq[GenerationRequest]) -> list[GenerationResult]:
+        """Generate for every request; results are in request order.
+
+        Greedy and sampling requests run together as one batch; beam-search requests run one at a time.
+        """
+        results: dict[int, GenerationResult] = {}
+        batched = [i for i, r in enumerate(requests) if r.params.num_beams == 1]
+        for i, r in enumerate(requests):
+            if r.params.num_beams > 1:
+                results[i] = beam_search(
+                    self.model, r, tokenizer=self.tokenizer, num_choosable=self.num_choosable
+                )
+        if batched:
+            batch = self.prefill([requests[i] for i in batched])
+            index_of = {id(s): i for s, i in zip(batch.sequences, batched, strict=True)}
+            while len(batch):
+                self.step(batch)
+                for sequence in batch.drop_finished():
+                    results[index_of[id(sequence)]] = sequence.result(self.tokenizer)
+        return [results[i] for i in range(len(requests))]

@@ -1,0 +1,111 @@
+"""What a caller asks generation for: one `SamplingParams`, validated, and the request/result types."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+from engine.errors import InputError
+
+FinishReason = Literal["length", "eos_token", "stop_sequence"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class SamplingParams:
+    """How to choose tokens for one request (TGI / HF `generate` semantics where they overlap)."""
+
+    max_new_tokens: int = 20
+    """Generate at most this many tokens (the end-of-sequence token included)."""
+    do_sample: bool = False
+    """Sample instead of choosing the most likely token. Setting `temperature` (other than 0 or 1),
+    `top_k` or `top_p` also turns sampling on, as in TGI."""
+    temperature: float | None = None
+    """Divide logits by this before sampling; 0 means greedy."""
+    top_k: int | None = None
+    """Sample only among the k most likely tokens."""
+    top_p: float | None = None
+    """Sample only among the most likely tokens whose probabilities add up to `top_p` (nucleus)."""
+    repetition_penalty: float | None = None
+    """Divide positive (multiply negative) logits of tokens already in the output by this (CTRL, HF)."""
+    seed: int | None = None
+    """Seed of this request's own random stream; the same seed gives the same tokens whatever else
+    is in the batch. Drawn at random (and reported) when unset."""
+    stop: tuple[str, ...] = ()
+    """Stop once the generated text contains one of these strings (it is kept in the output)."""
+    num_beams: int = 1
+    """Beam search with this many beams (greedy when 1); returns the best finished beam."""
+    length_penalty: float = 1.0
+    """Beam search: a finished beam's score is its log-probability / length ** length_penalty."""
+    early_stopping: bool = False
+    """Beam search: stop as soon as `num_beams` beams have finished (HF `early_stopping=True`)."""
+    ignore_eos: bool = False
+    """Keep generating after the end-of-sequence token (benchmarks use this for fixed lengths)."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise InputError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        if self.temperature is not None and not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise InputError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
+        if self.top_k is not None and self.top_k < 1:
+            raise InputError(f"top_k must be at least 1, got {self.top_k!r}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise InputError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.repetition_penalty is not None and not (
+            math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0
+        ):
+            raise InputError(
+                f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty!r}"
+            )
+        if self.num_beams < 1:
+            raise InputError(f"num_beams must be at least 1, got {self.num_beams!r}")
+        if self.num_beams > 1 and self.is_sampling:
+            raise InputError(
+                "beam search (num_beams > 1) cannot be combined with sampling; drop do_sample, "
+                "temperature, top_k and top_p, or set num_beams to 1"
+            )
+        if any(not isinstance(s, str) or s == "" for s in self.stop):
+            raise InputError("stop sequences must be non-empty strings")
+        if self.seed is not None and not 0 <= self.seed < 2**63:
+            raise InputError(f"seed must be in [0, 2**63), got {self.seed!r}")
+
+    @property
+    def is_sampling(self) -> bool:
+        """Whether tokens are drawn at random (otherwise the most likely token is taken)."""
+        if self.temperature == 0:
+            return False
+        has_warper = (
+            (self.temperature is not None and self.temperature != 1.0)
+            or self.top_k is not None
+            or (self.top_p is not None and self.top_p < 1.0)
+        )
+        return self.do_sample or has_warper
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One generation: encoder input token ids (usually ending in EOS) and how to decode."""
+
+    input_ids: tuple[int, ...]
+    params: SamplingParams = field(default_factory=SamplingParams)
+    request_id: str = ""
+
+    def __post_init__(self) -> None:
+        if len(self.input_ids) == 0:
+            raise InputError("the input is empty; give at least one token")
+
+
+@dataclass
+class GenerationResult:
+    """What generation produced for one request."""
+
+    token_ids: list[int]
+    """Generated ids, without the decoder start token; the end-of-sequence token included if produced."""
+    logprobs: list[float]
+    """Log-probability of each generated token under the model's (unprocessed) distribution."""
+    finish_reason: FinishReason
+    seed: int | None
+    """The seed the request sampled with (None for greedy and beam search)."""
+    text: str = ""
+    """Detokenized output (set when a tokenizer is attached), cut after a matched stop sequence."""
+    num_input_tokens: int = 0
