@@ -9,7 +9,8 @@ Routers (SEED.md):
 - Switch Transformers (Fedus et al. 2021; HF `SwitchTransformersTop1Router`): a learned linear
   router run in float32; top-1; the expert output is scaled by the router probability; with an
   expert capacity, only the first `capacity` tokens of a sequence routed to an expert reach it and
-  the others get a zero MoE output (HF transformers 5.x semantics).
+  the others get a zero MoE output (HF transformers 5.x semantics). Capacity counts the tokens of
+  one forward pass, so teacher forcing and one-token decode steps can differ when it binds.
 
 Where the expert weights live is not this module's business: it asks an `ExpertProvider` for the
 experts its tokens need and runs them in whatever order the provider yields them (InfMoE orders

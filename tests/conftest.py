@@ -1,0 +1,121 @@
+"""Shared fixtures: tiny seeded models built by the tests themselves (nothing is downloaded).
+
+`hf_model_dirs` holds random-weight Hugging Face models (the reference implementation) saved the way
+`save_pretrained` writes them; `tiny_model_dir` is a native CPM-2-architecture model with a trained
+SentencePiece tokenizer, written by `cpm2 init`'s code path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from engine.weights.init import write_random_model
+from engine.weights.presets import get_preset
+
+# Each entry: (HF model class name, config class name, config kwargs). Different expert counts,
+# sparse steps, capacities and layer counts so that every branch of the key map is exercised.
+HF_CASES: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "t5-v1.0": (
+        "T5ForConditionalGeneration",
+        "T5Config",
+        {"num_layers": 3, "num_decoder_layers": 2, "feed_forward_proj": "relu"},
+    ),
+    "t5-v1.1": (
+        "T5ForConditionalGeneration",
+        "T5Config",
+        {"num_layers": 2, "feed_forward_proj": "gated-gelu", "tie_word_embeddings": False},
+    ),
+    "mt5": ("MT5ForConditionalGeneration", "MT5Config", {"num_layers": 2}),
+    "switch-4e-step2": (
+        "SwitchTransformersForConditionalGeneration",
+        "SwitchTransformersConfig",
+        {
+            "num_layers": 4,
+            "num_decoder_layers": 4,
+            "num_sparse_encoder_layers": 2,
+            "num_sparse_decoder_layers": 2,
+            "num_experts": 4,
+            "expert_capacity": 64,
+        },
+    ),
+    "switch-8e-capacity": (
+        "SwitchTransformersForConditionalGeneration",
+        "SwitchTransformersConfig",
+        {
+            "num_layers": 3,
+            "num_decoder_layers": 3,
+            "num_sparse_encoder_layers": 3,
+            "num_sparse_decoder_layers": 1,
+            "num_experts": 8,
+            "expert_capacity": 3,
+        },
+    ),
+}
+
+HF_COMMON = {
+    "vocab_size": 160,
+    "d_model": 32,
+    "d_kv": 8,
+    "d_ff": 64,
+    "num_heads": 4,
+    "decoder_start_token_id": 0,
+    "pad_token_id": 0,
+    "eos_token_id": 1,
+    "relative_attention_num_buckets": 8,
+    "relative_attention_max_distance": 20,
+}
+
+
+def build_hf_model(name: str, seed: int = 0) -> Any:
+    """A random-weight HF model of case `name` in eval mode."""
+    import transformers
+
+    model_cls, config_cls, kwargs = HF_CASES[name]
+    torch.manual_seed(seed)
+    config = getattr(transformers, config_cls)(**HF_COMMON, **kwargs)
+    return getattr(transformers, model_cls)(config).eval()
+
+
+@pytest.fixture(scope="session")
+def hf_model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Every HF case saved with `save_pretrained` (safetensors), by name."""
+    root = tmp_path_factory.mktemp("hf")
+    dirs = {}
+    for i, name in enumerate(HF_CASES):
+        path = root / name
+        build_hf_model(name, seed=i).save_pretrained(path)
+        dirs[name] = path
+    return dirs
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A native tiny CPM-2-architecture MoE model with its tokenizer (read-only: do not modify)."""
+    path = tmp_path_factory.mktemp("native") / "tiny"
+    write_random_model(get_preset("tiny").config, path, seed=0, progress=False)
+    return path
+
+
+@pytest.fixture
+def random_ids() -> Callable[..., list[list[int]]]:
+    """Ragged rows of random token ids (no pad/eos), reproducible per call arguments."""
+
+    def make(lengths: list[int], *, vocab: int = HF_COMMON["vocab_size"], seed: int = 0) -> list[list[int]]:
+        gen = torch.Generator().manual_seed(seed)
+        return [torch.randint(2, vocab, (n,), generator=gen).tolist() for n in lengths]
+
+    return make
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
