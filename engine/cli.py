@@ -119,7 +119,8 @@ def _print_summary(config: ModelConfig, summary: Any, *, header: str) -> None:
 def cmd_convert(args: argparse.Namespace) -> int:
     if args.source_format != "hf":
         raise ConfigError(f"unknown source format {args.source_format!r}; supported: hf")
-    convert_hf(args.src, args.dst, dtype=args.dtype, max_shard_bytes=parse_bytes(args.max_shard_size))
+    max_shard_bytes = parse_bytes(args.max_shard_size, name="--max-shard-size")
+    convert_hf(args.src, args.dst, dtype=args.dtype, max_shard_bytes=max_shard_bytes)
     print(f"wrote {args.dst}")
     return 0
 
@@ -163,7 +164,7 @@ def cmd_init(args: argparse.Namespace) -> int:
         args.out,
         dtype=dtype,
         seed=args.seed,
-        max_shard_bytes=parse_bytes(args.max_shard_size),
+        max_shard_bytes=parse_bytes(args.max_shard_size, name="--max-shard-size"),
         progress=not args.quiet,
     )
     print(f"wrote {args.out}")

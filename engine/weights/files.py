@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Protocol
@@ -23,6 +24,8 @@ from engine.errors import CheckpointError
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+#: The tensors of one expert (`...experts.{e}.*`) share this prefix; a shard never splits them.
+_EXPERT_PREFIX = re.compile(r"^(.*\.experts\.\d+)\.")
 
 
 class TensorSource(Protocol):
@@ -127,6 +130,20 @@ def _open(path: Path) -> Any:
         raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from exc
 
 
+def _expert_of(key: str) -> str | None:
+    match = _EXPERT_PREFIX.match(key)
+    return match.group(1) if match else None
+
+
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
+def _storage_id(tensor: torch.Tensor) -> tuple[int, int]:
+    storage = tensor.untyped_storage()
+    return storage.data_ptr(), storage.nbytes()
+
+
 class ShardWriter:
     """Writes tensors into safetensors shards of bounded size, then the index; files appear atomically.
 
@@ -142,16 +159,33 @@ class ShardWriter:
         self.metadata = {"format": "pt", **(metadata or {})}
         self._pending: dict[str, torch.Tensor] = {}
         self._pending_bytes = 0
+        self._pending_storages: set[tuple[int, int]] = set()
         self._written: list[tuple[Path, list[str]]] = []
         self.total_bytes = 0
         out_dir.mkdir(parents=True, exist_ok=True)
 
     def add(self, key: str, tensor: torch.Tensor) -> None:
         """Queue `tensor` under `key`; flushes a shard once the size bound would be crossed."""
-        size = tensor.numel() * tensor.element_size()
+        tensor = tensor.detach().contiguous().cpu()
+        if _storage_id(tensor) in self._pending_storages:
+            # One storage under two names (a tied head read from a pickle): safetensors stores no
+            # aliases, so this name gets its own copy.
+            tensor = tensor.clone()
+        size = _nbytes(tensor)
         if self._pending and self._pending_bytes + size > self.max_shard_bytes:
+            # Never split an expert: the part of it already queued moves on to the next shard.
+            expert = _expert_of(key)
+            carried = {k: t for k, t in self._pending.items() if expert and _expert_of(k) == expert}
+            for k in carried:
+                del self._pending[k]
+            self._pending_bytes -= sum(map(_nbytes, carried.values()))
             self.flush()
-        self._pending[key] = tensor.detach().contiguous().cpu()
+            for k, t in carried.items():
+                self._pending[k] = t
+                self._pending_storages.add(_storage_id(t))
+                self._pending_bytes += _nbytes(t)
+        self._pending[key] = tensor
+        self._pending_storages.add(_storage_id(tensor))
         self._pending_bytes += size
         self.total_bytes += size
 
@@ -164,6 +198,7 @@ class ShardWriter:
         self._written.append((path, list(self._pending)))
         self._pending = {}
         self._pending_bytes = 0
+        self._pending_storages = set()
 
     def close(self) -> list[Path]:
         """Finish: name the shards (`model.safetensors` when there is one) and write the index."""
