@@ -17,6 +17,8 @@ import torch
 from engine.weights.init import write_random_model
 from engine.weights.presets import get_preset
 
+UNTIED_HEAD = "_untied_head"
+
 # Each entry: (HF model class name, config class name, config kwargs). Different expert counts,
 # sparse steps, capacities and layer counts so that every branch of the key map is exercised.
 HF_CASES: dict[str, tuple[str, str, dict[str, Any]]] = {
@@ -31,6 +33,13 @@ HF_CASES: dict[str, tuple[str, str, dict[str, Any]]] = {
         {"num_layers": 2, "feed_forward_proj": "gated-gelu", "tie_word_embeddings": False},
     ),
     "mt5": ("MT5ForConditionalGeneration", "MT5Config", {"num_layers": 2}),
+    # Real T5 v1.1 / mT5 checkpoints store a separate lm_head.weight; transformers 5.x ties it on
+    # construction, so this case unties it by hand and saves both tensors.
+    "t5-v1.1-untied-head": (
+        "T5ForConditionalGeneration",
+        "T5Config",
+        {"num_layers": 2, "feed_forward_proj": "gated-gelu", "tie_word_embeddings": False, UNTIED_HEAD: True},
+    ),
     "switch-4e-step2": (
         "SwitchTransformersForConditionalGeneration",
         "SwitchTransformersConfig",
@@ -76,9 +85,29 @@ def build_hf_model(name: str, seed: int = 0) -> Any:
     import transformers
 
     model_cls, config_cls, kwargs = HF_CASES[name]
+    kwargs = dict(kwargs)
+    untied = kwargs.pop(UNTIED_HEAD, False)
     torch.manual_seed(seed)
     config = getattr(transformers, config_cls)(**HF_COMMON, **kwargs)
-    return getattr(transformers, model_cls)(config).eval()
+    model = getattr(transformers, model_cls)(config).eval()
+    if untied:
+        model.lm_head.weight = torch.nn.Parameter(torch.randn_like(model.lm_head.weight))
+    return model
+
+
+def save_hf_model(model: Any, path: Path) -> None:
+    """`save_pretrained`, except that an untied head is written as its own tensor."""
+    if model.lm_head.weight.data_ptr() == model.shared.weight.data_ptr():
+        model.save_pretrained(path)
+        return
+    from safetensors.torch import save_file
+
+    path.mkdir(parents=True)
+    model.config.save_pretrained(path)
+    state = {
+        k: v.detach().clone().contiguous() for k, v in model.state_dict().items() if "embed_tokens" not in k
+    }
+    save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
 
 
 @pytest.fixture(scope="session")
@@ -88,7 +117,7 @@ def hf_model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     dirs = {}
     for i, name in enumerate(HF_CASES):
         path = root / name
-        build_hf_model(name, seed=i).save_pretrained(path)
+        save_hf_model(build_hf_model(name, seed=i), path)
         dirs[name] = path
     return dirs
 
@@ -110,6 +139,12 @@ def random_ids() -> Callable[..., list[list[int]]]:
         return [torch.randint(2, vocab, (n,), generator=gen).tolist() for n in lengths]
 
     return make
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Tiny models gain nothing from intra-op threads, and one thread keeps the suite's timing
+    # steady when something else is using the other core.
+    torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
