@@ -48,8 +48,12 @@ def can_pack(weight: torch.Tensor) -> bool:
 
 
 def pack_weight(weight: torch.Tensor) -> torch.Tensor:
-    """The weight in oneDNN's blocked layout for single-row inputs (a new tensor; a copy of the data)."""
-    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)
+    """The weight in oneDNN's blocked layout (a new tensor; a copy of the data).
+
+    No batch-size hint: the layout oneDNN picks for a hint of 1 is ~5% faster at one row but
+    ~40% slower at 16 rows (measured, fp32, 2-core EPYC), and a server decodes batches.
+    """
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
 
 
 def unpack_weight(weight: torch.Tensor) -> torch.Tensor:
