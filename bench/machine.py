@@ -1,0 +1,148 @@
+"""What a benchmark ran on, and how fast this machine streams weights through a GEMV.
+
+Decoding one token reads every weight it uses once with a single input row, so its speed limit
+is memory bandwidth. The reference here is the best a plain matrix-vector product reaches over a
+weight far larger than any cache, through the same packed oneDNN path cpm2 decodes with
+(`engine.model.linear`) and through `F.linear`, so a benchmark can say how close to that limit the
+engine runs.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from engine.model.linear import can_pack, linear, pack_weight
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _memory_gib() -> float | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return round(int(line.split()[1]) / 2**20, 1)
+    except OSError:
+        pass
+    return None
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU, cores, memory, library versions and torch's thread count, for a results file."""
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {
+        "cpu_model": _cpu_model(),
+        "logical_cpus": os.cpu_count(),
+        "usable_cpus": usable,
+        "memory_gib": _memory_gib(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": _version("transformers"),
+        "torch_num_threads": torch.get_num_threads(),
+        "mkldnn": torch.backends.mkldnn.is_available(),
+        # Other processes on a small machine skew timings; the load average shows whether they ran.
+        "load_average_1_5_15": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+    }
+
+
+class CpuMeter:
+    """How much of the machine's CPU time other processes used since `start()` (Linux `/proc/stat`).
+
+    On a small machine a busy neighbour does not just take its share: it stalls the spinning
+    barriers of multi-threaded kernels, slowing them several times over. A benchmark uses this to
+    tell a clean repetition from a contended one.
+    """
+
+    def __init__(self) -> None:
+        self._start: tuple[float, float, float] | None = None
+
+    @staticmethod
+    def _machine_busy_s() -> float | None:
+        try:
+            first = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+        except OSError:
+            return None
+        # user nice system idle iowait irq softirq steal (guest time is already in user).
+        ticks = [int(v) for v in first[1:9]]
+        return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+
+    def start(self) -> None:
+        busy = self._machine_busy_s()
+        own = os.times()
+        self._start = None if busy is None else (time.perf_counter(), busy, own.user + own.system)
+
+    def foreign_share(self) -> float | None:
+        """Other processes' CPU time since `start()` over the machine's capacity (0..1); None if unknown."""
+        busy = self._machine_busy_s()
+        if self._start is None or busy is None:
+            return None
+        wall0, busy0, own0 = self._start
+        own = os.times()
+        capacity = (time.perf_counter() - wall0) * (os.cpu_count() or 1)
+        foreign = (busy - busy0) - (own.user + own.system - own0)
+        return max(0.0, foreign / capacity) if capacity > 0 else None
+
+
+def _time_calls(fn: Any, *, repeats: int) -> list[float]:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+@torch.inference_mode()
+def measure_gemv_bandwidth(
+    *, dtype: torch.dtype, weight_bytes: int = 256 * 2**20, in_features: int = 4096, repeats: int = 30
+) -> dict[str, Any]:
+    """GB/s (10^9 bytes/s) of `x @ W.T` for one input row over a `weight_bytes` weight in `dtype`.
+
+    Reports the best and median call, for the packed layout cpm2 uses and for `F.linear`. The best
+    call is the machine's capability; the median also shows how much other processes interfered.
+    """
+    element = torch.empty((), dtype=dtype).element_size()
+    out_features = max(1, weight_bytes // (in_features * element))
+    weight = torch.randn(out_features, in_features, generator=torch.Generator().manual_seed(0)).to(dtype)
+    x = torch.randn(1, in_features, dtype=dtype)
+    num_bytes = weight.numel() * element
+    paths: dict[str, Any] = {"f_linear": lambda w: F.linear(x, w)}
+    weights = {"f_linear": weight}
+    if can_pack(weight):
+        weights["packed"] = pack_weight(weight)
+        paths["packed"] = lambda w: linear(x, w)
+    result: dict[str, Any] = {"weight_bytes": num_bytes, "shape": [out_features, in_features]}
+    for name, call in paths.items():
+        w = weights[name]
+        _time_calls(lambda call=call, w=w: call(w), repeats=2)  # warm-up: page in, pick kernels
+        times = _time_calls(lambda call=call, w=w: call(w), repeats=repeats)
+        result[name] = {
+            "times_s": times,
+            "best_gb_s": num_bytes / min(times) / 1e9,
+            "median_gb_s": num_bytes / statistics.median(times) / 1e9,
+        }
+    return result

@@ -1,0 +1,32 @@
+"""Run every benchmark in `bench/` (`make bench`), each in its own process.
+
+Arguments are passed to every benchmark, e.g. `python -m bench.run_all --quick`. Each benchmark
+prints its table and writes its JSON (and plot) under `bench/results/`.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Sequence
+
+#: Benchmark modules, run in this order; each has a `main` and accepts `--quick`.
+BENCHMARKS: tuple[str, ...] = ("bench.decode_vs_hf",)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    failed = []
+    for module in BENCHMARKS:
+        print(f"== python -m {module} {' '.join(args)}".rstrip(), flush=True)
+        # A fresh process per benchmark: no thread-pool, allocator or cache state carries over.
+        if subprocess.call([sys.executable, "-m", module, *args]) != 0:
+            failed.append(module)
+    if failed:
+        print(f"failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
