@@ -93,18 +93,26 @@ class DecoderBlock(nn.Module):
         return x_BTD + F.dropout(mlp, self.dropout, self.training)
 
 
-class Encoder(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+class _Stack(nn.Module):
+    """What the encoder and decoder share: a relative-bias table owned by the stack, blocks, a final norm."""
+
+    def __init__(self, config: ModelConfig, blocks: list[nn.Module], *, bidirectional: bool) -> None:
         super().__init__()
         self.relative_bias = RelativePositionBias(
             config.num_heads,
             num_buckets=config.relative_attention_num_buckets,
             max_distance=config.relative_attention_max_distance,
-            bidirectional=True,
+            bidirectional=bidirectional,
         )
-        self.blocks = nn.ModuleList(EncoderBlock(config, i) for i in range(config.num_encoder_layers))
+        self.blocks = nn.ModuleList(blocks)
         self.final_norm = RMSNorm(config.d_model, config.layer_norm_eps)
         self.dropout = config.dropout_rate
+
+
+class Encoder(_Stack):
+    def __init__(self, config: ModelConfig) -> None:
+        blocks: list[nn.Module] = [EncoderBlock(config, i) for i in range(config.num_encoder_layers)]
+        super().__init__(config, blocks, bidirectional=True)
 
     def forward(self, x_BSD: torch.Tensor, valid_BS: torch.Tensor) -> torch.Tensor:
         S = x_BSD.shape[1]
@@ -117,18 +125,10 @@ class Encoder(nn.Module):
         return F.dropout(self.final_norm(x_BSD), self.dropout, self.training)
 
 
-class Decoder(nn.Module):
+class Decoder(_Stack):
     def __init__(self, config: ModelConfig) -> None:
-        super().__init__()
-        self.relative_bias = RelativePositionBias(
-            config.num_heads,
-            num_buckets=config.relative_attention_num_buckets,
-            max_distance=config.relative_attention_max_distance,
-            bidirectional=False,
-        )
-        self.blocks = nn.ModuleList(DecoderBlock(config, i) for i in range(config.num_decoder_layers))
-        self.final_norm = RMSNorm(config.d_model, config.layer_norm_eps)
-        self.dropout = config.dropout_rate
+        blocks: list[nn.Module] = [DecoderBlock(config, i) for i in range(config.num_decoder_layers)]
+        super().__init__(config, blocks, bidirectional=False)
 
     def layers(self) -> list[DecoderBlock]:
         """The blocks, typed."""
