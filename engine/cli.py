@@ -17,13 +17,16 @@ import torch
 
 from engine.config import ModelConfig
 from engine.errors import ConfigError
+from engine.experts.order import ORDER_POLICIES
+from engine.experts.pool import CACHE_POLICIES
 from engine.generation import GenerationRequest, Generator, SamplingParams
+from engine.offload import OffloadConfig, load_for_inference
 from engine.sizes import format_bytes, parse_bytes
 from engine.summary import summarize
 from engine.tokenizer import load_tokenizer
 from engine.weights.convert import convert_hf
 from engine.weights.init import DEFAULT_MAX_SHARD_BYTES, plan_random_model, write_random_model
-from engine.weights.loader import inspect_checkpoint, load_model, parse_dtype
+from engine.weights.loader import inspect_checkpoint, parse_dtype
 from engine.weights.presets import PRESETS, get_preset
 
 Handler = Callable[[argparse.Namespace], int]
@@ -33,6 +36,41 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, type=Path, help="native cpm2 or HF T5/mT5/Switch directory")
     parser.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: as stored)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
+
+
+def add_offload_args(parser: argparse.ArgumentParser) -> None:
+    """The `--expert-*` options (shared with `cpm2 serve`)."""
+    group = parser.add_argument_group("expert offloading (InfMoE)")
+    group.add_argument(
+        "--expert-memory",
+        default=None,
+        help="fast-pool budget for experts: a size (512MiB) or a share of all experts (25%%); "
+        "experts are offloaded whenever they exceed it (default: auto)",
+    )
+    group.add_argument("--expert-order", default="infmoe", choices=ORDER_POLICIES)
+    group.add_argument("--expert-cache", default="lru", choices=CACHE_POLICIES)
+    group.add_argument("--expert-window", type=int, default=4, help="loads in flight ahead of compute")
+    group.add_argument("--expert-io-threads", type=int, default=4)
+    group.add_argument("--expert-direct-io", action="store_true", help="read the disk tier with O_DIRECT")
+    group.add_argument("--no-expert-prefetch", action="store_true", help="no next-layer prefetch")
+    group.add_argument("--expert-host-tier", default="auto", choices=("auto", "pinned", "disk"))
+    group.add_argument(
+        "--expert-store-dir", type=Path, help="where to write an expert store if the model has none"
+    )
+
+
+def offload_config(args: argparse.Namespace) -> OffloadConfig:
+    return OffloadConfig(
+        expert_memory=args.expert_memory,
+        order=args.expert_order,
+        cache=args.expert_cache,
+        window=args.expert_window,
+        io_threads=args.expert_io_threads,
+        direct_io=args.expert_direct_io,
+        prefetch=not args.no_expert_prefetch,
+        host_tier=args.expert_host_tier,
+        store_dir=args.expert_store_dir,
+    )
 
 
 def _sampling_params(args: argparse.Namespace) -> SamplingParams:
@@ -53,18 +91,30 @@ def _sampling_params(args: argparse.Namespace) -> SamplingParams:
 def cmd_generate(args: argparse.Namespace) -> int:
     params = _sampling_params(args)
     texts: list[str] = [line.rstrip("\n") for line in sys.stdin] if args.text == ["-"] else args.text
-    model, _ = load_model(args.model, dtype=args.dtype, device=args.device)
     tokenizer = load_tokenizer(args.model)
-    generator = Generator(model, tokenizer)
-    requests = [GenerationRequest(tuple(tokenizer.encode(t)), params) for t in texts]
-    for result in generator.generate(requests):
-        if args.json:
-            out: dict[str, Any] = {"text": result.text, "token_ids": result.token_ids}
-            if args.details:
-                out.update(finish_reason=result.finish_reason, logprobs=result.logprobs, seed=result.seed)
-            print(json.dumps(out, ensure_ascii=False))
-        else:
-            print(result.text)
+    loaded = load_for_inference(
+        args.model, dtype=args.dtype, device=args.device, offload=offload_config(args), progress=False
+    )
+    try:
+        provider = loaded.provider
+        generator = Generator(
+            loaded.model, tokenizer, expert_stats=provider.stats.snapshot if provider is not None else None
+        )
+        requests = [GenerationRequest(tuple(tokenizer.encode(t)), params) for t in texts]
+        for result in generator.generate(requests):
+            if args.json:
+                out: dict[str, Any] = {"text": result.text, "token_ids": result.token_ids}
+                if args.details:
+                    out.update(finish_reason=result.finish_reason, logprobs=result.logprobs, seed=result.seed)
+                    if result.experts:
+                        out["experts"] = result.experts
+                print(json.dumps(out, ensure_ascii=False))
+            else:
+                print(result.text)
+        if provider is not None and args.details:
+            print(json.dumps({"expert_stats": provider.stats.to_dict()}), file=sys.stderr)
+    finally:
+        loaded.close()
     return 0
 
 
@@ -187,7 +237,10 @@ def register(subparsers: Any) -> None:
     p.add_argument("--num-beams", type=int, default=1)
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-sequence token")
     p.add_argument("--json", action="store_true", help='print {"text": ..., "token_ids": [...]} per input')
-    p.add_argument("--details", action="store_true", help="with --json: add finish_reason, logprobs, seed")
+    p.add_argument(
+        "--details", action="store_true", help="with --json: add finish_reason, logprobs, seed, experts"
+    )
+    add_offload_args(p)
     p.set_defaults(handler=cmd_generate)
 
     p = subparsers.add_parser("info", help="print a model's config, parameter counts and expert sizes")

@@ -118,6 +118,10 @@ def test_loading_in_stored_dtype_maps_the_file(tiny_model_dir: Path) -> None:
     assert info.stored_dtype == torch.float32
     ranges = _mapped_ranges(tiny_model_dir / SINGLE_FILE)
     assert ranges, "the checkpoint file is not memory-mapped"
+    for expert_file in sorted((tiny_model_dir / "experts").glob("*.safetensors")):
+        expert_ranges = _mapped_ranges(expert_file)
+        assert expert_ranges, f"{expert_file} is not memory-mapped"
+        ranges += expert_ranges
     state = model.state_dict()
     copied = [k for k, t in state.items() if not any(a <= t.data_ptr() < b for a, b in ranges)]
     assert copied == []
@@ -274,7 +278,7 @@ def test_unknown_architecture(hf_model_dirs: dict[str, Path], tmp_path: Path) ->
 
 
 def test_missing_tensor(tiny_model_dir: Path, tmp_path: Path) -> None:
-    key = "decoder.blocks.1.mlp.experts.2.wo.weight"
+    key = "decoder.blocks.1.cross.kv.weight"
     model_dir = _copy_dir(tiny_model_dir, tmp_path / "m", lambda t: t.pop(key))
     with pytest.raises(CheckpointError, match="is missing") as excinfo:
         load_model(model_dir)

@@ -17,10 +17,10 @@ import pytest
 import torch
 
 from engine.config import MoEConfig
+from engine.experts.store import ExpertStore
 from engine.model import ExpertWeights, MoELayerKey
 from engine.model.ffn import ACTIVATIONS, FeedForward, feed_forward
 from engine.model.moe import ExpertDemand, MoEFeedForward
-from engine.weights.files import TensorFiles
 from engine.weights.loader import load_model
 
 KEY = MoELayerKey("encoder", 0)
@@ -139,19 +139,11 @@ def test_provider_order_and_location_do_not_change_results() -> None:
 def test_model_without_resident_experts_runs_on_a_provider(tiny_model_dir: Path) -> None:
     resident, _ = load_model(tiny_model_dir)
     bare, _ = load_model(tiny_model_dir, load_experts=False)
-    files = TensorFiles.open(tiny_model_dir)
+    expert_store = ExpertStore.open(tiny_model_dir, bare.config)
     act = ACTIVATIONS[bare.config.activation]
     for layer in bare.moe_layers():
         assert all(p.is_meta for p in layer.experts.parameters())
-        prefix = f"{layer.key.stack}.blocks.{layer.key.block}.mlp.experts"
-        store = {
-            (layer.key, e): ExpertWeights(
-                files.get(f"{prefix}.{e}.wi_0.weight"),
-                files.get(f"{prefix}.{e}.wi_1.weight"),
-                files.get(f"{prefix}.{e}.wo.weight"),
-            )
-            for e in range(layer.num_experts)
-        }
+        store = {(layer.key, e): expert_store.mapped(layer.key, e) for e in range(layer.num_experts)}
         layer.expert_provider = ElsewhereProvider(store)
     ids = torch.tensor([[5, 17, 300, 42, 1]])
     dec = torch.tensor([[0, 8, 9, 10]])

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from engine.config import ModelConfig
 from engine.errors import ConfigError
+from engine.experts.store import ExpertStore
 from engine.sizes import format_bytes, parse_bytes
 from engine.summary import summarize
 from engine.weights.files import INDEX_FILE
@@ -115,9 +116,12 @@ def test_plan_of_198b_allocates_nothing() -> None:
 
 
 def _tensors(model_dir: Path) -> dict[str, torch.Tensor]:
+    """Dense tensors from the shards, experts from the expert store."""
     tensors: dict[str, torch.Tensor] = {}
     for path in sorted(model_dir.glob("*.safetensors")):
         tensors.update(load_file(path))
+    store = ExpertStore.open(model_dir, get_preset("tiny").config)
+    tensors.update((k, t.clone()) for k, t in store.iter_native_tensors())
     return tensors
 
 

@@ -9,12 +9,14 @@ over both for callers that have all their requests up front.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 
 import torch
 
 from engine.errors import InputError
+from engine.experts.stats import ExpertStats
 from engine.generation.beam import beam_search
 from engine.generation.params import FinishReason, GenerationRequest, GenerationResult
 from engine.generation.sampling import TokenChooser, choose_tokens
@@ -33,6 +35,7 @@ class Sequence:
     logprobs: list[float] = field(default_factory=list)
     finish_reason: FinishReason | None = None
     stop_text_end: int | None = None
+    experts: dict[str, float] = field(default_factory=dict)
 
     @property
     def is_finished(self) -> bool:
@@ -82,7 +85,22 @@ class Sequence:
             seed=self.chooser.seed,
             text=text,
             num_input_tokens=len(self.request.input_ids),
+            experts=dict(self.experts),
         )
+
+
+#: Per-request expert counters (a step's counters are shared evenly by its rows).
+EXPERT_FIELDS = ("bytes_moved", "hits", "misses", "transfers", "stall_seconds")
+
+
+def share_expert_stats(sequences: Seq[Sequence], delta: ExpertStats) -> None:
+    """Add an equal share of `delta` to every sequence's expert counters."""
+    if not sequences:
+        return
+    for name in EXPERT_FIELDS:
+        value = float(getattr(delta, name)) / len(sequences)
+        for sequence in sequences:
+            sequence.experts[name] = sequence.experts.get(name, 0.0) + value
 
 
 @dataclass
@@ -113,10 +131,18 @@ class DecodeBatch:
 class Generator:
     """Runs generation requests on a model (greedy, sampling and beam search)."""
 
-    def __init__(self, model: Seq2SeqLM, tokenizer: Tokenizer | None = None) -> None:
+    def __init__(
+        self,
+        model: Seq2SeqLM,
+        tokenizer: Tokenizer | None = None,
+        *,
+        expert_stats: Callable[[], ExpertStats] | None = None,
+    ) -> None:
+        """`expert_stats` returns the expert provider's cumulative counters when experts are offloaded."""
         self.model = model
         self.tokenizer = tokenizer
         self.config = model.config
+        self.expert_stats = expert_stats
         # Models often have more embedding rows than the tokenizer has pieces (T5: 32128 vs 32100);
         # the extra rows are never trained, and an id the tokenizer cannot print must not be chosen.
         self.num_choosable = model.config.vocab_size
@@ -138,6 +164,7 @@ class Generator:
     def prefill(self, requests: Seq[GenerationRequest]) -> DecodeBatch:
         """Encode `requests` as one right-padded batch and set up their decoder state."""
         self._check_inputs(requests)
+        before = self.expert_stats() if self.expert_stats else None
         ids_BS, valid_BS = self._pad([r.input_ids for r in requests])
         enc_BSD = self.model.encode(self.model.embed(ids_BS), valid_BS)
         capacity = max(r.params.max_new_tokens for r in requests)
@@ -152,6 +179,8 @@ class Generator:
             )
             for r in requests
         ]
+        if before is not None and self.expert_stats is not None:
+            share_expert_stats(sequences, self.expert_stats() - before)
         return DecodeBatch(sequences, state)
 
     def _check_inputs(self, requests: Seq[GenerationRequest]) -> None:
@@ -165,12 +194,15 @@ class Generator:
 
     def step(self, batch: DecodeBatch) -> None:
         """One decoder step for every row of `batch`; appends a token to each sequence."""
+        before = self.expert_stats() if self.expert_stats else None
         start = self.config.decoder_start_token_id
         last = [s.token_ids[-1] if s.token_ids else start for s in batch.sequences]
         tokens_B1 = torch.tensor(last, dtype=torch.long, device=self.device).unsqueeze(1)
         hidden_B1D = self.model.decode(self.model.embed(tokens_B1), batch.state)
         logits_BV = self.model.logits(hidden_B1D)[:, -1, : self.num_choosable]
         tokens, logprobs = choose_tokens(logits_BV, [s.chooser for s in batch.sequences])
+        if before is not None and self.expert_stats is not None:
+            share_expert_stats(batch.sequences, self.expert_stats() - before)
         eos = self.config.eos_token_id
         for sequence, token, logprob in zip(batch.sequences, tokens, logprobs, strict=True):
             sequence.append(token, logprob, eos)
@@ -185,9 +217,13 @@ class Generator:
         batched = [i for i, r in enumerate(requests) if r.params.num_beams == 1]
         for i, r in enumerate(requests):
             if r.params.num_beams > 1:
+                before = self.expert_stats() if self.expert_stats else None
                 results[i] = beam_search(
                     self.model, r, tokenizer=self.tokenizer, num_choosable=self.num_choosable
                 )
+                if before is not None and self.expert_stats is not None:
+                    delta = self.expert_stats() - before
+                    results[i].experts = {name: float(getattr(delta, name)) for name in EXPERT_FIELDS}
         if batched:
             batch = self.prefill([requests[i] for i in batched])
             index_of = {id(s): i for s, i in zip(batch.sequences, batched, strict=True)}

@@ -109,3 +109,7 @@ class GenerationResult:
     text: str = ""
     """Detokenized output (set when a tokenizer is attached), cut after a matched stop sequence."""
     num_input_tokens: int = 0
+    experts: dict[str, float] = field(default_factory=dict)
+    """This request's share of offloaded-expert traffic (`bytes_moved`, `hits`, `misses`,
+    `transfers`, `stall_seconds`): each step's counters split evenly over the rows it ran.
+    Empty when the experts are resident."""

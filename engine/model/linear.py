@@ -1,14 +1,16 @@
-"""Bias-free linear layers, and the CPU weight packing that decode speed depends on.
+"""Bias-free linear layers, and the CPU matmul paths that decode speed depends on.
 
 Decoding reads every weight matrix once per token with one (or a few) input rows: it is a chain of
-GEMVs bound by memory bandwidth. On CPUs, oneDNN's matmul over weights reordered into its blocked
-layout (`mkldnn._reorder_linear_weight`, the path torch.compile's CPU freezing takes) streams
-weights about twice as fast as `F.linear` over the plain (out, in) layout, which MKL serves with a
-strided GEMV (measured: 10 GB/s vs 22-25 GB/s on a 2-core EPYC, fp32, weights not in cache).
+GEMVs bound by memory bandwidth. On CPUs, `F.linear` goes to MKL, which serves these shapes poorly
+(measured on a 2-core EPYC, fp32, weights not in cache: 10 GB/s at one row, 6-8 GB/s at 4-16 rows).
+oneDNN's matmul (`mkldnn::_linear_pointwise`, the op torch.compile's CPU path emits) reaches
+22-28 GB/s at one row on the plain (out, in) layout, and 17-28 GB/s at 1-16 rows on weights
+reordered into its blocked layout (`pack_for_cpu`). So `linear` sends CPU inference to oneDNN:
+packed weights for the dense layers (packed once at load), plain ones for experts, which arrive
+from the expert store at run time and must stay in the store's layout to move as one copy.
 
-Packing is an inference-only transformation applied from outside (`pack_for_cpu`); the model code
-calls `linear(x, w)`, which takes either layout, so training and tests of the plain model are
-unaffected. Results differ from `F.linear` only by summation order (~1e-6 relative).
+Packing is an inference-only transformation applied from outside; autograd always takes
+`F.linear` (oneDNN's op has no backward). Results differ from `F.linear` only by summation order.
 """
 
 from __future__ import annotations
@@ -17,10 +19,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+_ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
+
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """`x @ weight.T` for a plain (out, in) weight or one packed by `pack_weight`."""
     if weight.is_mkldnn:
+        return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
+    if (
+        _ONEDNN
+        and weight.device.type == "cpu"
+        and weight.dtype in _ONEDNN_DTYPES
+        and x.dtype == weight.dtype
+        and weight.is_contiguous()
+        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+    ):
         return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
     return F.linear(x, weight)
 
@@ -61,13 +75,16 @@ def unpack_weight(weight: torch.Tensor) -> torch.Tensor:
     return weight.to_dense() if weight.is_mkldnn else weight
 
 
-def pack_for_cpu(model: nn.Module) -> int:
-    """Pack every `Linear` weight of `model` in place; returns how many were packed.
+def pack_for_cpu(model: nn.Module, *, skip: str | None = None) -> int:
+    """Pack every `Linear` weight of `model` in place, except under names containing `skip`.
 
-    Call after loading, for inference only (packed weights take no gradients and are not saved).
+    Returns how many were packed. Call after loading, for inference only (packed weights take no
+    gradients and are not saved).
     """
     count = 0
-    for module in model.modules():
+    for name, module in model.named_modules():
+        if skip is not None and skip in name:
+            continue
         if isinstance(module, Linear) and can_pack(module.weight):
             module.weight = nn.Parameter(pack_weight(module.weight), requires_grad=False)
             count += 1

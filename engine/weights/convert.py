@@ -2,8 +2,8 @@
 
 The only code path that reads pickled `.bin` checkpoints (with `torch.load(weights_only=True)`).
 Tensors stream from the source into bounded shards, one at a time, so converting a model never holds
-more than one tensor (plus the shard being written) in memory. Expert tensors are written expert by
-expert, so each expert is one contiguous byte range of a shard.
+more than one tensor (plus the shard being written) in memory. Experts go to the expert store
+(`engine.experts.store`: one aligned blob per expert), everything else to the shards.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import torch
 from tqdm import tqdm
 
 from engine.errors import CheckpointError
+from engine.experts.store import ExpertStoreWriter
 from engine.weights.files import ShardWriter, open_tensor_source
 from engine.weights.init import DEFAULT_MAX_SHARD_BYTES
 from engine.weights.loader import CONFIG_FILE, inspect_checkpoint, native_tensors, parse_dtype
@@ -41,10 +42,14 @@ def convert_hf(
             raise CheckpointError(f"{dst}: exists and is not empty; choose a new destination")
         target = parse_dtype(dtype) or info.stored_dtype
         writer = ShardWriter(dst, max_shard_bytes=max_shard_bytes, metadata={"producer": "cpm2 convert hf"})
+        experts = ExpertStoreWriter(dst, info.config, target) if info.config.moe is not None else None
         tensors = native_tensors(info, files, dtype=target, device=torch.device("cpu"))
         for key, tensor in tqdm(tensors, desc="converting", unit="tensor", disable=not progress):
-            writer.add(key, tensor)
+            if experts is None or not experts.add(key, tensor):
+                writer.add(key, tensor)
         writer.close()
+        if experts is not None:
+            experts.close()
     finally:
         files.close()
     for name in CARRIED_FILES:

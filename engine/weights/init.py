@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from engine.config import ModelConfig
 from engine.errors import ConfigError
+from engine.experts.store import ExpertStoreWriter
 from engine.model import Seq2SeqLM
 from engine.sizes import format_bytes
 from engine.tokenizer import builtin_corpus, train_sentencepiece
@@ -115,7 +116,7 @@ def write_random_model(
             f"({PRESET_TOKENIZER_PIECES} pieces + 100 sentinels); "
             f"use at least {PRESET_TOKENIZER_PIECES + 100}"
         )
-    torch_dtype = parse_dtype(dtype)
+    torch_dtype = parse_dtype(dtype) or torch.float32
     plan, shapes = plan_random_model(config, dtype=dtype)
     out_dir.mkdir(parents=True, exist_ok=True)
     if any(out_dir.iterdir()):
@@ -127,12 +128,16 @@ def write_random_model(
             f"but only {format_bytes(free)} are free"
         )
     writer = ShardWriter(out_dir, max_shard_bytes=max_shard_bytes, metadata={"producer": "cpm2 init"})
+    experts = ExpertStoreWriter(out_dir, config, torch_dtype) if config.moe is not None else None
     bar = tqdm(total=plan.num_bytes, unit="B", unit_scale=True, desc="writing", disable=not progress)
     for key, shape in shapes.items():
         tensor = random_tensor(config, key, shape, seed=seed).to(torch_dtype)
-        writer.add(key, tensor)
+        if experts is None or not experts.add(key, tensor):
+            writer.add(key, tensor)
         bar.update(tensor.numel() * tensor.element_size())
     writer.close()
+    if experts is not None:
+        experts.close()
     bar.close()
     write_tokenizer(out_dir)
     config.replace(extra={**config.extra, "init_seed": seed}).save(out_dir / "config.json")

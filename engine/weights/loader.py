@@ -18,6 +18,7 @@ import torch
 
 from engine.config import ModelConfig
 from engine.errors import CheckpointError, ConfigError
+from engine.experts.store import ExpertStore, is_expert_key
 from engine.model import Seq2SeqLM
 from engine.model.linear import Linear, can_pack, pack_for_cpu, pack_weight
 from engine.weights.files import TensorFiles, TensorSource, open_tensor_source
@@ -144,21 +145,30 @@ def native_tensors(
     device: torch.device,
     include_experts: bool = True,
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Every native tensor of the checkpoint, checked against the config first, in the model's order.
+    """Every native tensor of the checkpoint, checked against the config first.
 
-    Tensors already in `dtype` on the CPU are the memory-mapped data itself (no copy).
+    A native directory keeps its experts either in its shards or in an expert store (`experts/`,
+    see `engine.experts.store`); dense tensors come first, then experts. Tensors already in
+    `dtype` on the CPU are the memory-mapped data itself (no copy).
     """
     with torch.device("meta"):
         model = Seq2SeqLM(info.config)
     expected = {k: v.shape for k, v in model.state_dict().items()}
-    plan = key_plan(info, list(expected))
-    _check_plan(plan, files, expected, info.path)
+    store = None
+    if info.source_format == "cpm2" and info.config.moe is not None and ExpertStore.exists(info.path):
+        store = ExpertStore.open(info.path, info.config)
+    in_files = {k: v for k, v in expected.items() if store is None or not is_expert_key(k)}
+    plan = key_plan(info, list(in_files))
+    _check_plan(plan, files, in_files, info.path)
     for item in plan:
-        if not include_experts and ".experts." in item.native:
+        if not include_experts and is_expert_key(item.native):
             continue
         parts = [files.get(s) for s in item.sources]
         tensor = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
         yield item.native, tensor.to(device=device, dtype=dtype)
+    if store is not None and include_experts:
+        for key, tensor in store.iter_native_tensors():
+            yield key, tensor.to(device=device, dtype=dtype)
 
 
 def load_model(
@@ -197,12 +207,14 @@ def load_model(
 
 
 def prepare_for_inference(model: Seq2SeqLM) -> int:
-    """Pack CPU weights into oneDNN's layout (`engine.model.linear`); returns the number packed.
+    """Pack dense CPU weights into oneDNN's layout (`engine.model.linear`); returns the number packed.
 
-    A tied output head gets its own packed copy, since the embedding lookup needs the plain matrix.
-    The model can no longer be trained or saved afterwards.
+    Experts stay in the plain layout of the expert store, so resident and offloaded experts run the
+    same kernel on the same bytes (offloading changes no result). A tied output head gets its own
+    packed copy, since the embedding lookup needs the plain matrix. The model can no longer be
+    trained or saved afterwards.
     """
-    count = pack_for_cpu(model)
+    count = pack_for_cpu(model, skip=".experts.")
     if model.lm_head is None and can_pack(model.embed.weight):
         with torch.device("meta"):
             head = Linear(model.config.d_model, model.config.vocab_size)

@@ -1,0 +1,226 @@
+"""The offloading expert provider: InfMoE's per-layer schedule over a cached pool, with prefetch.
+
+For each MoE layer call (`fetch`): look up the needed experts in the pool (hits), order them
+(`order.py`: InfMoE's order by default), keep up to `window` loads in flight ahead of compute, hand
+each expert to the layer as soon as it is ready, and release it once computed. Across layers and
+steps the pool caches experts (LRU / LFU), and after each layer the next MoE layer's router is
+applied to this layer's input to prefetch the experts it will probably need (mixtral-offloading's
+speculative loading), with precision and recall counted when that layer runs.
+
+The provider only decides *which* experts move *when*; a transfer engine (`cpu.py`, `cuda.py`)
+moves the bytes, and the layer does the math. Results are bit-identical to resident experts.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Iterator, Sequence
+from typing import Protocol
+
+import torch
+
+from engine.experts.order import CostModel, OrderPolicy, jobs_for, order_jobs
+from engine.experts.pool import ExpertId, ExpertPool, PoolEntry
+from engine.experts.stats import ExpertStats
+from engine.model import ExpertWeights, MoELayerKey
+from engine.model.moe import ExpertDemand, MoEFeedForward
+
+
+class Transfers(Protocol):
+    """What the provider needs from a transfer engine."""
+
+    @property
+    def busy_seconds(self) -> float:
+        """Total time spent on finished loads."""
+        ...
+
+    @property
+    def loads_done(self) -> int:
+        """Loads finished so far."""
+        ...
+
+    def start(self, entry: PoolEntry) -> object: ...
+    def wait(self, entry: PoolEntry) -> ExpertWeights: ...
+    def release(self, entry: PoolEntry) -> None: ...
+    def close(self) -> None: ...
+
+
+class OffloadedExpertProvider:
+    """Serves every MoE layer of one model from a bounded pool fed by `transfers`."""
+
+    def __init__(
+        self,
+        transfers: Transfers,
+        pool: ExpertPool,
+        *,
+        bytes_per_expert: int,
+        cost: CostModel,
+        order: OrderPolicy = "infmoe",
+        window: int = 2,
+        prefetch: bool = True,
+    ) -> None:
+        self.transfers = transfers
+        self.pool = pool
+        self.bytes_per_expert = bytes_per_expert
+        self.cost = cost
+        self.order: OrderPolicy = order
+        # At least one slot must stay free of loads-ahead for the expert being computed.
+        self.window = max(1, min(window, pool.num_slots - 1))
+        self.prefetch = prefetch
+        self.stats = ExpertStats()
+        self._next_router: dict[MoELayerKey, tuple[MoELayerKey, torch.nn.Module]] = {}
+        self._predicted: dict[MoELayerKey, set[int]] = {}
+        # Loads before this provider existed (calibration) are not its traffic.
+        self._loads_seen = transfers.loads_done
+        self._busy_seen = transfers.busy_seconds
+
+    # ---- wiring ------------------------------------------------------------------------------
+
+    def attach(self, layers: Sequence[MoEFeedForward]) -> None:
+        """Serve `layers` (a model's MoE layers, in order) and learn each one's successor's router."""
+        for layer in layers:
+            layer.expert_provider = self
+        for current, following in itertools.pairwise(layers):
+            if current.key.stack == following.key.stack:
+                self._next_router[current.key] = (following.key, following.router)
+
+    # ---- the per-layer schedule --------------------------------------------------------------
+
+    def fetch(
+        self, layer: MoELayerKey, demand: Sequence[ExpertDemand], hidden_ND: torch.Tensor
+    ) -> Iterator[tuple[int, ExpertWeights]]:
+        stats = self.stats
+        stats.layer_calls += 1
+        self._score_prediction(layer, demand)
+        cached = set()
+        for item in demand:
+            if (layer, item.expert) in self.pool:
+                cached.add(item.expert)
+                stats.hits += 1
+            else:
+                stats.misses += 1
+        jobs = order_jobs(jobs_for([(d.expert, d.num_tokens) for d in demand], cached, self.cost), self.order)
+        order: list[ExpertId] = [(layer, job.expert) for job in jobs]
+        tokens = {d.expert: d.num_tokens for d in demand}
+        for position, expert in enumerate(order):
+            entry = self._ensure_issued(order, position)
+            entry.pins += 1
+            self._issue(order, position + 1)
+            weights = self._ready(entry)
+            self.pool.touch(entry)
+            entry.prefetched = False
+            begin = time.perf_counter()
+            yield expert[1], weights
+            elapsed = time.perf_counter() - begin
+            stats.compute_seconds += elapsed
+            stats.experts_run += 1
+            self._learn_alpha(tokens[expert[1]], elapsed)
+            entry.pins -= 1
+            self.transfers.release(entry)
+        if self.prefetch:
+            self._prefetch_after(layer, hidden_ND)
+        self._learn_beta()
+
+    def _issue(self, order: Sequence[ExpertId], position: int) -> None:
+        """Start loads for the not-yet-resident experts among the `window` from `position` on."""
+        upcoming = order[position:]
+        for expert in order[position : position + self.window]:
+            if expert in self.pool:
+                continue
+            # Loads ahead never evict another expert this layer still needs.
+            if not self._load(expert, upcoming=upcoming, spare_upcoming=True):
+                return  # no slot now; the expert being computed will free one
+
+    def _ensure_issued(self, order: Sequence[ExpertId], position: int) -> PoolEntry:
+        """The pool entry of `order[position]`, starting its load (waiting for a slot) if needed."""
+        expert = order[position]
+        while expert not in self.pool:
+            if not self._load(expert, upcoming=order[position:], spare_upcoming=False):
+                # Every slot is pinned or loading: wait for the oldest load, then retry.
+                loading = self.pool.loading()
+                assert loading, "pool exhausted with nothing in flight (window too large for the pool)"
+                self._ready(loading[0])
+        entry = self.pool.get(expert)
+        assert entry is not None
+        return entry
+
+    def _load(self, expert: ExpertId, *, upcoming: Sequence[ExpertId], spare_upcoming: bool) -> bool:
+        admitted = self.pool.admit(expert, upcoming=upcoming, spare_upcoming=spare_upcoming)
+        if admitted is None:
+            return False
+        entry, evicted = admitted
+        if evicted is not None:
+            self.stats.evictions += 1
+        entry.pending = self.transfers.start(entry)
+        self.stats.transfers += 1
+        self.stats.bytes_moved += self.bytes_per_expert
+        return True
+
+    def _ready(self, entry: PoolEntry) -> ExpertWeights:
+        """Wait for `entry`'s load (counting the wait as stall) and install its weights."""
+        if entry.weights is None:
+            begin = time.perf_counter()
+            entry.weights = self.transfers.wait(entry)
+            entry.pending = None
+            self.stats.stall_seconds += time.perf_counter() - begin
+        return entry.weights
+
+    # ---- prediction ----------------------------------------------------------------------------
+
+    def _prefetch_after(self, layer: MoELayerKey, hidden_ND: torch.Tensor) -> None:
+        following = self._next_router.get(layer)
+        if following is None or hidden_ND.shape[0] == 0:
+            return
+        next_key, router = following
+        with torch.no_grad():
+            expert_N, _ = router(hidden_ND.unsqueeze(0))
+        predicted = set(expert_N.flatten().tolist())
+        self._predicted[next_key] = predicted
+        budget = max(0, self.pool.num_slots - 1 - len(self.pool.loading()))
+        for expert in sorted(predicted)[:budget]:
+            key = (next_key, expert)
+            if key in self.pool:
+                continue
+            if not self._load(key, upcoming=(), spare_upcoming=True):
+                break
+            entry = self.pool.get(key)
+            assert entry is not None
+            entry.prefetched = True
+            self.stats.prefetches += 1
+
+    def _score_prediction(self, layer: MoELayerKey, demand: Sequence[ExpertDemand]) -> None:
+        predicted = self._predicted.pop(layer, None)
+        if predicted is None:
+            return
+        needed = {d.expert for d in demand}
+        self.stats.predicted += len(predicted)
+        self.stats.predicted_used += len(predicted & needed)
+        self.stats.needed_after_prediction += len(needed)
+
+    # ---- calibration -------------------------------------------------------------------------
+
+    def _learn_beta(self) -> None:
+        """Follow the measured transfer time per expert (loads finish in the background)."""
+        busy, loads = self.transfers.busy_seconds, self.transfers.loads_done
+        new_loads, new_busy = loads - self._loads_seen, busy - self._busy_seen
+        if new_loads > 0:
+            beta = 0.8 * self.cost.beta + 0.2 * (new_busy / new_loads)
+            self.cost = CostModel(self.cost.alpha_fixed, self.cost.alpha_per_token, beta)
+        self.stats.transfer_seconds += new_busy
+        self._loads_seen, self._busy_seen = loads, busy
+
+    def _learn_alpha(self, num_tokens: int, seconds: float) -> None:
+        """Track compute time per expert online (exponential average of the per-token slope)."""
+        cost = self.cost
+        predicted = cost.alpha(num_tokens)
+        if predicted <= 0:
+            return
+        scale = 0.9 + 0.1 * (seconds / predicted)
+        self.cost = CostModel(cost.alpha_fixed * scale, cost.alpha_per_token * scale, cost.beta)
+
+    def close(self) -> None:
+        """Finish in-flight loads and stop the transfer engine."""
+        for entry in self.pool.loading():
+            self._ready(entry)
+        self.transfers.close()

@@ -1,0 +1,84 @@
+"""Counters of the offloaded expert path, for benchmarks, per-request details and Prometheus.
+
+Cumulative since start-up; `snapshot()` and subtraction give the figures of one step or request.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass
+class ExpertStats:
+    """What the expert provider did: hits, transfers, prefetch accuracy, time spent waiting."""
+
+    layer_calls: int = 0
+    """MoE layer forward passes served."""
+    experts_run: int = 0
+    """Expert computations (one per expert with tokens per layer call)."""
+    hits: int = 0
+    """Experts already in the fast pool (or already loading because of a prefetch) when a layer asked."""
+    misses: int = 0
+    """Experts a layer had to load on demand."""
+    transfers: int = 0
+    """Expert loads into the pool (demand and prefetch)."""
+    bytes_moved: int = 0
+    """Bytes copied into the pool (disk or host tier → fast pool)."""
+    evictions: int = 0
+    prefetches: int = 0
+    """Loads started by next-layer prediction."""
+    predicted: int = 0
+    """Experts predicted for a layer before it ran (precision denominator)."""
+    predicted_used: int = 0
+    """Predicted experts the layer then needed (true positives)."""
+    needed_after_prediction: int = 0
+    """Experts needed by layers that had a prediction (recall denominator)."""
+    stall_seconds: float = 0.0
+    """Time expert compute waited for a transfer to finish."""
+    transfer_seconds: float = 0.0
+    """Time the I/O workers (or copy stream) spent moving experts."""
+    compute_seconds: float = 0.0
+    """Time spent computing experts (CPU; wall time between handing out weights and the next request)."""
+
+    def snapshot(self) -> ExpertStats:
+        return dataclasses.replace(self)
+
+    def __sub__(self, other: ExpertStats) -> ExpertStats:
+        values = {f.name: getattr(self, f.name) - getattr(other, f.name) for f in dataclasses.fields(self)}
+        return ExpertStats(**values)
+
+    def __add__(self, other: ExpertStats) -> ExpertStats:
+        values = {f.name: getattr(self, f.name) + getattr(other, f.name) for f in dataclasses.fields(self)}
+        return ExpertStats(**values)
+
+    @property
+    def hit_rate(self) -> float:
+        looked_up = self.hits + self.misses
+        return self.hits / looked_up if looked_up else 1.0
+
+    @property
+    def prefetch_precision(self) -> float:
+        return self.predicted_used / self.predicted if self.predicted else 0.0
+
+    @property
+    def prefetch_recall(self) -> float:
+        return self.predicted_used / self.needed_after_prediction if self.needed_after_prediction else 0.0
+
+    @property
+    def overlap(self) -> float:
+        """Share of transfer time hidden behind compute: 1 − stall / transfer (1.0 with no transfers)."""
+        if self.transfer_seconds <= 0:
+            return 1.0
+        return max(0.0, 1.0 - self.stall_seconds / self.transfer_seconds)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data.update(
+            hit_rate=self.hit_rate,
+            prefetch_precision=self.prefetch_precision,
+            prefetch_recall=self.prefetch_recall,
+            overlap=self.overlap,
+        )
+        return data

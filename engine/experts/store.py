@@ -1,0 +1,348 @@
+"""Expert store: every expert's weights as one contiguous, 4 KiB-aligned blob, one file per MoE layer.
+
+InfMoE (SEED.md) and every fast offloader (mixtral-offloading's one-storage-per-expert, see
+research/offload-anchors.md §5) move experts as single units. Here expert `e` of MoE layer
+`encoder.3` is bytes `[offset, offset + nbytes)` of `experts/encoder-003.safetensors`:
+
+    blob = wi_0 (F, D) | wi_1 (F, D) (gated FFNs only) | wo (D, F) | zero padding to 4096
+
+in the model's storage dtype, row-major, the `nn.Linear` layout. Each file is a valid safetensors
+file (one U8 tensor per expert, named by its index) whose header is padded with spaces so the data,
+and therefore every blob, starts on a 4096-byte boundary: a transfer is one `pread` (O_DIRECT-able)
+or one host-to-device copy, and a memory map hands out page-aligned views. The safetensors library
+cannot place data at chosen offsets, so the header is written here; reading goes through it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from engine.config import ModelConfig
+from engine.errors import CheckpointError
+from engine.model import ExpertWeights, MoELayerKey
+
+STORE_DIR = "experts"
+ALIGNMENT = 4096
+FORMAT = "cpm2-experts"
+VERSION = "1"
+
+_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+_DTYPES = {name: dtype for dtype, name in _DTYPE_NAMES.items()}
+_EXPERT_KEY = re.compile(
+    r"(?P<stack>encoder|decoder)\.blocks\.(?P<block>\d+)\.mlp\.experts\.(?P<expert>\d+)\.(?P<name>\w+)\.weight"
+)
+
+
+def is_expert_key(key: str) -> bool:
+    """Whether a native state-dict key names an expert weight."""
+    return _EXPERT_KEY.fullmatch(key) is not None
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return (n + multiple - 1) // multiple * multiple
+
+
+def layer_file_name(key: MoELayerKey) -> str:
+    return f"{key.stack}-{key.block:03d}.safetensors"
+
+
+def moe_layer_keys(config: ModelConfig) -> list[MoELayerKey]:
+    """Every MoE layer of `config`, encoder first."""
+    return [MoELayerKey("encoder", b) for b in config.moe_layers("encoder")] + [
+        MoELayerKey("decoder", b) for b in config.moe_layers("decoder")
+    ]
+
+
+@dataclass(frozen=True)
+class BlobLayout:
+    """Where the parts of one expert lie inside its blob."""
+
+    d_model: int
+    d_ff: int
+    is_gated: bool
+    dtype: torch.dtype
+
+    @property
+    def part_names(self) -> tuple[str, ...]:
+        return ("wi_0", "wi_1", "wo") if self.is_gated else ("wi_0", "wo")
+
+    @property
+    def part_bytes(self) -> int:
+        return self.d_model * self.d_ff * torch.empty((), dtype=self.dtype).element_size()
+
+    @property
+    def payload_bytes(self) -> int:
+        """Bytes of weights in a blob, without the alignment padding."""
+        return self.part_bytes * len(self.part_names)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of a blob, padding included (a multiple of ALIGNMENT)."""
+        return _round_up(self.payload_bytes, ALIGNMENT)
+
+    @classmethod
+    def of(cls, config: ModelConfig, dtype: torch.dtype) -> BlobLayout:
+        return cls(config.d_model, config.d_ff, config.is_gated_ffn, dtype)
+
+    def pack(self, weights: ExpertWeights, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The blob (uint8, `nbytes`) of an expert given in `nn.Linear` layout."""
+        blob = torch.zeros(self.nbytes, dtype=torch.uint8) if out is None else out
+        parts = [weights.wi_0, weights.wi_1, weights.wo] if self.is_gated else [weights.wi_0, weights.wo]
+        for i, part in enumerate(parts):
+            if part is None:
+                raise CheckpointError("a gated expert needs wi_0, wi_1 and wo")
+            flat = part.detach().to(self.dtype).contiguous().view(-1).view(torch.uint8)
+            blob[i * self.part_bytes : (i + 1) * self.part_bytes].copy_(flat)
+        return blob
+
+    def unpack(self, blob: torch.Tensor) -> ExpertWeights:
+        """Views (no copy) of the parts inside a uint8 blob, on whatever device the blob is."""
+        F, D, n = self.d_ff, self.d_model, self.part_bytes
+
+        def part(i: int, shape: tuple[int, int]) -> torch.Tensor:
+            return blob[i * n : (i + 1) * n].view(self.dtype).view(shape)
+
+        if self.is_gated:
+            return ExpertWeights(part(0, (F, D)), part(1, (F, D)), part(2, (D, F)))
+        return ExpertWeights(part(0, (F, D)), None, part(1, (D, F)))
+
+
+class ExpertStoreWriter:
+    """Writes a store from native `(key, tensor)` pairs arriving in model order, one blob at a time.
+
+    Each layer file is written to a temporary name, fsynced and renamed once all its experts are in,
+    so a reader never sees a half-written layer. Memory use is one expert.
+    """
+
+    def __init__(self, model_dir: Path, config: ModelConfig, dtype: torch.dtype) -> None:
+        self.root = model_dir / STORE_DIR
+        self.config = config
+        self.layout = BlobLayout.of(config, dtype)
+        self.num_experts = config.moe.num_experts if config.moe else 0
+        self._names = ("wi_0", "wi_1", "wo") if config.is_gated_ffn else ("wi", "wo")
+        self._layer: MoELayerKey | None = None
+        self._file: BinaryIO | None = None
+        self._written = 0
+        self._parts: dict[str, torch.Tensor] = {}
+        self._expert = -1
+        self._blob = torch.zeros(self.layout.nbytes, dtype=torch.uint8)
+        self.layers_written: list[MoELayerKey] = []
+
+    def add(self, key: str, tensor: torch.Tensor) -> bool:
+        """Take `tensor` if `key` is an expert weight (returns True), else leave it to the caller."""
+        match = _EXPERT_KEY.fullmatch(key)
+        if match is None:
+            return False
+        layer = MoELayerKey(match["stack"], int(match["block"]))  # type: ignore[arg-type]
+        expert, name = int(match["expert"]), match["name"]
+        if layer != self._layer:
+            self._finish_layer()
+            self._start_layer(layer)
+        if expert != self._expert:
+            if self._parts:
+                raise CheckpointError(
+                    f"expert {self._expert} of {layer} is incomplete before expert {expert}"
+                )
+            self._expert = expert
+        if expert != self._written:
+            raise CheckpointError(f"{layer}: expert {expert} arrived out of order (expected {self._written})")
+        self._parts[name] = tensor
+        if len(self._parts) == len(self._names):
+            parts = [self._parts[n] for n in self._names]
+            weights = (
+                ExpertWeights(parts[0], parts[1], parts[2])
+                if len(parts) == 3
+                else ExpertWeights(parts[0], None, parts[1])
+            )
+            self._blob.zero_()
+            assert self._file is not None
+            self._file.write(self.layout.pack(weights, out=self._blob).numpy().data)
+            self._written += 1
+            self._parts = {}
+        return True
+
+    def _start_layer(self, key: MoELayerKey) -> None:
+        size = self.layout.nbytes
+        header: dict[str, object] = {
+            "__metadata__": {
+                "format": FORMAT,
+                "version": VERSION,
+                "layer": str(key),
+                "dtype": _DTYPE_NAMES[self.layout.dtype],
+                "d_model": str(self.layout.d_model),
+                "d_ff": str(self.layout.d_ff),
+                "parts": ",".join(self.layout.part_names),
+                "alignment": str(ALIGNMENT),
+            }
+        }
+        for e in range(self.num_experts):
+            header[str(e)] = {"dtype": "U8", "shape": [size], "data_offsets": [e * size, (e + 1) * size]}
+        text = json.dumps(header, separators=(",", ":")).encode()
+        # Pad the JSON with spaces (allowed by the safetensors spec) so the data starts aligned.
+        padded_len = _round_up(8 + len(text), ALIGNMENT) - 8
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._file = open(self._tmp_path(key), "wb")  # noqa: SIM115 (closed in _finish_layer)
+        self._file.write(struct.pack("<Q", padded_len))
+        self._file.write(text.ljust(padded_len, b" "))
+        self._layer, self._written, self._expert = key, 0, -1
+
+    def _tmp_path(self, key: MoELayerKey) -> Path:
+        return self.root / f".{layer_file_name(key)}.tmp"
+
+    def _finish_layer(self) -> None:
+        if self._layer is None or self._file is None:
+            return
+        key, f = self._layer, self._file
+        if self._written != self.num_experts or self._parts:
+            f.close()
+            raise CheckpointError(f"{key}: wrote {self._written} of {self.num_experts} experts")
+        f.flush()
+        os.fsync(f.fileno())
+        f.close()
+        os.replace(self._tmp_path(key), self.root / layer_file_name(key))
+        self.layers_written.append(key)
+        self._layer, self._file = None, None
+
+    def close(self) -> None:
+        """Finish the last layer and check that every MoE layer was written."""
+        self._finish_layer()
+        missing = [str(k) for k in moe_layer_keys(self.config) if k not in self.layers_written]
+        if missing:
+            raise CheckpointError(f"{self.root}: no experts were written for layer(s) {', '.join(missing)}")
+
+
+@dataclass(frozen=True)
+class BlobLocation:
+    """Where one expert's blob lies on disk."""
+
+    path: Path
+    offset: int
+    nbytes: int
+
+
+class ExpertStore:
+    """Read side of a store directory: blob locations, memory-mapped views, layout."""
+
+    def __init__(self, root: Path, config: ModelConfig, layout: BlobLayout) -> None:
+        self.root = root
+        self.config = config
+        self.layout = layout
+        self.keys = moe_layer_keys(config)
+        self.num_experts = config.moe.num_experts if config.moe else 0
+        self._data_start: dict[MoELayerKey, int] = {}
+        self._handles: dict[MoELayerKey, object] = {}
+
+    @classmethod
+    def exists(cls, root: Path) -> bool:
+        return (root / STORE_DIR).is_dir()
+
+    @classmethod
+    def open(cls, model_dir: Path, config: ModelConfig) -> ExpertStore:
+        """Open and validate the store of `model_dir` (every file's header is checked now)."""
+        root = model_dir / STORE_DIR
+        if config.moe is None:
+            raise CheckpointError(f"{model_dir}: the model has no MoE layers, so no expert store")
+        keys = moe_layer_keys(config)
+        dtype: torch.dtype | None = None
+        starts: dict[MoELayerKey, int] = {}
+        for key in keys:
+            path = root / layer_file_name(key)
+            meta, start = _read_header(path)
+            if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+                raise CheckpointError(f"{path}: not a {FORMAT} v{VERSION} file")
+            if meta.get("dtype") not in _DTYPES:
+                raise CheckpointError(f"{path}: unknown dtype {meta.get('dtype')!r}")
+            file_dtype = _DTYPES[meta["dtype"]]
+            if dtype is not None and file_dtype != dtype:
+                raise CheckpointError(f"{path}: dtype {meta['dtype']} differs from the other layers'")
+            dtype = file_dtype
+            if (int(meta.get("d_model", -1)), int(meta.get("d_ff", -1))) != (config.d_model, config.d_ff):
+                raise CheckpointError(
+                    f"{path}: experts are d_model {meta.get('d_model')} x d_ff {meta.get('d_ff')} but "
+                    f"config.json says {config.d_model} x {config.d_ff}"
+                )
+            starts[key] = start
+        assert dtype is not None
+        store = cls(root, config, BlobLayout.of(config, dtype))
+        store._data_start = starts
+        for key in keys:
+            path = root / layer_file_name(key)
+            expected = starts[key] + store.num_experts * store.layout.nbytes
+            if path.stat().st_size != expected:
+                raise CheckpointError(
+                    f"{path}: {path.stat().st_size} bytes, expected {expected} for "
+                    f"{store.num_experts} experts (truncated or wrong expert count)"
+                )
+        return store
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.layout.dtype
+
+    @property
+    def total_bytes(self) -> int:
+        """Bytes of all blobs of all layers."""
+        return len(self.keys) * self.num_experts * self.layout.nbytes
+
+    def path(self, key: MoELayerKey) -> Path:
+        return self.root / layer_file_name(key)
+
+    def location(self, key: MoELayerKey, expert: int) -> BlobLocation:
+        size = self.layout.nbytes
+        return BlobLocation(self.path(key), self._data_start[key] + expert * size, size)
+
+    def mapped_blob(self, key: MoELayerKey, expert: int) -> torch.Tensor:
+        """The blob as a memory-mapped uint8 tensor (copy-on-write; no read happens until touched)."""
+        handle = self._handles.get(key)
+        if handle is None:
+            handle = safe_open(str(self.path(key)), framework="pt")
+            self._handles[key] = handle
+        return handle.get_tensor(str(expert))  # type: ignore[attr-defined]
+
+    def mapped(self, key: MoELayerKey, expert: int) -> ExpertWeights:
+        """The expert's weights as views into the memory-mapped file."""
+        return self.layout.unpack(self.mapped_blob(key, expert))
+
+    def iter_native_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """`(native state-dict key, mapped tensor)` for every expert weight, in model order."""
+        for key in self.keys:
+            prefix = f"{key.stack}.blocks.{key.block}.mlp.experts"
+            for e in range(self.num_experts):
+                weights = self.mapped(key, e)
+                names = ("wi_0", "wi_1", "wo") if self.layout.is_gated else ("wi", "wo")
+                parts = (
+                    [weights.wi_0, weights.wi_1, weights.wo]
+                    if self.layout.is_gated
+                    else [weights.wi_0, weights.wo]
+                )
+                for name, part in zip(names, parts, strict=True):
+                    assert part is not None
+                    yield f"{prefix}.{e}.{name}.weight", part
+
+
+def _read_header(path: Path) -> tuple[dict[str, str], int]:
+    """The `__metadata__` of an expert file and where its data starts; validates it as safetensors."""
+    try:
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            if length > 100 * 2**20:
+                raise CheckpointError(f"{path}: header of {length} bytes is not plausible")
+            header = json.loads(f.read(length))
+        with safe_open(str(path), framework="pt") as handle:  # the library's own validation
+            handle.keys()
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: expert file is missing") from None
+    except (SafetensorError, json.JSONDecodeError, struct.error, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path}: not a valid expert file ({exc})") from exc
+    meta = header.get("__metadata__") or {}
+    return meta, 8 + length
