@@ -35,3 +35,36 @@ def test_cuda_greedy_generation_matches_cpu(hf_model_dirs: dict[str, Path]) -> N
     gpu, _ = load_model(hf_model_dirs["switch-4e-step2"], dtype="float32", device="cuda")
     requests = [GenerationRequest((5, 17, 30, 42, 1), SamplingParams(max_new_tokens=10))]
     assert Generator(gpu).generate(requests)[0].token_ids == Generator(cpu).generate(requests)[0].token_ids
+
+
+@pytest.mark.parametrize("host_tier", ["pinned", "disk"])
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_cuda_offloaded_matches_cuda_resident(host_tier: str, dtype: str, tiny_model_dir: Path) -> None:
+    from engine.offload import OffloadConfig, load_for_inference
+
+    resident, _ = load_model(tiny_model_dir, dtype=dtype, device="cuda")
+    loaded = load_for_inference(
+        tiny_model_dir,
+        dtype=dtype,
+        device="cuda",
+        offload=OffloadConfig(expert_memory="40%", host_tier=host_tier),
+        progress=False,
+    )
+    try:
+        assert loaded.is_offloaded
+        ids = torch.tensor([[5, 17, 30, 42, 1], [7, 8, 9, 1, 0]], device="cuda")
+        mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]], device="cuda")
+        dec = torch.tensor([[0, 8, 9, 10], [0, 3, 4, 5]], device="cuda")
+        with torch.no_grad():
+            expected = resident(ids, mask, dec).float()
+            got = loaded.model(ids, mask, dec).float()
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+        requests = [GenerationRequest((5, 17, 30, 42, 1), SamplingParams(max_new_tokens=10))]
+        assert (
+            Generator(loaded.model).generate(requests)[0].token_ids
+            == Generator(resident).generate(requests)[0].token_ids
+        )
+        assert loaded.provider is not None
+        assert loaded.provider.stats.transfers > 0
+    finally:
+        loaded.close()

@@ -1,0 +1,180 @@
+"""Offloaded experts are lossless: bit-identical to resident experts for every budget and policy.
+
+Also: the budget decides resident vs offloaded, a budget too small fails at start-up with the
+minimum it needs, the pool never holds more experts than its slots, and the counters add up.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine.errors import ConfigError
+from engine.experts.order import ORDER_POLICIES
+from engine.experts.pool import CACHE_POLICIES, ExpertPool
+from engine.generation import GenerationRequest, Generator, SamplingParams
+from engine.offload import InferenceModel, OffloadConfig, load_for_inference, resolve_budget
+from engine.weights.loader import load_model
+
+
+class CheckedPool(ExpertPool):
+    """A pool that asserts its capacity after every admission."""
+
+    def admit(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        result = super().admit(*args, **kwargs)
+        assert len(self.entries) <= self.num_slots
+        assert len({e.slot for e in self.entries.values()}) == len(self.entries)
+        return result
+
+
+def _requests(vocab: int) -> list[GenerationRequest]:
+    gen = torch.Generator().manual_seed(0)
+    lengths = [5, 23, 11, 40]
+    return [
+        GenerationRequest(
+            tuple(torch.randint(2, vocab, (n,), generator=gen).tolist()),
+            SamplingParams(max_new_tokens=12, do_sample=True, seed=i, ignore_eos=True),
+        )
+        for i, n in enumerate(lengths)
+    ]
+
+
+def _forward(model: torch.nn.Module, vocab: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(2, vocab, (3, 19), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[1, 9:] = 0
+    dec = torch.randint(2, vocab, (3, 7), generator=gen)
+    with torch.no_grad():
+        return model(ids, mask, dec)
+
+
+@pytest.fixture(scope="module", params=["tiny-cpm2", "switch-8e"])
+def model_dir(request, tiny_model_dir: Path, hf_model_dirs: dict[str, Path], tmp_path_factory) -> Path:
+    if request.param == "tiny-cpm2":
+        return tiny_model_dir
+    # An HF directory has no expert store; offloading writes one (here into a scratch directory).
+    return hf_model_dirs["switch-8e-capacity"]
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir: Path) -> tuple[list[list[int]], torch.Tensor, int]:
+    model, info = load_model(model_dir)
+    vocab = min(info.config.vocab_size, 1000)
+    tokens = [r.token_ids for r in Generator(model).generate(_requests(vocab))]
+    return tokens, _forward(model, vocab), vocab
+
+
+def _offloaded(model_dir: Path, tmp_path: Path, **options) -> InferenceModel:
+    loaded = load_for_inference(
+        model_dir, offload=OffloadConfig(store_dir=tmp_path / "store", **options), progress=False
+    )
+    assert loaded.provider is not None
+    pool = loaded.provider.pool
+    checked = CheckedPool(pool.num_slots, pool.policy)
+    loaded.provider.pool = checked
+    return loaded
+
+
+@pytest.mark.parametrize("order", ORDER_POLICIES)
+@pytest.mark.parametrize("cache", CACHE_POLICIES)
+@pytest.mark.parametrize("budget", ["40%", "75%"])
+def test_offloaded_equals_resident(model_dir: Path, reference, tmp_path: Path, order, cache, budget) -> None:
+    tokens, logits, vocab = reference
+    loaded = _offloaded(model_dir, tmp_path, expert_memory=budget, order=order, cache=cache, window=2)
+    try:
+        provider = loaded.provider
+        assert provider is not None
+        generator = Generator(loaded.model, expert_stats=provider.stats.snapshot)
+        results = generator.generate(_requests(vocab))
+        assert [r.token_ids for r in results] == tokens
+        assert torch.equal(_forward(loaded.model, vocab), logits)
+        stats = provider.stats
+        assert stats.misses > 0, "the budget should force transfers"
+        assert stats.hits + stats.misses == stats.experts_run
+        assert stats.transfers >= stats.misses
+        assert stats.bytes_moved == stats.transfers * provider.bytes_per_expert
+        assert sum(r.experts["bytes_moved"] for r in results) <= stats.bytes_moved
+        assert all(r.experts["misses"] > 0 for r in results)
+    finally:
+        loaded.close()
+
+
+@pytest.mark.parametrize(
+    "options", [{"prefetch": False}, {"direct_io": True}, {"window": 1}, {"io_threads": 1}]
+)
+def test_transfer_options_stay_lossless(model_dir: Path, reference, tmp_path: Path, options) -> None:
+    tokens, logits, vocab = reference
+    loaded = _offloaded(model_dir, tmp_path, expert_memory="40%", **options)
+    try:
+        assert [r.token_ids for r in Generator(loaded.model).generate(_requests(vocab))] == tokens
+        assert torch.equal(_forward(loaded.model, vocab), logits)
+        if options.get("prefetch") is False:
+            assert loaded.provider is not None
+            assert loaded.provider.stats.prefetches == 0
+    finally:
+        loaded.close()
+
+
+def test_bfloat16_offloaded_equals_bfloat16_resident(tiny_model_dir: Path, tmp_path: Path) -> None:
+    resident, _ = load_model(tiny_model_dir, dtype="bfloat16")
+    loaded = load_for_inference(
+        tiny_model_dir, dtype="bfloat16", offload=OffloadConfig(expert_memory="60%"), progress=False
+    )
+    try:
+        assert loaded.is_offloaded
+        assert torch.equal(_forward(loaded.model, 1000), _forward(resident, 1000))
+    finally:
+        loaded.close()
+
+
+def test_prefetch_predicts_next_layers(tiny_model_dir: Path, tmp_path: Path) -> None:
+    loaded = _offloaded(tiny_model_dir, tmp_path, expert_memory="60%")
+    try:
+        Generator(loaded.model).generate(_requests(1000))
+        stats = loaded.provider.stats  # type: ignore[union-attr]
+        assert stats.prefetches > 0
+        assert 0 < stats.predicted_used <= stats.predicted
+        assert 0 < stats.prefetch_recall <= 1
+        assert stats.predicted_used <= stats.needed_after_prediction
+    finally:
+        loaded.close()
+
+
+def test_budget_that_holds_every_expert_stays_resident(tiny_model_dir: Path) -> None:
+    loaded = load_for_inference(tiny_model_dir, offload=OffloadConfig(expert_memory="100%"), progress=False)
+    assert not loaded.is_offloaded
+    assert loaded.budget_bytes == loaded.total_expert_bytes
+    layer = loaded.model.moe_layers()[0]
+    assert not any(p.is_meta for p in layer.experts.parameters())
+
+
+def test_budget_too_small_names_the_minimum(tiny_model_dir: Path) -> None:
+    with pytest.raises(ConfigError, match=r"too small.*at least .*KiB \(\d+\.\d% of the") as excinfo:
+        load_for_inference(tiny_model_dir, offload=OffloadConfig(expert_memory="100KiB"), progress=False)
+    assert "100KiB" in str(excinfo.value)
+
+
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [("25%", 250), ("100%", 1000), ("2.5%", 25), ("4KiB", 4096), (512, 512), (None, 77), ("auto", 77)],
+)
+def test_resolve_budget(spec, expected: int) -> None:
+    assert resolve_budget(spec, total_expert_bytes=1000, auto_bytes=77) == expected
+
+
+@pytest.mark.parametrize("spec", ["0%", "101%", "lots", "-5MiB"])
+def test_resolve_budget_rejects(spec: str) -> None:
+    with pytest.raises(ConfigError, match="expert-memory"):
+        resolve_budget(spec, total_expert_bytes=1000, auto_bytes=77)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"order": "fastest"}, {"cache": "mru"}, {"window": 0}, {"io_threads": 0}, {"host_tier": "floppy"}],
+)
+def test_bad_offload_options(options) -> None:
+    with pytest.raises(ConfigError):
+        OffloadConfig(**options)
