@@ -6,6 +6,8 @@ minimum it needs, the pool never holds more experts than its slots, and the coun
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -67,10 +69,29 @@ def reference(model_dir: Path) -> tuple[list[list[int]], torch.Tensor, int]:
     return tokens, _forward(model, vocab), vocab
 
 
-def _offloaded(model_dir: Path, tmp_path: Path, **options) -> InferenceModel:
+def _drop_page_cache(root: Path) -> None:
+    for path in root.rglob("*.safetensors"):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # dirty pages (a fresh copy) cannot be dropped
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def _offloaded(model_dir: Path, tmp_path: Path, *, cold: bool = False, **options) -> InferenceModel:
+    """Offloaded model; `cold` evicts the store from the page cache so experts must be read.
+
+    Pages another model in this process has mapped cannot be evicted, so `cold` works on a copy.
+    """
+    if cold:
+        model_dir = Path(shutil.copytree(model_dir, tmp_path / "copy"))
     loaded = load_for_inference(
         model_dir, offload=OffloadConfig(store_dir=tmp_path / "store", **options), progress=False
     )
+    if cold:
+        _drop_page_cache(model_dir)
+        _drop_page_cache(tmp_path / "store")
     assert loaded.provider is not None
     pool = loaded.provider.pool
     checked = CheckedPool(pool.num_slots, pool.policy)
@@ -83,7 +104,10 @@ def _offloaded(model_dir: Path, tmp_path: Path, **options) -> InferenceModel:
 @pytest.mark.parametrize("budget", ["40%", "75%"])
 def test_offloaded_equals_resident(model_dir: Path, reference, tmp_path: Path, order, cache, budget) -> None:
     tokens, logits, vocab = reference
-    loaded = _offloaded(model_dir, tmp_path, expert_memory=budget, order=order, cache=cache, window=2)
+    # O_DIRECT mode: every expert not in the pool is read into it (no page-cache shortcut).
+    loaded = _offloaded(
+        model_dir, tmp_path, expert_memory=budget, order=order, cache=cache, window=2, direct_io=True
+    )
     try:
         provider = loaded.provider
         assert provider is not None
@@ -93,6 +117,7 @@ def test_offloaded_equals_resident(model_dir: Path, reference, tmp_path: Path, o
         assert torch.equal(_forward(loaded.model, vocab), logits)
         stats = provider.stats
         assert stats.misses > 0, "the budget should force transfers"
+        assert stats.in_place == 0, "O_DIRECT mode never computes from the page cache"
         assert stats.hits + stats.misses == stats.experts_run
         assert stats.transfers >= stats.misses
         assert stats.bytes_moved == stats.transfers * provider.bytes_per_expert
@@ -102,18 +127,32 @@ def test_offloaded_equals_resident(model_dir: Path, reference, tmp_path: Path, o
         loaded.close()
 
 
-@pytest.mark.parametrize(
-    "options", [{"prefetch": False}, {"direct_io": True}, {"window": 1}, {"io_threads": 1}]
-)
+TRANSFER_OPTIONS = [
+    {"prefetch": False, "direct_io": True},
+    {"window": 1, "direct_io": True},
+    {"io_threads": 1, "direct_io": True},
+    {"cold": True},  # page-cache mode, store evicted: reads into the pool, then in place once cached
+    {},  # page-cache mode, store cached: every expert in place
+]
+
+
+@pytest.mark.parametrize("options", TRANSFER_OPTIONS)
 def test_transfer_options_stay_lossless(model_dir: Path, reference, tmp_path: Path, options) -> None:
     tokens, logits, vocab = reference
     loaded = _offloaded(model_dir, tmp_path, expert_memory="40%", **options)
     try:
         assert [r.token_ids for r in Generator(loaded.model).generate(_requests(vocab))] == tokens
         assert torch.equal(_forward(loaded.model, vocab), logits)
+        stats = loaded.provider.stats  # type: ignore[union-attr]
+        assert stats.hits + stats.in_place + stats.misses == stats.experts_run
         if options.get("prefetch") is False:
-            assert loaded.provider is not None
-            assert loaded.provider.stats.prefetches == 0
+            assert stats.prefetches == 0
+        if options == {}:
+            assert stats.in_place == stats.experts_run, "a cached store is used in place"
+            assert stats.transfers == 0
+        if options.get("cold"):
+            assert stats.misses > 0
+            assert stats.in_place > 0
     finally:
         loaded.close()
 
@@ -131,7 +170,7 @@ def test_bfloat16_offloaded_equals_bfloat16_resident(tiny_model_dir: Path, tmp_p
 
 
 def test_prefetch_predicts_next_layers(tiny_model_dir: Path, tmp_path: Path) -> None:
-    loaded = _offloaded(tiny_model_dir, tmp_path, expert_memory="60%")
+    loaded = _offloaded(tiny_model_dir, tmp_path, expert_memory="60%", direct_io=True)
     try:
         Generator(loaded.model).generate(_requests(1000))
         stats = loaded.provider.stats  # type: ignore[union-attr]

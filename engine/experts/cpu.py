@@ -1,5 +1,13 @@
 """CPU transfers: expert blobs read from the store (disk tier) into the RAM pool by I/O threads.
 
+The store is memory-mapped, so the kernel's page cache may already hold an expert in RAM. Copying
+it into the pool would then cost memory bandwidth and CPU time that compute needs (on a 2-core
+machine the copy and the GEMMs fight over the same cores), for no gain: so an expert whose pages
+are all resident (`mincore`) is computed in place from the mapping, zero-copy, exactly as resident
+experts are (Fiddler's rule: move weights only when that is cheaper than using them where they
+are). Only experts that would come from storage are read into the pool. With O_DIRECT the page
+cache is bypassed entirely and every miss is read, which keeps RAM use strictly to the budget.
+
 A load is one `pread` per chunk of the blob, several chunks in flight (a virtual disk gives several
 times more bandwidth with several reads outstanding: research/offload-anchors.md §3.3), optionally
 with O_DIRECT so the page cache neither hides the disk nor grows outside the budget. The blob lands
@@ -12,6 +20,8 @@ run while the main thread computes.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 import queue
 import threading
@@ -19,14 +29,54 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from engine.experts.pool import PoolEntry
 from engine.experts.store import ALIGNMENT, BlobLocation, ExpertStore
-from engine.model import ExpertWeights
+from engine.model import ExpertWeights, MoELayerKey
 
 #: Reads are split into chunks of at least this size so a blob keeps several reads in flight.
 MIN_CHUNK_BYTES = 1 << 20
+
+
+class PageCache:
+    """Asks the kernel whether mapped memory is resident (`mincore`) and to read it ahead (`madvise`)."""
+
+    _MADV_WILLNEED = 3
+
+    def __init__(self) -> None:
+        self.page = os.sysconf("SC_PAGE_SIZE")
+        libc_name = ctypes.util.find_library("c")
+        self._libc = ctypes.CDLL(libc_name, use_errno=True) if libc_name else None
+        if self._libc is not None:
+            self._libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+            self._libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+
+    @property
+    def available(self) -> bool:
+        return self._libc is not None
+
+    def _span(self, tensor: torch.Tensor) -> tuple[int, int]:
+        addr = tensor.data_ptr()
+        start = addr - addr % self.page
+        return start, addr + tensor.numel() * tensor.element_size() - start
+
+    def is_resident(self, tensor: torch.Tensor) -> bool:
+        """Whether every page of `tensor` (a view of a mapped file) is in RAM."""
+        if self._libc is None:
+            return False
+        start, length = self._span(tensor)
+        vec = np.zeros(-(-length // self.page), dtype=np.uint8)
+        if self._libc.mincore(start, length, vec.ctypes.data) != 0:
+            return False
+        return bool((vec & 1).all())
+
+    def will_need(self, tensor: torch.Tensor) -> None:
+        """Start asynchronous readahead of `tensor`'s pages (a hint; never blocks)."""
+        if self._libc is not None:
+            start, length = self._span(tensor)
+            self._libc.madvise(start, length, self._MADV_WILLNEED)
 
 
 def aligned_empty(nbytes: int, *, alignment: int = ALIGNMENT) -> torch.Tensor:
@@ -106,6 +156,9 @@ class CpuTransfers:
         self.layout = store.layout
         self.dtype = dtype
         self.reader = BlobReader(threads=io_threads, direct=direct)
+        self.page_cache = PageCache()
+        # In place only when the page cache is allowed and the stored dtype is the compute dtype.
+        self.allows_in_place = not direct and dtype == store.dtype and self.page_cache.available
         self._loads = ThreadPoolExecutor(max(1, window), thread_name_prefix="cpm2-load")
         nbytes = self.layout.nbytes
         # Experts in the stored dtype are read in place into preallocated slots; converted ones are
@@ -124,6 +177,22 @@ class CpuTransfers:
     @property
     def staging_bytes(self) -> int:
         return 0 if self.slots is not None else self._staging.qsize() * self.layout.nbytes
+
+    def in_place(self, expert: tuple[MoELayerKey, int]) -> ExpertWeights | None:
+        """The expert's weights straight from the mapped store, if all its pages are in RAM."""
+        if not self.allows_in_place:
+            return None
+        blob = self.store.mapped_blob(*expert)
+        if not self.page_cache.is_resident(blob):
+            return None
+        return self.layout.unpack(blob)
+
+    def hint(self, expert: tuple[MoELayerKey, int]) -> bool:
+        """The expert will probably be needed soon: ask the kernel to read it ahead (page-cache mode)."""
+        if not self.allows_in_place:
+            return False
+        self.page_cache.will_need(self.store.mapped_blob(*expert))
+        return True
 
     def start(self, entry: PoolEntry) -> Future[ExpertWeights]:
         """Begin loading `entry.expert` into `entry.slot`."""

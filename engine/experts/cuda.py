@@ -108,6 +108,13 @@ class CudaTransfers:
             self._timings.append((start, done))
         return done
 
+    def in_place(self, expert: tuple[MoELayerKey, int]) -> ExpertWeights | None:
+        """Host memory is not usable by device kernels: every expert is copied."""
+        return None
+
+    def hint(self, expert: tuple[MoELayerKey, int]) -> bool:
+        return False
+
     def start(self, entry: PoolEntry) -> object:
         layer, expert = entry.expert
         if self.host_tier == "pinned":

@@ -53,16 +53,48 @@ def jobs_for(demand: Sequence[tuple[int, int]], cached: set[int], cost: CostMode
     return [Job(e, cost.alpha(n), 0.0 if e in cached else cost.beta) for e, n in demand]
 
 
-def order_jobs(jobs: Sequence[Job], policy: OrderPolicy) -> list[Job]:
-    """The jobs in the order `policy` runs them."""
+def johnson_order(jobs: Sequence[Job]) -> list[Job]:
+    """Johnson's rule; ties broken by expert index for a deterministic order."""
+    first = sorted((j for j in jobs if j.transfer <= j.compute), key=lambda j: (j.transfer, j.expert))
+    last = sorted((j for j in jobs if j.transfer > j.compute), key=lambda j: (-j.compute, j.expert))
+    return first + last
+
+
+def spread_cached_order(jobs: Sequence[Job]) -> list[Job]:
+    """Loads in Johnson order with the cached experts spread between them, each covering a load.
+
+    With one slot, putting every cached expert first hides only the first load; spreading them
+    lets each one hide the next load instead.
+    """
+    loads = johnson_order([j for j in jobs if j.transfer > 0])
+    cached = sorted((j for j in jobs if j.transfer == 0), key=lambda j: (-j.compute, j.expert))
+    if not loads or not cached:
+        return loads + cached
+    order: list[Job] = []
+    per_gap = -(-len(cached) // len(loads))
+    for load in loads:
+        order += cached[:per_gap]
+        cached = cached[per_gap:]
+        order.append(load)
+    return order + cached
+
+
+def order_jobs(jobs: Sequence[Job], policy: OrderPolicy, *, slots: int | None = None) -> list[Job]:
+    """The jobs in the order `policy` runs them.
+
+    `infmoe` with a known slot count returns whichever of Johnson's order, the spread-cached order
+    and index order simulates fastest under that limit (Johnson's rule alone is optimal only with
+    unbounded slots).
+    """
     if policy == "index":
         return sorted(jobs, key=lambda j: j.expert)
     if policy == "cached-first":
         return sorted(jobs, key=lambda j: (j.transfer > 0, j.expert))
-    # Johnson's rule; ties broken by expert index for a deterministic order.
-    first = sorted((j for j in jobs if j.transfer <= j.compute), key=lambda j: (j.transfer, j.expert))
-    last = sorted((j for j in jobs if j.transfer > j.compute), key=lambda j: (-j.compute, j.expert))
-    return first + last
+    johnson = johnson_order(jobs)
+    if slots is None or slots >= len(jobs):
+        return johnson
+    candidates = [johnson, spread_cached_order(jobs), sorted(jobs, key=lambda j: j.expert)]
+    return min(candidates, key=lambda order: simulate(order, slots=slots).makespan)
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Container, Iterator, Sequence
 from typing import Protocol
 
 import torch
@@ -25,6 +25,9 @@ from engine.experts.pool import ExpertId, ExpertPool, PoolEntry
 from engine.experts.stats import ExpertStats
 from engine.model import ExpertWeights, MoELayerKey
 from engine.model.moe import ExpertDemand, MoEFeedForward
+
+#: Below this running precision, predictions no longer trigger loads (they would mostly be wasted).
+PREFETCH_MIN_PRECISION = 0.3
 
 
 class Transfers(Protocol):
@@ -38,6 +41,14 @@ class Transfers(Protocol):
     @property
     def loads_done(self) -> int:
         """Loads finished so far."""
+        ...
+
+    def in_place(self, expert: ExpertId) -> ExpertWeights | None:
+        """Weights usable where they already are (no transfer), or None."""
+        ...
+
+    def hint(self, expert: ExpertId) -> bool:
+        """Ask the lower tier to stage `expert` on its own; True if that is all prefetch needs."""
         ...
 
     def start(self, entry: PoolEntry) -> object: ...
@@ -71,6 +82,7 @@ class OffloadedExpertProvider:
         self.stats = ExpertStats()
         self._next_router: dict[MoELayerKey, tuple[MoELayerKey, torch.nn.Module]] = {}
         self._predicted: dict[MoELayerKey, set[int]] = {}
+        self._precision = 1.0  # running precision of next-layer predictions
         # Loads before this provider existed (calibration) are not its traffic.
         self._loads_seen = transfers.loads_done
         self._busy_seen = transfers.busy_seconds
@@ -94,38 +106,55 @@ class OffloadedExpertProvider:
         stats.layer_calls += 1
         self._score_prediction(layer, demand)
         cached = set()
+        # Experts whose pages the OS already holds are used where they are (CPU; see cpu.py).
+        in_place: dict[ExpertId, ExpertWeights] = {}
         for item in demand:
-            if (layer, item.expert) in self.pool:
+            key = (layer, item.expert)
+            if key in self.pool:
                 cached.add(item.expert)
                 stats.hits += 1
+            elif (mapped := self.transfers.in_place(key)) is not None:
+                cached.add(item.expert)
+                in_place[key] = mapped
+                stats.in_place += 1
             else:
                 stats.misses += 1
-        jobs = order_jobs(jobs_for([(d.expert, d.num_tokens) for d in demand], cached, self.cost), self.order)
+        jobs = order_jobs(
+            jobs_for([(d.expert, d.num_tokens) for d in demand], cached, self.cost),
+            self.order,
+            slots=self.window,
+        )
         order: list[ExpertId] = [(layer, job.expert) for job in jobs]
         tokens = {d.expert: d.num_tokens for d in demand}
         for position, expert in enumerate(order):
-            entry = self._ensure_issued(order, position)
-            entry.pins += 1
-            self._issue(order, position + 1)
-            weights = self._ready(entry)
-            self.pool.touch(entry)
-            entry.prefetched = False
+            entry = None
+            if expert in in_place:
+                weights = in_place[expert]
+                self._issue(order, position + 1, skip=in_place)
+            else:
+                entry = self._ensure_issued(order, position)
+                entry.pins += 1
+                self._issue(order, position + 1, skip=in_place)
+                weights = self._ready(entry)
+                self.pool.touch(entry)
+                entry.prefetched = False
             begin = time.perf_counter()
             yield expert[1], weights
             elapsed = time.perf_counter() - begin
             stats.compute_seconds += elapsed
             stats.experts_run += 1
             self._learn_alpha(tokens[expert[1]], elapsed)
-            entry.pins -= 1
-            self.transfers.release(entry)
+            if entry is not None:
+                entry.pins -= 1
+                self.transfers.release(entry)
         if self.prefetch:
             self._prefetch_after(layer, hidden_ND)
         self._learn_beta()
 
-    def _issue(self, order: Sequence[ExpertId], position: int) -> None:
+    def _issue(self, order: Sequence[ExpertId], position: int, *, skip: Container[ExpertId] = ()) -> None:
         """Start loads for the not-yet-resident experts among the `window` from `position` on."""
-        upcoming = order[position:]
-        for expert in order[position : position + self.window]:
+        upcoming = [e for e in order[position:] if e not in skip]
+        for expert in upcoming[: self.window]:
             if expert in self.pool:
                 continue
             # Loads ahead never evict another expert this layer still needs.
@@ -177,13 +206,19 @@ class OffloadedExpertProvider:
             expert_N, _ = router(hidden_ND.unsqueeze(0))
         predicted = set(expert_N.flatten().tolist())
         self._predicted[next_key] = predicted
+        # Predictions are always scored; loads are spent on them only while they keep paying off.
+        if self._precision < PREFETCH_MIN_PRECISION:
+            return
         budget = max(0, self.pool.num_slots - 1 - len(self.pool.loading()))
-        for expert in sorted(predicted)[:budget]:
+        for expert in sorted(predicted):
             key = (next_key, expert)
             if key in self.pool:
                 continue
-            if not self._load(key, upcoming=(), spare_upcoming=True):
+            if self.transfers.hint(key):
+                continue  # the OS reads it ahead into the page cache; nothing to copy
+            if budget == 0 or not self._load(key, upcoming=(), spare_upcoming=True):
                 break
+            budget -= 1
             entry = self.pool.get(key)
             assert entry is not None
             entry.prefetched = True
@@ -197,6 +232,8 @@ class OffloadedExpertProvider:
         self.stats.predicted += len(predicted)
         self.stats.predicted_used += len(predicted & needed)
         self.stats.needed_after_prediction += len(needed)
+        if predicted:
+            self._precision = 0.9 * self._precision + 0.1 * len(predicted & needed) / len(predicted)
 
     # ---- calibration -------------------------------------------------------------------------
 

@@ -20,6 +20,8 @@ class ExpertStats:
     """Expert computations (one per expert with tokens per layer call)."""
     hits: int = 0
     """Experts already in the fast pool (or already loading because of a prefetch) when a layer asked."""
+    in_place: int = 0
+    """CPU: experts computed straight from page-cached store pages (no copy, no pool slot)."""
     misses: int = 0
     """Experts a layer had to load on demand."""
     transfers: int = 0
@@ -55,8 +57,9 @@ class ExpertStats:
 
     @property
     def hit_rate(self) -> float:
-        looked_up = self.hits + self.misses
-        return self.hits / looked_up if looked_up else 1.0
+        """Share of needed experts that did not have to be transferred (pool hits and in place)."""
+        looked_up = self.hits + self.in_place + self.misses
+        return (self.hits + self.in_place) / looked_up if looked_up else 1.0
 
     @property
     def prefetch_precision(self) -> float:

@@ -16,6 +16,7 @@ cannot place data at chosen offsets, so the header is written here; reading goes
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import re
 import struct
@@ -150,11 +151,13 @@ class ExpertStoreWriter:
             self._start_layer(layer)
         if expert != self._expert:
             if self._parts:
+                self._abort()
                 raise CheckpointError(
                     f"expert {self._expert} of {layer} is incomplete before expert {expert}"
                 )
             self._expert = expert
         if expert != self._written:
+            self._abort()
             raise CheckpointError(f"{layer}: expert {expert} arrived out of order (expected {self._written})")
         self._parts[name] = tensor
         if len(self._parts) == len(self._names):
@@ -199,6 +202,13 @@ class ExpertStoreWriter:
     def _tmp_path(self, key: MoELayerKey) -> Path:
         return self.root / f".{layer_file_name(key)}.tmp"
 
+    def _abort(self) -> None:
+        """Close and remove the half-written layer file."""
+        if self._file is not None and self._layer is not None:
+            self._file.close()
+            self._tmp_path(self._layer).unlink(missing_ok=True)
+        self._layer, self._file = None, None
+
     def _finish_layer(self) -> None:
         if self._layer is None or self._file is None:
             return
@@ -240,7 +250,7 @@ class ExpertStore:
         self.keys = moe_layer_keys(config)
         self.num_experts = config.moe.num_experts if config.moe else 0
         self._data_start: dict[MoELayerKey, int] = {}
-        self._handles: dict[MoELayerKey, object] = {}
+        self._maps: dict[MoELayerKey, mmap.mmap] = {}
 
     @classmethod
     def exists(cls, root: Path) -> bool:
@@ -260,13 +270,19 @@ class ExpertStore:
             meta, start = _read_header(path)
             if meta.get("format") != FORMAT or meta.get("version") != VERSION:
                 raise CheckpointError(f"{path}: not a {FORMAT} v{VERSION} file")
+            if meta.get("layer") != str(key):
+                raise CheckpointError(f"{path}: holds the experts of layer {meta.get('layer')}, not {key}")
             if meta.get("dtype") not in _DTYPES:
                 raise CheckpointError(f"{path}: unknown dtype {meta.get('dtype')!r}")
             file_dtype = _DTYPES[meta["dtype"]]
             if dtype is not None and file_dtype != dtype:
                 raise CheckpointError(f"{path}: dtype {meta['dtype']} differs from the other layers'")
             dtype = file_dtype
-            if (int(meta.get("d_model", -1)), int(meta.get("d_ff", -1))) != (config.d_model, config.d_ff):
+            try:
+                dims = (int(meta.get("d_model", -1)), int(meta.get("d_ff", -1)))
+            except ValueError:
+                raise CheckpointError(f"{path}: d_model / d_ff metadata is not an integer") from None
+            if dims != (config.d_model, config.d_ff):
                 raise CheckpointError(
                     f"{path}: experts are d_model {meta.get('d_model')} x d_ff {meta.get('d_ff')} but "
                     f"config.json says {config.d_model} x {config.d_ff}"
@@ -302,12 +318,19 @@ class ExpertStore:
         return BlobLocation(self.path(key), self._data_start[key] + expert * size, size)
 
     def mapped_blob(self, key: MoELayerKey, expert: int) -> torch.Tensor:
-        """The blob as a memory-mapped uint8 tensor (copy-on-write; no read happens until touched)."""
-        handle = self._handles.get(key)
-        if handle is None:
-            handle = safe_open(str(self.path(key)), framework="pt")
-            self._handles[key] = handle
-        return handle.get_tensor(str(expert))  # type: ignore[attr-defined]
+        """The blob as a memory-mapped uint8 tensor (copy-on-write; nothing is read until touched).
+
+        The file is mapped here rather than through `safe_open`, whose `get_tensor` faults the
+        tensor's pages in: the offloading path must be able to ask whether a blob is in RAM
+        (`mincore`) without that question reading it.
+        """
+        mapping = self._maps.get(key)
+        if mapping is None:
+            with open(self.path(key), "rb") as f:
+                mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+            self._maps[key] = mapping
+        location = self.location(key, expert)
+        return torch.frombuffer(mapping, dtype=torch.uint8, count=location.nbytes, offset=location.offset)
 
     def mapped(self, key: MoELayerKey, expert: int) -> ExpertWeights:
         """The expert's weights as views into the memory-mapped file."""

@@ -1,0 +1,278 @@
+"""Shared pieces of the offloading benchmarks: checkpoints, token traces, page cache, cpm2 runner.
+
+Random weights collapse routing under greedy decoding (the same token repeats, so the same experts
+do), which would flatter every cache. These benchmarks therefore decode *teacher-forced random
+tokens*: every step feeds a seeded random id per row, and the routing each layer saw is recorded
+and reported. All systems decode the same ids.
+
+"Cold page cache" runs call `posix_fadvise(DONTNEED)` on every checkpoint / store file before each
+decode step (outside the timed region), so every byte a step needs comes from storage, as in the
+peer measurements of research/offload-anchors.md §4.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine.experts.stats import ExpertStats
+from engine.model import ExpertWeights, MoELayerKey
+from engine.model.moe import ExpertDemand, MoEFeedForward
+from engine.offload import InferenceModel, OffloadConfig, load_for_inference
+
+#: HF SwitchTransformersConfig of the Switch-like benchmark model: every block sparse (6 + 6 MoE
+#: layers), 64 experts of d_model 512 x d_ff 2048: 4.2 MB per bf16 expert, 3.2 GB of experts.
+SWITCH_CONFIG: dict[str, Any] = {
+    "vocab_size": 8192,
+    "d_model": 512,
+    "d_kv": 64,
+    "d_ff": 2048,
+    "num_heads": 8,
+    "num_layers": 6,
+    "num_decoder_layers": 6,
+    "num_sparse_encoder_layers": 6,
+    "num_sparse_decoder_layers": 6,
+    "num_experts": 64,
+    "expert_capacity": 64,
+    "decoder_start_token_id": 0,
+    "pad_token_id": 0,
+    "eos_token_id": 1,
+}
+
+#: `cpm2 init --preset small` overrides for the CPM-2-architecture model of similar size: gated
+#: GELU experts (d_ff 1024 x 3 matrices = 3.1 MB in bf16), 64 experts in all 12 blocks, 2.4 GB.
+CPM2_OVERRIDES = ["moe.num_experts=64", "vocab_size=8192"]
+
+CACHE_ROOT = Path(".cache/bench")
+
+
+def _run(cmd: Sequence[str]) -> None:
+    subprocess.run([sys.executable, "-m", *cmd], check=True)
+
+
+def ensure_switch_checkpoints(root: Path = CACHE_ROOT, *, seed: int = 0) -> tuple[Path, Path]:
+    """(HF directory, native cpm2 directory) of the Switch-like model in bf16, built once."""
+    hf_dir, native_dir = root / "switch-offload-hf", root / "switch-offload-cpm2"
+    if not (hf_dir / "config.json").exists():
+        from transformers import SwitchTransformersConfig, SwitchTransformersForConditionalGeneration
+
+        torch.manual_seed(seed)
+        model = SwitchTransformersForConditionalGeneration(SwitchTransformersConfig(**SWITCH_CONFIG))
+        model.to(torch.bfloat16).save_pretrained(hf_dir, max_shard_size="500MB")
+        del model
+    if not (native_dir / "config.json").exists():
+        _run(["cpm2", "convert", "hf", str(hf_dir), str(native_dir)])
+    return hf_dir, native_dir
+
+
+def ensure_cpm2_checkpoint(root: Path = CACHE_ROOT, *, seed: int = 0) -> Path:
+    """Native CPM-2-architecture model (centroid routing, gated GELU) of similar size, bf16."""
+    path = root / "cpm2-offload"
+    if not (path / "config.json").exists():
+        args = ["cpm2", "init", "--preset", "small", "--out", str(path), "--dtype", "bfloat16"]
+        args += ["--seed", str(seed), "--quiet"]
+        for override in CPM2_OVERRIDES:
+            args += ["--set", override]
+        _run(args)
+    return path
+
+
+def random_ids(shape: tuple[int, ...], *, vocab: int, seed: int) -> torch.Tensor:
+    """Seeded random token ids avoiding pad (0) and eos (1)."""
+    return torch.randint(2, vocab, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def model_files(*dirs: Path) -> list[Path]:
+    """Every tensor file (safetensors and offload folders' .dat files) below `dirs`."""
+    found: list[Path] = []
+    for d in dirs:
+        found += [p for p in d.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".dat", ".bin")]
+    return sorted(found)
+
+
+def drop_page_cache(paths: Iterable[Path]) -> None:
+    """Evict `paths` from the page cache (pages mapped by a live mmap may survive; see §4.4)."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # dirty pages cannot be dropped
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def measure_read_bandwidth(paths: Sequence[Path], *, readers: int, total_bytes: int = 512 << 20) -> float:
+    """Cold sequential-chunk read bandwidth (GB/s) with `readers` threads of 8 MiB preads."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    drop_page_cache(paths)
+    chunk = 8 << 20
+    jobs: list[tuple[Path, int]] = []
+    for path in paths:
+        size = path.stat().st_size
+        jobs += [(path, off) for off in range(0, size - chunk, chunk)]
+        if len(jobs) * chunk >= total_bytes:
+            break
+    jobs = jobs[: total_bytes // chunk]
+
+    def read(job: tuple[Path, int]) -> int:
+        fd = os.open(job[0], os.O_RDONLY)
+        try:
+            return len(os.pread(fd, chunk, job[1]))
+        finally:
+            os.close(fd)
+
+    begin = time.perf_counter()
+    with ThreadPoolExecutor(readers) as pool:
+        done = sum(pool.map(read, jobs))
+    return done / (time.perf_counter() - begin) / 1e9
+
+
+def block_device_read_bytes() -> int:
+    """Bytes read from all block devices so far (/sys/block/*/stat, sectors of 512 bytes)."""
+    total = 0
+    for stat in Path("/sys/block").glob("*/stat"):
+        if stat.parent.name.startswith(("loop", "ram", "zram")):
+            continue
+        fields = stat.read_text().split()
+        total += int(fields[2]) * 512
+    return total
+
+
+class RoutingRecorder:
+    """Wraps a model's expert providers to count, per layer, how many tokens each expert got."""
+
+    def __init__(self, layers: Sequence[MoEFeedForward]) -> None:
+        self.counts: dict[MoELayerKey, torch.Tensor] = {}
+        self.distinct: list[int] = []
+        for layer in layers:
+            self.counts[layer.key] = torch.zeros(layer.num_experts, dtype=torch.long)
+            layer.expert_provider = _Recording(self, layer.expert_provider)
+
+    def summary(self, stack: str = "decoder") -> dict[str, Any]:
+        """Load balance of the recorded routing: normalised entropy (1 = uniform) and max/mean load."""
+        rows = [c for k, c in self.counts.items() if k.stack == stack and c.sum() > 0]
+        if not rows:
+            return {}
+        entropies, imbalance = [], []
+        for counts in rows:
+            p = counts.double() / counts.sum()
+            nz = p[p > 0]
+            entropies.append(float(-(nz * nz.log()).sum() / torch.log(torch.tensor(float(len(p))))))
+            imbalance.append(float(counts.max() / counts.double().mean()))
+        return {
+            "normalised_entropy_mean": sum(entropies) / len(entropies),
+            "max_over_mean_load_mean": sum(imbalance) / len(imbalance),
+            "distinct_experts_per_layer_call_mean": sum(self.distinct) / max(1, len(self.distinct)),
+        }
+
+
+@dataclass
+class _Recording:
+    recorder: RoutingRecorder
+    inner: Any
+
+    def fetch(self, layer: MoELayerKey, demand: Sequence[ExpertDemand], hidden_ND: torch.Tensor) -> Any:
+        for item in demand:
+            self.recorder.counts[layer][item.expert] += item.num_tokens
+        if layer.stack == "decoder":
+            self.recorder.distinct.append(len(demand))
+        yield from self.inner.fetch(layer, demand, hidden_ND)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+def _unwrap(layers: Sequence[MoEFeedForward]) -> None:
+    for layer in layers:
+        provider = layer.expert_provider
+        if isinstance(provider, _Recording):
+            layer.expert_provider = provider.inner
+
+
+@dataclass
+class DecodeRun:
+    """One timed teacher-forced decode."""
+
+    tokens_per_second: float
+    seconds: float
+    tokens: int
+    stats: ExpertStats | None
+    routing: dict[str, Any] = field(default_factory=dict)
+    storage_bytes_read: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "tokens_per_second": self.tokens_per_second,
+            "seconds": self.seconds,
+            "tokens": self.tokens,
+            "routing": self.routing,
+            "storage_bytes_read": self.storage_bytes_read,
+            "storage_bytes_per_token": self.storage_bytes_read / max(1, self.tokens),
+        }
+        if self.stats is not None:
+            out["experts"] = self.stats.to_dict()
+            out["bytes_moved_per_token"] = self.stats.bytes_moved / max(1, self.tokens)
+        return out
+
+
+def load_cpm2(native_dir: Path, *, budget: str | None, **offload: Any) -> InferenceModel:
+    """cpm2 in bf16, resident (`budget=None` or "100%") or offloaded at `budget`."""
+    config = OffloadConfig(expert_memory=budget or "100%", **offload)
+    return load_for_inference(native_dir, dtype="bfloat16", offload=config, progress=False)
+
+
+@torch.inference_mode()
+def decode_cpm2(
+    loaded: InferenceModel,
+    *,
+    batch: int,
+    steps: int,
+    warmup: int = 4,
+    source_len: int = 32,
+    seed: int = 0,
+    cold_files: Sequence[Path] = (),
+) -> DecodeRun:
+    """Teacher-forced decode of `steps` random tokens for `batch` rows; only the steps are timed."""
+    model = loaded.model
+    vocab = model.config.vocab_size
+    ids = random_ids((batch, source_len), vocab=vocab, seed=seed)
+    valid = torch.ones_like(ids, dtype=torch.bool)
+    forced = random_ids((warmup + steps, batch), vocab=vocab, seed=seed + 1)
+    recorder = RoutingRecorder(model.moe_layers())
+    try:
+        state = model.start_decoding(model.encode(model.embed(ids), valid), valid, capacity=warmup + steps)
+        for t in range(warmup):
+            model.logits(model.decode(model.embed(forced[t].unsqueeze(1)), state))
+        recorder.counts = {k: torch.zeros_like(v) for k, v in recorder.counts.items()}
+        recorder.distinct = []
+        before = loaded.provider.stats.snapshot() if loaded.provider else None
+        elapsed = 0.0
+        storage = 0
+        for t in range(warmup, warmup + steps):
+            if cold_files:
+                drop_page_cache(cold_files)
+            read_before = block_device_read_bytes()
+            begin = time.perf_counter()
+            model.logits(model.decode(model.embed(forced[t].unsqueeze(1)), state))
+            elapsed += time.perf_counter() - begin
+            storage += block_device_read_bytes() - read_before
+        stats = (loaded.provider.stats - before) if loaded.provider and before else None
+        return DecodeRun(batch * steps / elapsed, elapsed, batch * steps, stats, recorder.summary(), storage)
+    finally:
+        _unwrap(model.moe_layers())
+
+
+def expert_weights_of(loaded: InferenceModel, key: MoELayerKey, expert: int) -> ExpertWeights:
+    """An expert's weights from a resident model (for timing experiments)."""
+    layer = next(m for m in loaded.model.moe_layers() if m.key == key)
+    module = layer.experts[expert]
+    return module.weights()  # type: ignore[operator]
