@@ -148,7 +148,7 @@ class OffloadedExpertProvider:
                 entry.pins -= 1
                 self.transfers.release(entry)
         if self.prefetch:
-            self._prefetch_after(layer, hidden_ND)
+            self._prefetch_after(layer, hidden_ND, demand_loads=len(order) - len(cached))
         self._learn_beta()
 
     def _issue(self, order: Sequence[ExpertId], position: int, *, skip: Container[ExpertId] = ()) -> None:
@@ -197,20 +197,26 @@ class OffloadedExpertProvider:
 
     # ---- prediction ----------------------------------------------------------------------------
 
-    def _prefetch_after(self, layer: MoELayerKey, hidden_ND: torch.Tensor) -> None:
+    def _prefetch_after(self, layer: MoELayerKey, hidden_ND: torch.Tensor, *, demand_loads: int) -> None:
         following = self._next_router.get(layer)
         if following is None or hidden_ND.shape[0] == 0:
             return
         next_key, router = following
         with torch.no_grad():
             expert_N, _ = router(hidden_ND.unsqueeze(0))
-        predicted = set(expert_N.flatten().tolist())
+        votes = torch.bincount(expert_N.flatten())
+        predicted = set(votes.nonzero().flatten().tolist())
         self._predicted[next_key] = predicted
-        # Predictions are always scored; loads are spent on them only while they keep paying off.
+        # Predictions are always scored; loads are spent on them only while they keep paying off,
+        # and only as many as the link had spare: `window` loads in flight minus the loads this layer
+        # itself just needed. When demand alone saturates the link (large batches), a wrong guess
+        # costs a whole expert of bandwidth and a right one saves nothing, so none are made.
         if self._precision < PREFETCH_MIN_PRECISION:
             return
-        budget = max(0, self.pool.num_slots - 1 - len(self.pool.loading()))
-        for expert in sorted(predicted):
+        spare = self.window - demand_loads
+        budget = max(0, min(spare, self.pool.num_slots - 1 - len(self.pool.loading())))
+        ranked = sorted(predicted, key=lambda e: (-int(votes[e]), e))
+        for expert in ranked:
             key = (next_key, expert)
             if key in self.pool:
                 continue
