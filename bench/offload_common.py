@@ -224,10 +224,15 @@ class DecodeRun:
         return out
 
 
-def load_cpm2(native_dir: Path, *, budget: str | None, **offload: Any) -> InferenceModel:
+def load_cpm2(native_dir: Path, *, budget: str | None, device: str = "cpu", **offload: Any) -> InferenceModel:
     """cpm2 in bf16, resident (`budget=None` or "100%") or offloaded at `budget`."""
     config = OffloadConfig(expert_memory=budget or "100%", **offload)
-    return load_for_inference(native_dir, dtype="bfloat16", offload=config, progress=False)
+    return load_for_inference(native_dir, dtype="bfloat16", device=device, offload=config, progress=False)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 @torch.inference_mode()
@@ -243,10 +248,11 @@ def decode_cpm2(
 ) -> DecodeRun:
     """Teacher-forced decode of `steps` random tokens for `batch` rows; only the steps are timed."""
     model = loaded.model
+    device = model.embed.weight.device
     vocab = model.config.vocab_size
-    ids = random_ids((batch, source_len), vocab=vocab, seed=seed)
+    ids = random_ids((batch, source_len), vocab=vocab, seed=seed).to(device)
     valid = torch.ones_like(ids, dtype=torch.bool)
-    forced = random_ids((warmup + steps, batch), vocab=vocab, seed=seed + 1)
+    forced = random_ids((warmup + steps, batch), vocab=vocab, seed=seed + 1).to(device)
     recorder = RoutingRecorder(model.moe_layers())
     try:
         state = model.start_decoding(model.encode(model.embed(ids), valid), valid, capacity=warmup + steps)
@@ -261,8 +267,10 @@ def decode_cpm2(
             if cold_files:
                 drop_page_cache(cold_files)
             read_before = block_device_read_bytes()
+            _sync(device)
             begin = time.perf_counter()
             model.logits(model.decode(model.embed(forced[t].unsqueeze(1)), state))
+            _sync(device)
             elapsed += time.perf_counter() - begin
             storage += block_device_read_bytes() - read_before
         stats = (loaded.provider.stats - before) if loaded.provider and before else None

@@ -25,6 +25,41 @@ from engine.model import ExpertWeights, MoELayerKey
 HostTier = Literal["pinned", "disk"]
 
 
+class PinnedExperts:
+    """Every expert blob of a store in pinned host memory, converted to the compute dtype."""
+
+    def __init__(self, store: ExpertStore, dtype: torch.dtype, *, progress: bool = True) -> None:
+        self.key = (store.root.resolve(), dtype)
+        self.layout = BlobLayout(store.layout.d_model, store.layout.d_ff, store.layout.is_gated, dtype)
+        self.layers: dict[MoELayerKey, torch.Tensor] = {}
+        total = len(store.keys) * store.num_experts
+        bar = tqdm(total=total, desc="pinning experts", unit="expert", disable=not progress)
+        for key in store.keys:
+            host = torch.empty(store.num_experts, self.layout.nbytes, dtype=torch.uint8).pin_memory()
+            for e in range(store.num_experts):
+                blob = store.mapped_blob(key, e)
+                if dtype == store.dtype:
+                    host[e].copy_(blob)
+                else:
+                    self.layout.pack(store.layout.unpack(blob), out=host[e])
+                bar.update()
+            self.layers[key] = host
+        bar.close()
+
+
+#: The most recently pinned host tier, reused when the same store is loaded again in this process
+#: (pinning tens of GB takes seconds; benchmarks load one model at many budgets).
+_last_pinned: PinnedExperts | None = None
+
+
+def pinned_experts(store: ExpertStore, dtype: torch.dtype, *, progress: bool) -> PinnedExperts:
+    global _last_pinned
+    if _last_pinned is None or _last_pinned.key != (store.root.resolve(), dtype):
+        _last_pinned = None  # release the old pinned memory before allocating the new
+        _last_pinned = PinnedExperts(store, dtype, progress=progress)
+    return _last_pinned
+
+
 class CudaTransfers:
     """Moves experts into `num_slots` device slots; `start` only enqueues work."""
 
@@ -58,24 +93,12 @@ class CudaTransfers:
         self._staging: queue.SimpleQueue[torch.Tensor] = queue.SimpleQueue()
         self._lock = threading.Lock()
         if host_tier == "pinned":
-            self._pin_all(progress=progress)
+            self._host = pinned_experts(store, dtype, progress=progress).layers
         else:
             self._reader = BlobReader(threads=io_threads, direct=direct)
             self._loads = ThreadPoolExecutor(max(1, window), thread_name_prefix="cpm2-h2d")
             for _ in range(max(1, window)):
                 self._staging.put(aligned_empty(store.layout.nbytes).pin_memory())
-
-    def _pin_all(self, *, progress: bool) -> None:
-        """Read every blob into pinned host memory once, converted to the compute dtype."""
-        total = len(self.store.keys) * self.store.num_experts
-        bar = tqdm(total=total, desc="pinning experts", unit="expert", disable=not progress)
-        for key in self.store.keys:
-            host = torch.empty(self.store.num_experts, self.layout.nbytes, dtype=torch.uint8).pin_memory()
-            for e in range(self.store.num_experts):
-                self._convert_into(self.store.mapped_blob(key, e), host[e])
-                bar.update()
-            self._host[key] = host
-        bar.close()
 
     def _convert_into(self, blob: torch.Tensor, out: torch.Tensor) -> None:
         if self.layout.dtype == self.store.dtype:
