@@ -158,21 +158,30 @@ class RoutingRecorder:
             layer.expert_provider = _Recording(self, layer.expert_provider)
 
     def summary(self, stack: str = "decoder") -> dict[str, Any]:
-        """Load balance of the recorded routing: normalised entropy (1 = uniform) and max/mean load."""
-        rows = [c for k, c in self.counts.items() if k.stack == stack and c.sum() > 0]
-        if not rows:
-            return {}
-        entropies, imbalance = [], []
-        for counts in rows:
-            p = counts.double() / counts.sum()
-            nz = p[p > 0]
-            entropies.append(float(-(nz * nz.log()).sum() / torch.log(torch.tensor(float(len(p))))))
-            imbalance.append(float(counts.max() / counts.double().mean()))
-        return {
-            "normalised_entropy_mean": sum(entropies) / len(entropies),
-            "max_over_mean_load_mean": sum(imbalance) / len(imbalance),
-            "distinct_experts_per_layer_call_mean": sum(self.distinct) / max(1, len(self.distinct)),
-        }
+        """Load balance of the recorded routing (see `routing_summary`)."""
+        return routing_summary([c for k, c in self.counts.items() if k.stack == stack], self.distinct)
+
+    def decoder_counts(self) -> dict[str, list[int]]:
+        """Tokens per expert of each decoder layer, keyed `decoder.<block>`."""
+        return {str(k): c.tolist() for k, c in self.counts.items() if k.stack == "decoder"}
+
+
+def routing_summary(counts: Sequence[torch.Tensor], distinct: Sequence[int]) -> dict[str, Any]:
+    """Load balance of per-layer expert counts: normalised entropy (1 = uniform) and max/mean load."""
+    rows = [c for c in counts if c.sum() > 0]
+    if not rows:
+        return {}
+    entropies, imbalance = [], []
+    for row in rows:
+        p = row.double() / row.sum()
+        nz = p[p > 0]
+        entropies.append(float(-(nz * nz.log()).sum() / torch.log(torch.tensor(float(len(p))))))
+        imbalance.append(float(row.max() / row.double().mean()))
+    return {
+        "normalised_entropy_mean": sum(entropies) / len(entropies),
+        "max_over_mean_load_mean": sum(imbalance) / len(imbalance),
+        "distinct_experts_per_layer_call_mean": sum(distinct) / max(1, len(distinct)),
+    }
 
 
 @dataclass
@@ -208,6 +217,8 @@ class DecodeRun:
     stats: ExpertStats | None
     routing: dict[str, Any] = field(default_factory=dict)
     storage_bytes_read: int = 0
+    #: Tokens per expert of each decoder layer over the timed steps (not in `to_dict`: bulky).
+    expert_counts: dict[str, list[int]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -274,7 +285,15 @@ def decode_cpm2(
             elapsed += time.perf_counter() - begin
             storage += block_device_read_bytes() - read_before
         stats = (loaded.provider.stats - before) if loaded.provider and before else None
-        return DecodeRun(batch * steps / elapsed, elapsed, batch * steps, stats, recorder.summary(), storage)
+        return DecodeRun(
+            batch * steps / elapsed,
+            elapsed,
+            batch * steps,
+            stats,
+            recorder.summary(),
+            storage,
+            recorder.decoder_counts(),
+        )
     finally:
         _unwrap(model.moe_layers())
 
