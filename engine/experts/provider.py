@@ -24,7 +24,7 @@ from engine.experts.order import CostModel, OrderPolicy, jobs_for, order_jobs
 from engine.experts.pool import ExpertId, ExpertPool, PoolEntry
 from engine.experts.stats import ExpertStats
 from engine.model import ExpertWeights, MoELayerKey
-from engine.model.moe import ExpertDemand, MoEFeedForward
+from engine.model.moe import CentroidRouter, ExpertDemand, LearnedRouter, MoEFeedForward
 
 #: Below this running precision, predictions no longer trigger loads (they would mostly be wasted).
 PREFETCH_MIN_PRECISION = 0.3
@@ -80,7 +80,7 @@ class OffloadedExpertProvider:
         self.window = max(1, min(window, pool.num_slots - 1))
         self.prefetch = prefetch
         self.stats = ExpertStats()
-        self._next_router: dict[MoELayerKey, tuple[MoELayerKey, torch.nn.Module]] = {}
+        self._next_router: dict[MoELayerKey, tuple[MoELayerKey, CentroidRouter | LearnedRouter]] = {}
         self._predicted: dict[MoELayerKey, set[int]] = {}
         self._precision = 1.0  # running precision of next-layer predictions
         # Loads before this provider existed (calibration) are not its traffic.
@@ -126,6 +126,12 @@ class OffloadedExpertProvider:
         )
         order: list[ExpertId] = [(layer, job.expert) for job in jobs]
         tokens = {d.expert: d.num_tokens for d in demand}
+        # Demand loads first, then the next layer's likely experts, before any compute: at small
+        # batches a layer computes in well under one transfer time, so a prefetch issued only
+        # after this layer would rarely arrive before the next layer needs it.
+        self._issue(order, 0, skip=in_place)
+        if self.prefetch:
+            self._prefetch_next(layer, hidden_ND, demand_loads=len(order) - len(cached), protect=order)
         for position, expert in enumerate(order):
             entry = None
             if expert in in_place:
@@ -147,8 +153,6 @@ class OffloadedExpertProvider:
             if entry is not None:
                 entry.pins -= 1
                 self.transfers.release(entry)
-        if self.prefetch:
-            self._prefetch_after(layer, hidden_ND, demand_loads=len(order) - len(cached))
         self._learn_beta()
 
     def _issue(self, order: Sequence[ExpertId], position: int, *, skip: Container[ExpertId] = ()) -> None:
@@ -197,14 +201,20 @@ class OffloadedExpertProvider:
 
     # ---- prediction ----------------------------------------------------------------------------
 
-    def _prefetch_after(self, layer: MoELayerKey, hidden_ND: torch.Tensor, *, demand_loads: int) -> None:
+    def _prefetch_next(
+        self, layer: MoELayerKey, hidden_ND: torch.Tensor, *, demand_loads: int, protect: Sequence[ExpertId]
+    ) -> None:
+        """Start loads for the experts the next MoE layer will probably need (never evicting `protect`)."""
         following = self._next_router.get(layer)
         if following is None or hidden_ND.shape[0] == 0:
             return
         next_key, router = following
         with torch.no_grad():
-            expert_N, _ = router(hidden_ND.unsqueeze(0))
-        votes = torch.bincount(expert_N.flatten())
+            scores_NE = router.scores(hidden_ND.unsqueeze(0))[0].float()
+        # The argmax experts are "the prediction" (scored for precision and recall); the ranking
+        # behind them decides which extra experts spare link capacity goes to (runners-up help
+        # most at small batches, where one missed expert stalls the whole layer).
+        votes = torch.bincount(scores_NE.argmax(dim=-1), minlength=scores_NE.shape[-1])
         predicted = set(votes.nonzero().flatten().tolist())
         self._predicted[next_key] = predicted
         # Predictions are always scored; loads are spent on them only while they keep paying off,
@@ -215,14 +225,17 @@ class OffloadedExpertProvider:
             return
         spare = self.window - demand_loads
         budget = max(0, min(spare, self.pool.num_slots - 1 - len(self.pool.loading())))
-        ranked = sorted(predicted, key=lambda e: (-int(votes[e]), e))
-        for expert in ranked:
+        mass_E = scores_NE.softmax(dim=-1).sum(dim=0)  # expected tokens per expert
+        # Rank by argmax votes, then by probability mass (one argsort, not a Python sort).
+        rank_key_E = votes.double() * (hidden_ND.shape[0] + 1) + mass_E.double()
+        ranked = torch.argsort(rank_key_E, descending=True, stable=True)[: max(len(predicted), budget)]
+        for expert in ranked.tolist():
             key = (next_key, expert)
             if key in self.pool:
                 continue
             if self.transfers.hint(key):
                 continue  # the OS reads it ahead into the page cache; nothing to copy
-            if budget == 0 or not self._load(key, upcoming=(), spare_upcoming=True):
+            if budget == 0 or not self._load(key, upcoming=protect, spare_upcoming=True):
                 break
             budget -= 1
             entry = self.pool.get(key)

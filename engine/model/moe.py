@@ -91,10 +91,12 @@ class CentroidRouter(nn.Module):
         self.centroids: torch.Tensor
         self.register_buffer("centroids", torch.zeros(num_experts, d_model))
 
+    def scores(self, x_BSD: torch.Tensor) -> torch.Tensor:
+        """Routing scores (B, S, E), float32 so the routing does not depend on the weight dtype."""
+        return F.linear(x_BSD.float(), self.centroids.float())
+
     def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        # float32 scores so the argmax, and hence the routing, does not depend on the weight dtype.
-        scores_BSE = F.linear(x_BSD.float(), self.centroids.float())
-        return scores_BSE.argmax(dim=-1), None
+        return self.scores(x_BSD).argmax(dim=-1), None
 
 
 class LearnedRouter(nn.Module):
@@ -105,10 +107,14 @@ class LearnedRouter(nn.Module):
         self.classifier = nn.Linear(d_model, num_experts, bias=bias)
         self.router_dtype = dtype
 
-    def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def scores(self, x_BSD: torch.Tensor) -> torch.Tensor:
+        """Router logits (B, S, E) in the router dtype."""
         weight = self.classifier.weight.to(self.router_dtype)
         bias = None if self.classifier.bias is None else self.classifier.bias.to(self.router_dtype)
-        logits_BSE = F.linear(x_BSD.to(self.router_dtype), weight, bias)
+        return F.linear(x_BSD.to(self.router_dtype), weight, bias)
+
+    def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        logits_BSE = self.scores(x_BSD)
         probs_BSE = torch.softmax(logits_BSE, dim=-1, dtype=self.router_dtype).to(x_BSD.dtype)
         gate_BS, expert_BS = probs_BSE.max(dim=-1)
         return expert_BS, gate_BS
