@@ -22,11 +22,14 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import itertools
 import os
 import queue
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -89,14 +92,24 @@ def aligned_empty(nbytes: int, *, alignment: int = ALIGNMENT) -> torch.Tensor:
 
 
 class BlobReader:
-    """`pread`s blobs into buffers with a pool of I/O threads; one file descriptor per file."""
+    """`pread`s blobs in chunks on a pool of I/O threads, demand reads before prefetch reads.
+
+    Chunks wait in one priority queue, so a prefetch (a guess) never delays a read that compute is
+    waiting for by more than the chunk already in flight on each thread.
+    """
 
     def __init__(self, *, threads: int, direct: bool) -> None:
         self.threads = max(1, threads)
         self.direct = direct and hasattr(os, "O_DIRECT")
-        self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="cpm2-io")
         self._fds: dict[Path, int] = {}
         self._lock = threading.Lock()
+        self._queue: queue.PriorityQueue[tuple[int, int, _Chunk | None]] = queue.PriorityQueue()
+        self._order = itertools.count()
+        self._workers = [
+            threading.Thread(target=self._work, name=f"cpm2-io-{i}", daemon=True) for i in range(self.threads)
+        ]
+        for worker in self._workers:
+            worker.start()
 
     def _fd(self, path: Path) -> int:
         with self._lock:
@@ -113,32 +126,94 @@ class BlobReader:
                 self._fds[path] = fd
             return fd
 
-    def read(self, location: BlobLocation, out: torch.Tensor) -> None:
-        """Fill `out` (uint8, `location.nbytes`) with the blob; blocks until every chunk is in."""
+    def submit(
+        self,
+        location: BlobLocation,
+        out: torch.Tensor,
+        *,
+        priority: int = 0,
+        done: Callable[[BaseException | None], None],
+    ) -> None:
+        """Read the blob into `out` (uint8, `location.nbytes`); `done(error)` runs when it is in."""
         fd = self._fd(location.path)
         total = location.nbytes
         chunk = max(MIN_CHUNK_BYTES, -(-total // self.threads))
         chunk = -(-chunk // ALIGNMENT) * ALIGNMENT
         spans = [(start, min(start + chunk, total)) for start in range(0, total, chunk)]
-        futures = [self._pool.submit(self._read_span, fd, location.offset, out, a, b) for a, b in spans]
-        for future in futures:
-            future.result()
+        read = _Read(remaining=len(spans), done=done)
+        for a, b in spans:
+            self._queue.put((priority, next(self._order), _Chunk(fd, location.offset, out, a, b, read)))
 
-    @staticmethod
-    def _read_span(fd: int, base: int, out: torch.Tensor, start: int, end: int) -> None:
-        view = out[start:end].numpy()
-        done = 0
-        while done < end - start:
-            n = os.preadv(fd, [view[done:].data], base + start + done)
-            if n <= 0:
-                raise OSError(f"short read at offset {base + start + done}")
-            done += n
+    def read(self, location: BlobLocation, out: torch.Tensor) -> None:
+        """Fill `out` with the blob, blocking until every chunk is in."""
+        finished: Future[None] = Future()
+
+        def done(error: BaseException | None) -> None:
+            if error is None:
+                finished.set_result(None)
+            else:
+                finished.set_exception(error)
+
+        self.submit(location, out, done=done)
+        finished.result()
+
+    def _work(self) -> None:
+        while True:
+            _, _, chunk = self._queue.get()
+            if chunk is None:
+                return
+            error: BaseException | None = None
+            try:
+                chunk.run()
+            except BaseException as exc:  # handed to the waiting caller, not lost in a thread
+                error = exc
+            chunk.read.finish_one(error)
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True)
+        for _ in self._workers:
+            self._queue.put((2**31, next(self._order), None))
+        for worker in self._workers:
+            worker.join()
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
+
+
+@dataclass
+class _Read:
+    """A blob being read: how many chunks are still out, and whom to tell."""
+
+    remaining: int
+    done: Callable[[BaseException | None], None]
+    error: BaseException | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def finish_one(self, error: BaseException | None) -> None:
+        with self.lock:
+            self.error = self.error or error
+            self.remaining -= 1
+            last = self.remaining == 0
+        if last:
+            self.done(self.error)
+
+
+@dataclass
+class _Chunk:
+    fd: int
+    base: int
+    out: torch.Tensor
+    start: int
+    end: int
+    read: _Read
+
+    def run(self) -> None:
+        view = self.out[self.start : self.end].numpy()
+        done = 0
+        while done < self.end - self.start:
+            n = os.preadv(self.fd, [view[done:].data], self.base + self.start + done)
+            if n <= 0:
+                raise OSError(f"short read at offset {self.base + self.start + done}")
+            done += n
 
 
 class CpuTransfers:
@@ -157,20 +232,22 @@ class CpuTransfers:
         self.store = store
         self.layout = store.layout
         self.dtype = dtype
+        self.window = max(1, window)
         self.reader = BlobReader(threads=io_threads, direct=direct)
         self.page_cache = PageCache()
         # In place only when the page cache is allowed and the stored dtype is the compute dtype.
         self.allows_in_place = not direct and dtype == store.dtype and self.page_cache.available
         self._resident: dict[tuple[MoELayerKey, int], tuple[float, ExpertWeights]] = {}
-        self._loads = ThreadPoolExecutor(max(1, window), thread_name_prefix="cpm2-load")
         nbytes = self.layout.nbytes
         # Experts in the stored dtype are read in place into preallocated slots; converted ones are
-        # read into `window` staging buffers and converted into memory of their own.
-        self._staging: queue.SimpleQueue[torch.Tensor] = queue.SimpleQueue()
+        # read into `window` staging buffers and converted into memory of their own (loads beyond
+        # `window` wait for a buffer).
+        self._staging: list[torch.Tensor] = []
+        self._waiting: list[_Load] = []
+        self._staging_lock = threading.Lock()
         self.slots: torch.Tensor | None = None
         if dtype != store.dtype:
-            for _ in range(max(1, window)):
-                self._staging.put(aligned_empty(nbytes))
+            self._staging = [aligned_empty(nbytes) for _ in range(max(1, window))]
         else:
             self.slots = aligned_empty(num_slots * nbytes).view(num_slots, nbytes)
         self.busy_seconds = 0.0
@@ -179,7 +256,7 @@ class CpuTransfers:
 
     @property
     def staging_bytes(self) -> int:
-        return 0 if self.slots is not None else self._staging.qsize() * self.layout.nbytes
+        return 0 if self.slots is not None else self.window * self.layout.nbytes
 
     def in_place(self, expert: tuple[MoELayerKey, int]) -> ExpertWeights | None:
         """The expert's weights straight from the mapped store, if all its pages are in RAM.
@@ -211,27 +288,56 @@ class CpuTransfers:
             self.page_cache.will_need(self.store.mapped_blob(*expert))
         return True
 
-    def start(self, entry: PoolEntry) -> Future[ExpertWeights]:
-        """Begin loading `entry.expert` into `entry.slot`."""
+    def start(self, entry: PoolEntry, *, prefetch: bool = False) -> Future[ExpertWeights]:
+        """Begin loading `entry.expert` into `entry.slot`; prefetches queue behind demand reads."""
         layer, expert = entry.expert
-        return self._loads.submit(self._load, self.store.location(layer, expert), entry.slot)
-
-    def _load(self, location: BlobLocation, slot: int) -> ExpertWeights:
-        begin = time.perf_counter()
+        load = _Load(self.store.location(layer, expert), entry.slot, priority=1 if prefetch else 0)
         if self.slots is not None:
-            self.reader.read(location, self.slots[slot])
-            weights = self.layout.unpack(self.slots[slot])
+            self._submit(load, self.slots[entry.slot])
         else:
-            staging = self._staging.get()
-            try:
-                self.reader.read(location, staging)
-                weights = self._convert(self.layout.unpack(staging))
-            finally:
-                self._staging.put(staging)
+            with self._staging_lock:
+                staging = self._staging.pop() if self._staging else None
+                if staging is None:
+                    self._waiting.append(load)
+            if staging is not None:
+                self._submit(load, staging)
+        return load.future
+
+    def _submit(self, load: _Load, buffer: torch.Tensor) -> None:
+        load.began = time.perf_counter()
+
+        def done(error: BaseException | None) -> None:
+            self._finish(load, buffer, error)
+
+        self.reader.submit(load.location, buffer, priority=load.priority, done=done)
+
+    def _finish(self, load: _Load, buffer: torch.Tensor, error: BaseException | None) -> None:
+        """Runs on the I/O thread that read the last chunk."""
+        weights: ExpertWeights | None = None
+        try:
+            if error is None:
+                unpacked = self.layout.unpack(buffer)
+                weights = unpacked if self.slots is not None else self._convert(unpacked)
+        except BaseException as exc:
+            error = exc
+        if self.slots is None:
+            self._release_staging(buffer)
         with self._busy_lock:
-            self.busy_seconds += time.perf_counter() - begin
+            self.busy_seconds += time.perf_counter() - load.began
             self.loads_done += 1
-        return weights
+        if error is not None:
+            load.future.set_exception(error)
+        else:
+            assert weights is not None
+            load.future.set_result(weights)
+
+    def _release_staging(self, buffer: torch.Tensor) -> None:
+        with self._staging_lock:
+            waiting = self._waiting.pop(0) if self._waiting else None
+            if waiting is None:
+                self._staging.append(buffer)
+        if waiting is not None:
+            self._submit(waiting, buffer)
 
     def _convert(self, weights: ExpertWeights) -> ExpertWeights:
         """Copies of staged weights in the compute dtype."""
@@ -253,5 +359,15 @@ class CpuTransfers:
         """The expert in `entry` was computed; nothing to synchronise on the CPU."""
 
     def close(self) -> None:
-        self._loads.shutdown(wait=True)
         self.reader.close()
+
+
+@dataclass
+class _Load:
+    """One expert on its way into the pool."""
+
+    location: BlobLocation
+    slot: int
+    priority: int
+    began: float = 0.0
+    future: Future[ExpertWeights] = field(default_factory=Future)

@@ -138,7 +138,8 @@ class CudaTransfers:
     def hint(self, expert: tuple[MoELayerKey, int]) -> bool:
         return False
 
-    def start(self, entry: PoolEntry) -> object:
+    def start(self, entry: PoolEntry, *, prefetch: bool = False) -> object:
+        # One copy stream, first come first served: a prefetch copy is as fast as the link anyway.
         layer, expert = entry.expert
         if self.host_tier == "pinned":
             return self._enqueue_copy(self._host[layer][expert], entry.slot)

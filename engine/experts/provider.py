@@ -51,7 +51,10 @@ class Transfers(Protocol):
         """Ask the lower tier to stage `expert` on its own; True if that is all prefetch needs."""
         ...
 
-    def start(self, entry: PoolEntry) -> object: ...
+    def start(self, entry: PoolEntry, *, prefetch: bool = False) -> object:
+        """Begin moving `entry.expert` into `entry.slot` (prefetches may yield to demand loads)."""
+        ...
+
     def wait(self, entry: PoolEntry) -> ExpertWeights: ...
     def release(self, entry: PoolEntry) -> None: ...
     def close(self) -> None: ...
@@ -178,14 +181,16 @@ class OffloadedExpertProvider:
         assert entry is not None
         return entry
 
-    def _load(self, expert: ExpertId, *, upcoming: Sequence[ExpertId], spare_upcoming: bool) -> bool:
+    def _load(
+        self, expert: ExpertId, *, upcoming: Sequence[ExpertId], spare_upcoming: bool, prefetch: bool = False
+    ) -> bool:
         admitted = self.pool.admit(expert, upcoming=upcoming, spare_upcoming=spare_upcoming)
         if admitted is None:
             return False
         entry, evicted = admitted
         if evicted is not None:
             self.stats.evictions += 1
-        entry.pending = self.transfers.start(entry)
+        entry.pending = self.transfers.start(entry, prefetch=prefetch)
         self.stats.transfers += 1
         self.stats.bytes_moved += self.bytes_per_expert
         return True
@@ -231,11 +236,13 @@ class OffloadedExpertProvider:
         ranked = torch.argsort(rank_key_E, descending=True, stable=True)[: max(len(predicted), budget)]
         for expert in ranked.tolist():
             key = (next_key, expert)
-            if key in self.pool:
+            if key in self.pool or self.transfers.in_place(key) is not None:
+                continue  # already in RAM
+            # Page-cache mode: the OS reads the predicted experts ahead (a hint cannot be
+            # deprioritised behind demand reads, so runners-up get none).
+            if expert in predicted and self.transfers.hint(key):
                 continue
-            if self.transfers.hint(key):
-                continue  # the OS reads it ahead into the page cache; nothing to copy
-            if budget == 0 or not self._load(key, upcoming=protect, spare_upcoming=True):
+            if budget == 0 or not self._load(key, upcoming=protect, spare_upcoming=True, prefetch=True):
                 break
             budget -= 1
             entry = self.pool.get(key)
