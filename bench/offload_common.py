@@ -303,3 +303,56 @@ def expert_weights_of(loaded: InferenceModel, key: MoELayerKey, expert: int) -> 
     layer = next(m for m in loaded.model.moe_layers() if m.key == key)
     module = layer.experts[expert]
     return module.weights()  # type: ignore[operator]
+
+
+def time_loads(
+    model_dir: Path, *, count: int = 64, window: int = 4, io_threads: int = 4, direct: bool = True
+) -> float:
+    """Seconds per expert load with `window` loads in flight and nothing else running.
+
+    The "transfer-only" time of the order-policy measurement: the same reader, blob sizes and
+    concurrency as a decode step's loads, without the compute they normally overlap with.
+    """
+    from engine.experts.cpu import CpuTransfers
+    from engine.experts.pool import PoolEntry
+    from engine.experts.store import ExpertStore
+    from engine.weights.loader import inspect_checkpoint
+
+    info = inspect_checkpoint(model_dir)
+    store = ExpertStore.open(model_dir, info.config)
+    transfers = CpuTransfers(
+        store, num_slots=window, window=window, dtype=store.dtype, io_threads=io_threads, direct=direct
+    )
+    gen = torch.Generator().manual_seed(0)
+    layers = torch.randint(len(store.keys), (count,), generator=gen).tolist()
+    experts = torch.randint(store.num_experts, (count,), generator=gen).tolist()
+    picks = [(store.keys[layer], expert) for layer, expert in zip(layers, experts, strict=True)]
+    in_flight: list[PoolEntry] = []
+    try:
+        begin = time.perf_counter()
+        for i, expert in enumerate(picks):
+            if len(in_flight) == window:
+                oldest = in_flight.pop(0)
+                transfers.wait(oldest)
+            entry = PoolEntry(expert=expert, slot=i % window)
+            entry.pending = transfers.start(entry)
+            in_flight.append(entry)
+        for entry in in_flight:
+            transfers.wait(entry)
+        return (time.perf_counter() - begin) / count
+    finally:
+        transfers.close()
+
+
+def copy_to_ram(model_dir: Path, root: Path = Path("/dev/shm/cpm2-bench")) -> Path | None:
+    """A copy of `model_dir` on a RAM-backed filesystem (the host tier in RAM), or None without room."""
+    import shutil
+
+    size = sum(p.stat().st_size for p in model_dir.rglob("*") if p.is_file())
+    if not root.parent.exists() or shutil.disk_usage(root.parent).free < size * 1.2:
+        return None
+    target = root / model_dir.name
+    if not (target / "config.json").exists():
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(model_dir, target)
+    return target
