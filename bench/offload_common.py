@@ -219,6 +219,9 @@ class DecodeRun:
     storage_bytes_read: int = 0
     #: Tokens per expert of each decoder layer over the timed steps (not in `to_dict`: bulky).
     expert_counts: dict[str, list[int]] = field(default_factory=dict)
+    #: The encoder pass (prefill) of the batch: seconds and expert loads it needed.
+    encode_seconds: float = 0.0
+    encode_transfers: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -228,6 +231,8 @@ class DecodeRun:
             "routing": self.routing,
             "storage_bytes_read": self.storage_bytes_read,
             "storage_bytes_per_token": self.storage_bytes_read / max(1, self.tokens),
+            "encode_seconds": self.encode_seconds,
+            "encode_transfers": self.encode_transfers,
         }
         if self.stats is not None:
             out["experts"] = self.stats.to_dict()
@@ -266,7 +271,13 @@ def decode_cpm2(
     forced = random_ids((warmup + steps, batch), vocab=vocab, seed=seed + 1).to(device)
     recorder = RoutingRecorder(model.moe_layers())
     try:
+        encode_before = loaded.provider.stats.transfers if loaded.provider else 0
+        _sync(device)
+        encode_begin = time.perf_counter()
         state = model.start_decoding(model.encode(model.embed(ids), valid), valid, capacity=warmup + steps)
+        _sync(device)
+        encode_seconds = time.perf_counter() - encode_begin
+        encode_transfers = (loaded.provider.stats.transfers if loaded.provider else 0) - encode_before
         for t in range(warmup):
             model.logits(model.decode(model.embed(forced[t].unsqueeze(1)), state))
         recorder.counts = {k: torch.zeros_like(v) for k, v in recorder.counts.items()}
@@ -293,6 +304,8 @@ def decode_cpm2(
             recorder.summary(),
             storage,
             recorder.decoder_counts(),
+            encode_seconds=encode_seconds,
+            encode_transfers=encode_transfers,
         )
     finally:
         _unwrap(model.moe_layers())
