@@ -52,9 +52,7 @@ def print_report(report: dict[str, Any], console: Console) -> None:
             )
     bandwidth = report["bandwidth"]
     gemv = bandwidth["gemv"]
-    paths = ", ".join(
-        f"{name} {gemv[name]['best_gb_s']:.1f} GB/s" for name in ("packed", "f_linear") if name in gemv
-    )
+    paths = ", ".join(f"{name} {gemv[name]['best_gb_s']:.1f} GB/s" for name in ("packed", "f_linear") if name in gemv)
     console.print(f"GEMV bandwidth, {gemv['weight_bytes'] / 1e6:.0f} MB weight, best of calls: {paths}")
     for r in report["results"]:
         step_mb = r["weight_bytes_per_step"]["total"] / 1e6

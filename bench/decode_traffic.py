@@ -58,9 +58,7 @@ def experts_per_decode_step(model: Seq2SeqLM, generate: Callable[[], object]) ->
     return sum(counts) / len(counts) if counts else 0.0
 
 
-def decode_weight_bytes(
-    config: ModelConfig, *, dtype: torch.dtype, experts_per_layer: float
-) -> dict[str, float]:
+def decode_weight_bytes(config: ModelConfig, *, dtype: torch.dtype, experts_per_layer: float) -> dict[str, float]:
     """Weight bytes one decode step reads, by part (matrices only; norms and position bias are tiny).
 
     Cross-attention keys/values are computed once per request, so only its query and output

@@ -244,16 +244,12 @@ def measure_batch(
         times = {s.name: {"t_1_s": _timed(s, prompts, 1), "t_n_s": _timed(s, prompts, n)} for s in order}
         share = meter.foreign_share()
         is_clean = share is None or share <= cfg.max_foreign_cpu
-        attempts.append(
-            {"order": [s.name for s in order], "foreign_cpu_share": share, "is_clean": is_clean, **times}
-        )
+        attempts.append({"order": [s.name for s in order], "foreign_cpu_share": share, "is_clean": is_clean, **times})
     used = [a for a in attempts if a["is_clean"]] or attempts
     batch = len(prompts)
     return {
         **{
-            s.name: _summary(
-                [a[s.name]["t_1_s"] for a in used], [a[s.name]["t_n_s"] for a in used], batch=batch, n=n
-            )
+            s.name: _summary([a[s.name]["t_1_s"] for a in used], [a[s.name]["t_n_s"] for a in used], batch=batch, n=n)
             for s in systems
         },
         "num_clean_repeats": sum(a["is_clean"] for a in attempts),
@@ -279,9 +275,7 @@ def run(cfg: DecodeBenchConfig, *, log: Callable[[str], object] = print) -> dict
     note("loaded both models")
     results = []
     for batch in cfg.batch_sizes:
-        prompts = make_prompts(
-            batch, length=cfg.prompt_length, vocab_size=info.config.vocab_size, seed=cfg.seed
-        )
+        prompts = make_prompts(batch, length=cfg.prompt_length, vocab_size=info.config.vocab_size, seed=cfg.seed)
         is_match, compared = compare_tokens(
             hf.generate(prompts, cfg.new_tokens),
             cpm2.generate(prompts, cfg.new_tokens),

@@ -75,9 +75,7 @@ def _median_run(runs: list[DecodeRun]) -> dict[str, Any]:
     return out
 
 
-def _decode(
-    model_dir: Path, budget: str | None, batch: int, cfg: OffloadBenchConfig, **kwargs: Any
-) -> DecodeRun:
+def _decode(model_dir: Path, budget: str | None, batch: int, cfg: OffloadBenchConfig, **kwargs: Any) -> DecodeRun:
     cold_files: Sequence[Path] = kwargs.pop("cold_files", ())
     loaded = load_cpm2(model_dir, budget=budget, window=cfg.window, **kwargs)
     try:
@@ -333,9 +331,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--out", type=Path, default=OffloadBenchConfig.out)
     args = parser.parse_args(argv)
-    cfg = OffloadBenchConfig(
-        models=tuple(args.models.split(",")), repeats=args.repeats, steps=args.steps, out=args.out
-    )
+    cfg = OffloadBenchConfig(models=tuple(args.models.split(",")), repeats=args.repeats, steps=args.steps, out=args.out)
     if args.quick:
         cfg = OffloadBenchConfig(
             models=("switch",),

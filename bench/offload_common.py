@@ -318,9 +318,7 @@ def expert_weights_of(loaded: InferenceModel, key: MoELayerKey, expert: int) -> 
     return module.weights()  # type: ignore[operator]
 
 
-def time_loads(
-    model_dir: Path, *, count: int = 64, window: int = 4, io_threads: int = 4, direct: bool = True
-) -> float:
+def time_loads(model_dir: Path, *, count: int = 64, window: int = 4, io_threads: int = 4, direct: bool = True) -> float:
     """Seconds per expert load with `window` loads in flight and nothing else running.
 
     The "transfer-only" time of the order-policy measurement: the same reader, blob sizes and

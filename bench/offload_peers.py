@@ -122,9 +122,7 @@ def _read_through(paths: Sequence[Path]) -> None:
                 pass
 
 
-def _run_once(
-    system: str, batch: int, page_cache: str, setup: _Setup, cfg: PeersBenchConfig
-) -> dict[str, Any]:
+def _run_once(system: str, batch: int, page_cache: str, setup: _Setup, cfg: PeersBenchConfig) -> dict[str, Any]:
     """Load `system`, decode, unload; the run's numbers (expert counts under `_counts`)."""
     is_cold = page_cache == "cold"
     if is_cold:
@@ -204,13 +202,9 @@ def run(cfg: PeersBenchConfig, *, checkpoints: tuple[Path, Path] | None = None) 
         # every routed expert read once per step, no cache: what a step must move at worst
         distinct = row["routing"].get("distinct_experts_per_layer_call_mean", 0.0)
         row["routed_expert_bytes_per_token"] = distinct * len(group[0]["_counts"]) * sizes.per_expert / batch
-        reference = next(
-            (raw[(batch, page_cache, s)] for s in CPM2_SYSTEMS if (batch, page_cache, s) in raw), None
-        )
+        reference = next((raw[(batch, page_cache, s)] for s in CPM2_SYSTEMS if (batch, page_cache, s) in raw), None)
         if reference is not None:
-            row["routing_agreement_with_cpm2"] = routing_agreement(
-                group[0]["_counts"], reference[0]["_counts"]
-            )
+            row["routing_agreement_with_cpm2"] = routing_agreement(group[0]["_counts"], reference[0]["_counts"])
         results.append(row)
     medians = {(r["batch"], r["page_cache"], r["system"]): r["tokens_per_second"] for r in results}
     for row in results:
@@ -303,9 +297,7 @@ def print_report(report: dict[str, Any], console: Console) -> None:
             "–" if agreement is None else f"{agreement:.3f}",
         )
     console.print(table)
-    console.print(
-        "strict x / page-cache x: cpm2's tok/s over the row's; routed MB/tok: every routed expert read once"
-    )
+    console.print("strict x / page-cache x: cpm2's tok/s over the row's; routed MB/tok: every routed expert read once")
     for t in report["target"]["rows"]:
         verdict = "met" if t["is_met"] else "NOT met"
         console.print(
@@ -367,15 +359,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 repeat, 4 steps, batch 1")
     parser.add_argument("--repeats", type=int, default=PeersBenchConfig.repeats)
     parser.add_argument("--steps", type=int, default=PeersBenchConfig.steps)
-    parser.add_argument(
-        "--resident-share", type=float, default=0.0, help="accelerate-expert: experts kept in RAM"
-    )
+    parser.add_argument("--resident-share", type=float, default=0.0, help="accelerate-expert: experts kept in RAM")
     parser.add_argument("--out", type=Path, default=PeersBenchConfig.out)
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
-    cfg = PeersBenchConfig(
-        repeats=args.repeats, steps=args.steps, resident_share=args.resident_share, out=args.out
-    )
+    cfg = PeersBenchConfig(repeats=args.repeats, steps=args.steps, resident_share=args.resident_share, out=args.out)
     if args.quick:
         cfg.repeats, cfg.steps, cfg.batches, cfg.plot = 1, 4, (1,), None
         cfg.out = args.out.with_suffix(".quick.json")  # keeps the full results

@@ -54,9 +54,7 @@ def add_offload_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--expert-direct-io", action="store_true", help="read the disk tier with O_DIRECT")
     group.add_argument("--no-expert-prefetch", action="store_true", help="no next-layer prefetch")
     group.add_argument("--expert-host-tier", default="auto", choices=("auto", "pinned", "disk"))
-    group.add_argument(
-        "--expert-store-dir", type=Path, help="where to write an expert store if the model has none"
-    )
+    group.add_argument("--expert-store-dir", type=Path, help="where to write an expert store if the model has none")
 
 
 def offload_config(args: argparse.Namespace) -> OffloadConfig:
@@ -237,9 +235,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--num-beams", type=int, default=1)
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-sequence token")
     p.add_argument("--json", action="store_true", help='print {"text": ..., "token_ids": [...]} per input')
-    p.add_argument(
-        "--details", action="store_true", help="with --json: add finish_reason, logprobs, seed, experts"
-    )
+    p.add_argument("--details", action="store_true", help="with --json: add finish_reason, logprobs, seed, experts")
     add_offload_args(p)
     p.set_defaults(handler=cmd_generate)
 
@@ -262,9 +258,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--out", type=Path, help="new (empty) output directory")
     p.add_argument("--dtype", default=None, help="default: the preset's (float32 small, float16 large)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--set", action="append", default=[], metavar="FIELD=VALUE", help="override a config field"
-    )
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override a config field")
     p.add_argument("--max-shard-size", default=str(DEFAULT_MAX_SHARD_BYTES))
     p.add_argument("--dry-run", action="store_true", help="print the size and write nothing")
     p.add_argument("--list", action="store_true", help="list the presets")

@@ -54,9 +54,7 @@ class MoEConfig:
         if self.router not in ("centroid", "learned"):
             raise ConfigError(f"moe.router must be 'centroid' or 'learned', got {self.router!r}")
         if self.expert_capacity is not None and self.expert_capacity < 0:
-            raise ConfigError(
-                f"moe.expert_capacity must be >= 0 or null (no limit), got {self.expert_capacity}"
-            )
+            raise ConfigError(f"moe.expert_capacity must be >= 0 or null (no limit), got {self.expert_capacity}")
         for name in ("encoder_layers", "decoder_layers"):
             layers = getattr(self, name)
             if list(layers) != sorted(set(layers)) or any(i < 0 for i in layers):
@@ -129,9 +127,7 @@ class ModelConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         if self.activation not in ("relu", "gelu_new", "gelu", "silu"):
-            raise ConfigError(
-                f"activation must be one of relu, gelu_new, gelu, silu; got {self.activation!r}"
-            )
+            raise ConfigError(f"activation must be one of relu, gelu_new, gelu, silu; got {self.activation!r}")
         if not 0.0 <= self.dropout_rate < 1.0:
             raise ConfigError(f"dropout_rate must be in [0, 1), got {self.dropout_rate}")
         if not self.layer_norm_eps > 0:

@@ -69,9 +69,7 @@ class OffloadConfig:
         if self.order not in ORDER_POLICIES:
             raise ConfigError(f"expert order must be one of {', '.join(ORDER_POLICIES)}, got {self.order!r}")
         if self.cache not in CACHE_POLICIES:
-            raise ConfigError(
-                f"expert cache policy must be one of {', '.join(CACHE_POLICIES)}, got {self.cache!r}"
-            )
+            raise ConfigError(f"expert cache policy must be one of {', '.join(CACHE_POLICIES)}, got {self.cache!r}")
         if self.window < 1 or self.io_threads < 1:
             raise ConfigError("expert window and io threads must be at least 1")
         if self.host_tier not in ("auto", "pinned", "disk"):

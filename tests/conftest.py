@@ -104,9 +104,7 @@ def save_hf_model(model: Any, path: Path) -> None:
 
     path.mkdir(parents=True)
     model.config.save_pretrained(path)
-    state = {
-        k: v.detach().clone().contiguous() for k, v in model.state_dict().items() if "embed_tokens" not in k
-    }
+    state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items() if "embed_tokens" not in k}
     save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
 
 

@@ -80,9 +80,7 @@ def test_sharded_copy_loads_to_identical_logits(tiny_model_dir: Path, tmp_path: 
 
 
 @pytest.mark.parametrize("max_shard_bytes", [150_000, 300_000, 1_000_000])
-def test_each_expert_is_one_byte_range_of_one_shard(
-    tiny_model_dir: Path, tmp_path: Path, max_shard_bytes: int
-) -> None:
+def test_each_expert_is_one_byte_range_of_one_shard(tiny_model_dir: Path, tmp_path: Path, max_shard_bytes: int) -> None:
     # The offloader reads an expert as one contiguous range: the writer must never split one.
     _shard_native(tiny_model_dir, tmp_path, max_shard_bytes=max_shard_bytes)
     weight_map = json.loads((tmp_path / INDEX_FILE).read_text())["weight_map"]
@@ -173,9 +171,7 @@ def _pickled_hf_dir(name: str, path: Path, *, is_shared: bool = True) -> torch.n
 
 @pytest.mark.parametrize("is_shared", [False, True], ids=["copies", "tied-storage"])
 @pytest.mark.parametrize("name", ["t5-v1.0", "switch-8e-capacity"])
-def test_pickled_checkpoint_is_refused_by_load_and_converted(
-    name: str, is_shared: bool, tmp_path: Path
-) -> None:
+def test_pickled_checkpoint_is_refused_by_load_and_converted(name: str, is_shared: bool, tmp_path: Path) -> None:
     src = tmp_path / "pickled"
     hf = _pickled_hf_dir(name, src, is_shared=is_shared)
     with pytest.raises(CheckpointError, match="cpm2 convert hf") as excinfo:

@@ -178,9 +178,7 @@ def test_generate_max_new_tokens(tiny_model_dir: Path, capsys: pytest.CaptureFix
 # ---- convert ----------------------------------------------------------------------------------------
 
 
-def test_convert_hf(
-    hf_model_dirs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_convert_hf(hf_model_dirs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     src, dst = hf_model_dirs["switch-4e-step2"], tmp_path / "native"
     code, out, err = _run(capsys, "convert", "hf", src, dst, "--max-shard-size", "20KiB")
     assert code == 0, err

@@ -123,10 +123,6 @@ def test_dropout_only_in_training(tiny_model_dir: Path) -> None:
     dec = torch.tensor([[0, 9, 10]])
     with torch.no_grad():
         noisy.eval()
-        torch.testing.assert_close(
-            noisy(ids, torch.ones_like(ids), dec), model(ids, torch.ones_like(ids), dec)
-        )
+        torch.testing.assert_close(noisy(ids, torch.ones_like(ids), dec), model(ids, torch.ones_like(ids), dec))
         noisy.train()
-        assert not torch.allclose(
-            noisy(ids, torch.ones_like(ids), dec), model(ids, torch.ones_like(ids), dec)
-        )
+        assert not torch.allclose(noisy(ids, torch.ones_like(ids), dec), model(ids, torch.ones_like(ids), dec))

@@ -56,9 +56,7 @@ def test_all_cached_runs_back_to_back() -> None:
 
 def test_single_load_stalls_for_its_transfer() -> None:
     # Link 0-5, compute waits until 5 and runs 5-7.
-    assert simulate([Job(0, 2.0, 5.0)], slots=1) == Schedule(
-        makespan=7.0, stall=5.0, compute=2.0, transfer=5.0
-    )
+    assert simulate([Job(0, 2.0, 5.0)], slots=1) == Schedule(makespan=7.0, stall=5.0, compute=2.0, transfer=5.0)
 
 
 def test_second_load_hides_behind_first_compute() -> None:

@@ -500,9 +500,7 @@ def _assert_store_holds_hf_experts(store: ExpertStore, hf_dir: Path) -> None:
             assert torch.equal(mapped.wo, hf[f"{prefix}.wo.weight"]), prefix
 
 
-def test_converted_switch_model_keeps_experts_in_the_store(
-    hf_model_dirs: dict[str, Path], tmp_path: Path
-) -> None:
+def test_converted_switch_model_keeps_experts_in_the_store(hf_model_dirs: dict[str, Path], tmp_path: Path) -> None:
     src, dst = hf_model_dirs["switch-4e-step2"], tmp_path / "native"
     convert_hf(src, dst, progress=False)
     info = inspect_checkpoint(dst)
@@ -523,9 +521,7 @@ def test_converted_switch_model_keeps_experts_in_the_store(
 
 
 @pytest.mark.parametrize("name", ["switch-4e-step2", "switch-8e-capacity"])
-def test_ensure_store_writes_the_hf_experts(
-    name: str, hf_model_dirs: dict[str, Path], tmp_path: Path
-) -> None:
+def test_ensure_store_writes_the_hf_experts(name: str, hf_model_dirs: dict[str, Path], tmp_path: Path) -> None:
     src = hf_model_dirs[name]
     info = inspect_checkpoint(src)
     store = ensure_store(info, store_dir=tmp_path / "store")

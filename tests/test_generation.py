@@ -92,9 +92,7 @@ def test_seeded_sampling_is_reproducible_and_batch_independent(generator: Genera
 def test_unseeded_sampling_reports_a_seed_that_reproduces(generator: Generator) -> None:
     first = generator.generate([_request(generator, "hello", do_sample=True, max_new_tokens=10)])[0]
     assert first.seed is not None
-    again = generator.generate(
-        [_request(generator, "hello", do_sample=True, seed=first.seed, max_new_tokens=10)]
-    )
+    again = generator.generate([_request(generator, "hello", do_sample=True, seed=first.seed, max_new_tokens=10)])
     assert again[0].token_ids == first.token_ids
 
 
@@ -136,10 +134,7 @@ def test_generated_ids_stay_inside_the_tokenizer(generator: Generator) -> None:
     assert generator.tokenizer is not None
     assert generator.num_choosable == generator.tokenizer.vocab_size < generator.model.config.vocab_size
     results = generator.generate(
-        [
-            _request(generator, text, do_sample=True, max_new_tokens=30, seed=i)
-            for i, text in enumerate("abcd")
-        ]
+        [_request(generator, text, do_sample=True, max_new_tokens=30, seed=i) for i, text in enumerate("abcd")]
     )
     assert all(t < generator.tokenizer.vocab_size for r in results for t in r.token_ids)
 

@@ -26,9 +26,7 @@ from engine.weights.loader import load_model
 KEY = MoELayerKey("encoder", 0)
 
 
-def _layer(
-    router: str, *, experts: int = 4, capacity: int | None = None, gated: bool = True
-) -> MoEFeedForward:
+def _layer(router: str, *, experts: int = 4, capacity: int | None = None, gated: bool = True) -> MoEFeedForward:
     torch.manual_seed(0)
     moe = MoEConfig(
         num_experts=experts, router=router, encoder_layers=(0,), decoder_layers=(), expert_capacity=capacity
@@ -80,9 +78,7 @@ def test_learned_router_matches_hf_switch(capacity: int) -> None:
     torch.manual_seed(1)
     for p in hf.parameters():
         p.normal_(0, 0.5)
-    moe = MoEConfig(
-        num_experts=4, router="learned", encoder_layers=(0,), decoder_layers=(), expert_capacity=capacity
-    )
+    moe = MoEConfig(num_experts=4, router="learned", encoder_layers=(0,), decoder_layers=(), expert_capacity=capacity)
     ours = MoEFeedForward(KEY, moe, d_model=16, d_ff=32, activation="relu", is_gated=False).eval()
     state = {"router.classifier.weight": hf.router.classifier.weight}
     for e in range(4):

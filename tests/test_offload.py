@@ -105,9 +105,7 @@ def _offloaded(model_dir: Path, tmp_path: Path, *, cold: bool = False, **options
 def test_offloaded_equals_resident(model_dir: Path, reference, tmp_path: Path, order, cache, budget) -> None:
     tokens, logits, vocab = reference
     # O_DIRECT mode: every expert not in the pool is read into it (no page-cache shortcut).
-    loaded = _offloaded(
-        model_dir, tmp_path, expert_memory=budget, order=order, cache=cache, window=2, direct_io=True
-    )
+    loaded = _offloaded(model_dir, tmp_path, expert_memory=budget, order=order, cache=cache, window=2, direct_io=True)
     try:
         provider = loaded.provider
         assert provider is not None

@@ -70,17 +70,13 @@ def test_greedy_and_ragged_batch_match_hf(name: str, hf_model_dirs: dict[str, Pa
 
 @pytest.mark.parametrize("num_beams", [2, 4])
 @pytest.mark.parametrize("name", ["t5-v1.1", "switch-4e-step2"])
-def test_beam_search_matches_hf(
-    name: str, num_beams: int, hf_model_dirs: dict[str, Path], random_ids
-) -> None:
+def test_beam_search_matches_hf(name: str, num_beams: int, hf_model_dirs: dict[str, Path], random_ids) -> None:
     hf = build_hf_model(name, seed=CASES.index(name))
     model, _ = load_model(hf_model_dirs[name])
     generator = Generator(model)
     for row in random_ids([6, 13, 21], seed=4):
         for length_penalty in (1.0, 0.5):
-            expected = _hf_generate(
-                hf, row, max_new_tokens=15, num_beams=num_beams, length_penalty=length_penalty
-            )
+            expected = _hf_generate(hf, row, max_new_tokens=15, num_beams=num_beams, length_penalty=length_penalty)
             params = SamplingParams(max_new_tokens=15, num_beams=num_beams, length_penalty=length_penalty)
             got = generator.generate([GenerationRequest(tuple(row), params)])[0]
             assert got.token_ids == expected

@@ -274,9 +274,7 @@ def test_byte_fallback_where_hf_gives_unk(t5_tok: SentencePieceTokenizer, hf_tok
     assert "<0xF0>" in hf_tok.decode(ids)
 
 
-def test_whitespace_follows_the_model_not_hf(
-    lossless_dir: Path, lossless_tok: SentencePieceTokenizer
-) -> None:
+def test_whitespace_follows_the_model_not_hf(lossless_dir: Path, lossless_tok: SentencePieceTokenizer) -> None:
     # HF's T5 tokenizer splits on whitespace before SentencePiece sees the text, whatever the model
     # was trained with; a model trained to keep whitespace keeps it here.
     transformers = pytest.importorskip("transformers")

@@ -152,9 +152,7 @@ class ExpertStoreWriter:
         if expert != self._expert:
             if self._parts:
                 self._abort()
-                raise CheckpointError(
-                    f"expert {self._expert} of {layer} is incomplete before expert {expert}"
-                )
+                raise CheckpointError(f"expert {self._expert} of {layer} is incomplete before expert {expert}")
             self._expert = expert
         if expert != self._written:
             self._abort()
@@ -343,11 +341,7 @@ class ExpertStore:
             for e in range(self.num_experts):
                 weights = self.mapped(key, e)
                 names = ("wi_0", "wi_1", "wo") if self.layout.is_gated else ("wi", "wo")
-                parts = (
-                    [weights.wi_0, weights.wi_1, weights.wo]
-                    if self.layout.is_gated
-                    else [weights.wi_0, weights.wo]
-                )
+                parts = [weights.wi_0, weights.wi_1, weights.wo] if self.layout.is_gated else [weights.wi_0, weights.wo]
                 for name, part in zip(names, parts, strict=True):
                     assert part is not None
                     yield f"{prefix}.{e}.{name}.weight", part

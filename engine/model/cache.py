@@ -154,12 +154,8 @@ class DecoderState:
         return cls(
             self_k=[torch.cat([pad(s.self_k[i], 2, capacity) for s in states]) for i in range(num_layers)],
             self_v=[torch.cat([pad(s.self_v[i], 2, capacity) for s in states]) for i in range(num_layers)],
-            cross_k=[
-                torch.cat([pad(s.cross_k[i], 2, source_len) for s in states]) for i in range(num_layers)
-            ],
-            cross_v=[
-                torch.cat([pad(s.cross_v[i], 2, source_len) for s in states]) for i in range(num_layers)
-            ],
+            cross_k=[torch.cat([pad(s.cross_k[i], 2, source_len) for s in states]) for i in range(num_layers)],
+            cross_v=[torch.cat([pad(s.cross_v[i], 2, source_len) for s in states]) for i in range(num_layers)],
             cross_mask=torch.cat([pad(s.cross_mask, 3, source_len, fill) for s in states]),
             lengths=[n for s in states for n in s.lengths],
         )

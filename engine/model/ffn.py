@@ -41,9 +41,7 @@ class ExpertWeights(NamedTuple):
     wo: torch.Tensor  # (D, F)
 
 
-def feed_forward(
-    x: torch.Tensor, weights: ExpertWeights, act: Callable[[torch.Tensor], torch.Tensor]
-) -> torch.Tensor:
+def feed_forward(x: torch.Tensor, weights: ExpertWeights, act: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """Apply one FFN to `x` (..., D) and return (..., D)."""
     h = act(linear(x, weights.wi_0))
     if weights.wi_1 is not None:

@@ -139,8 +139,7 @@ class MoEFeedForward(nn.Module):
                 d_model, moe.num_experts, bias=moe.router_bias, dtype=getattr(torch, moe.router_dtype)
             )
         self.experts = nn.ModuleList(
-            FeedForward(d_model, d_ff, activation=activation, is_gated=is_gated)
-            for _ in range(moe.num_experts)
+            FeedForward(d_model, d_ff, activation=activation, is_gated=is_gated) for _ in range(moe.num_experts)
         )
         self.expert_provider: ExpertProvider = ResidentExpertProvider(self.experts)
 

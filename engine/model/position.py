@@ -31,9 +31,7 @@ def relative_position_bucket(
     large = (
         max_exact
         + (
-            torch.log(distance.float() / max_exact)
-            / math.log(max_distance / max_exact)
-            * (num_buckets - max_exact)
+            torch.log(distance.float() / max_exact) / math.log(max_distance / max_exact) * (num_buckets - max_exact)
         ).long()
     )
     large = torch.clamp(large, max=num_buckets - 1)

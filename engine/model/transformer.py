@@ -27,9 +27,7 @@ from engine.model.position import RelativePositionBias
 
 def _additive_mask(valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """0 where `valid`, the dtype's most negative value elsewhere (finite, so softmax stays defined)."""
-    return torch.zeros(valid.shape, dtype=dtype, device=valid.device).masked_fill(
-        ~valid, torch.finfo(dtype).min
-    )
+    return torch.zeros(valid.shape, dtype=dtype, device=valid.device).masked_fill(~valid, torch.finfo(dtype).min)
 
 
 def build_mlp(config: ModelConfig, key: MoELayerKey) -> FeedForward | MoEFeedForward:
@@ -43,9 +41,7 @@ def build_mlp(config: ModelConfig, key: MoELayerKey) -> FeedForward | MoEFeedFor
             activation=config.activation,
             is_gated=config.is_gated_ffn,
         )
-    return FeedForward(
-        config.d_model, config.d_ff, activation=config.activation, is_gated=config.is_gated_ffn
-    )
+    return FeedForward(config.d_model, config.d_ff, activation=config.activation, is_gated=config.is_gated_ffn)
 
 
 def _run_mlp(mlp: FeedForward | MoEFeedForward, h: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
@@ -134,9 +130,7 @@ class Decoder(_Stack):
         """The blocks, typed."""
         return [block for block in self.blocks if isinstance(block, DecoderBlock)]
 
-    def forward(
-        self, x_BTD: torch.Tensor, state: DecoderState, valid_BT: torch.Tensor | None
-    ) -> torch.Tensor:
+    def forward(self, x_BTD: torch.Tensor, state: DecoderState, valid_BT: torch.Tensor | None) -> torch.Tensor:
         T = x_BTD.shape[1]
         state.reserve(T)
         query_pos = state.query_positions(T)  # (1 or B, T)

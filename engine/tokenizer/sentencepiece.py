@@ -178,10 +178,7 @@ class SentencePieceTokenizer:
         """Id of a plain piece without "▁", decoded in front of every run (see `_flush`)."""
         for id in range(self._num_pieces):
             is_plain = not (
-                self._sp.is_control(id)
-                or self._sp.is_unknown(id)
-                or self._sp.is_byte(id)
-                or self._sp.is_unused(id)
+                self._sp.is_control(id) or self._sp.is_unknown(id) or self._sp.is_byte(id) or self._sp.is_unused(id)
             )
             if is_plain and "▁" not in str(self._sp.id_to_piece(id)):
                 return id

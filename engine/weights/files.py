@@ -84,9 +84,7 @@ class TensorFiles:
             present = set(self._handle(path).keys())
             absent = sorted(keys - present)
             if absent:
-                raise CheckpointError(
-                    f"{path}: the index lists tensor '{absent[0]}' but the file does not hold it"
-                )
+                raise CheckpointError(f"{path}: the index lists tensor '{absent[0]}' but the file does not hold it")
 
     def _handle(self, path: Path) -> Any:
         handle = self._handles.get(path)
@@ -151,9 +149,7 @@ class ShardWriter:
     form one contiguous byte range of one shard.
     """
 
-    def __init__(
-        self, out_dir: Path, *, max_shard_bytes: int, metadata: dict[str, str] | None = None
-    ) -> None:
+    def __init__(self, out_dir: Path, *, max_shard_bytes: int, metadata: dict[str, str] | None = None) -> None:
         self.out_dir = out_dir
         self.max_shard_bytes = max_shard_bytes
         self.metadata = {"format": "pt", **(metadata or {})}

@@ -81,9 +81,7 @@ def hf_to_config(data: dict[str, Any], *, has_lm_head: bool, source: str) -> Mod
     moe = None
     if model_type == "switch_transformers":
         encoder_layers = _switch_sparse_layers(num_layers, int(data.get("num_sparse_encoder_layers", 3)))
-        decoder_layers = _switch_sparse_layers(
-            num_decoder_layers, int(data.get("num_sparse_decoder_layers", 3))
-        )
+        decoder_layers = _switch_sparse_layers(num_decoder_layers, int(data.get("num_sparse_decoder_layers", 3)))
         if encoder_layers or decoder_layers:
             capacity = data.get("expert_capacity")
             moe = MoEConfig(
@@ -150,12 +148,8 @@ def _hf_sources(config: ModelConfig, native: str) -> tuple[str, ...]:
         "lm_head.weight": ("lm_head.weight",),
         "encoder.final_norm.weight": ("encoder.final_layer_norm.weight",),
         "decoder.final_norm.weight": ("decoder.final_layer_norm.weight",),
-        "encoder.relative_bias.weight": (
-            "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
-        ),
-        "decoder.relative_bias.weight": (
-            "decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
-        ),
+        "encoder.relative_bias.weight": ("encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",),
+        "decoder.relative_bias.weight": ("decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",),
     }
     if native in fixed:
         return fixed[native]

@@ -124,8 +124,7 @@ def write_random_model(
     free = shutil.disk_usage(out_dir).free
     if plan.num_bytes > free:
         raise ConfigError(
-            f"{out_dir}: the model needs {format_bytes(plan.num_bytes)} "
-            f"but only {format_bytes(free)} are free"
+            f"{out_dir}: the model needs {format_bytes(plan.num_bytes)} but only {format_bytes(free)} are free"
         )
     writer = ShardWriter(out_dir, max_shard_bytes=max_shard_bytes, metadata={"producer": "cpm2 init"})
     experts = ExpertStoreWriter(out_dir, config, torch_dtype) if config.moe is not None else None

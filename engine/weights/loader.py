@@ -98,9 +98,7 @@ def key_plan(info: CheckpointInfo, native_keys: list[str]) -> list[KeyPlan]:
     return [KeyPlan(key, (key,)) for key in native_keys]
 
 
-def _check_plan(
-    plan: list[KeyPlan], files: TensorSource, expected: dict[str, torch.Size], model_dir: Path
-) -> None:
+def _check_plan(plan: list[KeyPlan], files: TensorSource, expected: dict[str, torch.Size], model_dir: Path) -> None:
     used: set[str] = set()
     for item in plan:
         shapes = []

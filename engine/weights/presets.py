@@ -23,9 +23,7 @@ class Preset:
     description: str
 
 
-def _cpm2(
-    *, layers: int, d_model: int, heads: int, d_ff: int, vocab: int, experts: int | None
-) -> ModelConfig:
+def _cpm2(*, layers: int, d_model: int, heads: int, d_ff: int, vocab: int, experts: int | None) -> ModelConfig:
     moe = None
     if experts is not None:
         every = tuple(range(layers))
