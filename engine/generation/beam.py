@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.generation.inputs import encode_requests, feed_decoder_prefixes
 from engine.generation.params import GenerationRequest, GenerationResult
 from engine.model import Seq2SeqLM
 from engine.tokenizer import Tokenizer
@@ -26,16 +27,12 @@ class _Hypothesis:
     score: float  # sum of (processed) log-probabilities
 
 
-def _repetition_penalty(
-    logp_RV: torch.Tensor, beams: list[_Hypothesis], start: int, penalty: float
-) -> torch.Tensor:
+def _repetition_penalty(logp_RV: torch.Tensor, beams: list[_Hypothesis], start: int, penalty: float) -> torch.Tensor:
     logp_RV = logp_RV.clone()
     for r, beam in enumerate(beams):
         index = torch.tensor(sorted({start, *beam.tokens}), device=logp_RV.device)
         picked = logp_RV[r].index_select(0, index)
-        logp_RV[r] = logp_RV[r].index_copy(
-            0, index, torch.where(picked < 0, picked * penalty, picked / penalty)
-        )
+        logp_RV[r] = logp_RV[r].index_copy(0, index, torch.where(picked < 0, picked * penalty, picked / penalty))
     return logp_RV
 
 
@@ -58,10 +55,13 @@ def beam_search(
     eos = None if params.ignore_eos else config.eos_token_id
     start = config.decoder_start_token_id
 
-    ids_1S = torch.tensor([request.input_ids], dtype=torch.long, device=device)
-    valid_1S = torch.ones_like(ids_1S, dtype=torch.bool)
-    enc_1SD = model.encode(model.embed(ids_1S), valid_1S)
-    state = model.start_decoding(enc_1SD, valid_1S, capacity=params.max_new_tokens)
+    enc_1SD, valid_1S = encode_requests(model, [request])
+    prefix = request.prompt.decoder_prefix if request.prompt is not None else None
+    state = model.start_decoding(
+        enc_1SD, valid_1S, capacity=params.max_new_tokens + (0 if prefix is None else prefix.shape[0])
+    )
+    if prefix is not None:
+        feed_decoder_prefixes(model, state, [prefix])
 
     def hits_stop(tokens: tuple[int, ...]) -> bool:
         if eos is not None and tokens[-1] == eos:
@@ -94,9 +94,7 @@ def beam_search(
         for rank, (score, flat) in enumerate(zip(top_scores.tolist(), top_index.tolist(), strict=True)):
             parent, token = divmod(flat, vocab)
             beam = beams[parent]
-            candidate = _Hypothesis(
-                (*beam.tokens, token), (*beam.logprobs, raw_RV[parent, token].item()), score
-            )
+            candidate = _Hypothesis((*beam.tokens, token), (*beam.logprobs, raw_RV[parent, token].item()), score)
             if is_last_step or hits_stop(candidate.tokens):
                 accept = rank < num_beams and can_improve and not (pool_full and params.early_stopping)
                 if accept:

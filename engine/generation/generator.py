@@ -18,6 +18,7 @@ import torch
 from engine.errors import InputError
 from engine.experts.stats import ExpertStats
 from engine.generation.beam import beam_search
+from engine.generation.inputs import encode_requests, feed_decoder_prefixes
 from engine.generation.params import FinishReason, GenerationRequest, GenerationResult
 from engine.generation.sampling import TokenChooser, choose_tokens
 from engine.model import DecoderState, Seq2SeqLM
@@ -36,6 +37,8 @@ class Sequence:
     finish_reason: FinishReason | None = None
     stop_text_end: int | None = None
     experts: dict[str, float] = field(default_factory=dict)
+    last_text: str = ""
+    """Text the latest token added (for streaming), cut at a matched stop sequence."""
 
     @property
     def is_finished(self) -> bool:
@@ -45,14 +48,18 @@ class Sequence:
         """Record a new token and decide whether the sequence is done."""
         self.token_ids.append(token)
         self.logprobs.append(logprob)
+        self.last_text = ""
         params = self.request.params
         if token == eos_token_id and not params.ignore_eos:
             self.finish_reason = "eos_token"
         elif self.detokenizer is not None:
             previous = len(self.detokenizer.text)
-            self.detokenizer.push(token)
+            self.last_text = self.detokenizer.push(token)
             if params.stop:
                 self._check_stop(previous)
+                if self.stop_text_end is not None:
+                    emitted = len(self.detokenizer.text) - len(self.last_text)
+                    self.last_text = self.last_text[: max(0, self.stop_text_end - emitted)]
         if self.finish_reason is None and len(self.token_ids) >= params.max_new_tokens:
             self.finish_reason = "length"
 
@@ -62,11 +69,7 @@ class Sequence:
         longest = max(len(s) for s in self.request.params.stop)
         # Only the new text, plus enough of the old to catch a stop string spanning the boundary.
         window_start = max(0, previous_length - longest + 1)
-        ends = [
-            found + len(stop)
-            for stop in self.request.params.stop
-            if (found := text.find(stop, window_start)) >= 0
-        ]
+        ends = [found + len(stop) for stop in self.request.params.stop if (found := text.find(stop, window_start)) >= 0]
         if ends:
             self.finish_reason = "stop_sequence"
             self.stop_text_end = min(ends)
@@ -153,40 +156,51 @@ class Generator:
     def device(self) -> torch.device:
         return self.model.embed.weight.device
 
-    def _pad(self, rows: Seq[Seq[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), self.config.pad_token_id, dtype=torch.long)
-        for i, row in enumerate(rows):
-            ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-        valid = torch.arange(width).unsqueeze(0) < torch.tensor([len(r) for r in rows]).unsqueeze(1)
-        return ids.to(self.device), valid.to(self.device)
-
     def prefill(self, requests: Seq[GenerationRequest]) -> DecodeBatch:
-        """Encode `requests` as one right-padded batch and set up their decoder state."""
+        """Encode `requests` (right-padded, soft prompts in place) and set up their decoder state.
+
+        Requests whose prompts carry a decoder prefix of the same length are prefilled together
+        (the prefix runs through the decoder before the start token); the groups then form one batch.
+        """
         self._check_inputs(requests)
         before = self.expert_stats() if self.expert_stats else None
-        ids_BS, valid_BS = self._pad([r.input_ids for r in requests])
-        enc_BSD = self.model.encode(self.model.embed(ids_BS), valid_BS)
-        capacity = max(r.params.max_new_tokens for r in requests)
-        state = self.model.start_decoding(enc_BSD, valid_BS, capacity=capacity)
-        sequences = [
-            Sequence(
-                request=r,
-                chooser=TokenChooser.create(
-                    r.params, start_token=self.config.decoder_start_token_id, device=self.device
-                ),
-                detokenizer=IncrementalDecoder(self.tokenizer) if self.tokenizer is not None else None,
-            )
-            for r in requests
-        ]
+        groups: dict[int, list[GenerationRequest]] = {}
+        for r in requests:
+            groups.setdefault(r.prompt.decoder_tokens if r.prompt is not None else 0, []).append(r)
+        batch: DecodeBatch | None = None
+        for prefix_len, members in groups.items():
+            enc_BSD, valid_BS = encode_requests(self.model, members)
+            capacity = max(r.params.max_new_tokens for r in members) + prefix_len
+            state = self.model.start_decoding(enc_BSD, valid_BS, capacity=capacity)
+            if prefix_len:
+                prefixes = [r.prompt.decoder_prefix for r in members if r.prompt is not None]
+                feed_decoder_prefixes(self.model, state, [p for p in prefixes if p is not None])
+            sequences = [
+                Sequence(
+                    request=r,
+                    chooser=TokenChooser.create(
+                        r.params, start_token=self.config.decoder_start_token_id, device=self.device
+                    ),
+                    detokenizer=IncrementalDecoder(self.tokenizer) if self.tokenizer is not None else None,
+                )
+                for r in members
+            ]
+            group = DecodeBatch(sequences, state)
+            if batch is None:
+                batch = group
+            else:
+                batch.extend(group)
+        assert batch is not None
         if before is not None and self.expert_stats is not None:
-            share_expert_stats(sequences, self.expert_stats() - before)
-        return DecodeBatch(sequences, state)
+            share_expert_stats(batch.sequences, self.expert_stats() - before)
+        return batch
 
     def _check_inputs(self, requests: Seq[GenerationRequest]) -> None:
         vocab = self.config.vocab_size
+        if not requests:
+            raise InputError("no requests to generate for")
         for r in requests:
-            bad = [t for t in r.input_ids if not 0 <= t < vocab]
+            bad = [t for t in (*r.input_ids, *r.pair_ids) if not 0 <= t < vocab]
             if bad:
                 raise InputError(f"input token id {bad[0]} is outside the vocabulary [0, {vocab})")
             if r.params.stop and self.tokenizer is None:
@@ -218,9 +232,7 @@ class Generator:
         for i, r in enumerate(requests):
             if r.params.num_beams > 1:
                 before = self.expert_stats() if self.expert_stats else None
-                results[i] = beam_search(
-                    self.model, r, tokenizer=self.tokenizer, num_choosable=self.num_choosable
-                )
+                results[i] = beam_search(self.model, r, tokenizer=self.tokenizer, num_choosable=self.num_choosable)
                 if before is not None and self.expert_stats is not None:
                     delta = self.expert_stats() - before
                     results[i].experts = {name: float(getattr(delta, name)) for name in EXPERT_FIELDS}

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from engine.errors import InputError
+from engine.prompts import SoftPrompt, encoder_length
 
 FinishReason = Literal["length", "eos_token", "stop_sequence"]
 
@@ -54,9 +55,7 @@ class SamplingParams:
         if self.repetition_penalty is not None and not (
             math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0
         ):
-            raise InputError(
-                f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty!r}"
-            )
+            raise InputError(f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty!r}")
         if self.num_beams < 1:
             raise InputError(f"num_beams must be at least 1, got {self.num_beams!r}")
         if self.num_beams > 1 and self.is_sampling:
@@ -84,15 +83,27 @@ class SamplingParams:
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    """One generation: encoder input token ids (usually ending in EOS) and how to decode."""
+    """One generation: encoder input token ids (usually ending in EOS) and how to decode.
+
+    With a soft prompt, the encoder input is prefix | input_ids | infix | pair_ids | suffix
+    (`engine.prompts`); `pair_ids` is the second segment of two-part tasks.
+    """
 
     input_ids: tuple[int, ...]
     params: SamplingParams = field(default_factory=SamplingParams)
     request_id: str = ""
+    pair_ids: tuple[int, ...] = ()
+    prompt: SoftPrompt | None = None
 
     def __post_init__(self) -> None:
-        if len(self.input_ids) == 0:
+        virtual = self.prompt.encoder_tokens if self.prompt is not None else 0
+        if len(self.input_ids) + len(self.pair_ids) + virtual == 0:
             raise InputError("the input is empty; give at least one token")
+
+    @property
+    def encoder_length(self) -> int:
+        """Encoder positions, virtual tokens included."""
+        return encoder_length(len(self.input_ids), len(self.pair_ids), self.prompt)
 
 
 @dataclass
