@@ -1,0 +1,178 @@
+"""`AsyncEngine`: the engine behind the server, an `EngineClient` over the engine thread.
+
+Built from a model directory: loads the model (experts offloaded when they exceed the budget), the
+tokenizer, starts the engine thread, warms up with a one-token generation, and then answers
+`generate` with an async stream of token events. Leaving the stream early (a client that went
+away) cancels the request at the next step boundary.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from engine.generation import Generator, SamplingParams
+from engine.offload import InferenceModel, OffloadConfig, load_for_inference
+from engine.serving.loop import EngineLoop
+from engine.serving.protocol import (
+    EngineHealth,
+    EngineInfo,
+    EngineRequest,
+    EngineStats,
+    EngineUnavailableError,
+    TokenEvent,
+)
+from engine.tokenizer import Tokenizer, load_tokenizer
+
+
+@dataclass(frozen=True, kw_only=True)
+class EngineConfig:
+    """How the engine is built and how much it takes on."""
+
+    model: Path
+    """Native cpm2 or HF T5 / mT5 / Switch directory."""
+    dtype: str | None = None
+    device: str = "cpu"
+    offload: OffloadConfig = field(default_factory=OffloadConfig)
+    max_batch_size: int = 32
+    """Rows decoded together at most."""
+    max_queue: int = 128
+    """Requests waiting at most before new ones are refused (429)."""
+    stall_seconds: float = 60.0
+    """With requests running and no step for this long, the engine is reported stalled."""
+    warmup: bool = True
+
+
+class AsyncEngine:
+    """`EngineClient` implementation backed by one model and one engine thread."""
+
+    def __init__(self, config: EngineConfig, loaded: InferenceModel, tokenizer: Tokenizer) -> None:
+        self.config = config
+        self.loaded = loaded
+        self.tokenizer = tokenizer
+        provider = loaded.provider
+        self.generator = Generator(
+            loaded.model, tokenizer, expert_stats=provider.stats.snapshot if provider is not None else None
+        )
+        specials = frozenset(i for i in range(tokenizer.vocab_size) if tokenizer.is_special(i))
+        self.loop = EngineLoop(
+            self.generator,
+            max_running=config.max_batch_size,
+            max_waiting=config.max_queue,
+            special_ids=specials,
+            expert_stats=(lambda: provider.stats.to_dict()) if provider is not None else None,
+        )
+        self._status = "starting"
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> AsyncEngine:
+        loaded = load_for_inference(
+            config.model, dtype=config.dtype, device=config.device, offload=config.offload, progress=False
+        )
+        return cls(config, loaded, load_tokenizer(config.model))
+
+    # ---- lifecycle -------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self.loop.start()
+        if self.config.warmup:
+            await self._warm_up()
+        self._status = "ok"
+
+    async def _warm_up(self) -> None:
+        """One tiny generation through the whole path, so the first request pays no first-call costs."""
+        request = EngineRequest(
+            request_id="warmup",
+            input_ids=tuple(self.tokenizer.encode("warm up")),
+            params=SamplingParams(max_new_tokens=2),
+        )
+        async for _ in self._stream(request):
+            pass
+
+    async def drain(self, timeout: float) -> None:
+        self._status = "draining"
+        self.loop.stop_accepting()
+        deadline = time.monotonic() + timeout
+        while self.loop.num_active and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        self.loop.stop()
+        await asyncio.to_thread(self.loop.join, 10.0)
+        self._status = "stopped"
+        self.loaded.close()
+
+    # ---- queries -----------------------------------------------------------------------------
+
+    def info(self) -> EngineInfo:
+        config = self.loaded.model.config
+        weight = self.loaded.model.embed.weight
+        return EngineInfo(
+            model_id=str(self.config.model),
+            model_family=config.family,
+            dtype=str(weight.dtype).removeprefix("torch."),
+            device=str(weight.device),
+            d_model=config.d_model,
+            vocab_size=config.vocab_size,
+            max_batch_size=self.config.max_batch_size,
+            max_queue=self.config.max_queue,
+            experts_offloaded=self.loaded.is_offloaded,
+            expert_memory_bytes=self.loaded.budget_bytes,
+            extra={"total_expert_bytes": self.loaded.total_expert_bytes},
+        )
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.loaded.model.embed.weight.dtype
+
+    def health(self) -> EngineHealth:
+        age = time.monotonic() - self.loop.alive_at
+        if self.loop.failure is not None:
+            return EngineHealth("failed", f"the engine thread failed: {self.loop.failure}", age)
+        if self._status != "starting" and not self.loop.is_alive():
+            return EngineHealth("stopped", "the engine thread is not running", age)
+        if age > self.config.stall_seconds:
+            return EngineHealth("stalled", f"no engine step for {age:.0f} s", age)
+        return EngineHealth(self._status, "", age)  # type: ignore[arg-type]
+
+    def stats(self) -> EngineStats:
+        return self.loop.snapshot()
+
+    def tokenize(self, text: str, *, add_eos: bool = True) -> list[int]:
+        return self.tokenizer.encode(text, add_eos=add_eos)
+
+    def token_text(self, token_id: int) -> str:
+        return self.tokenizer.id_to_piece(token_id)
+
+    # ---- generation ------------------------------------------------------------------------------
+
+    def generate(self, request: EngineRequest) -> AsyncIterator[TokenEvent]:
+        if self._status != "ok":
+            raise EngineUnavailableError(f"the engine is {self._status}; retry shortly")
+        return self._stream(request)
+
+    async def _stream(self, request: EngineRequest) -> AsyncIterator[TokenEvent]:
+        events: asyncio.Queue[TokenEvent | Exception] = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+
+        def sink(item: TokenEvent | Exception) -> None:
+            loop.call_soon_threadsafe(events.put_nowait, item)
+
+        self.loop.submit(request, sink)
+        finished = False
+        try:
+            while True:
+                item = await events.get()
+                if isinstance(item, Exception):
+                    finished = True
+                    raise item
+                finished = item.is_last
+                yield item
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self.loop.cancel(request.request_id)

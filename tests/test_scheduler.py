@@ -1,0 +1,50 @@
+"""The scheduler: bounded FIFO admission, cancellation and deadlines (plain Python, no tensors)."""
+
+from __future__ import annotations
+
+import pytest
+
+from engine.generation import SamplingParams
+from engine.serving.protocol import EngineOverloadedError, EngineRequest
+from engine.serving.scheduler import Scheduler
+
+
+def _request(i: int, deadline: float | None = None) -> EngineRequest:
+    return EngineRequest(request_id=f"r{i}", input_ids=(5, 1), params=SamplingParams(), deadline=deadline)
+
+
+def test_admits_oldest_first_up_to_the_batch_room() -> None:
+    scheduler = Scheduler(max_running=3, max_waiting=10)
+    for i in range(5):
+        scheduler.submit(_request(i), now=float(i))
+    first = scheduler.admit(num_running=1)
+    assert [w.request.request_id for w in first] == ["r0", "r1"]
+    assert [w.arrival for w in first] == [0.0, 1.0]
+    assert scheduler.admit(num_running=3) == []
+    assert [w.request.request_id for w in scheduler.admit(num_running=0)] == ["r2", "r3", "r4"]
+
+
+def test_full_queue_refuses_at_once() -> None:
+    scheduler = Scheduler(max_running=1, max_waiting=2)
+    scheduler.submit(_request(0), now=0)
+    scheduler.submit(_request(1), now=0)
+    with pytest.raises(EngineOverloadedError, match="queue is full") as excinfo:
+        scheduler.submit(_request(2), now=0)
+    assert excinfo.value.retry_after > 0
+    assert len(scheduler.waiting) == 2
+
+
+def test_cancel_and_expiry_remove_waiting_requests() -> None:
+    scheduler = Scheduler(max_running=1, max_waiting=5)
+    scheduler.submit(_request(0, deadline=5.0), now=0)
+    scheduler.submit(_request(1), now=0)
+    scheduler.submit(_request(2, deadline=50.0), now=0)
+    assert scheduler.cancel("r1")
+    assert not scheduler.cancel("r1")
+    assert [w.request.request_id for w in scheduler.expired(now=10.0)] == ["r0"]
+    assert [w.request.request_id for w in scheduler.waiting] == ["r2"]
+
+
+def test_limits_are_validated() -> None:
+    with pytest.raises(ValueError, match="max_running"):
+        Scheduler(max_running=0, max_waiting=1)
