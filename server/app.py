@@ -1,0 +1,140 @@
+"""The FastAPI application: `create_app(settings, engine=None)`.
+
+Without an engine the lifespan builds the real one from the settings (tests pass a fake or a tiny
+real engine) and starts it; on shutdown it drains: no new requests, running ones finish (up to
+`shutdown_timeout`), then the engine stops.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import JSONResponse
+
+from engine.serving.protocol import EngineClient
+from server.context import ServerContext
+from server.errors import error_body, install_error_handlers, is_openai_route
+from server.prompt_store import PromptStore
+from server.routes import generate, openai, prompts, system
+from server.settings import Settings
+
+log = logging.getLogger("cpm2.server")
+
+#: Routes whose request bodies are JSON and bounded by `payload_limit` (uploads have their own limit).
+_JSON_ROUTES = ("/generate", "/generate_stream", "/v1/completions", "/tokenize", "/")
+
+
+def _route_label(request: Request) -> str:
+    route = request.scope.get("route")
+    path = getattr(route, "path", None)
+    return str(path) if path else "unmatched"
+
+
+def build_engine(settings: Settings) -> EngineClient:
+    """The real engine for `settings` (a model directory, or the built-in default model)."""
+    from engine.serving.engine import AsyncEngine
+    from server.builtin import resolve_model
+
+    model_dir = resolve_model(settings.model)
+    return AsyncEngine.from_config(settings.engine_config(model_dir))
+
+
+def build_store(settings: Settings, engine: EngineClient) -> PromptStore:
+    import torch
+
+    info = engine.info()
+    return PromptStore(
+        Path(settings.prompt_store),
+        d_model=info.d_model,
+        dtype=getattr(torch, info.dtype),
+        max_virtual_tokens=settings.max_virtual_tokens,
+        max_upload_bytes=settings.max_prompt_upload_bytes,
+        cache_bytes=settings.prompt_cache_bytes,
+    )
+
+
+def create_app(settings: Settings | None = None, engine: EngineClient | None = None) -> FastAPI:
+    """The app; `engine` is started by the lifespan (the real one is built when none is given)."""
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        real = engine or build_engine(settings)
+        store = build_store(settings, real)
+        ctx = ServerContext.create(settings, real, store)
+        app.state.ctx = ctx
+        if settings.admin_token is None:
+            log.warning("no CPM2_ADMIN_TOKEN: prompt uploads and deletes are accepted from loopback clients only")
+        await real.start()
+        ctx.metrics.ready.set(1)
+        log.info("cpm2 ready: model %s", ctx.model_name)
+        try:
+            yield
+        finally:
+            ctx.draining = True
+            ctx.metrics.ready.set(0)
+            ctx.metrics.draining.set(1)
+            await real.drain(settings.shutdown_timeout)
+
+    app = FastAPI(
+        title="cpm2",
+        description="Encoder-decoder MoE inference with runtime soft prompts (TGI- and OpenAI-compatible).",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+
+    @app.middleware("http")
+    async def limits_and_metrics(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        ctx: ServerContext | None = getattr(request.app.state, "ctx", None)
+        if ctx is not None and ctx.draining and request.url.path not in ("/health", "/ready", "/metrics"):
+            response: Response = JSONResponse(
+                error_body(
+                    "the server is shutting down; retry on another replica",
+                    "unavailable",
+                    openai=is_openai_route(request),
+                    status=503,
+                ),
+                status_code=503,
+                headers={"Retry-After": "5"},
+            )
+        else:
+            length = request.headers.get("content-length")
+            too_big = (
+                request.url.path in _JSON_ROUTES
+                and length is not None
+                and length.isdigit()
+                and int(length) > settings.payload_limit
+            )
+            if too_big:
+                message = f"the request body is over {settings.payload_limit} bytes (CPM2_PAYLOAD_LIMIT)"
+                response = JSONResponse(
+                    error_body(message, "too_large", openai=is_openai_route(request), status=413),
+                    status_code=413,
+                )
+            else:
+                response = await call_next(request)
+        if ctx is not None and request.url.path != "/metrics":
+            error_type = None
+            if response.status_code >= 400:
+                error_type = {
+                    401: "unauthorized",
+                    404: "not_found",
+                    413: "too_large",
+                    422: "validation",
+                    429: "overloaded",
+                    503: "unavailable",
+                    504: "timeout",
+                }.get(response.status_code, "error")
+            ctx.metrics.response(_route_label(request), response.status_code, error_type)
+        return response
+
+    app.include_router(generate.router)
+    app.include_router(openai.router)
+    app.include_router(prompts.router)
+    app.include_router(system.router)
+    return app

@@ -1,0 +1,45 @@
+"""What every route needs, in one object on `app.state` (FastAPI dependency `context`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from engine.serving.protocol import EngineClient
+from server.metrics import Metrics
+from server.prompt_store import PromptStore
+from server.service import GenerationService
+from server.settings import Settings
+
+
+@dataclass
+class ServerContext:
+    settings: Settings
+    engine: EngineClient
+    store: PromptStore
+    metrics: Metrics
+    service: GenerationService
+    model_name: str
+    draining: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    @classmethod
+    def create(cls, settings: Settings, engine: EngineClient, store: PromptStore) -> ServerContext:
+        metrics = Metrics()
+        service = GenerationService(engine, store, settings, metrics)
+        info = engine.info()
+        metrics.attach(engine, store, lambda: service.in_flight)
+        metrics.describe_build(model=info.model_id, dtype=info.dtype)
+        return cls(settings, engine, store, metrics, service, model_name=Path(info.model_id).name or info.model_id)
+
+
+def context(request: Request) -> ServerContext:
+    ctx: ServerContext = request.app.state.ctx
+    return ctx
+
+
+#: Route parameter type: `ctx: Ctx` injects the server context.
+Ctx = Annotated[ServerContext, Depends(context)]

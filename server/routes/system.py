@@ -1,0 +1,99 @@
+"""Probes and introspection: `/health`, `/ready`, `/info`, `/metrics`, `/tokenize`."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+
+from server.auth import check_api_key
+from server.context import Ctx
+from server.prompt_store import check_id
+from server.schemas import TokenizeRequest
+
+router = APIRouter()
+
+
+def _version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("cpm2")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+@router.get("/health")
+async def health(ctx: Ctx) -> JSONResponse:
+    """Liveness: the event loop answers and the engine thread makes progress (or is idle)."""
+    state = ctx.engine.health()
+    body = {
+        "status": state.status,
+        "detail": state.detail,
+        "last_step_age_seconds": state.last_step_age_seconds,
+    }
+    return JSONResponse(body, status_code=200 if state.is_live else 503)
+
+
+@router.get("/ready")
+async def ready(ctx: Ctx) -> JSONResponse:
+    """Readiness: loaded, warmed up, not draining."""
+    state = ctx.engine.health()
+    is_ready = state.is_ready and not ctx.draining
+    ctx.metrics.ready.set(1 if is_ready else 0)
+    status = "draining" if ctx.draining else state.status
+    headers = None if is_ready else {"Retry-After": "5"}
+    return JSONResponse({"status": status}, status_code=200 if is_ready else 503, headers=headers)
+
+
+@router.get("/info")
+async def info(ctx: Ctx) -> dict[str, object]:
+    """Model, limits and version (TGI's /info fields where they apply)."""
+    engine = ctx.engine.info()
+    s = ctx.settings
+    return {
+        "model_id": ctx.model_name,
+        "model_path": engine.model_id,
+        "model_family": engine.model_family,
+        "dtype": engine.dtype,
+        "device": engine.device,
+        "d_model": engine.d_model,
+        "max_input_tokens": s.max_input_tokens,
+        "max_total_tokens": s.max_total_tokens,
+        "max_new_tokens": s.max_new_tokens,
+        "max_concurrent_requests": s.max_concurrent_requests,
+        "max_queue_requests": s.max_queue_requests,
+        "max_batch_size": engine.max_batch_size,
+        "max_stop_sequences": s.max_stop_sequences,
+        "max_virtual_tokens": s.max_virtual_tokens,
+        "max_prompt_upload_bytes": s.max_prompt_upload_bytes,
+        "experts_offloaded": engine.experts_offloaded,
+        "expert_memory_bytes": engine.expert_memory_bytes,
+        "version": _version(),
+    }
+
+
+@router.get("/metrics")
+async def metrics(ctx: Ctx) -> Response:
+    """Prometheus text exposition."""
+    return Response(ctx.metrics.exposition(ctx.engine), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+@router.post("/tokenize")
+async def tokenize(request: Request, body: TokenizeRequest, ctx: Ctx) -> dict[str, object]:
+    """The tokens of `inputs` (and `text_pair`), and where a prompt's virtual tokens would go."""
+    check_api_key(request, ctx.settings.api_key)
+    if body.text_pair is not None:
+        ids_a = ctx.engine.tokenize(body.inputs, add_eos=False)
+        ids_b = ctx.engine.tokenize(body.text_pair)
+    else:
+        ids_a, ids_b = ctx.engine.tokenize(body.inputs), []
+    virtual: dict[str, int] = {}
+    if body.prompt_id is not None:
+        virtual = ctx.store.record(check_id(body.prompt_id)).num_virtual_tokens
+    tokens = [{"id": t, "text": ctx.engine.token_text(t), "segment": "inputs"} for t in ids_a]
+    tokens += [{"id": t, "text": ctx.engine.token_text(t), "segment": "text_pair"} for t in ids_b]
+    return {
+        "tokens": tokens,
+        "virtual_tokens": virtual,
+        "input_length": len(ids_a) + len(ids_b) + sum(n for k, n in virtual.items() if k != "decoder_prefix"),
+    }

@@ -1,0 +1,177 @@
+"""Request and response bodies: TGI's `/generate` schema and OpenAI's `/v1/completions`.
+
+TGI's Python clients send every parameter they know, null when unset; each is accepted here, and
+one cpm2 does not implement is refused (422) only when set to something other than its default.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
+
+
+class GenerateParameters(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    max_new_tokens: int | None = Field(None, gt=0, description="tokens to generate at most")
+    do_sample: bool = Field(False, description="sample instead of greedy decoding")
+    temperature: float | None = Field(None, ge=0, description="0 means greedy")
+    top_k: int | None = Field(None, gt=0)
+    top_p: float | None = Field(None, gt=0, le=1, description="nucleus sampling, (0, 1]")
+    repetition_penalty: float | None = Field(None, gt=0)
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    stop: list[str] = Field(default_factory=list, description="stop sequences (kept in the output)")
+    num_beams: int | None = Field(None, ge=1, le=16)
+    details: bool = Field(False, description="return finish reason, tokens, logprobs, expert traffic")
+    prompt_id: str | None = Field(
+        None, validation_alias=AliasChoices("prompt_id", "adapter_id"), description="soft prompt to use"
+    )
+    text_pair: str | None = Field(None, description="second segment of two-part tasks (after the infix)")
+    timeout_ms: int | None = Field(None, gt=0, description="deadline for the whole request")
+    truncate: int | None = Field(None, gt=0, description="keep only the last N input tokens")
+    ignore_eos: bool = Field(False, description="keep generating after the end-of-sequence token")
+    # Sent by TGI's clients; only their defaults are supported.
+    best_of: int | None = None
+    watermark: bool = False
+    decoder_input_details: bool = False
+    top_n_tokens: int | None = None
+    typical_p: float | None = None
+    frequency_penalty: float | None = None
+    return_full_text: bool | None = None
+    grammar: Any | None = None
+
+    @model_validator(mode="after")
+    def _unsupported(self) -> GenerateParameters:
+        unsupported = {
+            "best_of": self.best_of not in (None, 1),
+            "watermark": self.watermark,
+            "decoder_input_details": self.decoder_input_details,
+            "top_n_tokens": self.top_n_tokens not in (None, 0),
+            "typical_p": self.typical_p not in (None, 1.0),
+            "frequency_penalty": self.frequency_penalty not in (None, 0.0),
+            "return_full_text": bool(self.return_full_text),
+            "grammar": self.grammar is not None,
+        }
+        used = [name for name, is_set in unsupported.items() if is_set]
+        if used:
+            raise ValueError(f"cpm2 does not support {', '.join(used)}; leave them unset")
+        return self
+
+
+class GenerateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    inputs: str = Field(..., min_length=1, description="the input text")
+    parameters: GenerateParameters = Field(default_factory=GenerateParameters)
+    stream: bool = Field(False, description="POST / only: answer with server-sent events")
+
+
+class Token(BaseModel):
+    id: int
+    text: str
+    logprob: float
+    special: bool
+
+
+class ExpertDetails(BaseModel):
+    bytes_moved: float = 0
+    hits: float = 0
+    misses: float = 0
+
+
+class Details(BaseModel):
+    finish_reason: Literal["length", "eos_token", "stop_sequence"]
+    generated_tokens: int
+    seed: int | None = None
+    input_length: int = 0
+    virtual_tokens: int = 0
+    tokens: list[Token] = Field(default_factory=list)
+    experts: ExpertDetails = Field(default_factory=ExpertDetails)
+
+
+class GenerateResponse(BaseModel):
+    generated_text: str
+    details: Details | None = None
+
+
+class StreamDetails(BaseModel):
+    finish_reason: Literal["length", "eos_token", "stop_sequence"]
+    generated_tokens: int
+    seed: int | None = None
+    input_length: int = 0
+    virtual_tokens: int = 0
+    experts: ExpertDetails = Field(default_factory=ExpertDetails)
+
+
+class StreamResponse(BaseModel):
+    index: int
+    token: Token
+    generated_text: str | None = None
+    details: StreamDetails | None = None
+
+
+class TokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    inputs: str
+    text_pair: str | None = None
+    prompt_id: str | None = None
+
+
+# ---- OpenAI ------------------------------------------------------------------------------------
+
+
+class CompletionRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(..., description="the base model name, or a soft prompt id")
+    prompt: str | list[str] = Field(..., description="one input, or several (one choice each)")
+    max_tokens: int | None = Field(16, gt=0)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, gt=0)
+    repetition_penalty: float | None = Field(None, gt=0)
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    stream: bool = False
+    logprobs: int | None = Field(None, ge=0, le=1, description="0 or 1: the chosen token's logprob")
+    user: str | None = None
+    text_pair: str | None = None
+    # OpenAI fields with only the default supported.
+    n: int = 1
+    best_of: int | None = None
+    echo: bool = False
+    suffix: str | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    stream_options: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _unsupported(self) -> CompletionRequest:
+        unsupported = {
+            "n": self.n != 1,
+            "best_of": self.best_of not in (None, 1),
+            "echo": self.echo,
+            "suffix": self.suffix is not None,
+            "presence_penalty": self.presence_penalty not in (None, 0.0),
+            "frequency_penalty": self.frequency_penalty not in (None, 0.0),
+            "logit_bias": bool(self.logit_bias),
+        }
+        used = [name for name, is_set in unsupported.items() if is_set]
+        if used:
+            raise ValueError(f"cpm2 does not support {', '.join(used)}; leave them unset")
+        if isinstance(self.prompt, list) and not self.prompt:
+            raise ValueError("prompt must not be an empty list")
+        return self
+
+    @property
+    def prompts(self) -> list[str]:
+        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+
+    @property
+    def stops(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)

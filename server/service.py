@@ -1,0 +1,191 @@
+"""From an HTTP request to engine requests and back: validation, limits, soft prompts, timing.
+
+Routes stay thin: they parse a body, call `GenerationService`, and shape the answer. Everything a
+request is checked against (lengths including virtual tokens, stop sequences, the prompt's
+existence) happens here, before the engine sees it, so an over-long or malformed request is
+refused at admission with 422 instead of failing inside the engine.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from engine.errors import InputError
+from engine.generation.params import SamplingParams
+from engine.serving.protocol import EngineClient, EngineRequest, TokenEvent
+from server.errors import TooManyRequestsError
+from server.metrics import Metrics
+from server.prompt_store import PromptStore, check_id
+from server.settings import Settings
+
+
+@dataclass
+class GenerationInput:
+    """The parts of a generation request that do not depend on the API flavour."""
+
+    inputs: str
+    text_pair: str | None = None
+    prompt_id: str | None = None
+    max_new_tokens: int | None = None
+    do_sample: bool = False
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    repetition_penalty: float | None = None
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    num_beams: int | None = None
+    timeout_ms: int | None = None
+    truncate: int | None = None
+    ignore_eos: bool = False
+
+
+@dataclass
+class Timing:
+    """When a request arrived, was validated, got its first token and finished (monotonic seconds)."""
+
+    arrival: float
+    validated: float = 0.0
+    first_token: float | None = None
+    last_token: float | None = None
+    finished: float | None = None
+    queue_seconds: float = 0.0
+
+    def headers(self, *, prompt_tokens: int, virtual_tokens: int, generated: int, request_id: str) -> dict[str, str]:
+        end = self.finished or time.monotonic()
+        # The engine measures queueing on its own thread; clamp so rounding never reports < 0.
+        inference = max(0.0, end - self.validated - self.queue_seconds)
+        per_token = inference / generated if generated else 0.0
+        ms = lambda seconds: str(round(seconds * 1000))  # noqa: E731
+        return {
+            "x-request-id": request_id,
+            "x-prompt-tokens": str(prompt_tokens),
+            "x-virtual-tokens": str(virtual_tokens),
+            "x-generated-tokens": str(generated),
+            "x-validation-time": ms(self.validated - self.arrival),
+            "x-queue-time": ms(self.queue_seconds),
+            "x-inference-time": ms(inference),
+            "x-time-per-token": ms(per_token),
+            "x-total-time": ms(end - self.arrival),
+        }
+
+
+@dataclass
+class Outcome:
+    """All events of a finished (non-streamed) generation."""
+
+    request: EngineRequest
+    events: list[TokenEvent]
+    timing: Timing
+
+    @property
+    def last(self) -> TokenEvent:
+        return self.events[-1]
+
+
+class GenerationService:
+    """Turns validated inputs into engine requests; records request metrics."""
+
+    def __init__(self, engine: EngineClient, store: PromptStore, settings: Settings, metrics: Metrics) -> None:
+        self.engine = engine
+        self.store = store
+        self.settings = settings
+        self.metrics = metrics
+        self.in_flight = 0
+
+    def build(self, spec: GenerationInput) -> EngineRequest:
+        """Validate `spec` against the server's limits and make the engine request (raises InputError)."""
+        s = self.settings
+        prompt = self.store.load(check_id(spec.prompt_id)) if spec.prompt_id else None
+        if spec.text_pair is not None:
+            ids_a = self.engine.tokenize(spec.inputs, add_eos=False)
+            ids_b = self.engine.tokenize(spec.text_pair)
+        else:
+            ids_a, ids_b = self.engine.tokenize(spec.inputs), []
+        if spec.truncate is not None and len(ids_a) > spec.truncate:
+            ids_a = ids_a[-spec.truncate :]
+        virtual = prompt.encoder_tokens if prompt is not None else 0
+        length = len(ids_a) + len(ids_b) + virtual
+        if length > s.max_input_tokens:
+            raise InputError(
+                f"the input is {length} tokens ({len(ids_a) + len(ids_b)} of text, {virtual} virtual from "
+                f"the prompt); the limit is {s.max_input_tokens}: shorten it or set parameters.truncate"
+            )
+        room = s.max_total_tokens - length
+        if spec.max_new_tokens is not None and spec.max_new_tokens > room:
+            raise InputError(
+                f"input ({length}) + max_new_tokens ({spec.max_new_tokens}) exceeds max_total_tokens "
+                f"({s.max_total_tokens}); ask for at most {room} new tokens"
+            )
+        if room < 1:
+            raise InputError(f"the input leaves no room to generate within max_total_tokens ({s.max_total_tokens})")
+        if len(spec.stop) > s.max_stop_sequences:
+            raise InputError(f"{len(spec.stop)} stop sequences given; the limit is {s.max_stop_sequences}")
+        params = SamplingParams(
+            max_new_tokens=spec.max_new_tokens or min(s.max_new_tokens, room),
+            do_sample=spec.do_sample,
+            temperature=spec.temperature,
+            top_k=spec.top_k,
+            top_p=spec.top_p,
+            repetition_penalty=spec.repetition_penalty,
+            seed=spec.seed,
+            stop=tuple(spec.stop),
+            num_beams=spec.num_beams or 1,
+            ignore_eos=spec.ignore_eos,
+        )
+        deadline = time.monotonic() + spec.timeout_ms / 1000 if spec.timeout_ms else None
+        return EngineRequest(
+            request_id=uuid.uuid4().hex,
+            input_ids=tuple(ids_a),
+            pair_ids=tuple(ids_b),
+            params=params,
+            prompt=prompt,
+            prompt_id=spec.prompt_id,
+            deadline=deadline,
+        )
+
+    async def stream(
+        self, route: str, spec: GenerationInput, timing: Timing
+    ) -> tuple[EngineRequest, AsyncIterator[TokenEvent]]:
+        """Validate, then start generating; the iterator yields events and records metrics."""
+        if self.in_flight >= self.settings.max_concurrent_requests:
+            self.metrics.rejected(route, "concurrency")
+            raise TooManyRequestsError(
+                f"{self.settings.max_concurrent_requests} requests are in flight; retry shortly",
+                retry_after=1.0,
+            )
+        request = self.build(spec)
+        timing.validated = time.monotonic()
+        events = self.engine.generate(request)
+        return request, self._observe(route, request, events, timing)
+
+    async def _observe(
+        self, route: str, request: EngineRequest, events: AsyncIterator[TokenEvent], timing: Timing
+    ) -> AsyncIterator[TokenEvent]:
+        # Counted from the first iteration: an iterator that is never started holds nothing.
+        self.in_flight += 1
+        try:
+            async for event in events:
+                now = time.monotonic()
+                if timing.first_token is None:
+                    timing.first_token = now
+                    timing.queue_seconds = event.queue_seconds
+                    self.metrics.first_token(route, now - timing.arrival, event.queue_seconds)
+                elif timing.last_token is not None:
+                    self.metrics.inter_token(now - timing.last_token)
+                timing.last_token = now
+                if event.is_last:
+                    timing.finished = now
+                    self.metrics.finished(route, request, event, now - timing.arrival)
+                yield event
+        finally:
+            self.in_flight -= 1
+
+    async def run(self, route: str, spec: GenerationInput, timing: Timing) -> Outcome:
+        """Generate to the end and return every event."""
+        request, events = await self.stream(route, spec, timing)
+        collected = [event async for event in events]
+        return Outcome(request, collected, timing)

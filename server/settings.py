@@ -1,0 +1,74 @@
+"""Server settings: every option from `cpm2 serve` flags or a `CPM2_*` environment variable.
+
+The only module of cpm2 that reads the environment (pydantic-settings); it builds the engine's typed
+config, so the engine itself never looks at environment variables.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from engine.experts.order import ORDER_POLICIES
+from engine.offload import OffloadConfig
+from engine.serving.engine import EngineConfig
+
+DEFAULT_MODEL = "builtin:tiny"
+
+
+class Settings(BaseSettings):
+    """`CPM2_MODEL=/models/x cpm2 serve` and `cpm2 serve --model /models/x` are the same thing."""
+
+    model_config = SettingsConfigDict(env_prefix="CPM2_", env_file=None, extra="ignore")
+
+    model: str = Field(
+        DEFAULT_MODEL,
+        description="model directory, or builtin:tiny (a small random model written on first start)",
+    )
+    host: str = Field("127.0.0.1", description="address to listen on")
+    port: int = Field(8080, ge=1, le=65535, description="port to listen on")
+    dtype: str | None = Field(None, description="float32 | bfloat16 | float16 (default: as stored)")
+    device: str = Field("cpu", description="cpu, cuda, cuda:1, ...")
+    expert_memory: str | None = Field(None, description="expert pool budget: 512MiB or 25%% (default: auto)")
+    expert_order: Literal["infmoe", "cached-first", "index"] = Field("infmoe", description="expert order")
+    expert_direct_io: bool = Field(False, description="read offloaded experts with O_DIRECT")
+    prompt_store: Path = Field(Path("data/prompts"), description="directory of uploaded soft prompts")
+    prompt_cache_bytes: int = Field(256 * 2**20, ge=0, description="bytes of soft prompts kept in memory")
+    max_input_tokens: int = Field(1024, ge=1, description="encoder tokens per request, virtual tokens included")
+    max_total_tokens: int = Field(2048, ge=2, description="input + generated tokens per request")
+    max_new_tokens: int = Field(256, ge=1, description="default max_new_tokens when a request sets none")
+    max_batch_size: int = Field(32, ge=1, description="requests decoded together")
+    max_queue_requests: int = Field(128, ge=0, description="requests waiting before new ones get 429")
+    max_concurrent_requests: int = Field(160, ge=1, description="requests in the server at once (429 above)")
+    max_stop_sequences: int = Field(4, ge=0, description="stop sequences per request")
+    max_virtual_tokens: int = Field(512, ge=1, description="virtual tokens per soft prompt")
+    max_prompt_upload_bytes: int = Field(64 * 2**20, ge=1, description="size of one uploaded prompt file")
+    payload_limit: int = Field(2_000_000, ge=1, description="bytes of a JSON request body")
+    api_key: str | None = Field(None, description="key required on generation routes (Authorization: Bearer)")
+    admin_token: str | None = Field(None, description="token required to upload/delete prompts")
+    shutdown_timeout: float = Field(30.0, ge=0, description="seconds to finish running requests on SIGTERM")
+    stall_seconds: float = Field(60.0, gt=0, description="engine reported stalled after this long without a step")
+    log_level: str = Field("info", description="debug, info, warning, error")
+
+    @field_validator("expert_memory")
+    @classmethod
+    def _blank_is_auto(cls, value: str | None) -> str | None:
+        return None if value in (None, "", "auto") else value
+
+    def engine_config(self, model_dir: Path) -> EngineConfig:
+        """The engine's typed config for these settings."""
+        assert self.expert_order in ORDER_POLICIES
+        return EngineConfig(
+            model=model_dir,
+            dtype=self.dtype,
+            device=self.device,
+            offload=OffloadConfig(
+                expert_memory=self.expert_memory, order=self.expert_order, direct_io=self.expert_direct_io
+            ),
+            max_batch_size=self.max_batch_size,
+            max_queue=self.max_queue_requests,
+            stall_seconds=self.stall_seconds,
+        )

@@ -1,0 +1,89 @@
+"""End to end: `python -m server` as a real process on loopback, driven with httpx."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from engine.prompts import SoftPrompt
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def server(tiny_model_dir: Path, tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    port = _free_port()
+    env = {**os.environ, "CPM2_PROMPT_STORE": str(tmp_path / "prompts"), "CPM2_SHUTDOWN_TIMEOUT": "20"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "server", "--model", str(tiny_model_dir), "--port", str(port)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            out = process.stdout.read().decode() if process.stdout else ""
+            pytest.fail(f"server exited early:\n{out}")
+        try:
+            if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    else:
+        process.kill()
+        pytest.fail("server did not become ready")
+    yield process, url
+    if process.poll() is None:
+        process.kill()
+        process.wait()
+
+
+def test_serve_generate_upload_use_and_drain(server: tuple[subprocess.Popen[bytes], str]) -> None:
+    process, url = server
+    with httpx.Client(base_url=url, timeout=60) as client:
+        first = client.post("/generate", json={"inputs": "hello", "parameters": {"max_new_tokens": 5}})
+        assert first.status_code == 200
+        assert "generated_text" in first.json()
+        prompt = SoftPrompt(prefix=torch.randn(3, 64)).to_bytes()
+        upload = client.post("/prompts", files={"file": ("p.safetensors", prompt)}, data={"id": "e2e"})
+        assert upload.status_code == 201
+        body = {"inputs": "hello", "parameters": {"prompt_id": "e2e", "max_new_tokens": 5, "details": True}}
+        with_prompt = client.post("/generate", json=body)
+        assert with_prompt.status_code == 200
+        assert with_prompt.json()["details"]["virtual_tokens"] == 3
+        completion = client.post("/v1/completions", json={"model": "e2e", "prompt": "hello", "max_tokens": 3})
+        assert completion.status_code == 200
+        assert "cpm2_requests_total" in client.get("/metrics").text
+        # Drain under load: a long request finishes, new requests get 503, the process exits.
+        with client.stream(
+            "POST",
+            "/generate_stream",
+            json={"inputs": "x", "parameters": {"max_new_tokens": 300, "ignore_eos": True}},
+        ) as stream:
+            lines = stream.iter_lines()
+            next(line for line in lines if line.startswith("data:"))
+            process.send_signal(signal.SIGTERM)
+            time.sleep(0.3)
+            assert client.get("/ready").status_code == 503
+            refused = client.post("/generate", json={"inputs": "late"})
+            assert refused.status_code == 503
+            rest = [line for line in lines if line.startswith("data:")]
+        assert '"finish_reason":"length"' in rest[-1].replace(" ", "")
+    assert process.wait(timeout=30) == 0
