@@ -1,5 +1,5 @@
 # One target per job. Every target installs what it needs first (into .venv), so each works on a
-# fresh clone: `make test`, `make lint`, `make bench`.
+# fresh clone: `make serve`, `make test`, `make lint`, `make bench`.
 #
 # CPU machines pin the CPU build of torch (TORCH_SPEC); GPU hosts run `make install TORCH_SPEC=torch`
 # (or any CUDA build) — pyproject.toml keeps the torch range open for them.
@@ -10,7 +10,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= server,training,test
 
-.PHONY: install test lint format bench clean
+.PHONY: install serve test lint format bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,10 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 install: $(VENV)/.installed
+
+# The built-in default model unless CPM2_MODEL or SERVE_ARGS (e.g. --model DIR --port 9000) says otherwise.
+serve: install
+	$(VENV)/bin/cpm2 serve $(SERVE_ARGS)
 
 test: install
 	$(PY) -m pytest -q

@@ -1,4 +1,4 @@
-"""Engine commands of the `cpm2` CLI: generate, info, convert, init.
+"""Engine commands of the `cpm2` CLI: generate, prompt, info, convert, init.
 
 Each command parses its flags into the engine's typed objects and calls the engine; errors the user
 can fix (`Cpm2Error`) are printed as one line by `cpm2.cli.main`, without a traceback.
@@ -20,13 +20,15 @@ from engine.errors import ConfigError
 from engine.experts.order import ORDER_POLICIES
 from engine.experts.pool import CACHE_POLICIES
 from engine.generation import GenerationRequest, Generator, SamplingParams
+from engine.model.transformer import Seq2SeqLM
 from engine.offload import OffloadConfig, load_for_inference
+from engine.prompts import PROMPT_KEYS, SoftPrompt, parse_soft_prompt, prompt_from_text
 from engine.sizes import format_bytes, parse_bytes
 from engine.summary import summarize
-from engine.tokenizer import load_tokenizer
+from engine.tokenizer import Tokenizer, load_tokenizer
 from engine.weights.convert import convert_hf
 from engine.weights.init import DEFAULT_MAX_SHARD_BYTES, plan_random_model, write_random_model
-from engine.weights.loader import inspect_checkpoint, parse_dtype
+from engine.weights.loader import inspect_checkpoint, load_model, parse_dtype
 from engine.weights.presets import PRESETS, get_preset
 
 Handler = Callable[[argparse.Namespace], int]
@@ -98,7 +100,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         generator = Generator(
             loaded.model, tokenizer, expert_stats=provider.stats.snapshot if provider is not None else None
         )
-        requests = [GenerationRequest(tuple(tokenizer.encode(t)), params) for t in texts]
+        prompt = _read_prompt(args.prompt, loaded.model) if args.prompt else None
+        requests = [_request(tokenizer, t, args.text_pair, params, prompt) for t in texts]
         for result in generator.generate(requests):
             if args.json:
                 out: dict[str, Any] = {"text": result.text, "token_ids": result.token_ids}
@@ -113,6 +116,37 @@ def cmd_generate(args: argparse.Namespace) -> int:
             print(json.dumps({"expert_stats": provider.stats.to_dict()}), file=sys.stderr)
     finally:
         loaded.close()
+    return 0
+
+
+def _read_prompt(path: Path, model: Seq2SeqLM) -> SoftPrompt:
+    if not path.is_file():
+        raise ConfigError(f"--prompt {path}: no such file")
+    return parse_soft_prompt(
+        path.read_bytes(), d_model=model.config.d_model, dtype=model.embed.weight.dtype, max_virtual_tokens=1 << 16
+    )
+
+
+def _request(
+    tokenizer: Tokenizer, text: str, pair: str | None, params: SamplingParams, prompt: SoftPrompt | None
+) -> GenerationRequest:
+    # With a second segment the end-of-sequence token closes the pair, as the server does.
+    if pair is None:
+        return GenerationRequest(tuple(tokenizer.encode(text)), params, prompt=prompt)
+    first = tuple(tokenizer.encode(text, add_eos=False))
+    return GenerationRequest(first, params, pair_ids=tuple(tokenizer.encode(pair)), prompt=prompt)
+
+
+def cmd_prompt(args: argparse.Namespace) -> int:
+    texts = {key: getattr(args, key) for key in PROMPT_KEYS if getattr(args, key) is not None}
+    tokenizer = load_tokenizer(args.model)
+    model, _ = load_model(args.model, load_experts=False, pack=False)
+    pieces = {key: tokenizer.encode(text, add_eos=False) for key, text in texts.items()}
+    prompt = prompt_from_text(model.embed, pieces, **{f"{key}_text": text for key, text in texts.items()})
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_bytes(prompt.to_bytes())
+    shapes = ", ".join(f"{key} {list(t.shape)}" for key, t in prompt.tensors().items())
+    print(f"wrote {args.out}: {shapes}")
     return 0
 
 
@@ -236,8 +270,17 @@ def register(subparsers: Any) -> None:
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-sequence token")
     p.add_argument("--json", action="store_true", help='print {"text": ..., "token_ids": [...]} per input')
     p.add_argument("--details", action="store_true", help="with --json: add finish_reason, logprobs, seed, experts")
+    p.add_argument("--text-pair", help="second segment of a two-part task (a prompt's infix goes before it)")
+    p.add_argument("--prompt", type=Path, help="soft prompt file (safetensors, see `cpm2 prompt`)")
     add_offload_args(p)
     p.set_defaults(handler=cmd_generate)
+
+    p = subparsers.add_parser("prompt", help="write a soft prompt file from text (its token embeddings)")
+    p.add_argument("--model", required=True, type=Path, help="the model the prompt is for")
+    p.add_argument("--out", required=True, type=Path, help="output .safetensors file")
+    for key in PROMPT_KEYS:
+        p.add_argument(f"--{key.replace('_', '-')}", dest=key, help=f"text whose embeddings become the {key}")
+    p.set_defaults(handler=cmd_prompt)
 
     p = subparsers.add_parser("info", help="print a model's config, parameter counts and expert sizes")
     p.add_argument("--model", required=True, type=Path)

@@ -210,3 +210,26 @@ def assemble_encoder_embeds(
 def encoder_length(num_a: int, num_b: int, prompt: SoftPrompt | None) -> int:
     """Length of the encoder input `assemble_encoder_embeds` builds."""
     return num_a + num_b + (prompt.encoder_tokens if prompt else 0)
+
+
+def prompt_from_text(embed: torch.nn.Embedding, pieces: dict[str, list[int]], **metadata: str) -> SoftPrompt:
+    """A soft prompt whose rows are the token embeddings of `pieces` (key → token ids).
+
+    The model then reads exactly what it would read had those tokens been written into the input,
+    which makes it the usual starting point for prompt tuning (initialisation from the vocabulary)
+    and a way to try a prompt's placement (front, middle, back) before training one.
+    """
+    unknown = sorted(set(pieces) - set(PROMPT_KEYS))
+    if unknown:
+        raise PromptError(f"unknown prompt part(s) {unknown}; use {list(PROMPT_KEYS)}", problem="shape")
+    rows: dict[str, torch.Tensor] = {}
+    for key, ids in pieces.items():
+        if not ids:
+            raise PromptError(f"the {key} text has no tokens", problem="shape")
+        with torch.no_grad():
+            ids_tensor = torch.tensor(ids, dtype=torch.long, device=embed.weight.device)
+            rows[key] = embed(ids_tensor).detach().cpu().clone()
+    if not rows:
+        raise PromptError("give at least one of prefix, infix, suffix, decoder_prefix", problem="shape")
+    return SoftPrompt(**rows, metadata={"source": "text", **metadata})
+

@@ -12,7 +12,6 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from engine.experts.order import ORDER_POLICIES
 from engine.offload import OffloadConfig
 from engine.serving.engine import EngineConfig
 
@@ -60,7 +59,6 @@ class Settings(BaseSettings):
 
     def engine_config(self, model_dir: Path) -> EngineConfig:
         """The engine's typed config for these settings."""
-        assert self.expert_order in ORDER_POLICIES
         return EngineConfig(
             model=model_dir,
             dtype=self.dtype,

@@ -287,3 +287,43 @@ def test_python_dash_m_entry_point(tiny_model_dir: Path) -> None:
     assert done.returncode == 2
     assert done.stderr.startswith("cpm2 info: error: ")
     assert "Traceback" not in done.stderr
+
+
+# ---- soft prompts ----------------------------------------------------------------------------------
+
+
+def test_prompt_from_text_equals_the_written_out_input(
+    tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A prompt made of "Q:" | input | " means " | pair reads exactly as that text would."""
+    prompt_file = tmp_path / "p.safetensors"
+    code, out, _ = _run(
+        capsys, "prompt", "--model", tiny_model_dir, "--out", prompt_file, "--prefix", "Q:", "--infix", " means "
+    )
+    assert code == 0
+    assert "prefix [" in out
+    assert "infix [" in out
+    flags = ["--json", "--max-new-tokens", "6", "--ignore-eos"]
+    code, out, _ = _run(
+        capsys, "generate", "--model", tiny_model_dir, "--prompt", prompt_file, "--text-pair", "四千", *flags, "x"
+    )
+    assert code == 0
+    with_prompt = _json_lines(out)[0]["token_ids"]
+    tokenizer = load_tokenizer(tiny_model_dir)
+    ids = [tokenizer.encode(t, add_eos=False) for t in ("Q:", "x", " means ")] + [tokenizer.encode("四千")]
+    model, _ = load_model(tiny_model_dir)
+    request = GenerationRequest(
+        tuple(i for part in ids for i in part), SamplingParams(max_new_tokens=6, ignore_eos=True)
+    )
+    assert with_prompt == Generator(model, tokenizer).generate([request])[0].token_ids
+
+
+def test_prompt_errors(tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = _run(capsys, "prompt", "--model", tiny_model_dir, "--out", tmp_path / "p.safetensors")
+    _assert_user_error(code, err, "prompt", "at least one of prefix")
+    assert not (tmp_path / "p.safetensors").exists()
+    code, _, err = _run(capsys, "generate", "--model", tiny_model_dir, "--prompt", tmp_path / "none.safetensors", "x")
+    _assert_user_error(code, err, "generate", "none.safetensors")
+    (tmp_path / "bad.safetensors").write_bytes(b"\x80\x04 not a prompt")
+    code, _, err = _run(capsys, "generate", "--model", tiny_model_dir, "--prompt", tmp_path / "bad.safetensors", "x")
+    _assert_user_error(code, err, "generate", "pickle")
