@@ -26,6 +26,7 @@ from engine.prompts import PROMPT_KEYS, SoftPrompt, parse_soft_prompt, prompt_fr
 from engine.sizes import format_bytes, parse_bytes
 from engine.summary import summarize
 from engine.tokenizer import Tokenizer, load_tokenizer
+from engine.weights.builtin import resolve_model
 from engine.weights.convert import convert_hf
 from engine.weights.init import DEFAULT_MAX_SHARD_BYTES, plan_random_model, write_random_model
 from engine.weights.loader import inspect_checkpoint, load_model, parse_dtype
@@ -34,8 +35,19 @@ from engine.weights.presets import PRESETS, get_preset
 Handler = Callable[[argparse.Namespace], int]
 
 
+MODEL_HELP = "native cpm2 or HF T5/mT5/Switch directory, or builtin:<preset> (e.g. builtin:tiny)"
+
+
+def model_arg(value: str) -> Path:
+    """`--model`: a directory, or `builtin:<preset>` resolved (and written on first use) here."""
+    try:
+        return resolve_model(value)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, type=Path, help="native cpm2 or HF T5/mT5/Switch directory")
+    parser.add_argument("--model", required=True, type=model_arg, help=MODEL_HELP)
     parser.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: as stored)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
 
@@ -276,14 +288,14 @@ def register(subparsers: Any) -> None:
     p.set_defaults(handler=cmd_generate)
 
     p = subparsers.add_parser("prompt", help="write a soft prompt file from text (its token embeddings)")
-    p.add_argument("--model", required=True, type=Path, help="the model the prompt is for")
+    p.add_argument("--model", required=True, type=model_arg, help="the model the prompt is for (" + MODEL_HELP + ")")
     p.add_argument("--out", required=True, type=Path, help="output .safetensors file")
     for key in PROMPT_KEYS:
         p.add_argument(f"--{key.replace('_', '-')}", dest=key, help=f"text whose embeddings become the {key}")
     p.set_defaults(handler=cmd_prompt)
 
     p = subparsers.add_parser("info", help="print a model's config, parameter counts and expert sizes")
-    p.add_argument("--model", required=True, type=Path)
+    p.add_argument("--model", required=True, type=model_arg, help=MODEL_HELP)
     p.add_argument("--dtype", default=None, help="count bytes in this dtype (default: as stored)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_info)

@@ -37,9 +37,9 @@ def _route_label(request: Request) -> str:
 def build_engine(settings: Settings) -> EngineClient:
     """The real engine for `settings` (a model directory, or the built-in default model)."""
     from engine.serving.engine import AsyncEngine
-    from server.builtin import resolve_model
+    from engine.weights.builtin import resolve_model
 
-    model_dir = resolve_model(settings.model)
+    model_dir = resolve_model(settings.model, cache_dir=settings.cache_dir)
     return AsyncEngine.from_config(settings.engine_config(model_dir))
 
 

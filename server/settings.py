@@ -1,7 +1,7 @@
 """Server settings: every option from `cpm2 serve` flags or a `CPM2_*` environment variable.
 
-The only module of cpm2 that reads the environment (pydantic-settings); it builds the engine's typed
-config, so the engine itself never looks at environment variables.
+The server reads its environment here only (pydantic-settings) and builds the engine's typed config
+from it, so the engine's serving code never looks at environment variables.
 """
 
 from __future__ import annotations
@@ -26,6 +26,9 @@ class Settings(BaseSettings):
     model: str = Field(
         DEFAULT_MODEL,
         description="model directory, or builtin:tiny (a small random model written on first start)",
+    )
+    cache_dir: Path | None = Field(
+        None, description="where builtin models are written (default: $XDG_CACHE_HOME/cpm2 or ~/.cache/cpm2)"
     )
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(8080, ge=1, le=65535, description="port to listen on")
