@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from engine.serving.protocol import EngineClient, EngineRequest, EngineStats, TokenEvent
+from engine.serving.protocol import EngineClient, EngineRequest, StepRecord, TokenEvent
 from server.prompt_store import PromptStore
 
 LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320, 640)
@@ -94,6 +94,7 @@ class Metrics:
 
     def attach(self, engine: EngineClient, store: PromptStore, in_flight: Callable[[], int]) -> None:
         self.registry.register(_StateCollector(engine, store, in_flight, self))
+        engine.add_step_listener(self.observe_step)
 
     # ---- request events ------------------------------------------------------------------------
 
@@ -119,16 +120,15 @@ class Metrics:
         if error_type is not None:
             self.failures.labels(route, error_type).inc()
 
-    def observe_steps(self, stats: EngineStats) -> None:
-        for step in stats.recent_steps:
-            self.batch_size.labels(step.phase).observe(step.batch_size)
-            self.forward.labels(step.phase).observe(step.seconds)
-            if step.phase == "decode":
-                self.batch_prompts.observe(step.distinct_prompts)
+    def observe_step(self, step: StepRecord) -> None:
+        """Called by the engine after every step, on its thread (prometheus_client is thread-safe)."""
+        self.batch_size.labels(step.phase).observe(step.batch_size)
+        self.forward.labels(step.phase).observe(step.seconds)
+        if step.phase == "decode":
+            self.batch_prompts.observe(step.distinct_prompts)
 
-    def exposition(self, engine: EngineClient) -> bytes:
-        """The text exposition, after feeding the engine's recent steps into the step histograms."""
-        self.observe_steps(engine.stats())
+    def exposition(self) -> bytes:
+        """The text exposition of every metric."""
         return generate_latest(self.registry)
 
 

@@ -20,6 +20,7 @@ from engine.serving.protocol import (
     EngineUnavailableError,
     GenerationFailedError,
     RequestTimeoutError,
+    StepListener,
     StepRecord,
     TokenEvent,
 )
@@ -35,7 +36,7 @@ class FakeEngine:
         self.status = "starting"
         self.started = False
         self.drained = False
-        self.steps: list[StepRecord] = []
+        self.step_listeners: list[StepListener] = []
 
     def info(self) -> EngineInfo:
         return EngineInfo(
@@ -55,7 +56,6 @@ class FakeEngine:
         return EngineHealth(self.status, "", 0.01)  # type: ignore[arg-type]
 
     def stats(self) -> EngineStats:
-        steps, self.steps = self.steps, []
         return EngineStats(
             running=0,
             waiting=0,
@@ -63,8 +63,10 @@ class FakeEngine:
             last_step_unix=time.time(),
             generated_tokens_total=sum(r.params.max_new_tokens for r in self.requests),
             experts={"bytes_moved": 4096.0, "hits": 3.0, "misses": 1.0},
-            recent_steps=steps,
         )
+
+    def add_step_listener(self, listener: StepListener) -> None:
+        self.step_listeners.append(listener)
 
     def tokenize(self, text: str, *, add_eos: bool = True) -> list[int]:
         return [ord(c) % 1000 + 3 for c in text] + ([EOS] if add_eos else [])
@@ -107,7 +109,8 @@ class FakeEngine:
                 piece = chr(ord("a") + (i - 1) % 26)
                 produced += piece
                 last = i == n
-                self.steps.append(StepRecord("decode", 1, 1, 1 if request.prompt is None else 2, 0.001))
+                for listener in self.step_listeners:
+                    listener(StepRecord("decode", 1, 1, 1 if request.prompt is None else 2, 0.001))
                 finished = last
                 yield TokenEvent(
                     request_id=request.request_id,

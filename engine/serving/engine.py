@@ -25,6 +25,7 @@ from engine.serving.protocol import (
     EngineRequest,
     EngineStats,
     EngineUnavailableError,
+    StepListener,
     TokenEvent,
 )
 from engine.tokenizer import Tokenizer, load_tokenizer
@@ -106,6 +107,9 @@ class AsyncEngine:
         self.loaded.close()
 
     # ---- queries -----------------------------------------------------------------------------
+
+    def add_step_listener(self, listener: StepListener) -> None:
+        self.loop.step_listeners.append(listener)
 
     def info(self) -> EngineInfo:
         config = self.loaded.model.config

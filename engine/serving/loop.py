@@ -23,6 +23,7 @@ from engine.serving.protocol import (
     EngineUnavailableError,
     GenerationFailedError,
     RequestTimeoutError,
+    StepListener,
     StepRecord,
     TokenEvent,
 )
@@ -66,6 +67,7 @@ class EngineLoop(threading.Thread):
         self._stopping = threading.Event()
         self.batch: DecodeBatch | None = None
         self.stats = EngineStats()
+        self.step_listeners: list[StepListener] = []
         self.alive_at = time.monotonic()
         self.failure: BaseException | None = None
 
@@ -101,10 +103,9 @@ class EngineLoop(threading.Thread):
             return len(self.scheduler.waiting) + len(self._running)
 
     def snapshot(self) -> EngineStats:
-        """A copy of the stats; `recent_steps` is handed over and cleared."""
+        """A copy of the stats."""
         with self._lock:
-            steps, self.stats.recent_steps = self.stats.recent_steps, []
-            stats = EngineStats(**{**self.stats.__dict__, "recent_steps": steps})
+            stats = EngineStats(**self.stats.__dict__)
         if self.expert_stats is not None:
             stats.experts = self.expert_stats()
         return stats
@@ -345,9 +346,11 @@ class EngineLoop(threading.Thread):
             distinct_prompts=len(prompts),
             seconds=seconds,
         )
-        with self._lock:
-            self.stats.recent_steps.append(record)
-            del self.stats.recent_steps[:-1000]
+        for listener in self.step_listeners:
+            try:
+                listener(record)
+            except Exception:  # metrics must never stop the engine
+                log.exception("step listener failed")
 
     def _fail_everything(self, error: Exception) -> None:
         with self._lock:

@@ -7,7 +7,7 @@ runtime, so a fake engine implementing `EngineClient` is enough to test every ro
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -141,8 +141,9 @@ class EngineStats:
     virtual_tokens_total: int = 0
     experts: dict[str, float] = field(default_factory=dict)
     """Cumulative expert-offloading counters (empty when experts are resident)."""
-    recent_steps: list[StepRecord] = field(default_factory=list)
-    """Steps since the last time the server drained this list."""
+
+
+StepListener = Callable[[StepRecord], None]
 
 
 class EngineClient(Protocol):
@@ -153,6 +154,10 @@ class EngineClient(Protocol):
     def health(self) -> EngineHealth: ...
 
     def stats(self) -> EngineStats: ...
+
+    def add_step_listener(self, listener: StepListener) -> None:
+        """Call `listener` after every engine step (on the engine's thread: it must be quick)."""
+        ...
 
     def tokenize(self, text: str, *, add_eos: bool = True) -> list[int]: ...
 

@@ -75,7 +75,7 @@ async def info(ctx: Ctx) -> dict[str, object]:
 @router.get("/metrics")
 async def metrics(ctx: Ctx) -> Response:
     """Prometheus text exposition."""
-    return Response(ctx.metrics.exposition(ctx.engine), media_type="text/plain; version=0.0.4; charset=utf-8")
+    return Response(ctx.metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
 @router.post("/tokenize")
