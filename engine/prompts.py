@@ -232,4 +232,3 @@ def prompt_from_text(embed: torch.nn.Embedding, pieces: dict[str, list[int]], **
     if not rows:
         raise PromptError("give at least one of prefix, infix, suffix, decoder_prefix", problem="shape")
     return SoftPrompt(**rows, metadata={"source": "text", **metadata})
-

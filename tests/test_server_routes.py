@@ -387,3 +387,9 @@ def test_payload_limit(tmp_path: Path, engine: FakeEngine) -> None:
         r = client.post("/generate", json={"inputs": "x" * 200})
         assert r.status_code == 413
         assert r.json()["error_type"] == "too_large"
+
+
+def test_readme_documents_every_setting() -> None:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for name in Settings.model_fields:
+        assert f"`CPM2_{name.upper()}`" in readme, f"README lacks CPM2_{name.upper()}"
