@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 
 #: Benchmark modules, run in this order; each has a `main` and accepts `--quick`.
-BENCHMARKS: tuple[str, ...] = ("bench.decode_vs_hf", "bench.offload", "bench.offload_peers")
+BENCHMARKS: tuple[str, ...] = ("bench.decode_vs_hf", "bench.offload", "bench.offload_peers", "bench.serve_load")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
