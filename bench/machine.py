@@ -9,16 +9,19 @@ engine runs.
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from rich.console import Console
 
 from engine.model.linear import can_pack, linear, pack_weight
 
@@ -146,3 +149,21 @@ def measure_gemv_bandwidth(
             "median_gb_s": num_bytes / statistics.median(times) / 1e9,
         }
     return result
+
+
+def publish(
+    report: dict[str, Any],
+    *,
+    out: Path,
+    plot: Path | None,
+    show: Callable[[dict[str, Any], Console], None],
+    draw: Callable[[dict[str, Any], Path], Path | None],
+    width: int,
+) -> None:
+    """Write `report` as JSON to `out`, print it with `show`, and draw its plot when `plot` is set."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    show(report, Console(width=width))
+    if plot is not None and draw(report, plot):
+        print(f"plot: {plot}")
+    print(f"JSON: {out}")

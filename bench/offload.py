@@ -22,7 +22,6 @@ Runs of the systems being compared alternate within each repeat; medians of `rep
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -33,7 +32,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from bench.machine import machine_info
+from bench.machine import machine_info, publish
 from bench.offload_common import (
     DecodeRun,
     copy_to_ram,
@@ -344,12 +343,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     begin = time.time()
     report = run(cfg)
     report["wall_seconds"] = time.time() - begin
-    cfg.out.parent.mkdir(parents=True, exist_ok=True)
-    cfg.out.write_text(json.dumps(report, indent=2, default=str) + "\n")
-    print_report(report, Console(width=140))
-    if cfg.plot is not None and write_plot(report, cfg.plot):
-        print(f"plot: {cfg.plot}")
-    print(f"JSON: {cfg.out}")
+    publish(report, out=cfg.out, plot=cfg.plot, show=print_report, draw=write_plot, width=140)
     return 0
 
 

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import logging
 import statistics
 import sys
@@ -52,7 +51,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from bench.machine import machine_info
+from bench.machine import machine_info, publish
 from bench.offload_common import (
     CACHE_ROOT,
     DecodeRun,
@@ -376,12 +375,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     report = run(cfg)
     report["command"] = " ".join(["python -m bench.offload_peers", *argv])
     report["wall_seconds"] = time.time() - begin
-    cfg.out.parent.mkdir(parents=True, exist_ok=True)
-    cfg.out.write_text(json.dumps(report, indent=2, default=str) + "\n")
-    print_report(report, Console(width=170))
-    if cfg.plot is not None and write_plot(report, cfg.plot):
-        print(f"plot: {cfg.plot}")
-    print(f"JSON: {cfg.out}")
+    publish(report, out=cfg.out, plot=cfg.plot, show=print_report, draw=write_plot, width=170)
     return 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 from collections.abc import AsyncIterator, Callable
@@ -17,7 +18,6 @@ from server.errors import mapping_for
 from server.schemas import (
     Details,
     ExpertDetails,
-    GenerateParameters,
     GenerateRequest,
     GenerateResponse,
     StreamDetails,
@@ -33,24 +33,9 @@ KEEP_ALIVE_SECONDS = 15.0
 
 
 def to_input(body: GenerateRequest) -> GenerationInput:
-    p: GenerateParameters = body.parameters
-    return GenerationInput(
-        inputs=body.inputs,
-        text_pair=p.text_pair,
-        prompt_id=p.prompt_id,
-        max_new_tokens=p.max_new_tokens,
-        do_sample=p.do_sample,
-        temperature=p.temperature,
-        top_k=p.top_k,
-        top_p=p.top_p,
-        repetition_penalty=p.repetition_penalty,
-        seed=p.seed,
-        stop=list(p.stop),
-        num_beams=p.num_beams,
-        timeout_ms=p.timeout_ms,
-        truncate=p.truncate,
-        ignore_eos=p.ignore_eos,
-    )
+    """The engine-facing input: every `GenerationInput` field has the same name in TGI's parameters."""
+    names = {f.name for f in dataclasses.fields(GenerationInput)} - {"inputs"}
+    return GenerationInput(inputs=body.inputs, **body.parameters.model_dump(include=names))
 
 
 def _token(event: TokenEvent) -> Token:
