@@ -37,11 +37,13 @@ import itertools
 import json
 import os
 import re
+import shlex
 import socket
 import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -122,12 +124,12 @@ def _free_port() -> int:
 class ServerProcess:
     """`python -m server` on a free loopback port, ready when `/ready` says so."""
 
-    def __init__(self, model: str, store: Path, max_batch_size: int) -> None:
+    def __init__(self, model: str, store: Path, max_batch_size: int, extra: Sequence[str] = ()) -> None:
         self.url = f"http://127.0.0.1:{_free_port()}"
         port = self.url.rsplit(":", 1)[1]
         args = ["--model", model, "--port", port, "--prompt-store", str(store), "--log-level", "warning"]
         args += ["--max-batch-size", str(max_batch_size), "--max-concurrent-requests", "512"]
-        args += ["--max-queue-requests", "512"]
+        args += ["--max-queue-requests", "512", *extra]
         self.process = subprocess.Popen([sys.executable, "-m", "server", *args], stderr=subprocess.PIPE)
 
     def wait_ready(self, timeout: float = 300) -> None:
@@ -347,6 +349,8 @@ def _plot(results: list[LoadResult], path: Path) -> None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     for i, (scenario, marker) in enumerate(zip(SCENARIOS, "os^", strict=True)):
         rows = [r for r in results if r.scenario == scenario]
+        if not rows:
+            continue
         cs = [r.concurrency for r in rows]
         style = {"marker": marker, "color": f"C{i}"}
         left.plot(cs, [r.tokens_per_second for r in rows], label=scenario, **style)
@@ -375,6 +379,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--virtual-tokens", type=int, default=100)
     parser.add_argument("--max-batch-size", type=int, default=64)
+    parser.add_argument("--server-args", default="", help='more `cpm2 serve` flags, e.g. "--waiting-served-ratio 0.3"')
+    parser.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated subset of the scenarios")
     parser.add_argument("--rounds", type=int, default=2, help="runs per scenario and level (A B B A)")
     parser.add_argument("--quick", action="store_true", help="C = 1, 4; 8 tokens; few requests")
     parser.add_argument("--out", type=Path, default=Path("bench/results/serve_load.json"))
@@ -385,6 +391,10 @@ def main(argv: list[str] | None = None) -> int:
         args.rounds = 1
         args.out = args.out.with_suffix(".quick.json")
     levels = [int(c) for c in args.concurrency.split(",")]
+    chosen = tuple(name.strip() for name in args.scenarios.split(","))
+    unknown = set(chosen) - set(SCENARIOS)
+    if unknown:
+        parser.error(f"unknown scenario(s) {sorted(unknown)}; choose from {list(SCENARIOS)}")
     console = Console(width=200)
     model = ensure_model(args.model)
     store = CACHE / "serve-load-prompts"
@@ -392,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
         import shutil
 
         shutil.rmtree(store)
-    server = ServerProcess(model, store, args.max_batch_size)
+    server = ServerProcess(model, store, args.max_batch_size, shlex.split(args.server_args))
     try:
         server.wait_ready()
         info = httpx.get(f"{server.url}/info", timeout=30).json()
@@ -403,12 +413,12 @@ def main(argv: list[str] | None = None) -> int:
         results: list[LoadResult] = []
         for c in levels:
             asyncio.run(run_load(server.url, c, c, list(prompt_ids), args.new_tokens))
-            runs: dict[str, list[Run]] = {scenario: [] for scenario in SCENARIOS}
+            runs: dict[str, list[Run]] = {scenario: [] for scenario in chosen}
             # A B C C B A: drift over the level affects every scenario alike.
-            for scenario in (*SCENARIOS, *reversed(SCENARIOS))[: len(SCENARIOS) * args.rounds]:
+            for scenario in (*chosen, *reversed(chosen))[: len(chosen) * args.rounds]:
                 console.print(f"  C={c} {scenario}")
                 runs[scenario].append(run_once(server.url, c, scenario, prompt_ids, args))
-            results += [combine(c, scenario, runs[scenario]) for scenario in SCENARIOS]
+            results += [combine(c, scenario, runs[scenario]) for scenario in chosen]
     finally:
         server.stop()
     results.sort(key=lambda r: (r.concurrency, SCENARIOS.index(r.scenario)))

@@ -48,3 +48,33 @@ def test_cancel_and_expiry_remove_waiting_requests() -> None:
 def test_limits_are_validated() -> None:
     with pytest.raises(ValueError, match="max_running"):
         Scheduler(max_running=0, max_waiting=1)
+    with pytest.raises(ValueError, match="waiting_served_ratio"):
+        Scheduler(max_running=1, max_waiting=1, waiting_served_ratio=-1)
+
+
+def _ids(admitted: list) -> list[str]:  # type: ignore[type-arg]
+    return [w.request.request_id for w in admitted]
+
+
+def test_waiting_requests_are_encoded_together() -> None:
+    """With a ratio, new requests wait until enough of them are queued, or long enough."""
+    scheduler = Scheduler(max_running=16, max_waiting=32, waiting_served_ratio=0.25, max_waiting_steps=3)
+    scheduler.submit(_request(0), now=0)
+    assert _ids(scheduler.admit(num_running=0)) == ["r0"]  # an idle engine never waits
+    scheduler.submit(_request(1), now=0)
+    assert scheduler.admit(num_running=8) == []  # 1 < 0.25 x 8
+    scheduler.submit(_request(2), now=0)
+    assert _ids(scheduler.admit(num_running=8)) == ["r1", "r2"]  # 2 >= 0.25 x 8
+    scheduler.submit(_request(3), now=0)
+    for _ in range(3):
+        assert scheduler.admit(num_running=8) == []
+        scheduler.note_step()
+    assert _ids(scheduler.admit(num_running=8)) == ["r3"]  # waited max_waiting_steps
+    scheduler.submit(_request(4), now=0)
+    assert _ids(scheduler.admit(num_running=15)) == ["r4"]  # it fills the free room
+
+
+def test_ratio_zero_admits_at_every_step() -> None:
+    scheduler = Scheduler(max_running=16, max_waiting=32)
+    scheduler.submit(_request(0), now=0)
+    assert _ids(scheduler.admit(num_running=15 - 1)) == ["r0"]

@@ -44,6 +44,11 @@ class EngineConfig:
     """Rows decoded together at most."""
     max_queue: int = 128
     """Requests waiting at most before new ones are refused (429)."""
+    waiting_served_ratio: float = 0.0
+    """While a batch runs, encode new requests once they are this many × the running rows
+    (0: at every step; see `engine.serving.scheduler`)."""
+    max_waiting_steps: int = 20
+    """...or once they have waited this many decode steps."""
     stall_seconds: float = 60.0
     """With requests running and no step for this long, the engine is reported stalled."""
     warmup: bool = True
@@ -65,6 +70,8 @@ class AsyncEngine:
             self.generator,
             max_running=config.max_batch_size,
             max_waiting=config.max_queue,
+            waiting_served_ratio=config.waiting_served_ratio,
+            max_waiting_steps=config.max_waiting_steps,
             special_ids=specials,
             expert_stats=(lambda: provider.stats.to_dict()) if provider is not None else None,
         )

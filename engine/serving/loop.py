@@ -51,6 +51,8 @@ class EngineLoop(threading.Thread):
         *,
         max_running: int,
         max_waiting: int,
+        waiting_served_ratio: float = 0.0,
+        max_waiting_steps: int = 20,
         special_ids: frozenset[int],
         expert_stats: Callable[[], dict[str, float]] | None = None,
     ) -> None:
@@ -58,7 +60,12 @@ class EngineLoop(threading.Thread):
         self.generator = generator
         self.special_ids = special_ids
         self.expert_stats = expert_stats
-        self.scheduler = Scheduler(max_running=max_running, max_waiting=max_waiting)
+        self.scheduler = Scheduler(
+            max_running=max_running,
+            max_waiting=max_waiting,
+            waiting_served_ratio=waiting_served_ratio,
+            max_waiting_steps=max_waiting_steps,
+        )
         self._sinks: dict[str, tuple[Sink, float]] = {}
         self._running: dict[str, _Running] = {}
         self._cancel: queue.SimpleQueue[str] = queue.SimpleQueue()
@@ -307,6 +314,7 @@ class EngineLoop(threading.Thread):
         with self._lock:
             self.stats.running = len(self._running)
             self.stats.steps_total += 1
+            self.scheduler.note_step()
             self.stats.last_step_unix = time.time()
 
     def _emit(self, sequence: Sequence) -> None:

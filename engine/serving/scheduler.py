@@ -4,6 +4,12 @@ Continuous batching for an encoder-decoder (STYLE.md §3, vLLM v1 scheduler, TGI
 wait in arrival order; at each step boundary the engine admits as many as the batch has room for
 (each is encoded once, on admission) and drops the ones that finished. The queue is bounded, so an
 overloaded server answers 429 at once instead of queueing without end (vLLM #2901).
+
+Encoding pauses every running row, and encoding k requests together costs much less than k
+times one (the encoder's weights, experts included, are read once). So while a batch runs, new
+requests may wait to be encoded together (TGI's `waiting_served_ratio` / `max_waiting_tokens`):
+they are admitted once they are at least `waiting_served_ratio` × the running rows, or fill the
+free room, or have waited `max_waiting_steps` decode steps. Ratio 0 admits at every step.
 """
 
 from __future__ import annotations
@@ -30,12 +36,20 @@ class Scheduler:
     """Rows in the decode batch at most."""
     max_waiting: int
     """Requests queued at most; beyond that `submit` raises `EngineOverloadedError`."""
+    waiting_served_ratio: float = 0.0
+    """While rows run, admit only when waiting >= this × running (or the limits below)."""
+    max_waiting_steps: int = 20
+    """...or once the queue has waited this many decode steps."""
     waiting: deque[Waiting] = field(default_factory=deque)
     accepting: bool = True
+    steps_waited: int = 0
+    """Decode steps since the last admission."""
 
     def __post_init__(self) -> None:
         if self.max_running < 1 or self.max_waiting < 0:
             raise ValueError("max_running must be >= 1 and max_waiting >= 0")
+        if self.waiting_served_ratio < 0 or self.max_waiting_steps < 0:
+            raise ValueError("waiting_served_ratio and max_waiting_steps must be >= 0")
 
     def submit(self, request: EngineRequest, *, now: float) -> None:
         """Queue `request`, or refuse it when the queue is full."""
@@ -61,10 +75,25 @@ class Scheduler:
             self.waiting.remove(item)
         return gone
 
+    def note_step(self) -> None:
+        """One decode step ran."""
+        self.steps_waited += 1
+
     def admit(self, *, num_running: int) -> list[Waiting]:
         """Requests to admit now: the oldest ones, as many as the batch has room for."""
         room = max(0, self.max_running - num_running)
+        if not self.waiting or not room:
+            return []
+        held = (
+            num_running > 0
+            and len(self.waiting) < room
+            and len(self.waiting) < self.waiting_served_ratio * num_running
+            and self.steps_waited < self.max_waiting_steps
+        )
+        if held:
+            return []
         admitted: list[Waiting] = []
         while self.waiting and len(admitted) < room:
             admitted.append(self.waiting.popleft())
+        self.steps_waited = 0
         return admitted
