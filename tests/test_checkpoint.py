@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import re
 import shutil
 import struct
@@ -339,6 +340,22 @@ def test_truncated_shard(sharded_dir: Path) -> None:
     with pytest.raises(CheckpointError) as excinfo:
         load_model(sharded_dir)
     assert str(shard) in str(excinfo.value)
+
+
+def test_written_shards_are_readable_by_other_users(sharded_dir: Path) -> None:
+    # A server image runs as a non-root user over a model written at build time by root.
+    mask = os.umask(0)
+    os.umask(mask)
+    for shard in sharded_dir.glob("model-*.safetensors"):
+        assert shard.stat().st_mode & 0o777 == 0o666 & ~mask, oct(shard.stat().st_mode)
+
+
+def test_unreadable_shard_says_so(sharded_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import engine.weights.files as files
+
+    monkeypatch.setattr(files.os, "access", lambda path, mode: False)
+    with pytest.raises(CheckpointError, match="permission denied for user id .*chmod a\\+r"):
+        load_model(sharded_dir)
 
 
 def test_garbage_shard(sharded_dir: Path) -> None:

@@ -121,7 +121,17 @@ class TensorFiles:
         self._handles.clear()
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _open(path: Path) -> Any:
+    if path.is_file() and not os.access(path, os.R_OK):
+        raise CheckpointError(
+            f"{path}: permission denied for user id {os.getuid()}; make the checkpoint readable (chmod a+r)"
+        )
     try:
         return safe_open(str(path), framework="pt")
     except (SafetensorError, OSError) as exc:
@@ -191,6 +201,9 @@ class ShardWriter:
             return
         path = self.out_dir / f".shard-{len(self._written):05d}.tmp"
         save_file(self._pending, str(path), metadata=self.metadata)
+        # safetensors >= 0.7 creates files as 0600; a checkpoint is read by other users too (a
+        # server image's non-root user, a shared model volume), so it gets the usual umask mode.
+        os.chmod(path, 0o666 & ~_umask())
         self._written.append((path, list(self._pending)))
         self._pending = {}
         self._pending_bytes = 0
