@@ -64,6 +64,13 @@ class Settings(BaseSettings):
     def _blank_is_auto(cls, value: str | None) -> str | None:
         return None if value in (None, "", "auto") else value
 
+    @field_validator("api_key", "admin_token", "dtype", "cache_dir", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value: object) -> object:
+        # `CPM2_ADMIN_TOKEN=` (compose's `${CPM2_ADMIN_TOKEN:-}`, an empty Secret) means "not set",
+        # never "the empty string is the key".
+        return None if isinstance(value, str) and not value.strip() else value
+
     def engine_config(self, model_dir: Path) -> EngineConfig:
         """The engine's typed config for these settings."""
         return EngineConfig(

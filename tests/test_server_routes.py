@@ -329,6 +329,17 @@ def test_prompt_writes_without_admin_token_need_loopback(tmp_path: Path, engine:
         assert remote.post("/generate", json={"inputs": "x", "parameters": {"max_new_tokens": 1}}).status_code == 200
 
 
+def test_blank_keys_mean_unset(tmp_path: Path, engine: FakeEngine, monkeypatch: pytest.MonkeyPatch) -> None:
+    # compose's `${CPM2_ADMIN_TOKEN:-}` and an empty Secret must not make "" the key.
+    monkeypatch.setenv("CPM2_API_KEY", "")
+    monkeypatch.setenv("CPM2_ADMIN_TOKEN", " ")
+    settings = _settings(tmp_path)
+    assert settings.api_key is None
+    assert settings.admin_token is None
+    with TestClient(create_app(settings, engine), client=("203.0.113.7", 5000)) as remote:
+        assert _upload(remote, "p", _prompt_bytes(prefix=1), **{"x-api-key": ""}).status_code == 403
+
+
 # ---- probes, info, metrics, limits ------------------------------------------------------------
 
 
