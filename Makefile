@@ -10,7 +10,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= server,training,test
 
-.PHONY: install serve test lint format bench clean
+.PHONY: install serve test lint format bench image clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,14 @@ format: install
 
 bench: install
 	$(PY) -m bench.run_all
+
+# The serving image (Dockerfile) with docker, or podman where there is no docker engine.
+# GPU hosts keep the default CUDA torch; CPU-only: make image IMAGE_ARGS="--build-arg TORCH_SPEC=torch==2.13.0
+# --build-arg PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu".
+IMAGE ?= cpm2:latest
+CONTAINER ?= $(shell if docker info >/dev/null 2>&1; then echo docker; else echo podman; fi)
+image:
+	$(CONTAINER) build -t $(IMAGE) $(IMAGE_ARGS) .
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -354,7 +354,7 @@ def test_unreadable_shard_says_so(sharded_dir: Path, monkeypatch: pytest.MonkeyP
     import engine.weights.files as files
 
     monkeypatch.setattr(files.os, "access", lambda path, mode: False)
-    with pytest.raises(CheckpointError, match="permission denied for user id .*chmod a\\+r"):
+    with pytest.raises(CheckpointError, match=r"permission denied for user id .*chmod a\+r"):
         load_model(sharded_dir)
 
 

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,45 +11,15 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
+from server_process import server_process
 
 from engine.prompts import SoftPrompt
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture
 def server(tiny_model_dir: Path, tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
-    port = _free_port()
-    env = {**os.environ, "CPM2_PROMPT_STORE": str(tmp_path / "prompts"), "CPM2_SHUTDOWN_TIMEOUT": "20"}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "server", "--model", str(tiny_model_dir), "--port", str(port)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            out = process.stdout.read().decode() if process.stdout else ""
-            pytest.fail(f"server exited early:\n{out}")
-        try:
-            if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    else:
-        process.kill()
-        pytest.fail("server did not become ready")
-    yield process, url
-    if process.poll() is None:
-        process.kill()
-        process.wait()
+    with server_process(tiny_model_dir, tmp_path, env={"CPM2_SHUTDOWN_TIMEOUT": "20"}) as running:
+        yield running
 
 
 def test_serve_generate_upload_use_and_drain(server: tuple[subprocess.Popen[bytes], str]) -> None:

@@ -1,0 +1,62 @@
+"""A real `python -m server` process on a free loopback port, for end-to-end tests."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+
+
+def free_port() -> int:
+    """A loopback port that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def server_process(
+    model: Path | str, workdir: Path, *, env: dict[str, str] | None = None, timeout: float = 120
+) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """Starts the server on `model`, waits until /ready answers 200, yields (process, base url), kills it.
+
+    The prompt store and the server's log (shown when it fails to start) live under `workdir`.
+    """
+    port = free_port()
+    workdir.mkdir(parents=True, exist_ok=True)
+    log_path = workdir / "server.log"
+    full_env = {**os.environ, "CPM2_PROMPT_STORE": str(workdir / "prompts"), **(env or {})}
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "server", "--model", str(model), "--port", str(port)],
+            env=full_env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                pytest.fail(f"server exited early:\n{log_path.read_text(errors='replace')}")
+            try:
+                if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        else:
+            pytest.fail(f"server did not become ready:\n{log_path.read_text(errors='replace')}")
+        yield process, url
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
