@@ -28,7 +28,7 @@ from engine.serving.protocol import (
     StepListener,
     TokenEvent,
 )
-from engine.tokenizer import Tokenizer, load_tokenizer
+from engine.tokenizer import Tokenizer, check_special_ids, load_tokenizer
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -82,7 +82,19 @@ class AsyncEngine:
         loaded = load_for_inference(
             config.model, dtype=config.dtype, device=config.device, offload=config.offload, progress=False
         )
-        return cls(config, loaded, load_tokenizer(config.model))
+        try:
+            tokenizer = load_tokenizer(config.model)
+            model_config = loaded.model.config
+            check_special_ids(
+                tokenizer,
+                eos=model_config.eos_token_id,
+                decoder_start=model_config.decoder_start_token_id,
+                source=config.model,
+            )
+        except BaseException:
+            loaded.close()  # the offload threads and files; the server exits with the error
+            raise
+        return cls(config, loaded, tokenizer)
 
     # ---- lifecycle -------------------------------------------------------------------------------
 

@@ -1,19 +1,25 @@
-"""Tokenizers for T5-family models, and `load_tokenizer` to find the one in a model directory."""
+"""Tokenizers for T5-family models and CPM-2, and `load_tokenizer` to find the one in a model directory."""
 
 from collections.abc import Callable
 from pathlib import Path
 
 from engine.errors import CheckpointError
-from engine.tokenizer.base import IncrementalDecoder, Tokenizer
+from engine.tokenizer.base import DecoderStartTokenizer, IncrementalDecoder, Tokenizer, decoder_start_id
 from engine.tokenizer.corpus import builtin_corpus
+from engine.tokenizer.cpm2 import CPM2Tokenizer, MissingDependencyError
 from engine.tokenizer.sentencepiece import SentencePieceTokenizer
 from engine.tokenizer.train import train_sentencepiece
 
 __all__ = [
+    "CPM2Tokenizer",
+    "DecoderStartTokenizer",
     "IncrementalDecoder",
+    "MissingDependencyError",
     "SentencePieceTokenizer",
     "Tokenizer",
     "builtin_corpus",
+    "check_special_ids",
+    "decoder_start_id",
     "load_tokenizer",
     "train_sentencepiece",
 ]
@@ -23,11 +29,17 @@ def _load_sentencepiece(path: Path, num_extra_ids: int) -> Tokenizer:
     return SentencePieceTokenizer(path, num_extra_ids=num_extra_ids)
 
 
+def _load_cpm2(path: Path, num_extra_ids: int) -> Tokenizer:
+    # num_extra_ids counts T5's appended <extra_id_i>; CPM-2's sentinels are lines of vocab.txt.
+    return CPM2Tokenizer(path)
+
+
 # Checked in order; the first file present wins. T5/mT5/Switch checkpoints ship `spiece.model`,
-# Llama-style exports `tokenizer.model`. CPM-2's WordPiece `vocab.txt` becomes one more row here.
+# Llama-style exports `tokenizer.model`, CPM-2 checkpoints a jieba + WordPiece `vocab.txt`.
 _TOKENIZER_FILES: tuple[tuple[str, Callable[[Path, int], Tokenizer]], ...] = (
     ("spiece.model", _load_sentencepiece),
     ("tokenizer.model", _load_sentencepiece),
+    ("vocab.txt", _load_cpm2),
 )
 
 
@@ -35,12 +47,15 @@ def load_tokenizer(model_dir: Path, *, num_extra_ids: int = 100) -> Tokenizer:
     """Load the tokenizer stored in ``model_dir``.
 
     Args:
-        model_dir: A model directory holding ``spiece.model`` or ``tokenizer.model``.
+        model_dir: A model directory holding ``spiece.model``, ``tokenizer.model`` or (CPM-2)
+            ``vocab.txt``.
         num_extra_ids: Number of ``<extra_id_i>`` sentinels the model was trained with (T5: 100).
+            Not used for ``vocab.txt``, whose sentinels ``<s_i>`` are lines of the file.
 
     Raises:
         CheckpointError: If the directory does not exist, holds none of the files, or the file
             found is corrupt (the message names it).
+        MissingDependencyError: If the directory holds a CPM-2 ``vocab.txt`` and jieba is missing.
     """
     if not model_dir.is_dir():
         raise CheckpointError(f"model directory {model_dir} does not exist or is not a directory")
@@ -53,3 +68,16 @@ def load_tokenizer(model_dir: Path, *, num_extra_ids: int = 100) -> Tokenizer:
         f"no tokenizer in {model_dir}: looked for {looked_for}; copy the tokenizer file of the "
         "checkpoint there (or train one with engine.tokenizer.train_sentencepiece)"
     )
+
+
+def check_special_ids(tokenizer: Tokenizer, *, eos: int, decoder_start: int, source: object) -> None:
+    """Fail at load, not mid-request, when a model's config and its tokenizer disagree on the ids
+    generation starts and stops with (a CPM-2 model starts from `<s>` and ends at `<eod>`)."""
+    found = {"eos_token_id": tokenizer.eos_id, "decoder_start_token_id": decoder_start_id(tokenizer)}
+    expected = {"eos_token_id": eos, "decoder_start_token_id": decoder_start}
+    wrong = [f"{k}={expected[k]} but the tokenizer's is {found[k]}" for k in found if found[k] != expected[k]]
+    if wrong:
+        raise CheckpointError(
+            f"{source}: config.json and the tokenizer disagree: {'; '.join(wrong)}. "
+            "Fix config.json (or convert the model again with its own tokenizer files)."
+        )

@@ -11,7 +11,7 @@ import re
 from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
-__all__ = ["IncrementalDecoder", "Tokenizer"]
+__all__ = ["DecoderStartTokenizer", "IncrementalDecoder", "Tokenizer", "decoder_start_id"]
 
 
 @runtime_checkable
@@ -62,6 +62,27 @@ class Tokenizer(Protocol):
     def sentinel_id(self, i: int) -> int:
         """Id of ``<extra_id_{i}>``."""
         ...
+
+
+@runtime_checkable
+class DecoderStartTokenizer(Tokenizer, Protocol):
+    """A `Tokenizer` whose model starts decoding from a token other than ``<pad>`` (CPM-2: ``<s>``).
+
+    Kept apart from `Tokenizer` so that tokenizers without the notion (T5's) stay valid; read it
+    through `decoder_start_id`.
+    """
+
+    @property
+    def decoder_start_id(self) -> int:
+        """Id of the first decoder input token."""
+        ...
+
+
+def decoder_start_id(tokenizer: Tokenizer) -> int:
+    """The id ``tokenizer``'s model starts decoding from: its ``decoder_start_id``, else ``pad_id`` (T5)."""
+    if isinstance(tokenizer, DecoderStartTokenizer):
+        return tokenizer.decoder_start_id
+    return tokenizer.pad_id
 
 
 # SentencePiece (and HF's byte-fallback tokenizers) name the 256 byte pieces <0x00> ... <0xFF>.
