@@ -33,7 +33,10 @@ from engine.errors import InputError
 PROMPT_KEYS: tuple[str, ...] = ("prefix", "infix", "suffix", "decoder_prefix")
 ENCODER_KEYS: tuple[str, ...] = ("prefix", "infix", "suffix")
 
-PromptProblem = Literal["format", "shape", "too_large", "values"]
+#: What is wrong with a prompt (the server maps each to a status code): not safetensors (`format`),
+#: wrong keys or shapes (`shape`), over a limit (`too_large`), NaN/Inf (`values`), a missing, malformed
+#: or unsupported adapter config (`config`, see `engine/peft.py`).
+PromptProblem = Literal["format", "shape", "too_large", "values", "config"]
 
 # Magic bytes of formats that must never be interpreted here: pickle protocols 2-5 and zip
 # (torch.save's container).
@@ -110,21 +113,15 @@ def parse_soft_prompt(
     """
     if max_bytes is not None and len(data) > max_bytes:
         raise PromptError(f"the prompt file is {len(data)} bytes; the limit is {max_bytes}", problem="too_large")
-    if looks_like_pickle(data):
-        raise PromptError(
-            "pickled files (torch.save, .bin, .pt) are refused; save the prompt with safetensors",
-            problem="format",
-        )
-    header_problem = _header_problem(data)
-    if header_problem:
-        raise PromptError(f"not a safetensors file: {header_problem}", problem="format")
-    try:
-        tensors = load_safetensors(data)
-    except (SafetensorError, ValueError, RuntimeError) as exc:
-        raise PromptError(f"not a readable safetensors file ({exc})", problem="format") from exc
+    tensors = read_safetensors(data)
     unknown = sorted(set(tensors) - set(PROMPT_KEYS))
     if unknown:
-        raise PromptError(f"unknown tensor(s) {unknown}; a soft prompt holds {', '.join(PROMPT_KEYS)}", problem="shape")
+        hint = ""
+        if "prompt_embeddings" in unknown:  # PEFT's key: the adapter config did not come with it
+            hint = "; this looks like a PEFT adapter_model.safetensors: send its adapter_config.json with it"
+        raise PromptError(
+            f"unknown tensor(s) {unknown}; a soft prompt holds {', '.join(PROMPT_KEYS)}{hint}", problem="shape"
+        )
     if not tensors:
         raise PromptError(f"the file holds no tensor; give at least one of {', '.join(PROMPT_KEYS)}", problem="shape")
     checked: dict[str, torch.Tensor] = {}
@@ -155,6 +152,22 @@ def parse_soft_prompt(
             problem="too_large",
         )
     return prompt
+
+
+def read_safetensors(data: bytes) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file; a pickle or anything malformed raises `PromptError("format")`."""
+    if looks_like_pickle(data):
+        raise PromptError(
+            "pickled files (torch.save, .bin, .pt) are refused; save the prompt with safetensors",
+            problem="format",
+        )
+    header_problem = _header_problem(data)
+    if header_problem:
+        raise PromptError(f"not a safetensors file: {header_problem}", problem="format")
+    try:
+        return load_safetensors(data)
+    except (SafetensorError, ValueError, RuntimeError) as exc:
+        raise PromptError(f"not a readable safetensors file ({exc})", problem="format") from exc
 
 
 def _header_problem(data: bytes) -> str | None:

@@ -50,7 +50,7 @@ class ErrorMapping:
     retry_after: float | None = None
 
 
-_PROMPT_STATUS = {"format": 415, "too_large": 413, "shape": 422, "values": 422}
+_PROMPT_STATUS = {"format": 415, "too_large": 413, "shape": 422, "values": 422, "config": 422}
 
 
 def mapping_for(exc: Exception) -> ErrorMapping:

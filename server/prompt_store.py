@@ -209,6 +209,15 @@ class PromptStore:
         except FileNotFoundError:
             raise PromptNotFoundError(f"no prompt {prompt_id!r}") from None
 
+    def stored_prompt(self, prompt_id: str) -> SoftPrompt:
+        """The prompt's tensors in float32 rather than the serving dtype (for export; not cached)."""
+        return parse_soft_prompt(
+            self.file_bytes(prompt_id),
+            d_model=self.d_model,
+            dtype=torch.float32,
+            max_virtual_tokens=self.max_virtual_tokens,
+        )
+
     def load(self, prompt_id: str) -> SoftPrompt:
         """The prompt's tensors (cached; re-validated against the directory on every call)."""
         record = self.record(prompt_id)  # raises PromptNotFoundError after a delete on any replica

@@ -1,12 +1,17 @@
-"""Soft prompts at runtime: upload, list, read, download, delete (`/prompts`)."""
+"""Soft prompts at runtime: upload, list, read, download, delete (`/prompts`).
+
+A PEFT prompt-tuning adapter is accepted and exported too (`engine/peft.py` translates); the store
+always keeps the cpm2 format, so an adapter is converted before it is validated like any upload.
+"""
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
-from fastapi import APIRouter, File, Form, Request, Response, UploadFile
+from fastapi import APIRouter, File, Form, Query, Request, Response, UploadFile
 from fastapi.responses import JSONResponse
 
+from engine.peft import MAX_CONFIG_BYTES, peft_archive, soft_prompt_from_peft_files
 from engine.prompts import PromptError
 from server.auth import check_admin, check_api_key
 from server.context import Ctx
@@ -20,9 +25,15 @@ router = APIRouter(prefix="/prompts")
 async def upload(
     request: Request,
     ctx: Ctx,
-    file: Annotated[UploadFile, File(description="safetensors with prefix / infix / suffix / decoder_prefix")],
+    file: Annotated[
+        UploadFile,
+        File(description="safetensors with prefix / infix / suffix / decoder_prefix, or a PEFT adapter_model"),
+    ],
     prompt_id: Annotated[str, Form(alias="id", description="the prompt id: letters, digits, '.', '_', '-'")],
     description: Annotated[str, Form()] = "",
+    adapter_config: Annotated[
+        UploadFile | None, File(description="PEFT adapter_config.json; `file` is then its adapter_model.safetensors")
+    ] = None,
 ) -> JSONResponse:
     """Store a new soft prompt (admin). 409 if the id exists, 415 for a non-safetensors file."""
     check_admin(request, ctx.settings.admin_token)
@@ -32,6 +43,9 @@ async def upload(
     try:
         if len(data) > limit:
             raise PayloadTooLargeError(f"the prompt file is over {limit} bytes (CPM2_MAX_PROMPT_UPLOAD_BYTES)")
+        if adapter_config is not None:
+            config = await adapter_config.read(MAX_CONFIG_BYTES + 1)
+            data = soft_prompt_from_peft_files(config, data, d_model=ctx.store.d_model).to_bytes()
         record = ctx.store.create(prompt_id, data, description=description)
     except (PromptError, PayloadTooLargeError) as exc:
         ctx.metrics.uploads.labels(f"rejected_{mapping_for(exc).error_type}").inc()
@@ -54,10 +68,28 @@ async def get_prompt(prompt_id: str, request: Request, ctx: Ctx) -> dict[str, ob
 
 
 @router.get("/{prompt_id}/file")
-async def download(prompt_id: str, request: Request, ctx: Ctx) -> Response:
-    """The prompt's safetensors file as uploaded (admin)."""
+async def download(
+    prompt_id: str,
+    request: Request,
+    ctx: Ctx,
+    file_format: Annotated[
+        Literal["cpm2", "peft"],
+        Query(alias="format", description="peft: a zip of adapter_config.json + adapter_model.safetensors"),
+    ] = "cpm2",
+) -> Response:
+    """The prompt's safetensors file as stored (admin), or with `format=peft` a PEFT adapter (zip)."""
     check_admin(request, ctx.settings.admin_token)
     record = ctx.store.record(prompt_id)
+    if file_format == "peft":
+        return Response(
+            peft_archive(ctx.store.stored_prompt(prompt_id)),
+            media_type="application/zip",
+            headers={
+                # The archive is a pure function of the stored file, so its hash identifies it too.
+                "ETag": f'"{record.sha256}-peft"',
+                "Content-Disposition": f'attachment; filename="{prompt_id}-peft.zip"',
+            },
+        )
     return Response(
         ctx.store.file_bytes(prompt_id),
         media_type="application/octet-stream",
