@@ -22,12 +22,13 @@ from engine.experts.pool import CACHE_POLICIES
 from engine.generation import GenerationRequest, Generator, SamplingParams
 from engine.model.transformer import Seq2SeqLM
 from engine.offload import OffloadConfig, load_for_inference
+from engine.peft import is_peft_path, read_peft_dir
 from engine.prompts import PROMPT_KEYS, SoftPrompt, parse_soft_prompt, prompt_from_text
 from engine.sizes import format_bytes, parse_bytes
 from engine.summary import summarize
-from engine.tokenizer import Tokenizer, load_tokenizer
+from engine.tokenizer import Tokenizer, check_special_ids, load_tokenizer
 from engine.weights.builtin import resolve_model
-from engine.weights.convert import convert_hf
+from engine.weights.convert import convert_cpm2, convert_hf
 from engine.weights.init import DEFAULT_MAX_SHARD_BYTES, plan_random_model, write_random_model
 from engine.weights.loader import inspect_checkpoint, load_model, parse_dtype
 from engine.weights.presets import PRESETS, get_preset
@@ -108,6 +109,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
         args.model, dtype=args.dtype, device=args.device, offload=offload_config(args), progress=False
     )
     try:
+        check_special_ids(
+            tokenizer,
+            eos=loaded.model.config.eos_token_id,
+            decoder_start=loaded.model.config.decoder_start_token_id,
+            source=args.model,
+        )
         provider = loaded.provider
         generator = Generator(
             loaded.model, tokenizer, expert_stats=provider.stats.snapshot if provider is not None else None
@@ -132,10 +139,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _read_prompt(path: Path, model: Seq2SeqLM) -> SoftPrompt:
-    if not path.is_file():
+    if is_peft_path(path):  # a PEFT prompt-tuning adapter, converted the way the server converts uploads
+        data = read_peft_dir(path, d_model=model.config.d_model).to_bytes()
+    elif path.is_file():
+        data = path.read_bytes()
+    else:
         raise ConfigError(f"--prompt {path}: no such file")
     return parse_soft_prompt(
-        path.read_bytes(), d_model=model.config.d_model, dtype=model.embed.weight.dtype, max_virtual_tokens=1 << 16
+        data, d_model=model.config.d_model, dtype=model.embed.weight.dtype, max_virtual_tokens=1 << 16
     )
 
 
@@ -211,10 +222,20 @@ def _print_summary(config: ModelConfig, summary: Any, *, header: str) -> None:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    if args.source_format != "hf":
-        raise ConfigError(f"unknown source format {args.source_format!r}; supported: hf")
+    if args.source_format not in ("hf", "cpm2"):
+        raise ConfigError(f"unknown source format {args.source_format!r}; supported: hf, cpm2")
     max_shard_bytes = parse_bytes(args.max_shard_size, name="--max-shard-size")
-    convert_hf(args.src, args.dst, dtype=args.dtype, max_shard_bytes=max_shard_bytes)
+    if args.source_format == "cpm2":
+        convert_cpm2(
+            args.src,
+            args.dst,
+            config_path=args.config,
+            iteration=args.iteration,
+            dtype=args.dtype,
+            max_shard_bytes=max_shard_bytes,
+        )
+    else:
+        convert_hf(args.src, args.dst, dtype=args.dtype, max_shard_bytes=max_shard_bytes)
     print(f"wrote {args.dst}")
     return 0
 
@@ -283,7 +304,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--json", action="store_true", help='print {"text": ..., "token_ids": [...]} per input')
     p.add_argument("--details", action="store_true", help="with --json: add finish_reason, logprobs, seed, experts")
     p.add_argument("--text-pair", help="second segment of a two-part task (a prompt's infix goes before it)")
-    p.add_argument("--prompt", type=Path, help="soft prompt file (safetensors, see `cpm2 prompt`)")
+    p.add_argument(
+        "--prompt", type=Path, help="soft prompt file (safetensors, see `cpm2 prompt`) or PEFT prompt-tuning directory"
+    )
     add_offload_args(p)
     p.set_defaults(handler=cmd_generate)
 
@@ -301,11 +324,19 @@ def register(subparsers: Any) -> None:
     p.set_defaults(handler=cmd_info)
 
     p = subparsers.add_parser("convert", help="convert a checkpoint into a native cpm2 directory")
-    p.add_argument("source_format", help="hf: a Hugging Face T5 / mT5 / Switch Transformers directory")
+    p.add_argument(
+        "source_format",
+        help="hf: a Hugging Face T5 / mT5 / Switch Transformers directory; "
+        "cpm2: a released CPM-2 checkpoint (DeepSpeed mp_rank_* files)",
+    )
     p.add_argument("src", type=Path)
     p.add_argument("dst", type=Path)
     p.add_argument("--dtype", default=None, help="store in this dtype (default: as stored)")
     p.add_argument("--max-shard-size", default=str(DEFAULT_MAX_SHARD_BYTES), help="e.g. 2GiB (default)")
+    p.add_argument(
+        "--config", type=Path, help="cpm2: CPM-2 JSON config (default: SRC/config.json, else the released shapes)"
+    )
+    p.add_argument("--iteration", help="cpm2: iteration directory under SRC (default: the latest)")
     p.set_defaults(handler=cmd_convert)
 
     p = subparsers.add_parser("init", help="write a randomly initialised model from a named preset")
