@@ -13,7 +13,6 @@ holds the mapped file pages and drops them as needed.
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 from collections.abc import Iterator
@@ -42,7 +41,7 @@ from engine.weights.cpm2_layout import (
 )
 from engine.weights.files import ShardWriter, open_tensor_source
 from engine.weights.init import DEFAULT_MAX_SHARD_BYTES
-from engine.weights.loader import CONFIG_FILE, inspect_checkpoint, native_tensors, parse_dtype
+from engine.weights.loader import CONFIG_FILE, inspect_checkpoint, native_tensors, parse_dtype, read_json_object
 
 log = logging.getLogger("cpm2.engine")
 
@@ -124,15 +123,7 @@ def _read_cpm2_json(config_path: Path | None, src: Path) -> tuple[dict[str, Any]
     path = config_path or (src / CONFIG_FILE if (src / CONFIG_FILE).is_file() else None)
     if path is None:
         return dict(RELEASED_CONFIG), "the released CPM-2 shapes (no --config given; pass one for other models)"
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"--config {path}: no such file") from None
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{path}: not valid JSON ({exc})") from exc
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a JSON object")
-    return data, str(path)
+    return read_json_object(path, missing="no such file (--config)", error=ConfigError), str(path)
 
 
 def _first(files: RankFiles, key: str) -> torch.Tensor:

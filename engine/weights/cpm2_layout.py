@@ -50,6 +50,7 @@ import torch
 from engine.config import ModelConfig, MoEConfig
 from engine.errors import ConfigError, UnsupportedModelError
 from engine.tokenizer.wordpiece import read_vocab
+from engine.weights.keys import split_block_key
 
 Merge = Literal["rows", "columns", "replicated"]
 
@@ -174,10 +175,7 @@ def _plan_one(config: ModelConfig, native: str) -> SlicePlan:
         fixed[f"{stack}.relative_bias.weight"] = SlicePlan(native, bias, "columns")
     if native in fixed:
         return fixed[native]
-    m = re.fullmatch(r"(encoder|decoder)\.blocks\.(\d+)\.(.+)", native)
-    if m is None:
-        raise KeyError(native)
-    stack, block, rest = m.group(1), int(m.group(2)), m.group(3)
+    stack, block, rest = split_block_key(native)
     b = f"{stack}.blocks.{block}"
     is_moe = block in config.moe_layers(stack)  # type: ignore[arg-type]
     ff = f"{b}.ff.expert_network" if is_moe else f"{b}.ff"

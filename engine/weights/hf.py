@@ -21,6 +21,7 @@ from typing import Any
 
 from engine.config import Activation, ModelConfig, MoEConfig
 from engine.errors import UnsupportedModelError
+from engine.weights.keys import split_block_key
 
 SUPPORTED_MODEL_TYPES = ("t5", "mt5", "switch_transformers")
 
@@ -153,10 +154,7 @@ def _hf_sources(config: ModelConfig, native: str) -> tuple[str, ...]:
     }
     if native in fixed:
         return fixed[native]
-    m = re.fullmatch(r"(encoder|decoder)\.blocks\.(\d+)\.(.+)", native)
-    if m is None:
-        raise KeyError(native)
-    stack, block, rest = m.group(1), int(m.group(2)), m.group(3)
+    stack, block, rest = split_block_key(native)
     block_prefix = f"{stack}.block.{block}"
     attn = f"{block_prefix}.layer.0.SelfAttention"
     cross = f"{block_prefix}.layer.1.EncDecAttention"

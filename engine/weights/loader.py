@@ -12,12 +12,12 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
 from engine.config import ModelConfig
-from engine.errors import CheckpointError, ConfigError
+from engine.errors import CheckpointError, ConfigError, Cpm2Error
 from engine.experts.store import ExpertStore, is_expert_key
 from engine.model import Seq2SeqLM
 from engine.model.linear import Linear, can_pack, pack_for_cpu, pack_weight
@@ -57,15 +57,16 @@ class CheckpointInfo:
     stored_dtype: torch.dtype
 
 
-def _read_json(path: Path) -> dict[str, object]:
+def read_json_object(path: Path, *, missing: str, error: type[Cpm2Error] = CheckpointError) -> dict[str, Any]:
+    """The JSON object in `path`; `error` (saying `missing` when there is no file) otherwise."""
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
-        raise CheckpointError(f"{path}: missing (a model directory needs a {CONFIG_FILE})") from None
+        raise error(f"{path}: {missing}") from None
     except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{path}: not valid JSON ({exc})") from exc
+        raise error(f"{path}: not valid JSON ({exc})") from exc
     if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
+        raise error(f"{path}: expected a JSON object")
     return data
 
 
@@ -75,7 +76,7 @@ def inspect_checkpoint(model_dir: Path, files: TensorSource | None = None) -> Ch
     if not model_dir.is_dir():
         raise CheckpointError(f"{model_dir}: no such model directory")
     config_path = model_dir / CONFIG_FILE
-    data = _read_json(config_path)
+    data = read_json_object(config_path, missing=f"missing (a model directory needs a {CONFIG_FILE})")
     files = files or TensorFiles.open(model_dir)
     try:
         if is_hf_config(data):
