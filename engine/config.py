@@ -18,6 +18,7 @@ from engine.errors import ConfigError
 
 Activation = Literal["relu", "gelu_new", "gelu", "silu"]
 RouterKind = Literal["centroid", "learned"]
+TrainRouting = Literal["inference", "balanced", "top1"]
 
 #: Version of the native `config.json` layout; bumped when a field changes meaning.
 FORMAT_VERSION = 1
@@ -47,12 +48,32 @@ class MoEConfig:
     """Precision the learned router runs in (Switch's "selective precision": float32)."""
     centroid_gain: float = 0.01
     """Gain of the random orthogonal centroids drawn at initialisation (CPM-2-MoE upcycling used 0.01)."""
+    train_routing: TrainRouting = "inference"
+    """How tokens are routed in training mode (`module.training`); inference always routes as
+    `router` says. `inference`: training routes exactly like inference, no auxiliary loss.
+    `balanced`: CPM-2 / BASE layers (Lewis et al. 2021): every expert gets an equal share of the
+    batch's tokens, nothing dropped, total routing score maximised. `top1`: Switch Transformers
+    (Fedus et al. 2021): top-1 of the learned router plus the load-balancing loss (needs
+    `router: learned`)."""
+    aux_loss_coef: float = 0.01
+    """Weight of the Switch load-balancing loss added to the training loss (`train_routing: top1`)."""
 
     def __post_init__(self) -> None:
         if self.num_experts < 1:
             raise ConfigError(f"moe.num_experts must be at least 1, got {self.num_experts}")
         if self.router not in ("centroid", "learned"):
             raise ConfigError(f"moe.router must be 'centroid' or 'learned', got {self.router!r}")
+        if self.train_routing not in ("inference", "balanced", "top1"):
+            raise ConfigError(
+                f"moe.train_routing must be 'inference', 'balanced' or 'top1', got {self.train_routing!r}"
+            )
+        if self.train_routing == "top1" and self.router != "learned":
+            raise ConfigError(
+                "moe.train_routing 'top1' trains the router with the load-balancing loss, but the centroid "
+                "router is frozen; use router: learned, or train_routing: balanced for centroids"
+            )
+        if not self.aux_loss_coef >= 0:
+            raise ConfigError(f"moe.aux_loss_coef must be >= 0, got {self.aux_loss_coef}")
         if self.expert_capacity is not None and self.expert_capacity < 0:
             raise ConfigError(f"moe.expert_capacity must be >= 0 or null (no limit), got {self.expert_capacity}")
         for name in ("encoder_layers", "decoder_layers"):

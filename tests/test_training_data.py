@@ -138,10 +138,11 @@ def test_collator_pads_labels_and_shifts_right_with_the_decoder_start() -> None:
 def test_collator_pairs_truncates_and_pads_to_fixed_length() -> None:
     collator = Seq2SeqCollator(tokenizer=DigitTokenizer(), max_input_length=6, max_target_length=3)
     encoded = collator.encode(Example(input="10 11 12 13 14", text_pair="20 21", target="30 31 32 33"))
-    # Longest first: the input shrinks to 3 + eos while the pair keeps 2 + eos; eos always ends a segment.
-    assert encoded == ([10, 11, EOS, 20, 21, EOS], [30, 31, EOS])
+    # Longest first: the input shrinks to 3 tokens while the pair keeps 2 + eos. As served, no eos
+    # between the segments and one at the end.
+    assert encoded == ([10, 11, 12, 20, 21, EOS], [30, 31, EOS])
     long_pair = collator.encode(Example(input="10", text_pair="20 21 22 23 24 25", target="30"))
-    assert long_pair == ([10, EOS, 20, 21, 22, EOS], [30, EOS])
+    assert long_pair == ([10, 20, 21, 22, 23, EOS], [30, EOS])
     fixed = Seq2SeqCollator(tokenizer=DigitTokenizer(), max_input_length=8, max_target_length=4, pad_to_max_length=True)
     assert fixed([Example(input="3", target="4")]).input_ids.shape == (1, 8)
 

@@ -15,6 +15,12 @@ from typing import Any
 
 from engine.tokenizer import builtin_corpus, load_tokenizer, train_sentencepiece
 from training.data.readers import FileReader, ReaderConfig
+from training.jobs.finetune import add_finetune_command
+from training.jobs.ki import add_ki_command
+from training.jobs.pretrain import add_pretrain_command
+from training.jobs.prompt import add_prompt_command
+from training.jobs.upcycle import add_upcycle_command
+from training.plot import add_plot_command
 
 __all__ = ["TRAIN_COMMANDS", "register"]
 
@@ -64,6 +70,10 @@ def add_tokenizer_command(commands: Any) -> None:
 
 TRAIN_COMMANDS: list[Callable[[Any], None]] = [add_tokenizer_command]
 """Functions adding one ``cpm2 train`` sub-subcommand each; append to add a job."""
+TRAIN_COMMANDS.append(add_pretrain_command)
+TRAIN_COMMANDS += [add_prompt_command, add_finetune_command]
+TRAIN_COMMANDS.append(add_upcycle_command)
+TRAIN_COMMANDS.append(add_ki_command)
 
 
 def register(subparsers: Any) -> None:
@@ -72,3 +82,4 @@ def register(subparsers: Any) -> None:
     commands = train.add_subparsers(dest="train_command", required=True, metavar="JOB")
     for add_command in TRAIN_COMMANDS:
         add_command(commands)
+    add_plot_command(subparsers)  # `cpm2 plot`: top-level, it reads any run's metrics log

@@ -12,6 +12,14 @@ Routers (SEED.md):
   the others get a zero MoE output (HF transformers 5.x semantics). Capacity counts the tokens of
   one forward pass, so teacher forcing and one-token decode steps can differ when it binds.
 
+Training-mode routing (`MoEConfig.train_routing`, only while `module.training`):
+- `balanced`: CPM-2 / BASE layers (Lewis et al. 2021): the valid tokens of the batch are assigned
+  so that every expert gets an equal share and the total routing score is maximal
+  (`engine.model.assignment`); nothing is dropped and the capacity limit does not apply.
+- `top1`: Switch top-1 as at inference, plus the load-balancing loss of Fedus et al. (2021, eq. 4-6)
+  stored in `aux_loss` for the training loss to add (`load_balancing_loss`).
+- `inference`: training routes exactly as inference does.
+
 Where the expert weights live is not this module's business: it asks an `ExpertProvider` for the
 experts its tokens need and runs them in whatever order the provider yields them (InfMoE orders
 them so each transfer hides behind earlier compute). The default provider reads the layer's own
@@ -29,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.config import MoEConfig
+from engine.model.assignment import balanced_assignment
 from engine.model.ffn import ACTIVATIONS, ExpertWeights, FeedForward, feed_forward
 
 
@@ -113,11 +122,34 @@ class LearnedRouter(nn.Module):
         bias = None if self.classifier.bias is None else self.classifier.bias.to(self.router_dtype)
         return F.linear(x_BSD.to(self.router_dtype), weight, bias)
 
+    def probabilities(self, x_BSD: torch.Tensor) -> torch.Tensor:
+        """Router probabilities (B, S, E) in the router dtype."""
+        return torch.softmax(self.scores(x_BSD), dim=-1, dtype=self.router_dtype)
+
     def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        logits_BSE = self.scores(x_BSD)
-        probs_BSE = torch.softmax(logits_BSE, dim=-1, dtype=self.router_dtype).to(x_BSD.dtype)
-        gate_BS, expert_BS = probs_BSE.max(dim=-1)
+        gate_BS, expert_BS = self.probabilities(x_BSD).to(x_BSD.dtype).max(dim=-1)
         return expert_BS, gate_BS
+
+
+def load_balancing_loss(
+    probs_BSE: torch.Tensor, expert_BS: torch.Tensor, valid_BS: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Switch Transformers' auxiliary loss E * sum_e f_e * P_e (Fedus et al. 2021, eq. 4-6).
+
+    f_e is the fraction of tokens routed to expert e and P_e the mean router probability of e, both
+    over the valid tokens of one sequence (a "group", as HF's `load_balancing_loss_func`), averaged
+    over the sequences that have valid tokens. It is 1 when routing is uniform; f carries no
+    gradient, so the router learns through P.
+    """
+    E = probs_BSE.shape[-1]
+    weight_BS = torch.ones_like(expert_BS, dtype=torch.float32) if valid_BS is None else valid_BS.float()
+    count_B = weight_BS.sum(dim=1)
+    denom_B1 = count_B.clamp(min=1).unsqueeze(-1)
+    routed_BE = (F.one_hot(expert_BS, E).float() * weight_BS.unsqueeze(-1)).sum(dim=1) / denom_B1
+    prob_BE = (probs_BSE.float() * weight_BS.unsqueeze(-1)).sum(dim=1) / denom_B1
+    per_group_B = E * (routed_BE * prob_BE).sum(dim=-1)
+    has_tokens_B = count_B > 0
+    return per_group_B[has_tokens_B].sum() / has_tokens_B.sum().clamp(min=1)
 
 
 class MoEFeedForward(nn.Module):
@@ -130,6 +162,10 @@ class MoEFeedForward(nn.Module):
         self.key = key
         self.num_experts = moe.num_experts
         self.capacity = moe.expert_capacity
+        self.train_routing = moe.train_routing
+        self.aux_loss_coef = moe.aux_loss_coef
+        self.aux_loss: torch.Tensor | None = None
+        """The unweighted load-balancing loss of the last `top1` training forward, else None."""
         self.act = ACTIVATIONS[activation]
         self.router: CentroidRouter | LearnedRouter
         if moe.router == "centroid":
@@ -147,7 +183,16 @@ class MoEFeedForward(nn.Module):
         self, x_BSD: torch.Tensor, valid_BS: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """Expert (B, S), gate (B, S) or None, and which tokens reach their expert (B, S)."""
-        expert_BS, gate_BS = self.router(x_BSD)
+        self.aux_loss = None
+        if self.training and self.train_routing == "balanced":
+            return self._route_balanced(x_BSD, valid_BS)
+        if self.training and self.train_routing == "top1":
+            assert isinstance(self.router, LearnedRouter)  # MoEConfig guarantees it
+            probs_BSE = self.router.probabilities(x_BSD)
+            gate_BS, expert_BS = probs_BSE.to(x_BSD.dtype).max(dim=-1)
+            self.aux_loss = load_balancing_loss(probs_BSE, expert_BS, valid_BS)
+        else:
+            expert_BS, gate_BS = self.router(x_BSD)
         keep_BS = torch.ones_like(expert_BS, dtype=torch.bool) if valid_BS is None else valid_BS
         if self.capacity is not None:
             # A token's priority is its rank among the tokens of its sequence routed to the same
@@ -155,6 +200,23 @@ class MoEFeedForward(nn.Module):
             onehot_BSE = F.one_hot(expert_BS, self.num_experts) * keep_BS.unsqueeze(-1)
             priority_BS = onehot_BSE.cumsum(dim=1).gather(-1, expert_BS.unsqueeze(-1)).squeeze(-1)
             keep_BS = keep_BS & (priority_BS <= self.capacity)
+        return expert_BS, gate_BS, keep_BS
+
+    def _route_balanced(
+        self, x_BSD: torch.Tensor, valid_BS: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        keep_BS = torch.ones(x_BSD.shape[:2], dtype=torch.bool, device=x_BSD.device) if valid_BS is None else valid_BS
+        scores_BSE = self.router.scores(x_BSD)
+        token_N = keep_BS.reshape(-1).nonzero().squeeze(-1)
+        expert_N = balanced_assignment(scores_BSE.reshape(-1, self.num_experts)[token_N])
+        expert_BS = torch.zeros(keep_BS.numel(), dtype=torch.long, device=x_BSD.device)
+        expert_BS = expert_BS.index_copy(0, token_N, expert_N).view(keep_BS.shape)
+        gate_BS = None
+        if isinstance(self.router, LearnedRouter):
+            # BASE layers gate the expert output so the router trains; the learned router's
+            # probability of the assigned expert plays that part here.
+            probs_BSE = self.router.probabilities(x_BSD).to(x_BSD.dtype)
+            gate_BS = probs_BSE.gather(-1, expert_BS.unsqueeze(-1)).squeeze(-1)
         return expert_BS, gate_BS, keep_BS
 
     def forward(self, x_BSD: torch.Tensor, valid_BS: torch.Tensor | None = None) -> torch.Tensor:

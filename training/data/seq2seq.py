@@ -132,8 +132,21 @@ class Seq2SeqCollator:
 
     def encode(self, example: Example) -> TokenPair:
         """(input ids, target ids), each ending in eos and truncated; a missing target gives ``[eos]``."""
-        inputs = self.tokenizer.encode(example.input)
-        if example.text_pair is not None:
+        inputs, pair, targets = self.encode_segments(example)
+        return inputs + pair, targets
+
+    def encode_segments(self, example: Example) -> tuple[list[int], list[int], list[int]]:
+        """(input ids, text-pair ids, target ids), truncated; the pair is ``[]`` without a text pair.
+        Prompt tuning needs the split to place an infix between the segments.
+
+        The layout is the server's (`server/service.py`, `cpm2 generate --text-pair`): ``input eos``
+        alone, ``input pair eos`` with a pair — no eos between the segments — so a model or prompt
+        trained here sees exactly what it is served."""
+        pair: list[int] = []
+        if example.text_pair is None:
+            inputs = _truncate(self.tokenizer.encode(example.input), self.max_input_length)
+        else:
+            inputs = self.tokenizer.encode(example.input, add_eos=False)
             pair = self.tokenizer.encode(example.text_pair)
             # Longest first (HF's default): trim whichever segment is longer until both fit.
             num_inputs, num_pair = len(inputs), len(pair)
@@ -142,9 +155,9 @@ class Seq2SeqCollator:
                     num_inputs -= 1
                 else:
                     num_pair -= 1
-            inputs = _truncate(inputs, num_inputs) + _truncate(pair, num_pair)
+            inputs, pair = inputs[:num_inputs], _truncate(pair, num_pair)
         targets = self.tokenizer.encode(example.target or "")
-        return _truncate(inputs, self.max_input_length), _truncate(targets, self.max_target_length)
+        return inputs, pair, _truncate(targets, self.max_target_length)
 
     def collate_ids(self, pairs: Sequence[TokenPair]) -> Seq2SeqBatch:
         """`collate_ids` with this collator's ids and lengths."""
