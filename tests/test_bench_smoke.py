@@ -62,7 +62,8 @@ def test_decode_benchmark_writes_report(tmp_path: Path) -> None:
                 "median_tokens_per_s",
                 "best_tokens_per_s",
             } <= timing.keys()
-            assert len(timing["tokens_per_s"]) == 1
+            # One clean repeat wanted; a loaded machine makes the benchmark retry (up to 3 attempts).
+            assert 1 <= len(timing["tokens_per_s"]) <= cfg.attempts_per_repeat * cfg.repeats
         assert {"ratio_median", "ratio_best", "tokens_match", "weight_bytes_per_step", "achieved_gb_s"} <= (
             result.keys()
         )
