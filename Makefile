@@ -10,7 +10,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= server,training,test
 
-.PHONY: install serve test lint format bench image clean
+.PHONY: install serve test lint format bench soak image clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,10 @@ format: install
 
 bench: install
 	$(PY) -m bench.run_all
+
+# 30 minutes of mixed load against a real server, watching its RSS and open fds (SOAK_ARGS="--minutes 5").
+soak: install
+	$(PY) -m bench.soak $(SOAK_ARGS)
 
 # The serving image (Dockerfile) with docker, or podman where there is no docker engine.
 # GPU hosts keep the default CUDA torch; CPU-only: make image IMAGE_ARGS="--build-arg TORCH_SPEC=torch==2.13.0

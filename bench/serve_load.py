@@ -124,19 +124,31 @@ def _free_port() -> int:
 class ServerProcess:
     """`python -m server` on a free loopback port, ready when `/ready` says so."""
 
-    def __init__(self, model: str, store: Path, max_batch_size: int, extra: Sequence[str] = ()) -> None:
+    def __init__(
+        self, model: str, store: Path, max_batch_size: int, extra: Sequence[str] = (), *, log: Path | None = None
+    ) -> None:
         self.url = f"http://127.0.0.1:{_free_port()}"
         port = self.url.rsplit(":", 1)[1]
         args = ["--model", model, "--port", port, "--prompt-store", str(store), "--log-level", "warning"]
         args += ["--max-batch-size", str(max_batch_size), "--max-concurrent-requests", "512"]
         args += ["--max-queue-requests", "512", *extra]
-        self.process = subprocess.Popen([sys.executable, "-m", "server", *args], stderr=subprocess.PIPE)
+        # A long run logs to `log`: an unread stderr pipe fills up and then blocks the server.
+        self.log = log
+        command = [sys.executable, "-m", "server", *args]
+        if log is None:
+            self.process = subprocess.Popen(command, stderr=subprocess.PIPE)
+        else:
+            with log.open("wb") as stderr:  # the child keeps its own copy of the descriptor
+                self.process = subprocess.Popen(command, stderr=stderr)
 
     def wait_ready(self, timeout: float = 300) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                err = self.process.stderr.read().decode() if self.process.stderr else ""
+                if self.log is not None:
+                    err = self.log.read_text(errors="replace")
+                else:
+                    err = self.process.stderr.read().decode() if self.process.stderr else ""
                 raise RuntimeError(f"the server exited:\n{err}")
             try:
                 if httpx.get(f"{self.url}/ready", timeout=2).status_code == 200:

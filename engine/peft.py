@@ -111,6 +111,8 @@ def parse_peft_config(data: bytes) -> dict[str, Any]:
         config = json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise PromptError(f"{CONFIG_NAME} is not valid JSON ({exc})", problem="config") from exc
+    except RecursionError as exc:  # e.g. 60 KB of "[": within the size limit, too deep for the parser
+        raise PromptError(f"{CONFIG_NAME} is nested too deeply to be an adapter config", problem="config") from exc
     if not isinstance(config, dict):
         raise PromptError(f"{CONFIG_NAME} must hold a JSON object", problem="config")
     return config

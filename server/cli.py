@@ -41,6 +41,19 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     return Settings(**given)
 
 
+def drop_query_string(record: logging.LogRecord) -> bool:
+    """uvicorn access-log filter: log the path without its query string.
+
+    A client that puts its key in the URL (`?api_key=...`) would otherwise have it written to every
+    access log line; the server never reads credentials from the query, so nothing is lost.
+    """
+    args = record.args
+    # uvicorn's access record: (client_addr, method, path_with_query, http_version, status_code).
+    if isinstance(args, tuple) and len(args) == 5 and isinstance(args[2], str):
+        record.args = (args[0], args[1], args[2].partition("?")[0], *args[3:])
+    return True
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -57,6 +70,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=int(settings.shutdown_timeout) + 5,
         lifespan="on",
     )
+    # After uvicorn.Config, which configures uvicorn's loggers (a filter added before could be lost).
+    logging.getLogger("uvicorn.access").addFilter(drop_query_string)
     server = DrainingServer(config, app=app, timeout=settings.shutdown_timeout)
     server.run()
     return 0

@@ -160,6 +160,10 @@ class _StateCollector(Collector):
             "cpm2_prompt_cache_bytes": ("bytes of soft prompts cached in memory", self.store.cached_bytes),
             "cpm2_prompt_cache_entries": ("soft prompts cached in memory", self.store.num_cached),
             "cpm2_expert_memory_bytes": ("expert pool budget", info.expert_memory_bytes),
+            "cpm2_expert_pool_used_bytes": (
+                "most bytes the expert pool has held at once (high-water mark; <= the budget)",
+                stats.experts.get("pool_used_bytes_peak", 0.0),
+            ),
         }
         for name, (doc, value) in gauges.items():
             yield GaugeMetricFamily(name, doc, value=float(value))

@@ -32,6 +32,9 @@ from engine.prompts import SoftPrompt, parse_soft_prompt
 PROMPT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 TENSOR_FILE = "prompt.safetensors"
 META_FILE = "meta.json"
+#: A staging directory this old belongs to a crashed upload (an upload writes at most
+#: CPM2_MAX_PROMPT_UPLOAD_BYTES, seconds of work); a younger one may be another replica's.
+STALE_STAGING_SECONDS = 3600.0
 
 
 class PromptNotFoundError(Cpm2Error):
@@ -114,10 +117,24 @@ class PromptStore:
         self._collect_garbage()
 
     def _collect_garbage(self) -> None:
-        """Remove what crashed uploads and deletes left behind (never a complete prompt)."""
+        """Remove what crashed uploads and deletes left behind (never a complete prompt).
+
+        A `.deleted-` directory is unreachable once renamed aside, so it always goes. A `.tmp-` one
+        may be an upload in progress on another replica sharing the directory: removing it then
+        would fail that upload, or let it rename a half-emptied directory into place. Only staging
+        directories older than any upload could take are removed; the store ignores the rest.
+        """
+        now = time.time()
         for entry in self.root.iterdir():
-            if entry.name.startswith((".tmp-", ".deleted-")):
-                shutil.rmtree(entry, ignore_errors=True)
+            if entry.name.startswith(".tmp-"):
+                try:
+                    if now - entry.stat().st_mtime < STALE_STAGING_SECONDS:
+                        continue
+                except FileNotFoundError:  # renamed into place or removed meanwhile
+                    continue
+            elif not entry.name.startswith(".deleted-"):
+                continue
+            shutil.rmtree(entry, ignore_errors=True)
 
     def _dir(self, prompt_id: str) -> Path:
         path = self.root / check_id(prompt_id)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import time
@@ -45,12 +46,18 @@ def test_serve_generate_upload_use_and_drain(server: tuple[subprocess.Popen[byte
             json={"inputs": "x", "parameters": {"max_new_tokens": 300, "ignore_eos": True}},
         ) as stream:
             lines = stream.iter_lines()
-            next(line for line in lines if line.startswith("data:"))
+            first = next(line for line in lines if line.startswith("data:"))
             process.send_signal(signal.SIGTERM)
+            signalled = time.monotonic()
             time.sleep(0.3)
             assert client.get("/ready").status_code == 503
             refused = client.post("/generate", json={"inputs": "late"})
             assert refused.status_code == 503
             rest = [line for line in lines if line.startswith("data:")]
         assert '"finish_reason":"length"' in rest[-1].replace(" ", "")
+        # Nothing lost: every token arrived, and they add up to the final text.
+        events = [json.loads(line[5:]) for line in [first, *rest]]
+        assert [e["index"] for e in events] == list(range(1, 301))
+        assert "".join(e["token"]["text"] for e in events) == events[-1]["generated_text"]
     assert process.wait(timeout=30) == 0
+    assert time.monotonic() - signalled < 20  # within CPM2_SHUTDOWN_TIMEOUT

@@ -49,6 +49,8 @@ class ExpertPool:
     entries: dict[ExpertId, PoolEntry] = field(default_factory=dict)
     _free: list[int] = field(default_factory=list)
     _clock: int = 0
+    peak_used: int = 0
+    """Most slots ever taken at once (a high-water mark: the budget check reads it)."""
 
     def __post_init__(self) -> None:
         if self.num_slots < 1:
@@ -109,6 +111,7 @@ class ExpertPool:
         self._clock += 1
         entry.last_use = self._clock
         self.entries[expert] = entry
+        self.peak_used = max(self.peak_used, len(self.entries))
         return entry, evicted
 
     def remove(self, expert: ExpertId) -> None:

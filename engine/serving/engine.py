@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import time
+import weakref
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from engine.experts.provider import OffloadedExpertProvider
 from engine.generation import Generator, SamplingParams
 from engine.offload import InferenceModel, OffloadConfig, load_for_inference
 from engine.serving.loop import EngineLoop
@@ -54,6 +56,15 @@ class EngineConfig:
     warmup: bool = True
 
 
+def _expert_stats(provider: OffloadedExpertProvider) -> dict[str, float]:
+    """The provider's counters plus the pool's high-water mark in bytes (slots x one expert, plus any
+    staging buffers), the figure to hold against the `--expert-memory` budget."""
+    stats = provider.stats.to_dict()
+    staging = getattr(provider.transfers, "staging_bytes", 0)
+    stats["pool_used_bytes_peak"] = provider.pool.peak_used * provider.bytes_per_expert + staging
+    return stats
+
+
 class AsyncEngine:
     """`EngineClient` implementation backed by one model and one engine thread."""
 
@@ -73,7 +84,7 @@ class AsyncEngine:
             waiting_served_ratio=config.waiting_served_ratio,
             max_waiting_steps=config.max_waiting_steps,
             special_ids=specials,
-            expert_stats=(lambda: provider.stats.to_dict()) if provider is not None else None,
+            expert_stats=(lambda: _expert_stats(provider)) if provider is not None else None,
         )
         self._status = "starting"
 
@@ -177,7 +188,13 @@ class AsyncEngine:
             raise EngineUnavailableError(f"the engine is {self._status}; retry shortly")
         return self._stream(request)
 
-    async def _stream(self, request: EngineRequest) -> AsyncIterator[TokenEvent]:
+    def _stream(self, request: EngineRequest) -> AsyncIterator[TokenEvent]:
+        """Submit `request` now and return its events.
+
+        Submitting here rather than on the first iteration makes a full queue or a draining engine
+        raise from `generate` itself, as the protocol promises, so a streamed request is refused with
+        429 / 503 before its 200 and SSE headers are sent (not as an error event inside a 200).
+        """
         events: asyncio.Queue[TokenEvent | Exception] = asyncio.Queue()
         loop = asyncio.get_running_loop()
 
@@ -185,6 +202,15 @@ class AsyncEngine:
             loop.call_soon_threadsafe(events.put_nowait, item)
 
         self.loop.submit(request, sink)
+        stream = self._events(request, events)
+        # An async generator dropped before its first iteration (a client gone before the response
+        # started) never runs its `finally`; cancel on collection too (a no-op once it finished).
+        weakref.finalize(stream, self.loop.cancel, request.request_id)
+        return stream
+
+    async def _events(
+        self, request: EngineRequest, events: asyncio.Queue[TokenEvent | Exception]
+    ) -> AsyncIterator[TokenEvent]:
         finished = False
         try:
             while True:

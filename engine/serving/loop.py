@@ -305,8 +305,17 @@ class EngineLoop(threading.Thread):
             self.batch = None
             return
         self._record("decode", self.batch, time.perf_counter() - begin)
+        broken: set[str] = set()
         for sequence in self.batch.sequences:
-            self._emit(sequence)
+            try:
+                self._emit(sequence)
+            except Exception:
+                # One row's token or result could not be produced (say its text would not decode):
+                # only that request fails; an escaping error would kill the thread and every request.
+                log.exception("request %s failed while emitting its token", sequence.request.request_id)
+                broken.add(sequence.request.request_id)
+        if broken:
+            self._remove_running(broken, counter="requests_failed", error=GenerationFailedError("generation failed"))
         for sequence in self.batch.drop_finished():
             running = self._running.pop(sequence.request.request_id, None)
             if running is not None:

@@ -8,6 +8,7 @@ import json
 import time
 from collections.abc import AsyncIterator, Callable
 
+import anyio
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
@@ -108,11 +109,17 @@ async def sse_events(
         mapping = mapping_for(exc)
         yield "data:" + json.dumps({"error": str(exc), "error_type": mapping.error_type}) + "\n\n"
     finally:
-        if next_event is not None and not next_event.done():
-            next_event.cancel()
-        close = getattr(iterator, "aclose", None)
-        if close is not None:
-            await close()
+        # A client that hangs up cancels this task's scope, and anyio re-raises that cancellation at
+        # every await; shielded, the cleanup below runs to the end (the engine request is cancelled).
+        with anyio.CancelScope(shield=True):
+            if next_event is not None and not next_event.done():
+                next_event.cancel()
+                # cancel() only asks: until that task has unwound, the generator is still running,
+                # and aclose() on a running async generator raises RuntimeError.
+                await asyncio.wait({next_event})
+            close = getattr(iterator, "aclose", None)
+            if close is not None:
+                await close()
 
 
 def tgi_stream_event(event: TokenEvent) -> dict[str, object]:

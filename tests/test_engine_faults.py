@@ -1,0 +1,206 @@
+"""Faults inside the engine stay contained: one bad request fails alone, a stuck step shows on /health,
+a damaged checkpoint fails at start-up naming its file, and the expert pool stays within its budget.
+
+Runs the real tiny engine in-process (faults are injected by monkeypatching the generator) and, for
+corrupt checkpoints, a real `python -m server` process.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from server_process import free_port
+
+from engine.generation.generator import Sequence
+from engine.offload import OffloadConfig
+from engine.serving.engine import AsyncEngine, EngineConfig
+from engine.serving.scheduler import Scheduler
+from server.app import create_app
+from server.settings import Settings
+
+POISON = "POISON pill"
+GOOD = [f"question {i}: 12 + {i} =" for i in range(4)]
+
+
+def _client(model_dir: Path, store: Path, **engine_options: object) -> TestClient:
+    config = EngineConfig(model=model_dir, max_batch_size=8, max_queue=64, **engine_options)  # type: ignore[arg-type]
+    return TestClient(create_app(Settings(prompt_store=store), AsyncEngine.from_config(config)))
+
+
+def _body(text: str) -> dict[str, object]:
+    return {"inputs": text, "parameters": {"max_new_tokens": 8, "ignore_eos": True}}
+
+
+@pytest.fixture
+def client(tiny_model_dir: Path, tmp_path: Path) -> Iterator[TestClient]:
+    with _client(tiny_model_dir, tmp_path / "store") as test_client:
+        yield test_client
+
+
+def _hold_admission_until(monkeypatch: pytest.MonkeyPatch, engine: AsyncEngine, count: int) -> None:
+    """Make the scheduler admit nothing until `count` requests wait, so they share one batch (once)."""
+    original = Scheduler.admit
+    is_held = [True]
+
+    def admit(self: Scheduler, *, num_running: int) -> list:  # type: ignore[type-arg]
+        if is_held[0] and len(self.waiting) < count:
+            return []
+        is_held[0] = False
+        return original(self, num_running=num_running)
+
+    monkeypatch.setattr(engine.loop.scheduler, "admit", admit.__get__(engine.loop.scheduler))
+
+
+def _run_batch_with_poison(client: TestClient) -> tuple[list[dict], object]:
+    with ThreadPoolExecutor(len(GOOD) + 1) as pool:
+        good = [pool.submit(client.post, "/generate", json=_body(text)) for text in GOOD]
+        bad = pool.submit(client.post, "/generate", json=_body(POISON))
+        responses = [f.result(timeout=60) for f in good]
+        poisoned = bad.result(timeout=60)
+    for r in responses:
+        assert r.status_code == 200, r.text
+    return [r.json() for r in responses], poisoned
+
+
+def _assert_failed_alone(poisoned: object, engine: AsyncEngine, failed_before: int) -> None:
+    assert poisoned.status_code == 500
+    assert poisoned.json()["error_type"] == "generation"
+    assert engine.stats().requests_failed == failed_before + 1
+    assert engine.health().status == "ok"
+
+
+def test_failure_while_encoding_one_request_fails_only_it(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    engine: AsyncEngine = client.app.state.ctx.engine  # type: ignore[attr-defined]
+    alone = [client.post("/generate", json=_body(text)).json()["generated_text"] for text in GOOD]
+    poison_ids = tuple(engine.tokenize(POISON))
+    original = engine.generator.prefill
+    batch_sizes: list[int] = []
+
+    def prefill(requests):  # type: ignore[no-untyped-def]
+        batch_sizes.append(len(requests))
+        if any(tuple(r.input_ids) == poison_ids for r in requests):
+            raise RuntimeError("injected: this request cannot be encoded")
+        return original(requests)
+
+    monkeypatch.setattr(engine.generator, "prefill", prefill)
+    _hold_admission_until(monkeypatch, engine, len(GOOD) + 1)
+    failed_before = engine.stats().requests_failed
+    together, poisoned = _run_batch_with_poison(client)
+    # One batch of five failed, then each was encoded alone; only the poisoned one failed.
+    assert batch_sizes[0] == len(GOOD) + 1
+    assert [r["generated_text"] for r in together] == alone
+    _assert_failed_alone(poisoned, engine, failed_before)
+
+
+def test_failure_while_finishing_one_request_fails_only_it(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    engine: AsyncEngine = client.app.state.ctx.engine  # type: ignore[attr-defined]
+    alone = [client.post("/generate", json=_body(text)).json()["generated_text"] for text in GOOD]
+    poison_ids = tuple(engine.tokenize(POISON))
+    original = Sequence.result
+
+    def result(self: Sequence, tokenizer):  # type: ignore[no-untyped-def]
+        if tuple(self.request.input_ids) == poison_ids:
+            raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "injected: the output does not decode")
+        return original(self, tokenizer)
+
+    monkeypatch.setattr(Sequence, "result", result)
+    _hold_admission_until(monkeypatch, engine, len(GOOD) + 1)
+    failed_before = engine.stats().requests_failed
+    together, poisoned = _run_batch_with_poison(client)
+    assert [r["generated_text"] for r in together] == alone
+    _assert_failed_alone(poisoned, engine, failed_before)
+    # The engine thread survived: later requests are served.
+    assert client.post("/generate", json=_body(GOOD[0])).json()["generated_text"] == alone[0]
+
+
+def test_stuck_step_makes_health_fail_then_recover(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with _client(tiny_model_dir, tmp_path / "store", stall_seconds=1.5) as client:
+        engine: AsyncEngine = client.app.state.ctx.engine  # type: ignore[attr-defined]
+        assert client.get("/health").status_code == 200
+        release = threading.Event()
+        original = engine.generator.step
+
+        def step(batch):  # type: ignore[no-untyped-def]
+            release.wait(timeout=30)  # a hung kernel or a dead-locked transfer
+            return original(batch)
+
+        monkeypatch.setattr(engine.generator, "step", step)
+        with ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(client.post, "/generate", json=_body(GOOD[0]))
+            deadline = time.monotonic() + 20
+            health = client.get("/health")
+            while health.status_code == 200 and time.monotonic() < deadline:
+                time.sleep(0.1)
+                health = client.get("/health")
+            assert health.status_code == 503
+            assert health.json()["status"] == "stalled"
+            assert health.json()["last_step_age_seconds"] > 1.5
+            release.set()
+            assert pending.result(timeout=30).status_code == 200
+        assert client.get("/health").status_code == 200
+
+
+def _damaged_copy(model_dir: Path, tmp_path: Path, relative: str) -> tuple[Path, Path]:
+    copy = tmp_path / "model"
+    shutil.copytree(model_dir, copy)
+    target = copy / relative
+    with target.open("r+b") as f:
+        f.truncate(target.stat().st_size * 2 // 3)
+    return copy, target
+
+
+@pytest.mark.parametrize(
+    ("relative", "flags"),
+    [
+        ("model.safetensors", []),
+        ("experts/decoder-001.safetensors", []),
+        # Offloaded: the store is read lazily while serving, so it must be checked at open.
+        ("experts/encoder-000.safetensors", ["--expert-memory", "25%"]),
+    ],
+)
+def test_truncated_checkpoint_fails_at_start_naming_the_file(
+    tiny_model_dir: Path, tmp_path: Path, relative: str, flags: list[str]
+) -> None:
+    model, damaged = _damaged_copy(tiny_model_dir, tmp_path, relative)
+    args = ["--model", str(model), "--port", str(free_port()), "--prompt-store", str(tmp_path / "p"), *flags]
+    done = subprocess.run([sys.executable, "-m", "server", *args], capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert f"CheckpointError: {damaged}" in done.stdout + done.stderr
+
+
+def _gauge(metrics: str, name: str) -> float:
+    match = re.search(rf"^{name} (\S+)$", metrics, re.MULTILINE)
+    assert match is not None, f"{name} is not exported"
+    return float(match.group(1))
+
+
+def test_expert_pool_stays_within_its_budget(tiny_model_dir: Path, tmp_path: Path) -> None:
+    offload = OffloadConfig(expert_memory="25%", direct_io=True)  # direct: every expert goes through the pool
+    with _client(tiny_model_dir, tmp_path / "store", offload=offload) as client:
+        bodies = [
+            {
+                "inputs": f"{i} 北京 {i * 7} the quick brown fox",
+                "parameters": {"max_new_tokens": 16, "ignore_eos": True},
+            }
+            for i in range(16)
+        ]
+        with ThreadPoolExecutor(8) as pool:
+            responses = list(pool.map(lambda body: client.post("/generate", json=body), bodies))
+        assert all(r.status_code == 200 for r in responses)
+        metrics = client.get("/metrics").text
+    budget = _gauge(metrics, "cpm2_expert_memory_bytes")
+    used = _gauge(metrics, "cpm2_expert_pool_used_bytes")
+    assert _gauge(metrics, "cpm2_expert_cache_misses_total") > 0  # experts really moved through the pool
+    assert 0 < used <= budget
