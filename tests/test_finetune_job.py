@@ -15,8 +15,7 @@ from engine.weights.presets import get_preset
 from training.cli import register
 from training.config import parse_job_config
 from training.evaluate import evaluate_tasks
-from training.jobs.finetune import FinetuneJobConfig, cmd_finetune, run_finetune_job
-from training.jobs.prompt import cmd_prompt
+from training.jobs.finetune import FinetuneJobConfig, run_finetune_job
 from training.metrics_log import read_metrics
 from training.tasks import generate_task
 
@@ -84,7 +83,7 @@ def test_finetune_resumes_exactly(model_dir: Path, tmp_path: Path) -> None:
 def test_cli_registers_the_adaptation_jobs() -> None:
     parser = argparse.ArgumentParser(prog="cpm2")
     register(parser.add_subparsers(dest="command"))
-    for job, handler in (("prompt", cmd_prompt), ("finetune", cmd_finetune)):
-        args = parser.parse_args(["train", job, "--config", "job.yaml"])
-        assert args.handler is handler
-        assert args.config == Path("job.yaml")
+    for job in ("prompt", "finetune", "pretrain", "ki", "upcycle"):
+        args = parser.parse_args(["train", job, "--config", "job.yaml", "--device", "cpu"])
+        assert callable(args.handler)
+        assert (args.config, args.device) == (Path("job.yaml"), "cpu")

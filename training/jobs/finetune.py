@@ -8,18 +8,17 @@ At the end the final checkpoint is exported as a native model directory (`output
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from engine.model import Seq2SeqLM
-from training.config import JobConfig, load_job_config
+from training.config import JobConfig
 from training.evaluate import task_eval_fn
 from training.job import DataShard, build_model, run_job
+from training.jobs.command import add_job_command
 from training.jobs.export import export_checkpoint
-from training.jobs.prompt import add_job_arguments
 from training.jobs.task_data import TaskSpec, eval_examples, job_tokenizer, task_batches, tokenizer_dir
 from training.losses import seq2seq_lm_loss
 from training.trainer import ResumableIterator
@@ -74,19 +73,13 @@ def run_finetune_job(config: FinetuneJobConfig, *, device: str | None = None) ->
     return out_dir
 
 
-def cmd_finetune(args: argparse.Namespace) -> int:
-    config = load_job_config(args.config, FinetuneJobConfig)
-    out_dir = run_finetune_job(config, device=args.device)
-    print(f"wrote {out_dir} (metrics: {config.output_dir / 'metrics.jsonl'})")
-    return 0
-
-
 def add_finetune_command(commands: Any) -> None:
     """``cpm2 train finetune``."""
-    p = commands.add_parser(
+    add_job_command(
+        commands,
         "finetune",
         help="full fine-tuning on a task (the prompt-tuning baseline); writes a model directory",
         description="Fine-tune every parameter on a task; see training/configs/finetune.yaml.",
+        config_cls=FinetuneJobConfig,
+        run=run_finetune_job,
     )
-    add_job_arguments(p)
-    p.set_defaults(handler=cmd_finetune)

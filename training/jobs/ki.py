@@ -11,7 +11,6 @@ held by the loss, so it is neither trained nor checkpointed.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +24,10 @@ from engine.tokenizer import Tokenizer, load_tokenizer
 from engine.weights.init import random_tensor
 from engine.weights.loader import load_model
 from engine.weights.presets import get_preset
-from training.config import Section, load_job_config
+from training.config import Section
 from training.distill import STEP_KEY, KILoss, vocab_map_between
 from training.job import DataShard, build_model, run_job
+from training.jobs.command import add_job_command
 from training.jobs.export import export_checkpoint
 from training.jobs.pretrain import PretrainConfig, build_batches, held_out_eval_fn
 from training.trainer import Batch, ResumableIterator
@@ -190,21 +190,14 @@ def train_ki(config: KIConfig, *, device: str | None = None, export: bool = True
     return out_dir
 
 
-def cmd_ki(args: argparse.Namespace) -> int:
-    config = load_job_config(args.config, KIConfig)
-    out_dir = train_ki(config, device=args.device)
-    print(f"wrote {out_dir} (metrics: {config.output_dir / 'metrics.jsonl'})")
-    return 0
-
-
 def add_ki_command(commands: Any) -> None:
     """``cpm2 train ki``."""
-    p = commands.add_parser(
+    add_job_command(
+        commands,
         "ki",
         help="knowledge inheritance: pretrain a student with a trained teacher's soft targets",
         description="KI (Qin et al. 2021): (1-α)·LM + α·T²·KL(teacher‖student), α annealed to 0; "
         "see training/configs/ki.yaml.",
+        config_cls=KIConfig,
+        run=train_ki,
     )
-    p.add_argument("--config", required=True, type=Path, metavar="FILE", help="job config (.yaml, .json or .toml)")
-    p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: CUDA when available")
-    p.set_defaults(handler=cmd_ki)

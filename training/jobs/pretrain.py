@@ -10,7 +10,6 @@ that `cpm2 generate`, `cpm2 serve` and the other jobs' `model.dir` load.
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import os
 import tempfile
@@ -25,11 +24,12 @@ from engine.errors import ConfigError
 from engine.model import Seq2SeqLM
 from engine.tokenizer import Tokenizer, check_special_ids, decoder_start_id, load_tokenizer
 from engine.weights.init import write_tokenizer
-from training.config import JobConfig, Section, load_job_config
+from training.config import JobConfig, Section
 from training.data.example import Example, ResumableIterator
 from training.data.readers import FileReader, ReaderConfig
 from training.data.span_corruption import SpanCorruptionConfig, SpanCorruptionStream
 from training.job import DataShard, build_model, run_job
+from training.jobs.command import add_job_command
 from training.jobs.export import export_checkpoint
 from training.jobs.span_batches import RankSlice, SpanCorruptionBatches
 from training.losses import seq2seq_lm_loss
@@ -232,20 +232,13 @@ def pretrain(config: PretrainConfig, *, device: str | None = None) -> Path:
     return out_dir
 
 
-def cmd_pretrain(args: argparse.Namespace) -> int:
-    config = load_job_config(args.config, PretrainConfig)
-    out_dir = pretrain(config, device=args.device)
-    print(f"wrote {out_dir} (metrics: {config.output_dir / 'metrics.jsonl'})")
-    return 0
-
-
 def add_pretrain_command(commands: Any) -> None:
     """``cpm2 train pretrain``."""
-    p = commands.add_parser(
+    add_job_command(
+        commands,
         "pretrain",
         help="span-corruption pretraining (from scratch or a model dir); writes a model directory",
         description="Pretrain with T5/CPM-2 span corruption; see training/configs/pretrain.yaml.",
+        config_cls=PretrainConfig,
+        run=pretrain,
     )
-    p.add_argument("--config", required=True, type=Path, metavar="FILE", help="job config (.yaml, .json or .toml)")
-    p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: CUDA when available")
-    p.set_defaults(handler=cmd_pretrain)

@@ -9,7 +9,6 @@ suffix). Both are taken from the final checkpoint, so they are what a resumed ru
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,9 +21,10 @@ from engine.errors import CheckpointError
 from engine.peft import peft_files
 from engine.prompts import SoftPrompt
 from training.checkpoint import MODEL_FILE, latest_checkpoint
-from training.config import JobConfig, OptimizerSpec, Section, load_job_config
+from training.config import JobConfig, OptimizerSpec, Section
 from training.evaluate import task_eval_fn
 from training.job import DataShard, build_model, run_job
+from training.jobs.command import add_job_command
 from training.jobs.task_data import TaskSpec, eval_examples, job_tokenizer, task_batches
 from training.soft_prompt import PARTS, PromptedSeq2SeqLM, TrainableSoftPrompt, prompted_lm_loss
 from training.trainer import ResumableIterator, Trainer
@@ -173,26 +173,19 @@ def run_prompt_job(config: PromptJobConfig, *, device: str | None = None) -> Pro
     return PromptJobResult(trainer=trainer, prompt_path=path, peft_dir=peft_dir)
 
 
-def add_job_arguments(parser: Any) -> None:
-    """``--config`` and ``--device``, as every ``cpm2 train`` job takes them."""
-    parser.add_argument("--config", required=True, type=Path, metavar="FILE", help="job config (.yaml, .json or .toml)")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: CUDA when available")
-
-
-def cmd_prompt(args: argparse.Namespace) -> int:
-    config = load_job_config(args.config, PromptJobConfig)
-    result = run_prompt_job(config, device=args.device)
+def _wrote(result: PromptJobResult) -> str:
     peft = f", PEFT adapter {result.peft_dir}" if result.peft_dir else " (no PEFT copy: PEFT has only prefix prompts)"
-    print(f"wrote {result.prompt_path}{peft} (metrics: {config.output_dir / 'metrics.jsonl'})")
-    return 0
+    return f"{result.prompt_path}{peft}"
 
 
 def add_prompt_command(commands: Any) -> None:
     """``cpm2 train prompt``."""
-    p = commands.add_parser(
+    add_job_command(
+        commands,
         "prompt",
         help="prompt tuning of a frozen model; writes a server soft-prompt file (and a PEFT adapter)",
         description="Train a soft prompt (prefix / infix / suffix); see training/configs/prompt.yaml.",
+        config_cls=PromptJobConfig,
+        run=run_prompt_job,
+        wrote=_wrote,
     )
-    add_job_arguments(p)
-    p.set_defaults(handler=cmd_prompt)

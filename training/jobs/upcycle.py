@@ -10,7 +10,6 @@ writes them) that `cpm2 generate` and `cpm2 serve` load.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,8 +21,9 @@ from engine.errors import CheckpointError
 from engine.model import Seq2SeqLM
 from engine.tokenizer import load_tokenizer
 from training.checkpoint import MODEL_FILE, latest_checkpoint
-from training.config import Section, load_job_config
+from training.config import Section
 from training.job import DataShard, build_model, run_job
+from training.jobs.command import add_job_command
 from training.jobs.pretrain import (
     PretrainConfig,
     SpanCorruptionBatches,
@@ -115,21 +115,14 @@ def upcycle(config: UpcycleConfig, *, device: str | None = None) -> Path:
     return out_dir
 
 
-def cmd_upcycle(args: argparse.Namespace) -> int:
-    config = load_job_config(args.config, UpcycleConfig)
-    out_dir = upcycle(config, device=args.device)
-    print(f"wrote {out_dir} (metrics: {config.output_dir / 'metrics.jsonl'})")
-    return 0
-
-
 def add_upcycle_command(commands: Any) -> None:
     """``cpm2 train upcycle``."""
-    p = commands.add_parser(
+    add_job_command(
+        commands,
         "upcycle",
         help="dense → MoE (experts copy the dense FFN) and continue span-corruption pretraining",
         description="Upcycle a dense model directory into an MoE model and pretrain it; see "
         "training/configs/upcycle.yaml.",
+        config_cls=UpcycleConfig,
+        run=upcycle,
     )
-    p.add_argument("--config", required=True, type=Path, metavar="FILE", help="job config (.yaml, .json or .toml)")
-    p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: CUDA when available")
-    p.set_defaults(handler=cmd_upcycle)
