@@ -23,8 +23,9 @@ from engine.weights.loader import load_model
 from engine.weights.presets import get_preset
 from training.cli import TRAIN_COMMANDS
 from training.config import parse_job_config
+from training.jobs.export import write_model_dir
 from training.jobs.upcycle import UpcycleConfig, add_upcycle_command, upcycle
-from training.upcycle import upcycle_config, upcycle_key_map, upcycle_model, write_moe_model_dir
+from training.upcycle import upcycle_config, upcycle_key_map, upcycle_model
 
 DENSE = get_preset("tiny").config.replace(moe=None)
 
@@ -99,7 +100,7 @@ def test_moe_model_dir_is_servable_with_experts_in_the_store(tmp_path: Path) -> 
     tokenizer_dir = tmp_path / "tok"
     tokenizer_dir.mkdir()
     (tokenizer_dir / "spiece.model").write_bytes(b"not parsed here")
-    out = write_moe_model_dir(moe, tmp_path / "moe", tokenizer_dir=tokenizer_dir, producer="test")
+    out = write_model_dir(moe, tmp_path / "moe", tokenizer_dir=tokenizer_dir, producer="test")
     assert (out / STORE_DIR).is_dir()
     loaded, info = load_model(out, pack=False)
     assert info.config.moe == moe.config.moe

@@ -9,28 +9,23 @@ training then lets the copies drift apart. The same map also serves the Switch-s
 whose fresh classifier gets T5's init; its gate scaling means that model starts at a scaled FFN.
 
 `upcycle_key_map` says where every tensor of the MoE model comes from (a dense key, or None for a
-fresh router tensor); `upcycle_model` applies it; `write_moe_model_dir` writes the result the way
-`cpm2 init` does, experts in the engine's expert store.
+fresh router tensor); `upcycle_model` applies it; `training.jobs.export.write_model_dir` writes the
+result the way `cpm2 init` does, experts in the engine's expert store.
 """
 
 from __future__ import annotations
 
 import re
-import shutil
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 
 from engine.config import ModelConfig, MoEConfig, RouterKind, TrainRouting
 from engine.errors import ConfigError
-from engine.experts.store import ExpertStoreWriter
 from engine.model import Seq2SeqLM
-from engine.weights.files import ShardWriter
-from engine.weights.init import DEFAULT_MAX_SHARD_BYTES, random_tensor
-from training.jobs.export import copy_tokenizer
+from engine.weights.init import random_tensor
 
-__all__ = ["upcycle_config", "upcycle_key_map", "upcycle_model", "write_moe_model_dir"]
+__all__ = ["upcycle_config", "upcycle_key_map", "upcycle_model"]
 
 #: An expert tensor of an MoE layer: its dense source drops the `experts.{e}.` part.
 _EXPERT_KEY = re.compile(r"(?P<mlp>(?:encoder|decoder)\.blocks\.\d+\.mlp)\.experts\.\d+\.(?P<name>.+)")
@@ -104,38 +99,3 @@ def upcycle_model(dense: Seq2SeqLM, config: ModelConfig, *, seed: int = 0) -> Se
             state[key] = dense_state[source].detach().clone()
     model.load_state_dict(state, assign=True)
     return model.train(dense.training)
-
-
-def write_moe_model_dir(
-    model: Seq2SeqLM,
-    out_dir: Path,
-    *,
-    tokenizer_dir: Path,
-    producer: str,
-    extra: dict[str, object] | None = None,
-    dtype: torch.dtype = torch.float32,
-) -> Path:
-    """Write `model` as a native directory with its experts in the expert store (as `cpm2 init`).
-
-    Built under a temporary name and renamed, so a server never sees a half-written model.
-    """
-    tmp = out_dir.parent / f".{out_dir.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    config = model.config
-    shards = ShardWriter(tmp, max_shard_bytes=DEFAULT_MAX_SHARD_BYTES, metadata={"producer": producer})
-    experts = ExpertStoreWriter(tmp, config, dtype) if config.moe is not None else None
-    # state_dict order is model order: the store needs each layer's experts together and in order.
-    for key, tensor in model.state_dict().items():
-        tensor = tensor.detach().to("cpu", dtype)
-        if experts is None or not experts.add(key, tensor):
-            shards.add(key, tensor)
-    shards.close()
-    if experts is not None:
-        experts.close()
-    copy_tokenizer(tokenizer_dir, tmp)
-    config.replace(extra={**config.extra, "producer": producer, **(extra or {})}).save(tmp / "config.json")
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
-    return out_dir

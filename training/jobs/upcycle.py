@@ -24,6 +24,7 @@ from training.checkpoint import MODEL_FILE, latest_checkpoint
 from training.config import Section
 from training.job import DataShard, build_model, run_job
 from training.jobs.command import add_job_command
+from training.jobs.export import write_model_dir
 from training.jobs.pretrain import (
     PretrainConfig,
     SpanCorruptionBatches,
@@ -32,7 +33,7 @@ from training.jobs.pretrain import (
     tokenizer_dir,
 )
 from training.moe_losses import seq2seq_moe_loss
-from training.upcycle import upcycle_config, upcycle_model, write_moe_model_dir
+from training.upcycle import upcycle_config, upcycle_model
 
 __all__ = ["UpcycleConfig", "UpcycleSpec", "add_upcycle_command", "build_upcycled_model", "upcycle"]
 
@@ -111,7 +112,7 @@ def upcycle(config: UpcycleConfig, *, device: str | None = None) -> Path:
             "trained_steps": trainer.step,
             "trained_tokens": trainer.state.tokens,
         }
-        write_moe_model_dir(base.eval(), out_dir, tokenizer_dir=tok_dir, producer=PRODUCER, extra=extra)
+        write_model_dir(base.eval(), out_dir, tokenizer_dir=tok_dir, producer=PRODUCER, extra=extra)
     return out_dir
 
 
