@@ -175,3 +175,35 @@ class CompletionRequest(BaseModel):
         if self.stop is None:
             return []
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+
+class ErrorResponse(BaseModel):
+    """Every error (TGI's body): what went wrong, said so the client knows what to change."""
+
+    error: str
+    error_type: str
+
+
+class OpenAIError(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: int
+
+
+class OpenAIErrorResponse(BaseModel):
+    """Errors on `/v1/*` (OpenAI's envelope), so OpenAI clients parse them."""
+
+    error: OpenAIError
+
+
+#: Declared on every route so the OpenAPI document describes the error bodies the server really
+#: sends (FastAPI would otherwise document its own `{"detail": [...]}` for 422).
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    "4XX": {"model": ErrorResponse, "description": "the request cannot be served as sent"},
+    "5XX": {"model": ErrorResponse, "description": "the server could not serve it now (503: retry)"},
+}
+OPENAI_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    "4XX": {"model": OpenAIErrorResponse, "description": "the request cannot be served as sent"},
+    "5XX": {"model": OpenAIErrorResponse, "description": "the server could not serve it now (503: retry)"},
+}

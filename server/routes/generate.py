@@ -17,6 +17,7 @@ from server.auth import check_api_key
 from server.context import Ctx, ServerContext
 from server.errors import mapping_for
 from server.schemas import (
+    ERROR_RESPONSES,
     Details,
     ExpertDetails,
     GenerateRequest,
@@ -27,7 +28,7 @@ from server.schemas import (
 )
 from server.service import GenerationInput, Outcome, Timing
 
-router = APIRouter()
+router = APIRouter(responses=ERROR_RESPONSES)
 
 #: Seconds between SSE keep-alive comments while a request waits for its next token.
 KEEP_ALIVE_SECONDS = 15.0

@@ -20,10 +20,10 @@ from server.auth import check_api_key
 from server.context import Ctx, ServerContext
 from server.errors import mapping_for
 from server.prompt_store import PromptNotFoundError
-from server.schemas import CompletionRequest
+from server.schemas import OPENAI_ERROR_RESPONSES, CompletionRequest
 from server.service import GenerationInput, Outcome, Timing
 
-router = APIRouter(prefix="/v1")
+router = APIRouter(prefix="/v1", responses=OPENAI_ERROR_RESPONSES)
 
 _FINISH = {"length": "length", "eos_token": "stop", "stop_sequence": "stop"}
 

@@ -17,8 +17,9 @@ from server.auth import check_admin, check_api_key
 from server.context import Ctx
 from server.errors import PayloadTooLargeError, mapping_for
 from server.prompt_store import check_id
+from server.schemas import ERROR_RESPONSES
 
-router = APIRouter(prefix="/prompts")
+router = APIRouter(prefix="/prompts", responses=ERROR_RESPONSES)
 
 
 @router.post("", status_code=201)

@@ -8,9 +8,9 @@ from fastapi.responses import JSONResponse
 from server.auth import check_api_key
 from server.context import Ctx
 from server.prompt_store import check_id
-from server.schemas import TokenizeRequest
+from server.schemas import ERROR_RESPONSES, TokenizeRequest
 
-router = APIRouter()
+router = APIRouter(responses=ERROR_RESPONSES)
 
 
 def _version() -> str:
