@@ -27,10 +27,8 @@ import json
 import os
 import random
 import re
-import socket
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -43,6 +41,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bench.machine import machine_info
+from bench.serve_load import ServerProcess
 
 INPUTS = ["北京是中国的首都，", "The quick brown fox", "四千零九十六减去一千等于", "Question: what is 2 + 3?"]
 RETRY_PAUSE = (0.05, 0.15)
@@ -61,38 +60,23 @@ class OverloadRecord:
     """The server's last `Retry-After`, in seconds."""
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @contextmanager
-def running_server(model: str, workdir: Path, args: list[str]) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
-    """`python -m server` on a free port with `args`; yields (process, url) once /ready says 200."""
-    port = free_port()
-    command = [sys.executable, "-m", "server", "--model", model, "--port", str(port)]
-    command += ["--prompt-store", str(workdir / "prompts"), "--log-level", "warning", *args]
-    log = workdir / "server.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+def running_server(
+    model: str, workdir: Path, *, max_batch_size: int, max_queue_requests: int
+) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """`python -m server` with these limits; yields (process, url) once /ready says 200."""
+    server = ServerProcess(
+        model,
+        workdir / "prompts",
+        max_batch_size,
+        ["--max-queue-requests", str(max_queue_requests)],  # after ServerProcess's own: this one wins
+        log=workdir / "server.log",
+    )
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the server did not become ready:\n{log.read_text(errors='replace')}")
-            try:
-                if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        yield process, url
+        server.wait_ready(timeout=180)
+        yield server.process, server.url
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+        server.stop()
 
 
 def rss_bytes(pid: int) -> int:
@@ -255,8 +239,12 @@ def main(argv: list[str] | None = None) -> int:
         args.seconds, args.baseline_requests = 8.0, 15
     out = args.out or Path("bench/results") / ("overload.quick.json" if args.quick else "overload.json")
     capacity = args.max_batch_size + args.max_queue_requests
-    server_args = ["--max-batch-size", str(args.max_batch_size), "--max-queue-requests", str(args.max_queue_requests)]
-    with tempfile.TemporaryDirectory() as tmp, running_server(args.model, Path(tmp), server_args) as (process, url):
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        running_server(
+            args.model, Path(tmp), max_batch_size=args.max_batch_size, max_queue_requests=args.max_queue_requests
+        ) as (process, url),
+    ):
         expected = asyncio.run(references(url, args.new_tokens))
         unloaded = asyncio.run(
             load(
