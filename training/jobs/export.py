@@ -9,6 +9,7 @@ and runs after the process group is gone; frozen tensors come from the job's sta
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -20,6 +21,7 @@ from engine.model import Seq2SeqLM
 from engine.weights.files import ShardWriter
 from engine.weights.init import DEFAULT_MAX_SHARD_BYTES
 from training.checkpoint import MODEL_FILE, latest_checkpoint
+from training.trainer import Trainer
 
 __all__ = ["TOKENIZER_FILES", "copy_tokenizer", "export_checkpoint", "write_model_dir"]
 
@@ -94,3 +96,27 @@ def export_checkpoint(
         raise CheckpointError(f"{latest} holds tensors the model lacks: {unknown[:5]}; was it written by this job?")
     base.load_state_dict(tensors, strict=False)
     return write_model_dir(base, out_dir, tokenizer_dir=tokenizer_dir, producer=producer, extra=extra)
+
+
+def export_trained(
+    trainer: Trainer,
+    out_dir: Path,
+    base: Callable[[], Seq2SeqLM],
+    *,
+    tokenizer_dir: Path,
+    producer: str,
+    extra: dict[str, object] | None = None,
+) -> Path:
+    """The end of every job that yields a model: rank 0 loads the final checkpoint into `base()` (the
+    starting model again, on CPU: its frozen tensors are not in the checkpoint) and writes `out_dir`,
+    recording the steps trained."""
+    if trainer.ctx.is_main:
+        export_checkpoint(
+            base(),
+            trainer.checkpoint_dir,
+            out_dir,
+            tokenizer_dir=tokenizer_dir,
+            producer=producer,
+            extra={"trained_steps": trainer.step, **(extra or {})},
+        )
+    return out_dir

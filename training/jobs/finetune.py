@@ -18,7 +18,7 @@ from training.config import JobConfig
 from training.evaluate import task_eval_fn
 from training.job import DataShard, build_model, run_job
 from training.jobs.command import add_job_command
-from training.jobs.export import export_checkpoint
+from training.jobs.export import export_trained
 from training.jobs.task_data import TaskSpec, eval_examples, job_tokenizer, task_batches, tokenizer_dir
 from training.losses import seq2seq_lm_loss
 from training.trainer import ResumableIterator
@@ -59,18 +59,14 @@ def run_finetune_job(config: FinetuneJobConfig, *, device: str | None = None) ->
     trainer = run_job(
         config, _model, seq2seq_lm_loss, _data, trainable=lambda name: True, eval_fn=eval_fn, device=device
     )
-    out_dir = config.export_dir or config.output_dir / "model"
-    if trainer.ctx.is_main:
-        base = build_model(config.model, torch.device("cpu"))
-        export_checkpoint(
-            base,
-            trainer.checkpoint_dir,
-            out_dir,
-            tokenizer_dir=tokenizer_dir(config.task, config.model),
-            producer=PRODUCER,
-            extra={"trained_steps": trainer.step, "task": config.task.name or str(config.task.train_file)},
-        )
-    return out_dir
+    return export_trained(
+        trainer,
+        config.export_dir or config.output_dir / "model",
+        lambda: build_model(config.model, torch.device("cpu")),
+        tokenizer_dir=tokenizer_dir(config.task, config.model),
+        producer=PRODUCER,
+        extra={"task": config.task.name or str(config.task.train_file)},
+    )
 
 
 def add_finetune_command(commands: Any) -> None:

@@ -28,7 +28,7 @@ from training.config import Section
 from training.distill import STEP_KEY, KILoss, vocab_map_between
 from training.job import DataShard, build_model, run_job
 from training.jobs.command import add_job_command
-from training.jobs.export import export_checkpoint
+from training.jobs.export import export_trained
 from training.jobs.pretrain import PretrainConfig, build_batches, held_out_eval_fn
 from training.trainer import Batch, ResumableIterator
 from training.vocab_growth import find_sentencepiece_model, grow_vocabulary, plan_vocab_growth
@@ -178,16 +178,16 @@ def train_ki(config: KIConfig, *, device: str | None = None, export: bool = True
     eval_fn = held_out_eval_fn(config, tokenizer)
     trainer = run_job(config, model_factory, loss, data_factory, eval_fn=eval_fn, device=device)
     out_dir = config.export_dir or config.output_dir / "model"
-    if export and trainer.ctx.is_main:
-        export_checkpoint(
-            build_student(config, torch.device("cpu")),
-            trainer.checkpoint_dir,
-            out_dir,
-            tokenizer_dir=tok_dir,
-            producer=PRODUCER,
-            extra={"trained_steps": trainer.step, "teacher": str(config.ki.teacher)},
-        )
-    return out_dir
+    if not export:
+        return out_dir
+    return export_trained(
+        trainer,
+        out_dir,
+        lambda: build_student(config, torch.device("cpu")),
+        tokenizer_dir=tok_dir,
+        producer=PRODUCER,
+        extra={"teacher": str(config.ki.teacher)},
+    )
 
 
 def add_ki_command(commands: Any) -> None:

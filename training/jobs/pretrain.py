@@ -30,7 +30,7 @@ from training.data.readers import FileReader, ReaderConfig
 from training.data.span_corruption import SpanCorruptionConfig, SpanCorruptionStream
 from training.job import DataShard, build_model, run_job
 from training.jobs.command import add_job_command
-from training.jobs.export import export_checkpoint
+from training.jobs.export import export_trained
 from training.jobs.span_batches import RankSlice, SpanCorruptionBatches
 from training.losses import seq2seq_lm_loss
 from training.tasks import GeneratedDocuments
@@ -217,19 +217,14 @@ def pretrain(config: PretrainConfig, *, device: str | None = None) -> Path:
 
     eval_fn = held_out_eval_fn(config, tokenizer)
     trainer = run_job(config, model_factory, seq2seq_lm_loss, data_factory, eval_fn=eval_fn, device=device)
-    out_dir = config.export_dir or config.output_dir / "model"
-    if trainer.ctx.is_main:
-        # The starting model again, on CPU: its tensors are overwritten by the final checkpoint's.
-        base = build_model(config.model, torch.device("cpu"))
-        export_checkpoint(
-            base,
-            trainer.checkpoint_dir,
-            out_dir,
-            tokenizer_dir=tok_dir,
-            producer=PRODUCER,
-            extra={"trained_steps": trainer.step, "trained_tokens": trainer.state.tokens},
-        )
-    return out_dir
+    return export_trained(
+        trainer,
+        config.export_dir or config.output_dir / "model",
+        lambda: build_model(config.model, torch.device("cpu")),
+        tokenizer_dir=tok_dir,
+        producer=PRODUCER,
+        extra={"trained_tokens": trainer.state.tokens},
+    )
 
 
 def add_pretrain_command(commands: Any) -> None:
