@@ -21,9 +21,6 @@ from server.metrics import Metrics
 from server.prompt_store import PromptStore, check_id
 from server.settings import Settings
 
-#: Smallest positive temperature / repetition penalty accepted (see `GenerationService.build`).
-MIN_LOGIT_DIVISOR = 1e-4
-
 
 @dataclass
 class GenerationInput:
@@ -127,13 +124,6 @@ class GenerationService:
             raise InputError(f"the input leaves no room to generate within max_total_tokens ({s.max_total_tokens})")
         if len(spec.stop) > s.max_stop_sequences:
             raise InputError(f"{len(spec.stop)} stop sequences given; the limit is {s.max_stop_sequences}")
-        for name, scale in (("temperature", spec.temperature), ("repetition_penalty", spec.repetition_penalty)):
-            # Logits are divided by these in float32: below this the quotient overflows to inf and
-            # sampling fails mid-generation (a 500) instead of refusing the request here.
-            if scale is not None and 0 < scale < MIN_LOGIT_DIVISOR:
-                raise InputError(
-                    f"{name} must be at least {MIN_LOGIT_DIVISOR} (temperature 0 is greedy), got {scale!r}"
-                )
         params = SamplingParams(
             max_new_tokens=spec.max_new_tokens or min(s.max_new_tokens, room),
             do_sample=spec.do_sample,

@@ -184,3 +184,12 @@ def test_bfloat16_generation_runs_and_tracks_fp32(tiny_model_dir: Path) -> None:
     assert torch.nn.functional.cosine_similarity(low.flatten(), high.flatten(), dim=0) > 0.99
     result = Generator(model).generate([GenerationRequest((5, 17, 300, 1), SamplingParams(max_new_tokens=5))])
     assert len(result[0].token_ids) >= 1
+
+
+@pytest.mark.parametrize("field", ["temperature", "repetition_penalty"])
+def test_tiny_logit_divisors_are_refused_up_front(field: str) -> None:
+    # Below 1e-4 the float32 quotient overflows and sampling would fail mid-generation; every caller
+    # (server, CLI, training evaluation) gets the refusal from the engine's own parameter check.
+    with pytest.raises(InputError, match=f"{field} must be at least 0.0001"):
+        SamplingParams(max_new_tokens=4, do_sample=True, **{field: 1e-40})
+    SamplingParams(max_new_tokens=4, do_sample=True, **{field: 1e-3})

@@ -12,6 +12,10 @@ from engine.prompts import SoftPrompt, encoder_length
 FinishReason = Literal["length", "eos_token", "stop_sequence"]
 
 
+#: Smallest positive temperature / repetition penalty accepted.
+MIN_LOGIT_DIVISOR = 1e-4
+
+
 @dataclass(frozen=True, kw_only=True)
 class SamplingParams:
     """How to choose tokens for one request (TGI / HF `generate` semantics where they overlap)."""
@@ -48,6 +52,13 @@ class SamplingParams:
             raise InputError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
         if self.temperature is not None and not (math.isfinite(self.temperature) and self.temperature >= 0):
             raise InputError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
+        for name, scale in (("temperature", self.temperature), ("repetition_penalty", self.repetition_penalty)):
+            # Logits are divided by these in float32: below this the quotient overflows to inf and
+            # sampling would fail mid-generation instead of refusing the request here.
+            if scale is not None and 0 < scale < MIN_LOGIT_DIVISOR:
+                raise InputError(
+                    f"{name} must be at least {MIN_LOGIT_DIVISOR} (temperature 0 is greedy), got {scale!r}"
+                )
         if self.top_k is not None and self.top_k < 1:
             raise InputError(f"top_k must be at least 1, got {self.top_k!r}")
         if self.top_p is not None and not 0 < self.top_p <= 1:
