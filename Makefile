@@ -10,7 +10,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= server,training,test
 
-.PHONY: install serve test lint format bench soak image clean
+.PHONY: install serve demo-model test lint format bench soak image clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,9 +20,16 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-# The built-in default model unless CPM2_MODEL or SERVE_ARGS (e.g. --model DIR --port 9000) says otherwise.
+# The demo model in git (models/demo, its task prompts preloaded) unless CPM2_MODEL or SERVE_ARGS
+# (e.g. --model DIR --port 9000) says otherwise.
+DEMO_MODEL ?= models/demo
 serve: install
-	$(VENV)/bin/cpm2 serve $(SERVE_ARGS)
+	$(VENV)/bin/cpm2 serve $(if $(CPM2_MODEL),,--model $(DEMO_MODEL)) $(SERVE_ARGS)
+
+# Rebuild models/demo from scratch (tokenizer, dense multi-task pretraining, MoE upcycling, one prompt
+# per task; under an hour on 2 CPU cores). Rerunning resumes; `rm -rf runs/demo` starts over.
+demo-model: install
+	$(VENV)/bin/cpm2 train demo --config training/configs/demo.yaml
 
 test: install
 	$(PY) -m pytest -q

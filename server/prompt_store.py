@@ -186,6 +186,32 @@ class PromptStore:
                 shutil.rmtree(staging, ignore_errors=True)
         return record
 
+    def preload(self, directory: Path) -> list[str]:
+        """Register every ``<id>.safetensors`` of `directory` (a model's bundled prompts) that the
+        store lacks, as an upload would; returns the ids added. A stored prompt of the same id is
+        kept even when its bytes differ: an operator's upload or delete-and-replace wins over the
+        bundle on every restart. A bad bundled file raises InputError naming it (nothing is added
+        for it; the server refuses to start rather than serve without a prompt it ships).
+        """
+        added = []
+        for path in sorted(directory.glob("*.safetensors")):
+            prompt_id = path.name.removesuffix(".safetensors")
+            if self._dir(prompt_id).exists():
+                continue
+            try:
+                data = path.read_bytes()
+                parsed = parse_soft_prompt(
+                    data, d_model=self.d_model, dtype=self.dtype, max_virtual_tokens=self.max_virtual_tokens
+                )
+                description = parsed.metadata.get("description", f"bundled with the model ({path.name})")
+                self.create(prompt_id, data, description=description)
+            except PromptExistsError:
+                continue  # another replica preloaded it first
+            except (InputError, OSError) as err:
+                raise InputError(f"bundled prompt {path} cannot be loaded: {err}") from err
+            added.append(prompt_id)
+        return added
+
     def delete(self, prompt_id: str) -> None:
         """Remove a prompt; requests already using it finish with their own copy."""
         source = self._dir(prompt_id)

@@ -14,6 +14,7 @@ from fastapi.testclient import TestClient
 from safetensors.torch import save as save_safetensors
 from server_fakes import D_MODEL, FakeEngine
 
+from engine.errors import ConfigError, InputError
 from engine.prompts import SoftPrompt
 from server.app import create_app
 from server.settings import Settings
@@ -404,3 +405,41 @@ def test_readme_documents_every_setting() -> None:
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     for name in Settings.model_fields:
         assert f"`CPM2_{name.upper()}`" in readme, f"README lacks CPM2_{name.upper()}"
+
+
+def test_bundled_prompts_are_preloaded_once_and_uploads_win(tmp_path: Path, engine: FakeEngine) -> None:
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / "num2zh.safetensors").write_bytes(_prompt_bytes(prefix=3))
+    (bundle / "same.safetensors").write_bytes(_prompt_bytes(prefix=2, infix=1, suffix=2))
+    (bundle / "notes.txt").write_text("not a prompt")
+    settings = _settings(tmp_path, preload_prompts=bundle)
+    with TestClient(create_app(settings, engine)) as client:
+        listed = {p["id"]: p for p in client.get("/prompts").json()["data"]}
+        assert sorted(listed) == ["num2zh", "same"]
+        assert listed["same"]["num_virtual_tokens"] == {"prefix": 2, "infix": 1, "suffix": 2}
+        assert listed["num2zh"]["sha256"] == hashlib.sha256((bundle / "num2zh.safetensors").read_bytes()).hexdigest()
+        # An operator replaces one prompt: the replacement survives restarts, the bundle does not overwrite it.
+        assert client.delete("/prompts/num2zh").status_code == 204
+        replacement = _prompt_bytes(prefix=5)
+        assert _upload(client, "num2zh", replacement).status_code == 201
+    with TestClient(create_app(settings, engine)) as client:
+        record = client.get("/prompts/num2zh").json()
+        assert record["sha256"] == hashlib.sha256(replacement).hexdigest()
+
+
+def test_a_bad_bundled_prompt_stops_start_up_naming_the_file(tmp_path: Path, engine: FakeEngine) -> None:
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / "good.safetensors").write_bytes(_prompt_bytes(prefix=3))
+    (bundle / "wide.safetensors").write_bytes(SoftPrompt(prefix=torch.randn(2, D_MODEL + 1)).to_bytes())
+    app = create_app(_settings(tmp_path, preload_prompts=bundle), engine)
+    with pytest.raises(InputError, match=r"wide\.safetensors cannot be loaded"), TestClient(app):
+        pass
+    missing = _settings(tmp_path, preload_prompts=tmp_path / "nowhere")
+    with pytest.raises(ConfigError, match="is not a directory"), TestClient(create_app(missing, engine)):
+        pass
+
+
+def test_no_bundle_in_the_model_dir_preloads_nothing(client: TestClient) -> None:
+    assert client.get("/prompts").json()["data"] == []

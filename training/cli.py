@@ -15,6 +15,7 @@ from typing import Any
 
 from engine.tokenizer import builtin_corpus, load_tokenizer, train_sentencepiece
 from training.data.readers import FileReader, ReaderConfig
+from training.demo import add_demo_command
 from training.jobs.finetune import add_finetune_command
 from training.jobs.ki import add_ki_command
 from training.jobs.pretrain import add_pretrain_command
@@ -41,6 +42,8 @@ def cmd_tokenizer(args: argparse.Namespace) -> int:
         args.out / "spiece.model",
         vocab_size=args.vocab_size,
         model_type=args.model_type,
+        split_digits=args.split_digits,
+        user_defined_symbols=tuple(args.symbol),
     )
     tokenizer = load_tokenizer(args.out)
     print(f"wrote {path} ({args.vocab_size} pieces + {tokenizer.num_sentinels} sentinels = {tokenizer.vocab_size})")
@@ -65,6 +68,14 @@ def add_tokenizer_command(commands: Any) -> None:
     )
     p.add_argument("--text-field", default="text", help="JSONL field holding the text (default: text)")
     p.add_argument("--model-type", default="unigram", choices=("unigram", "bpe", "char", "word"))
+    p.add_argument("--split-digits", action="store_true", help="one token per digit (helps arithmetic)")
+    p.add_argument(
+        "--symbol",
+        action="append",
+        default=[],
+        metavar="PIECE",
+        help="a piece always kept as one token, never merged (repeatable), e.g. each Chinese numeral",
+    )
     p.set_defaults(handler=cmd_tokenizer)
 
 
@@ -74,6 +85,7 @@ TRAIN_COMMANDS.append(add_pretrain_command)
 TRAIN_COMMANDS += [add_prompt_command, add_finetune_command]
 TRAIN_COMMANDS.append(add_upcycle_command)
 TRAIN_COMMANDS.append(add_ki_command)
+TRAIN_COMMANDS.append(add_demo_command)
 
 
 def register(subparsers: Any) -> None:

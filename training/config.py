@@ -127,6 +127,7 @@ class JobConfig(Section):
 
 
 C = TypeVar("C", bound=JobConfig)
+S = TypeVar("S", bound=Section)
 
 
 def read_config_file(path: Path) -> dict[str, Any]:
@@ -146,7 +147,7 @@ def read_config_file(path: Path) -> dict[str, Any]:
     return data
 
 
-def parse_job_config(data: dict[str, Any], config_cls: type[C], *, source: str = "config") -> C:
+def parse_job_config(data: dict[str, Any], config_cls: type[S], *, source: str = "config") -> S:
     """Validate `data` as `config_cls`; errors name each bad field by its dotted path."""
     try:
         return config_cls.model_validate(data)

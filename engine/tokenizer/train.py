@@ -6,7 +6,7 @@ BOS; the 100 ``<extra_id_i>`` sentinels are appended by the tokenizer, not store
 """
 
 import io
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import sentencepiece as spm
@@ -30,6 +30,7 @@ def train_sentencepiece(
     normalization_rule_name: str = "identity",
     remove_extra_whitespaces: bool = False,
     split_digits: bool = False,
+    user_defined_symbols: Sequence[str] = (),
 ) -> Path:
     """Train a SentencePiece model on ``lines`` and write it to ``out_path`` (e.g. ``spiece.model``).
 
@@ -50,6 +51,8 @@ def train_sentencepiece(
             T5's released models do (and as HF's T5 tokenizer always does). The default keeps
             whitespace so that code and formatted text round-trip.
         split_digits: Split numbers into single digits (helps arithmetic, costs sequence length).
+        user_defined_symbols: Pieces always cut out as one token, never merged with neighbours (e.g.
+            the Chinese numeral characters, so 九千九百 is four tokens a model can align with digits).
 
     Returns:
         ``out_path``. The same lines and arguments give a byte-for-byte identical file on any machine.
@@ -80,6 +83,7 @@ def train_sentencepiece(
             normalization_rule_name=normalization_rule_name,
             remove_extra_whitespaces=remove_extra_whitespaces,
             split_digits=split_digits,
+            user_defined_symbols=list(user_defined_symbols),
             pad_id=0,
             eos_id=1,
             unk_id=2,

@@ -51,6 +51,11 @@ PRESETS: dict[str, Preset] = {
         "float32",
         "CPM-2 architecture, 2+2 layers, d_model 64, 4 experts per block (tests, the built-in demo)",
     ),
+    "demo-dense": Preset(
+        _cpm2(layers=3, d_model=128, heads=4, d_ff=256, vocab=1152, experts=None),
+        "float32",
+        "CPM-2 architecture, dense, 3+3 layers, d_model 128: the demo model before upcycling (make demo-model)",
+    ),
     "small": Preset(
         _cpm2(layers=6, d_model=512, heads=8, d_ff=1024, vocab=4224, experts=16),
         "float32",

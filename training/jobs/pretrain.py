@@ -31,6 +31,7 @@ from training.data.span_corruption import SpanCorruptionConfig, SpanCorruptionSt
 from training.job import DataShard, build_model, run_job
 from training.jobs.command import add_job_command
 from training.jobs.export import export_trained
+from training.jobs.mixture import MixedBatches, MixtureSpec
 from training.jobs.span_batches import RankSlice, SpanCorruptionBatches
 from training.losses import seq2seq_lm_loss
 from training.tasks import GeneratedDocuments
@@ -101,6 +102,8 @@ class PretrainConfig(JobConfig):
     corpus: CorpusSpec = CorpusSpec()
     span: SpanSpec = SpanSpec()
     held_out: HeldOutSpec = HeldOutSpec()
+    mixture: MixtureSpec = MixtureSpec()
+    """Built-in task examples mixed into the batches (multi-task pretraining); off by default."""
     tokenizer: Path | None = None
     """Directory holding the tokenizer (e.g. written by `cpm2 train tokenizer --out DIR`). Null: the
     model directory's; for a preset, the built-in tokenizer of `cpm2 init` (trained into
@@ -153,8 +156,9 @@ def _documents(config: PretrainConfig, shard: DataShard, *, held_out: bool = Fal
 
 def build_batches(
     config: PretrainConfig, shard: DataShard, tokenizer: Tokenizer, *, held_out: bool = False
-) -> SpanCorruptionBatches:
-    """This rank's batch stream (or, with `held_out`, the held-out documents' stream)."""
+) -> SpanCorruptionBatches | MixedBatches:
+    """This rank's batch stream, with `mixture`'s task rows if set (or, with `held_out`, the held-out
+    documents' span corruption only)."""
     span = SpanCorruptionConfig(
         encoder_length=config.span.encoder_length,
         decoder_length=config.span.decoder_length,
@@ -163,9 +167,17 @@ def build_batches(
         seed=config.seed,
     )
     stream = SpanCorruptionStream(_documents(config, shard, held_out=held_out), tokenizer, span)
-    return SpanCorruptionBatches(
-        stream, batch_size=shard.micro_batch_size, decoder_start_id=decoder_start_id(tokenizer)
-    )
+    start = decoder_start_id(tokenizer)
+    if config.mixture.active and not held_out:
+        return MixedBatches(
+            stream,
+            config.mixture,
+            batch_size=shard.micro_batch_size,
+            decoder_start_id=start,
+            seed=config.seed,
+            rank=shard.rank,
+        )
+    return SpanCorruptionBatches(stream, batch_size=shard.micro_batch_size, decoder_start_id=start)
 
 
 def held_out_eval_fn(config: PretrainConfig, tokenizer: Tokenizer) -> EvalFn | None:
@@ -212,7 +224,7 @@ def pretrain(config: PretrainConfig, *, device: str | None = None) -> Path:
         _check_tokenizer(model, tokenizer, tok_dir)
         return model
 
-    def data_factory(cfg: PretrainConfig, shard: DataShard) -> SpanCorruptionBatches:
+    def data_factory(cfg: PretrainConfig, shard: DataShard) -> SpanCorruptionBatches | MixedBatches:
         return build_batches(cfg, shard, tokenizer)
 
     eval_fn = held_out_eval_fn(config, tokenizer)

@@ -17,7 +17,8 @@ import torch
 from pydantic import Field, model_validator
 from safetensors.torch import load_file
 
-from engine.errors import CheckpointError
+from engine.errors import CheckpointError, ConfigError
+from engine.model.moe import MoEFeedForward
 from engine.peft import peft_files
 from engine.prompts import SoftPrompt
 from training.checkpoint import MODEL_FILE, latest_checkpoint
@@ -27,6 +28,7 @@ from training.job import DataShard, build_model, run_job
 from training.jobs.command import add_job_command
 from training.jobs.task_data import TaskSpec, eval_examples, job_tokenizer, task_batches
 from training.soft_prompt import PARTS, PromptedSeq2SeqLM, TrainableSoftPrompt, prompted_lm_loss
+from training.tasks.instructions import instruction_for
 from training.trainer import ResumableIterator, Trainer
 
 PROMPT_FILE = "prompt.safetensors"
@@ -48,6 +50,10 @@ class PromptSpec(Section):
     init_text: str | None = None
     """Initialise every part from the embeddings of this text's tokens (cycled to the length); null
     samples rows of the vocabulary's first `init_vocab_size` ids (Lester et al.'s common tokens)."""
+    init_from_instruction: bool = False
+    """Initialise each part from the built-in task's instruction words at that place
+    (`training.tasks.instructions`: the words multi-task pretraining wrapped the task in), cycled to
+    the length; parts without words sample the vocabulary. Needs `task.name`; excludes `init_text`."""
     init_vocab_size: int = Field(5000, ge=4)
     init_seed: int = 0
 
@@ -59,6 +65,8 @@ class PromptSpec(Section):
     def _some_tokens(self) -> PromptSpec:
         if not any(self.lengths.values()):
             raise ValueError("the prompt has no virtual token; set prompt.prefix_length (or infix/suffix) > 0")
+        if self.init_from_instruction and self.init_text is not None:
+            raise ValueError("set at most one of prompt.init_text or prompt.init_from_instruction")
         return self
 
 
@@ -88,12 +96,22 @@ class PromptJobResult:
 def build_prompted_model(config: PromptJobConfig, device: torch.device) -> PromptedSeq2SeqLM:
     """The frozen model of `config.model` with a prompt initialised from its token embeddings."""
     model = build_model(config.model, device).requires_grad_(False)
+    for layer in model.modules():
+        if isinstance(layer, MoEFeedForward):
+            # The experts are frozen, so a training-time balancing assignment has nothing to balance:
+            # route as the server will, or the prompt learns to steer a routing it never gets.
+            layer.train_routing = "inference"
     spec = config.prompt
     tokenizer = job_tokenizer(config.task, config.model)
     init_ids = None
     if spec.init_text is not None:
         ids = tokenizer.encode(spec.init_text, add_eos=False)
         init_ids = dict.fromkeys(PARTS, ids)
+    elif spec.init_from_instruction:
+        if config.task.name is None:
+            raise ConfigError("prompt.init_from_instruction needs a built-in task (task.name); use init_text instead")
+        words = instruction_for(config.task.name).parts()
+        init_ids = {part: tokenizer.encode(text, add_eos=False) for part, text in words.items()}
     # Ids below 3 are pad / eos / unk; sentinels sit at the top of the vocabulary.
     high = min(spec.init_vocab_size, tokenizer.vocab_size - tokenizer.num_sentinels)
     prompt = TrainableSoftPrompt.from_embeddings(

@@ -25,6 +25,7 @@ from training.config import Section
 from training.job import DataShard, build_model, run_job
 from training.jobs.command import add_job_command
 from training.jobs.export import write_model_dir
+from training.jobs.mixture import MixedBatches
 from training.jobs.pretrain import (
     PretrainConfig,
     SpanCorruptionBatches,
@@ -92,7 +93,7 @@ def upcycle(config: UpcycleConfig, *, device: str | None = None) -> Path:
     tok_dir = tokenizer_dir(config)
     tokenizer = load_tokenizer(tok_dir)
 
-    def data_factory(cfg: UpcycleConfig, shard: DataShard) -> SpanCorruptionBatches:
+    def data_factory(cfg: UpcycleConfig, shard: DataShard) -> SpanCorruptionBatches | MixedBatches:
         return build_batches(cfg, shard, tokenizer)
 
     # Held-out loss runs in eval mode, i.e. with inference (argmax) routing: what serving will get.
