@@ -7,9 +7,10 @@
 #       -e CPM2_MODEL=/models/my-model cpm2
 #
 # Models are mounted read-only at /models; soft prompts uploaded at runtime live on the
-# /data/prompts volume (share it between replicas). The built-in default model is written into
-# the image at build time, so the image also starts with nothing mounted and a read-only root
-# (torch insists on its cache directory existing, even unused: it is made here too).
+# /data/prompts volume (share it between replicas). The demo model (models/demo, 22.5 MB, its task
+# prompts preloaded into the store at start) and the random built-in one are in the image, so it
+# also starts with nothing mounted and a read-only root (torch insists on its cache directory
+# existing, even unused: it is made here too).
 
 ARG DEBIAN=debian:bookworm-slim
 
@@ -31,6 +32,7 @@ COPY training training
 RUN /opt/venv/bin/python -m pip install ".[server]"
 # The built-in default model, written once here so a read-only container never writes it.
 RUN CPM2_CACHE_DIR=/opt/cpm2/cache /opt/venv/bin/cpm2 info --model builtin:tiny >/dev/null
+COPY models/demo /opt/cpm2/models/demo
 
 FROM ${DEBIAN}
 # tini as PID 1: forwards SIGTERM to the server (which drains) and reaps any child.
@@ -50,7 +52,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     TORCHINDUCTOR_CACHE_DIR=/home/cpm2/.cache/torchinductor \
     CPM2_HOST=0.0.0.0 \
     CPM2_PORT=8080 \
-    CPM2_MODEL=builtin:tiny \
+    CPM2_MODEL=/opt/cpm2/models/demo \
     CPM2_CACHE_DIR=/opt/cpm2/cache \
     CPM2_PROMPT_STORE=/data/prompts
 VOLUME ["/data/prompts"]

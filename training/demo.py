@@ -47,6 +47,7 @@ __all__ = ["DemoConfig", "build_demo", "evaluate_model_dir"]
 NUMERAL_PIECES = tuple("零一二三四五六七八九十百千万亿两")
 EVAL_FILE = "eval.json"
 PRODUCER = "cpm2 train demo"
+TIMINGS_FILE = "stage_seconds.json"
 
 
 class DemoConfig(Section):
@@ -70,8 +71,9 @@ class DemoConfig(Section):
     """Task → its prompt settings, merged over `prompt` (e.g. lengths: `same` wants an infix)."""
     num_eval_examples: int = Field(200, ge=1)
     """Held-out `test` examples per task scored at the end."""
-    ship_dtype: Literal["float32", "float16", "bfloat16"] = "float16"
-    """Dtype of the shipped weights (float16 halves the bytes in git; answers are scored in it)."""
+    ship_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    """Dtype of the shipped weights; answers are scored as a CPU server loads them (float16 files
+    are served as bfloat16 there, so halving the bytes in git costs precision)."""
 
     @model_validator(mode="after")
     def _known_tasks(self) -> DemoConfig:
@@ -160,15 +162,21 @@ def build_demo(config: DemoConfig, *, device: str | None = None, log: Callable[[
     """Run every stage (resuming where a previous run stopped) and ship `config.out`; returns the
     report written to `out/eval.json`."""
     plan = DemoPlan(config)
-    started = time.monotonic()
-    timings: dict[str, float] = {}
+    # Seconds each stage has cost so far, summed over resumed runs (a finished stage costs ~0 when
+    # rerun), so the report states what building the model took, not what the last rerun did.
+    timings_file = config.work_dir / TIMINGS_FILE
+    timings: dict[str, float] = json.loads(timings_file.read_text()) if timings_file.is_file() else {}
 
-    def timed(name: str, run: Callable[[], Any]) -> Any:
+    def timed(name: str, run: Callable[[], Any], run_dir: Path | None = None) -> Any:
+        if run_dir is not None and not run_dir.exists():
+            timings[name] = 0.0  # started afresh (e.g. its run directory was deleted)
         begin = time.monotonic()
         log(f"== {name}")
         result = run()
-        timings[name] = round(time.monotonic() - begin, 1)
+        timings[name] = round(timings.get(name, 0.0) + time.monotonic() - begin, 1)
         log(f"== {name}: {timings[name]:.0f} s")
+        timings_file.parent.mkdir(parents=True, exist_ok=True)
+        timings_file.write_text(json.dumps(timings, indent=1) + "\n")
         return result
 
     if not (plan.tokenizer_dir / "spiece.model").is_file():
@@ -182,7 +190,9 @@ def build_demo(config: DemoConfig, *, device: str | None = None, log: Callable[[
                 user_defined_symbols=NUMERAL_PIECES,
             ),
         )
-    dense = timed("pretrain (dense, multi-task)", lambda: pretrain(plan.pretrain, device=device))
+    dense = timed(
+        "pretrain (dense, multi-task)", lambda: pretrain(plan.pretrain, device=device), plan.pretrain.output_dir
+    )
     dense_scores = timed(
         "score dense (instructed)",
         lambda: evaluate_model_dir(
@@ -190,12 +200,14 @@ def build_demo(config: DemoConfig, *, device: str | None = None, log: Callable[[
         ),
     )
     log(f"dense model, instructed, test exact match: {dense_scores}")
-    moe = timed("upcycle (MoE)", lambda: upcycle(plan.upcycle, device=device))
+    moe = timed("upcycle (MoE)", lambda: upcycle(plan.upcycle, device=device), plan.upcycle.output_dir)
     prompt_files = {}
     for task, prompt_config in plan.prompts.items():
-        result = timed(f"prompt {task}", partial(run_prompt_job, prompt_config, device=device))
+        result = timed(
+            f"prompt {task}", partial(run_prompt_job, prompt_config, device=device), prompt_config.output_dir
+        )
         prompt_files[task] = result.prompt_path
-    return timed("ship", lambda: ship(config, moe, prompt_files, dense_scores, timings, started, log))
+    return ship(config, moe, prompt_files, dense_scores, timings, log)
 
 
 def ship(
@@ -204,7 +216,6 @@ def ship(
     prompt_files: dict[str, Path],
     dense_scores: dict[str, float],
     timings: dict[str, float],
-    started: float,
     log: Callable[[str], None],
 ) -> dict[str, Any]:
     """Write `config.out` (model in `ship_dtype`, prompts, eval.json) and score what was written."""
@@ -235,7 +246,7 @@ def ship(
         "exact_match_instructed_dense": dense_scores,
         "dtype": config.ship_dtype,
         "stage_seconds": timings,
-        "total_seconds": round(time.monotonic() - started, 1),
+        "total_seconds": round(sum(timings.values()), 1),
     }
     (staging / EVAL_FILE).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     shutil.rmtree(config.out, ignore_errors=True)
