@@ -327,3 +327,29 @@ def test_prompt_errors(tiny_model_dir: Path, tmp_path: Path, capsys: pytest.Capt
     (tmp_path / "bad.safetensors").write_bytes(b"\x80\x04 not a prompt")
     code, _, err = _run(capsys, "generate", "--model", tiny_model_dir, "--prompt", tmp_path / "bad.safetensors", "x")
     _assert_user_error(code, err, "generate", "pickle")
+
+
+def test_commands_of_a_missing_extra_say_what_to_install(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The serving image installs only the `server` extra: `cpm2 serve` must still start, and
+    # `cpm2 train` must say what is missing instead of the whole CLI failing to import.
+    import importlib
+
+    import cpm2.cli
+
+    real_import = importlib.import_module
+
+    def without_matplotlib(name: str, package: str | None = None) -> object:
+        if name == "training.cli":
+            raise ModuleNotFoundError("No module named 'matplotlib'", name="matplotlib")
+        return real_import(name, package)
+
+    monkeypatch.setattr(cpm2.cli.importlib, "import_module", without_matplotlib)
+    assert cpm2.cli.main(["train", "pretrain", "--config", "x.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert "pip install 'cpm2[training]'" in err
+    assert "'matplotlib'" in err
+    assert cpm2.cli.main(["plot", "runs/x/metrics.jsonl"]) == 2
+    assert "cpm2[training]" in capsys.readouterr().err
+    assert "serve" in cpm2.cli.build_parser().format_help()
