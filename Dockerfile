@@ -8,7 +8,7 @@
 #
 # Models are mounted read-only at /models; soft prompts uploaded at runtime live on the
 # /data/prompts volume (share it between replicas). The demo model (models/demo, 22.5 MB, its task
-# prompts preloaded into the store at start) and the random built-in one are in the image, so it
+# prompts served read-only from it) and the random built-in one are in the image, so it
 # also starts with nothing mounted and a read-only root (torch insists on its cache directory
 # existing, even unused: it is made here too).
 

@@ -58,15 +58,15 @@ def build_store(settings: Settings, engine: EngineClient) -> PromptStore:
     )
 
 
-def preload_bundled_prompts(settings: Settings, engine: EngineClient, store: PromptStore) -> None:
-    """Add the model's bundled prompts (`CPM2_PRELOAD_PROMPTS`, default `<model dir>/prompts/`) that
-    the store lacks, so a model trained with its prompts serves them from the first request."""
-    bundle = settings.preload_prompts or Path(engine.info().model_id) / "prompts"
-    if settings.preload_prompts is not None and not bundle.is_dir():
-        raise ConfigError(f"CPM2_PRELOAD_PROMPTS={bundle} is not a directory; give a folder of .safetensors prompts")
+def add_bundled_prompts(settings: Settings, engine: EngineClient, store: PromptStore) -> None:
+    """Serve the model's bundled prompts (`CPM2_BUNDLED_PROMPTS`, default `<model dir>/prompts/`)
+    read-only beside the uploads, so a model trained with its prompts serves them from the start."""
+    bundle = settings.bundled_prompts or Path(engine.info().model_id) / "prompts"
+    if settings.bundled_prompts is not None and not bundle.is_dir():
+        raise ConfigError(f"CPM2_BUNDLED_PROMPTS={bundle} is not a directory; give a folder of .safetensors prompts")
     if bundle.is_dir():
-        added = store.preload(bundle)
-        log.info("prompts bundled in %s: %d added (%s)", bundle, len(added), ", ".join(added) or "all present")
+        ids = store.add_bundle(bundle)
+        log.info("prompts bundled in %s: %s", bundle, ", ".join(ids) or "none")
 
 
 def create_app(settings: Settings | None = None, engine: EngineClient | None = None) -> FastAPI:
@@ -77,7 +77,7 @@ def create_app(settings: Settings | None = None, engine: EngineClient | None = N
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         real = engine or build_engine(settings)
         store = build_store(settings, real)
-        preload_bundled_prompts(settings, real, store)
+        add_bundled_prompts(settings, real, store)
         ctx = ServerContext.create(settings, real, store)
         app.state.ctx = ctx
         if settings.admin_token is None:

@@ -112,6 +112,7 @@ class PromptStore:
         self.counters = StoreCounters()
         self._cache: OrderedDict[str, tuple[str, SoftPrompt]] = OrderedDict()  # id -> (sha256, prompt)
         self._cached_bytes = 0
+        self._bundled: dict[str, tuple[PromptRecord, bytes]] = {}  # id -> (record, file bytes)
         self._lock = threading.Lock()
         root.mkdir(parents=True, exist_ok=True)
         self._collect_garbage()
@@ -148,6 +149,8 @@ class PromptStore:
     def create(self, prompt_id: str, data: bytes, *, description: str = "") -> PromptRecord:
         """Validate and store a new prompt; raises PromptExistsError if the id is taken."""
         target = self._dir(prompt_id)
+        if prompt_id in self._bundled:
+            raise PromptExistsError(f"prompt {prompt_id!r} is bundled with the model (read-only); use another id")
         if target.exists():
             raise PromptExistsError(f"prompt {prompt_id!r} already exists; delete it first or use another id")
         prompt = parse_soft_prompt(
@@ -186,35 +189,42 @@ class PromptStore:
                 shutil.rmtree(staging, ignore_errors=True)
         return record
 
-    def preload(self, directory: Path) -> list[str]:
-        """Register every ``<id>.safetensors`` of `directory` (a model's bundled prompts) that the
-        store lacks, as an upload would; returns the ids added. A stored prompt of the same id is
-        kept even when its bytes differ: an operator's upload or delete-and-replace wins over the
-        bundle on every restart. A bad bundled file raises InputError naming it (nothing is added
-        for it; the server refuses to start rather than serve without a prompt it ships).
+    def add_bundle(self, directory: Path) -> list[str]:
+        """Serve every ``<id>.safetensors`` of `directory` (a model's bundled prompts) read-only,
+        beside the uploads; returns their ids. Nothing is written: a bundle works on a read-only
+        filesystem, and every replica of the model has the same one. Each file is validated as an
+        upload is; a bad one raises InputError naming it (a model is not served without a prompt
+        it ships). Bundled ids cannot be uploaded over or deleted (409).
         """
-        added = []
         for path in sorted(directory.glob("*.safetensors")):
-            prompt_id = path.name.removesuffix(".safetensors")
-            if self._dir(prompt_id).exists():
-                continue
+            prompt_id = check_id(path.name.removesuffix(".safetensors"))
             try:
                 data = path.read_bytes()
-                parsed = parse_soft_prompt(
+                prompt = parse_soft_prompt(
                     data, d_model=self.d_model, dtype=self.dtype, max_virtual_tokens=self.max_virtual_tokens
                 )
-                description = parsed.metadata.get("description", f"bundled with the model ({path.name})")
-                self.create(prompt_id, data, description=description)
-            except PromptExistsError:
-                continue  # another replica preloaded it first
             except (InputError, OSError) as err:
                 raise InputError(f"bundled prompt {path} cannot be loaded: {err}") from err
-            added.append(prompt_id)
-        return added
+            self._bundled[prompt_id] = (
+                PromptRecord(
+                    id=prompt_id,
+                    description=prompt.metadata.get("description", f"bundled with the model ({path})")[:1000],
+                    sha256=hashlib.sha256(data).hexdigest(),
+                    size_bytes=len(data),
+                    num_virtual_tokens=prompt.num_virtual_tokens,
+                    d_model=self.d_model,
+                    dtype=str(self.dtype).removeprefix("torch."),
+                    created_at=path.stat().st_mtime,
+                ),
+                data,
+            )
+        return sorted(self._bundled)
 
     def delete(self, prompt_id: str) -> None:
         """Remove a prompt; requests already using it finish with their own copy."""
         source = self._dir(prompt_id)
+        if prompt_id in self._bundled and not source.exists():
+            raise PromptExistsError(f"prompt {prompt_id!r} is bundled with the model (read-only) and cannot be deleted")
         aside = self.root / f".deleted-{prompt_id}-{uuid.uuid4().hex}"
         try:
             os.rename(source, aside)
@@ -232,6 +242,8 @@ class PromptStore:
         try:
             data = json.loads(meta.read_text())
         except FileNotFoundError:
+            if prompt_id in self._bundled:
+                return self._bundled[prompt_id][0]
             raise PromptNotFoundError(f"no prompt {prompt_id!r}") from None
         return PromptRecord(**data)
 
@@ -244,12 +256,18 @@ class PromptStore:
                 found.append(self.record(entry.name))
             except (PromptNotFoundError, InputError, json.JSONDecodeError, TypeError):
                 continue  # deleted meanwhile, or not a prompt directory
-        return found
+        uploaded = {record.id for record in found}
+        # A store that predates the bundle may hold an id it now has: the upload is what is served.
+        return found + [
+            record for bundled_id, (record, _) in sorted(self._bundled.items()) if bundled_id not in uploaded
+        ]
 
     def file_bytes(self, prompt_id: str) -> bytes:
         try:
             return (self._dir(prompt_id) / TENSOR_FILE).read_bytes()
         except FileNotFoundError:
+            if prompt_id in self._bundled:
+                return self._bundled[prompt_id][1]
             raise PromptNotFoundError(f"no prompt {prompt_id!r}") from None
 
     def stored_prompt(self, prompt_id: str) -> SoftPrompt:

@@ -38,8 +38,8 @@ class Settings(BaseSettings):
     expert_order: Literal["infmoe", "cached-first", "index"] = Field("infmoe", description="expert order")
     expert_direct_io: bool = Field(False, description="read offloaded experts with O_DIRECT")
     prompt_store: Path = Field(Path("data/prompts"), description="directory of uploaded soft prompts")
-    preload_prompts: Path | None = Field(
-        None, description="dir of <id>.safetensors prompts added at start if missing (default: the model's prompts/)"
+    bundled_prompts: Path | None = Field(
+        None, description="dir of <id>.safetensors prompts served read-only (default: the model's prompts/)"
     )
     prompt_cache_bytes: int = Field(256 * 2**20, ge=0, description="bytes of soft prompts kept in memory")
     max_input_tokens: int = Field(1024, ge=1, description="encoder tokens per request, virtual tokens included")

@@ -1,6 +1,6 @@
 """`cpm2 train demo` end to end at toy scale: every stage runs through the real jobs, the shipped
 directory is an MoE model in the shipping dtype with one prompt per task, its eval.json scores the
-shipped files, the server preloads the prompts, and a rerun resumes instead of retraining."""
+shipped files, the server serves its bundled prompts, and a rerun resumes instead of retraining."""
 
 from __future__ import annotations
 

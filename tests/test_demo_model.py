@@ -47,7 +47,7 @@ def test_eval_json_is_what_the_shipped_files_score(report: dict[str, object]) ->
     assert rescored == pytest.approx(claimed, abs=0.011)
 
 
-def test_make_serve_starts_the_demo_model_with_its_prompts_preloaded(tmp_path: Path) -> None:
+def test_make_serve_starts_the_demo_model_with_its_prompts(tmp_path: Path) -> None:
     makefile = (ROOT / "Makefile").read_text()
     assert re.search(r"^DEMO_MODEL \?= models/demo$", makefile, re.MULTILINE)
     assert "--model $(DEMO_MODEL)" in makefile

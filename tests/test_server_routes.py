@@ -407,25 +407,32 @@ def test_readme_documents_every_setting() -> None:
         assert f"`CPM2_{name.upper()}`" in readme, f"README lacks CPM2_{name.upper()}"
 
 
-def test_bundled_prompts_are_preloaded_once_and_uploads_win(tmp_path: Path, engine: FakeEngine) -> None:
+def test_bundled_prompts_are_served_read_only_beside_uploads(tmp_path: Path, engine: FakeEngine) -> None:
     bundle = tmp_path / "bundle"
     bundle.mkdir()
     (bundle / "num2zh.safetensors").write_bytes(_prompt_bytes(prefix=3))
     (bundle / "same.safetensors").write_bytes(_prompt_bytes(prefix=2, infix=1, suffix=2))
     (bundle / "notes.txt").write_text("not a prompt")
-    settings = _settings(tmp_path, preload_prompts=bundle)
+    settings = _settings(tmp_path, bundled_prompts=bundle)
     with TestClient(create_app(settings, engine)) as client:
+        assert _upload(client, "mine", _prompt_bytes(prefix=1)).status_code == 201
         listed = {p["id"]: p for p in client.get("/prompts").json()["data"]}
-        assert sorted(listed) == ["num2zh", "same"]
+        assert sorted(listed) == ["mine", "num2zh", "same"]
         assert listed["same"]["num_virtual_tokens"] == {"prefix": 2, "infix": 1, "suffix": 2}
         assert listed["num2zh"]["sha256"] == hashlib.sha256((bundle / "num2zh.safetensors").read_bytes()).hexdigest()
-        # An operator replaces one prompt: the replacement survives restarts, the bundle does not overwrite it.
-        assert client.delete("/prompts/num2zh").status_code == 204
-        replacement = _prompt_bytes(prefix=5)
-        assert _upload(client, "num2zh", replacement).status_code == 201
-    with TestClient(create_app(settings, engine)) as client:
-        record = client.get("/prompts/num2zh").json()
-        assert record["sha256"] == hashlib.sha256(replacement).hexdigest()
+        file = client.get("/prompts/num2zh/file")
+        assert file.content == (bundle / "num2zh.safetensors").read_bytes()
+        used = client.post("/generate", json={"inputs": "7", "parameters": {"prompt_id": "same", "text_pair": "七"}})
+        assert used.status_code == 200
+        # Read-only: neither replaced nor deleted, with a message saying what to do instead.
+        clash = _upload(client, "num2zh", _prompt_bytes(prefix=5))
+        assert clash.status_code == 409
+        assert "bundled with the model" in clash.json()["error"]
+        gone = client.delete("/prompts/same")
+        assert gone.status_code == 409
+        assert "bundled" in gone.json()["error"]
+    # Nothing was written for the bundle: the store holds only the upload.
+    assert sorted(p.name for p in (tmp_path / "prompts").iterdir()) == ["mine"]
 
 
 def test_a_bad_bundled_prompt_stops_start_up_naming_the_file(tmp_path: Path, engine: FakeEngine) -> None:
@@ -433,13 +440,13 @@ def test_a_bad_bundled_prompt_stops_start_up_naming_the_file(tmp_path: Path, eng
     bundle.mkdir()
     (bundle / "good.safetensors").write_bytes(_prompt_bytes(prefix=3))
     (bundle / "wide.safetensors").write_bytes(SoftPrompt(prefix=torch.randn(2, D_MODEL + 1)).to_bytes())
-    app = create_app(_settings(tmp_path, preload_prompts=bundle), engine)
+    app = create_app(_settings(tmp_path, bundled_prompts=bundle), engine)
     with pytest.raises(InputError, match=r"wide\.safetensors cannot be loaded"), TestClient(app):
         pass
-    missing = _settings(tmp_path, preload_prompts=tmp_path / "nowhere")
+    missing = _settings(tmp_path, bundled_prompts=tmp_path / "nowhere")
     with pytest.raises(ConfigError, match="is not a directory"), TestClient(create_app(missing, engine)):
         pass
 
 
-def test_no_bundle_in_the_model_dir_preloads_nothing(client: TestClient) -> None:
+def test_no_bundle_in_the_model_dir_serves_no_bundled_prompt(client: TestClient) -> None:
     assert client.get("/prompts").json()["data"] == []

@@ -12,7 +12,7 @@ the stage that was interrupted and skips finished ones):
 4. prompt — for each task a soft prompt on the frozen MoE model, started from that task's
    instruction words and trained on the bare input, exactly as the server will be sent it;
 5. ship — the MoE model (in `ship_dtype`) to `out`, its prompts to `out/prompts/<task>.safetensors`
-   (the server preloads them), held-out exact match of the shipped files to `out/eval.json`.
+   (the server serves them read-only beside uploads), held-out exact match of the shipped files to `out/eval.json`.
 """
 
 from __future__ import annotations
