@@ -2,7 +2,7 @@
 #
 #   docker build -t cpm2 .                       # CUDA build of torch from PyPI (GPU hosts)
 #   docker build -t cpm2 --build-arg TORCH_SPEC=torch==2.13.0 \
-#       --build-arg PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu .   # CPU-only (1378 MB measured)
+#       --build-arg PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu .   # CPU-only (1402 MB measured, demo model included)
 #   docker run -p 8080:8080 -v $PWD/models:/models:ro -v cpm2-prompts:/data/prompts \
 #       -e CPM2_MODEL=/models/my-model cpm2
 #
