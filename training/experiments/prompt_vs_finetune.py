@@ -45,6 +45,9 @@ POSITIONS: dict[str, dict[str, int]] = {
 }
 PAIR_ONLY = ("infix", "front+infix+back")
 FLOAT_BYTES = 4
+# The longest answer (an 8-digit number in Chinese numerals) is 16 tokens with the demo tokenizer;
+# a smaller budget cuts long answers and scores them wrong whatever the method.
+MAX_NEW_TOKENS = 24
 _PROBE_STEPS = 3  # the first step allocates the optimizer state; later ones show the steady state
 
 
@@ -146,7 +149,7 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     rss0 = _rss_bytes()
     data: dict[str, Any] = {
         "model": {"dir": str(base)},
-        "task": {"name": spec["task"], "num_eval_examples": spec["num_eval"], "max_new_tokens": 12},
+        "task": {"name": spec["task"], "num_eval_examples": spec["num_eval"], "max_new_tokens": MAX_NEW_TOKENS},
         "steps": spec["steps"],
         "batch_size": spec["batch_size"],
         "log_every": 10,
@@ -174,7 +177,9 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
         served = parse_soft_prompt(prompt, d_model=model.config.d_model, dtype=torch.float32, max_virtual_tokens=64)
     trainable = num_params if served is None else sum(t.numel() for t in served.tensors().values())
     test = eval_examples(TaskSpec.model_validate(data["task"]), split="test")
-    scores = evaluate_tasks(model, load_tokenizer(base), test, prompt=served, batch_size=64, max_new_tokens=12)
+    scores = evaluate_tasks(
+        model, load_tokenizer(base), test, prompt=served, batch_size=64, max_new_tokens=MAX_NEW_TOKENS
+    )
     return {
         "task": spec["task"],
         "method": spec["method"],

@@ -15,8 +15,9 @@ from typing import Any
 from pydantic import Field, field_validator
 
 from training.config import Section
-from training.data.seq2seq import Seq2SeqCollator, collate_ids
+from training.data.seq2seq import Seq2SeqCollator
 from training.data.span_corruption import SpanCorruptionStream
+from training.jobs.span_batches import fixed_shape_batch
 from training.tasks import TASKS, TaskStream
 from training.tasks.instructions import with_instruction
 from training.trainer import Batch
@@ -88,15 +89,7 @@ class MixedBatches:
             pairs.append(self.collator.encode(with_instruction(example) if self.spec.instructions else example))
         pairs.extend(next(self.span) for _ in range(self.batch_size - self.num_task_rows))
         self.batches += 1
-        shapes = self.span.config
-        batch = collate_ids(
-            pairs,
-            pad_id=self.span.tokenizer.pad_id,
-            decoder_start_id=self.decoder_start_id,
-            input_length=shapes.encoder_length,
-            target_length=shapes.decoder_length,
-        )
-        return {**batch.model_inputs(), "labels": batch.labels}
+        return fixed_shape_batch(pairs, self.span, decoder_start_id=self.decoder_start_id)
 
     def state_dict(self) -> dict[str, Any]:
         return {

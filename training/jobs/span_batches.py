@@ -15,7 +15,7 @@ from training.data.seq2seq import collate_ids
 from training.data.span_corruption import SpanCorruptionStream
 from training.trainer import Batch
 
-__all__ = ["RankSlice", "SpanCorruptionBatches"]
+__all__ = ["RankSlice", "SpanCorruptionBatches", "fixed_shape_batch"]
 
 
 class RankSlice:
@@ -42,6 +42,21 @@ class RankSlice:
         self._started = state["started"]
 
 
+def fixed_shape_batch(
+    pairs: list[tuple[list[int], list[int]]], stream: SpanCorruptionStream, *, decoder_start_id: int
+) -> Batch:
+    """`pairs` padded to the stream's encoder / decoder lengths: the same shapes at every step."""
+    span = stream.config
+    batch = collate_ids(
+        pairs,
+        pad_id=stream.tokenizer.pad_id,
+        decoder_start_id=decoder_start_id,
+        input_length=span.encoder_length,
+        target_length=span.decoder_length,
+    )
+    return {**batch.model_inputs(), "labels": batch.labels}
+
+
 class SpanCorruptionBatches:
     """Fixed-shape micro-batches of span-corrupted chunks; resumable through the stream's state."""
 
@@ -56,15 +71,7 @@ class SpanCorruptionBatches:
     def __next__(self) -> Batch:
         # A finite corpus ends with StopIteration here, which the trainer reports as "data ran out".
         pairs = [next(self.stream) for _ in range(self.batch_size)]
-        span = self.stream.config
-        batch = collate_ids(
-            pairs,
-            pad_id=self.stream.tokenizer.pad_id,
-            decoder_start_id=self.decoder_start_id,
-            input_length=span.encoder_length,
-            target_length=span.decoder_length,
-        )
-        return {**batch.model_inputs(), "labels": batch.labels}
+        return fixed_shape_batch(pairs, self.stream, decoder_start_id=self.decoder_start_id)
 
     def state_dict(self) -> dict[str, Any]:
         return self.stream.state_dict()
