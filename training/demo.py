@@ -62,9 +62,10 @@ class DemoConfig(Section):
     tokenizer_documents: int = Field(2000, ge=10)
     """Generated documents the tokenizer learns from."""
     pretrain: dict[str, Any]
-    """`cpm2 train pretrain` settings (`model`, `tokenizer`, `output_dir` are set by the pipeline)."""
+    """`cpm2 train pretrain` settings (`tokenizer`, `output_dir` are set by the pipeline)."""
     upcycle: dict[str, Any]
-    """`cpm2 train upcycle` settings (`model`, `tokenizer`, `output_dir` are set by the pipeline)."""
+    """`cpm2 train upcycle` settings (`model`, `output_dir` are set by the pipeline; the tokenizer is
+    the dense model's)."""
     prompt: dict[str, Any]
     """`cpm2 train prompt` settings shared by every task (`model`, `task.name`, `output_dir` set here)."""
     prompt_tasks: dict[str, dict[str, Any]]
@@ -100,13 +101,18 @@ class DemoPlan:
         work = config.work_dir
         self.tokenizer_dir = work / "tokenizer"
         self.pretrain = parse_job_config(
-            _merge(config.pretrain, {"tokenizer": str(self.tokenizer_dir), "output_dir": str(work / "pretrain")}),
+            _merge(
+                config.pretrain,
+                {"tokenizer": str(self.tokenizer_dir), "output_dir": str(work / "pretrain"), "export_dir": None},
+            ),
             PretrainConfig,
             source="pretrain",
         )
         dense = work / "pretrain" / "model"
         self.upcycle = parse_job_config(
-            _merge(config.upcycle, {"model": {"dir": str(dense)}, "output_dir": str(work / "upcycle")}),
+            _merge(
+                config.upcycle, {"model": {"dir": str(dense)}, "output_dir": str(work / "upcycle"), "export_dir": None}
+            ),
             UpcycleConfig,
             source="upcycle",
         )
@@ -140,7 +146,7 @@ def evaluate_model_dir(
 ) -> dict[str, float]:
     """Held-out (`test`) exact match per task of a model directory loaded as the server loads it:
     with each task's prompt file, or (`instructed`, prompt None) with the instruction words."""
-    model, _ = load_model(model_dir, device="cpu", pack=False)
+    model, _ = load_model(model_dir, device="cpu")  # packed CPU weights, dtype as stored: as served
     tokenizer = load_tokenizer(model_dir)
     dtype = model.embed.weight.dtype
     scores = {}
