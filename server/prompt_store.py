@@ -20,7 +20,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -153,23 +153,7 @@ class PromptStore:
             raise PromptExistsError(f"prompt {prompt_id!r} is bundled with the model (read-only); use another id")
         if target.exists():
             raise PromptExistsError(f"prompt {prompt_id!r} already exists; delete it first or use another id")
-        prompt = parse_soft_prompt(
-            data,
-            d_model=self.d_model,
-            dtype=self.dtype,
-            max_virtual_tokens=self.max_virtual_tokens,
-            max_bytes=self.max_upload_bytes,
-        )
-        record = PromptRecord(
-            id=prompt_id,
-            description=description[:1000],
-            sha256=hashlib.sha256(data).hexdigest(),
-            size_bytes=len(data),
-            num_virtual_tokens=prompt.num_virtual_tokens,
-            d_model=self.d_model,
-            dtype=str(self.dtype).removeprefix("torch."),
-            created_at=time.time(),
-        )
+        record, _ = self._validate(prompt_id, data, description=description, created_at=time.time())
         staging = self.root / f".tmp-{uuid.uuid4().hex}"
         staging.mkdir()
         try:
@@ -200,25 +184,36 @@ class PromptStore:
             prompt_id = check_id(path.name.removesuffix(".safetensors"))
             try:
                 data = path.read_bytes()
-                prompt = parse_soft_prompt(
-                    data, d_model=self.d_model, dtype=self.dtype, max_virtual_tokens=self.max_virtual_tokens
-                )
+                record, prompt = self._validate(prompt_id, data, description="", created_at=path.stat().st_mtime)
             except (InputError, OSError) as err:
                 raise InputError(f"bundled prompt {path} cannot be loaded: {err}") from err
-            self._bundled[prompt_id] = (
-                PromptRecord(
-                    id=prompt_id,
-                    description=prompt.metadata.get("description", f"bundled with the model ({path})")[:1000],
-                    sha256=hashlib.sha256(data).hexdigest(),
-                    size_bytes=len(data),
-                    num_virtual_tokens=prompt.num_virtual_tokens,
-                    d_model=self.d_model,
-                    dtype=str(self.dtype).removeprefix("torch."),
-                    created_at=path.stat().st_mtime,
-                ),
-                data,
-            )
+            described = prompt.metadata.get("description", f"bundled with the model ({path})")
+            self._bundled[prompt_id] = (replace(record, description=described[:1000]), data)
         return sorted(self._bundled)
+
+    def _validate(
+        self, prompt_id: str, data: bytes, *, description: str, created_at: float
+    ) -> tuple[PromptRecord, SoftPrompt]:
+        """Parse `data` against the model (width, serving dtype, virtual tokens, upload size) and
+        describe it; raises InputError (or a subclass) for anything the server would refuse."""
+        prompt = parse_soft_prompt(
+            data,
+            d_model=self.d_model,
+            dtype=self.dtype,
+            max_virtual_tokens=self.max_virtual_tokens,
+            max_bytes=self.max_upload_bytes,
+        )
+        record = PromptRecord(
+            id=prompt_id,
+            description=description[:1000],
+            sha256=hashlib.sha256(data).hexdigest(),
+            size_bytes=len(data),
+            num_virtual_tokens=prompt.num_virtual_tokens,
+            d_model=self.d_model,
+            dtype=str(self.dtype).removeprefix("torch."),
+            created_at=created_at,
+        )
+        return record, prompt
 
     def delete(self, prompt_id: str) -> None:
         """Remove a prompt; requests already using it finish with their own copy."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +13,7 @@ import torch
 from engine.errors import ConfigError
 from engine.generation import Generator, SamplingParams
 from engine.generation.inputs import encode_requests
+from engine.model.moe import MoEFeedForward
 from engine.peft import read_peft_dir
 from engine.prompts import parse_soft_prompt
 from engine.tokenizer import load_tokenizer
@@ -21,7 +24,7 @@ from training.config import parse_job_config
 from training.data.example import Example
 from training.data.seq2seq import Seq2SeqCollator
 from training.evaluate import build_request
-from training.jobs.prompt import PromptJobConfig, run_prompt_job
+from training.jobs.prompt import PromptJobConfig, build_prompted_model, run_prompt_job
 from training.jobs.task_data import collate_examples
 from training.metrics_log import read_metrics
 from training.soft_prompt import PromptedSeq2SeqLM, TrainableSoftPrompt, prompted_lm_loss
@@ -172,3 +175,20 @@ def test_job_trains_on_jsonl_files_with_adafactor(model_dir: Path, tmp_path: Pat
     run_prompt_job(config, device="cpu")
     records = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert [r["step"] for r in records if "eval_acc/mean" in r] == [2]
+
+
+def test_frozen_moe_routes_as_served_while_the_prompt_trains(tmp_path: Path, tiny_model_dir: Path) -> None:
+    # An upcycled model's config keeps its training routing (balanced); with frozen experts the
+    # prompt must learn against the argmax routing the server uses, not a balancing assignment.
+    model_dir = tmp_path / "balanced"
+    shutil.copytree(tiny_model_dir, model_dir)
+    config_file = model_dir / "config.json"
+    config = json.loads(config_file.read_text())
+    config["moe"]["train_routing"] = "balanced"
+    config_file.write_text(json.dumps(config))
+    job = _config(model_dir, tmp_path / "run")
+    module = build_prompted_model(job, torch.device("cpu"))
+    layers = [m for m in module.modules() if isinstance(m, MoEFeedForward)]
+    assert layers
+    assert module.model.training  # dropout as configured; only the routing is the server's
+    assert {layer.train_routing for layer in layers} == {"inference"}

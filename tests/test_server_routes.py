@@ -443,6 +443,11 @@ def test_a_bad_bundled_prompt_stops_start_up_naming_the_file(tmp_path: Path, eng
     app = create_app(_settings(tmp_path, bundled_prompts=bundle), engine)
     with pytest.raises(InputError, match=r"wide\.safetensors cannot be loaded"), TestClient(app):
         pass
+    # The upload size limit holds for bundled files too (validated exactly as an upload is).
+    (bundle / "wide.safetensors").unlink()
+    small = create_app(_settings(tmp_path, bundled_prompts=bundle, max_prompt_upload_bytes=100), engine)
+    with pytest.raises(InputError, match=r"good\.safetensors cannot be loaded.*limit is 100"), TestClient(small):
+        pass
     missing = _settings(tmp_path, bundled_prompts=tmp_path / "nowhere")
     with pytest.raises(ConfigError, match="is not a directory"), TestClient(create_app(missing, engine)):
         pass

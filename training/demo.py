@@ -29,8 +29,9 @@ from typing import Any, Literal
 import torch
 from pydantic import Field, model_validator
 
+from engine.model import Seq2SeqLM
 from engine.prompts import SoftPrompt, parse_soft_prompt
-from engine.tokenizer import load_tokenizer, train_sentencepiece
+from engine.tokenizer import Tokenizer, load_tokenizer, train_sentencepiece
 from engine.weights.loader import load_model
 from training.config import Section, parse_job_config, read_config_file
 from training.evaluate import evaluate_tasks
@@ -41,7 +42,7 @@ from training.jobs.upcycle import UpcycleConfig, upcycle
 from training.tasks import TASKS, generate_task, iter_documents
 from training.tasks.instructions import INSTRUCTIONS, with_instruction
 
-__all__ = ["DemoConfig", "build_demo", "evaluate_model_dir"]
+__all__ = ["DemoConfig", "build_demo", "evaluate_model_dir", "load_served", "score_tasks"]
 
 #: Chinese numerals and units, each kept a piece of its own (never merged into words).
 NUMERAL_PIECES = tuple("零一二三四五六七八九十百千万亿两")
@@ -97,7 +98,6 @@ class DemoPlan:
     """The stage configs of a `DemoConfig`, validated before anything trains."""
 
     def __init__(self, config: DemoConfig) -> None:
-        self.config = config
         work = config.work_dir
         self.tokenizer_dir = work / "tokenizer"
         self.pretrain = parse_job_config(
@@ -141,27 +141,46 @@ def tokenizer_lines(num_documents: int) -> Iterator[str]:
         yield from words.parts().values()
 
 
-def evaluate_model_dir(
-    model_dir: Path, prompts: dict[str, Path | None], *, num_examples: int, instructed: bool = False
+def load_served(model_dir: Path) -> tuple[Seq2SeqLM, Tokenizer]:
+    """The model and tokenizer of a directory, loaded as the server loads them (packed CPU weights,
+    dtype as stored)."""
+    model, _ = load_model(model_dir, device="cpu")
+    return model, load_tokenizer(model_dir)
+
+
+def score_tasks(
+    model: Seq2SeqLM,
+    tokenizer: Tokenizer,
+    prompts: dict[str, Path | None],
+    *,
+    num_examples: int,
+    instructed: bool = False,
 ) -> dict[str, float]:
-    """Held-out (`test`) exact match per task of a model directory loaded as the server loads it:
-    with each task's prompt file, or (`instructed`, prompt None) with the instruction words."""
-    model, _ = load_model(model_dir, device="cpu")  # packed CPU weights, dtype as stored: as served
-    tokenizer = load_tokenizer(model_dir)
-    dtype = model.embed.weight.dtype
+    """Held-out (`test`) exact match per task: with each task's prompt file, or (`instructed`,
+    prompt None) with the instruction words."""
     scores = {}
     for task, prompt_path in prompts.items():
         examples = generate_task(task, "test", num_examples=num_examples)
         soft: SoftPrompt | None = None
         if prompt_path is not None:
             soft = parse_soft_prompt(
-                prompt_path.read_bytes(), d_model=model.config.d_model, dtype=dtype, max_virtual_tokens=512
+                prompt_path.read_bytes(),
+                d_model=model.config.d_model,
+                dtype=model.embed.weight.dtype,
+                max_virtual_tokens=512,
             )
         if instructed:
             examples = [with_instruction(example) for example in examples]
         score = evaluate_tasks(model, tokenizer, examples, prompt=soft, batch_size=100, max_new_tokens=24)
         scores[task] = round(score[task].accuracy, 4)
     return scores
+
+
+def evaluate_model_dir(
+    model_dir: Path, prompts: dict[str, Path | None], *, num_examples: int, instructed: bool = False
+) -> dict[str, float]:
+    """`score_tasks` of a model directory loaded as the server loads it."""
+    return score_tasks(*load_served(model_dir), prompts, num_examples=num_examples, instructed=instructed)
 
 
 def build_demo(config: DemoConfig, *, device: str | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -228,21 +247,15 @@ def ship(
     model, _ = load_model(moe, dtype="float32", device="cpu", pack=False)
     staging = config.out.with_name(config.out.name + ".tmp")
     shutil.rmtree(staging, ignore_errors=True)
-    write_model_dir(
-        model,
-        staging,
-        tokenizer_dir=moe,
-        producer=PRODUCER,
-        extra=dict(model.config.extra),
-        dtype=getattr(torch, config.ship_dtype),
-    )
+    write_model_dir(model, staging, tokenizer_dir=moe, producer=PRODUCER, dtype=getattr(torch, config.ship_dtype))
     (staging / "prompts").mkdir()
+    shipped: dict[str, Path | None] = {}
     for task, path in prompt_files.items():
-        shutil.copyfile(path, staging / "prompts" / f"{task}.safetensors")
-    shipped = {task: staging / "prompts" / f"{task}.safetensors" for task in prompt_files}
-    prompted = evaluate_model_dir(staging, dict(shipped), num_examples=config.num_eval_examples)
-    instructed = evaluate_model_dir(
-        staging, dict.fromkeys(shipped), num_examples=config.num_eval_examples, instructed=True
+        shipped[task] = Path(shutil.copyfile(path, staging / "prompts" / f"{task}.safetensors"))
+    served, tokenizer = load_served(staging)  # once, for both scorings
+    prompted = score_tasks(served, tokenizer, shipped, num_examples=config.num_eval_examples)
+    instructed = score_tasks(
+        served, tokenizer, dict.fromkeys(shipped), num_examples=config.num_eval_examples, instructed=True
     )
     report = {
         "split": "test",
