@@ -29,7 +29,7 @@ from training.distill import STEP_KEY, KILoss, vocab_map_between
 from training.job import DataShard, build_model, run_job
 from training.jobs.command import add_job_command
 from training.jobs.export import export_trained
-from training.jobs.pretrain import PretrainConfig, build_batches, held_out_eval_fn
+from training.jobs.pretrain import PretrainConfig, build_batches, check_vocab_fits, held_out_eval_fn
 from training.trainer import Batch, ResumableIterator
 from training.vocab_growth import find_sentencepiece_model, grow_vocabulary, plan_vocab_growth
 
@@ -138,14 +138,6 @@ def build_student(config: KIConfig, device: torch.device) -> Seq2SeqLM:
     return model
 
 
-def _check_vocab(model: Seq2SeqLM, tokenizer: Tokenizer, source: Path) -> None:
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise ConfigError(
-            f"the tokenizer in {source} has {tokenizer.vocab_size} ids but the student only "
-            f"{model.config.vocab_size} embedding rows; set ki.grow_vocab: true to grow them from the old pieces"
-        )
-
-
 def build_loss(config: KIConfig, student_tokenizer: Tokenizer) -> KILoss:
     """The KI loss with the teacher loaded (float32, CPU until the first batch moves it)."""
     teacher, _ = load_model(config.ki.teacher, dtype="float32", device="cpu", pack=False)
@@ -168,7 +160,7 @@ def train_ki(config: KIConfig, *, device: str | None = None, export: bool = True
 
     def model_factory(cfg: KIConfig, dev: torch.device) -> Seq2SeqLM:
         model = build_student(cfg, dev)
-        _check_vocab(model, tokenizer, tok_dir)
+        check_vocab_fits(model, tokenizer, tok_dir, fix="set ki.grow_vocab: true to grow them from the old pieces")
         return model
 
     def data_factory(cfg: KIConfig, shard: DataShard) -> StepStampedBatches:

@@ -203,12 +203,23 @@ def held_out_eval_fn(config: PretrainConfig, tokenizer: Tokenizer) -> EvalFn | N
     return eval_fn
 
 
-def _check_tokenizer(model: Seq2SeqLM, tokenizer: Tokenizer, source: Path) -> None:
+def check_vocab_fits(
+    model: Seq2SeqLM,
+    tokenizer: Tokenizer,
+    source: Path,
+    *,
+    fix: str = "use a smaller tokenizer or a model with a larger vocab_size",
+) -> None:
+    """ConfigError (ending in `fix`) when the tokenizer has more ids than the model has embeddings."""
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ConfigError(
             f"the tokenizer in {source} has {tokenizer.vocab_size} ids but the model only "
-            f"{model.config.vocab_size} embeddings; use a smaller tokenizer or a model with a larger vocab_size"
+            f"{model.config.vocab_size} embeddings; {fix}"
         )
+
+
+def _check_tokenizer(model: Seq2SeqLM, tokenizer: Tokenizer, source: Path) -> None:
+    check_vocab_fits(model, tokenizer, source)
     check_special_ids(
         tokenizer, eos=model.config.eos_token_id, decoder_start=model.config.decoder_start_token_id, source=source
     )
