@@ -232,3 +232,7 @@ def test_job_config_errors_say_what_to_change(tmp_path: Path, teacher_dir: Path)
     bad = _config(tmp_path / "y", teacher_dir, ki={"teacher": str(teacher_dir), "grow_vocab": True})
     with pytest.raises(ConfigError, match="needs `tokenizer`"):
         train_ki(bad, device="cpu", export=False)
+    narrow = {"moe": None, "num_encoder_layers": 1, "num_decoder_layers": 1, "vocab_size": 512}
+    small = _config(tmp_path / "z", teacher_dir, ki={"teacher": str(teacher_dir), "student_overrides": narrow})
+    with pytest.raises(ConfigError, match=r"only 512 embeddings; set ki\.grow_vocab: true"):
+        train_ki(small, device="cpu", export=False)

@@ -156,3 +156,13 @@ def test_prompt_starts_from_the_instruction_words(tmp_path: Path, tiny_model_dir
     files = {**data, "task": {"train_file": str(jsonl), "eval_file": str(jsonl)}}
     with pytest.raises(ConfigError, match="needs a built-in task"):
         build_prompted_model(parse_job_config(files, PromptJobConfig), torch.device("cpu"))
+
+
+def test_without_instructions_task_rows_are_the_bare_served_input(tmp_path: Path, tiny_model_dir: Path) -> None:
+    config = _config(tmp_path, tiny_model_dir, mixture={"tasks": {"add": 1}, "fraction": 1.0, "instructions": False})
+    tokenizer = load_tokenizer(tiny_model_dir)
+    batch = next(build_batches(config, _shard(config), tokenizer))
+    texts = [tokenizer.decode([t for t in row.tolist() if t != tokenizer.pad_id]) for row in batch["input_ids"]]
+    assert len(texts) == 8
+    assert all(" + " in text for text in texts), texts
+    assert not any(text.startswith(INSTRUCTIONS["add"].prefix) for text in texts)
