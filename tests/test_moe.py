@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from moe_layers import KEY, random_moe_layer
 
 from engine.config import MoEConfig
 from engine.experts.store import ExpertStore
@@ -23,21 +24,9 @@ from engine.model.ffn import ACTIVATIONS, FeedForward, feed_forward
 from engine.model.moe import ExpertDemand, MoEFeedForward
 from engine.weights.loader import load_model
 
-KEY = MoELayerKey("encoder", 0)
-
 
 def _layer(router: str, *, experts: int = 4, capacity: int | None = None, gated: bool = True) -> MoEFeedForward:
-    torch.manual_seed(0)
-    moe = MoEConfig(
-        num_experts=experts, router=router, encoder_layers=(0,), decoder_layers=(), expert_capacity=capacity
-    )
-    layer = MoEFeedForward(KEY, moe, d_model=16, d_ff=32, activation="gelu_new", is_gated=gated)
-    with torch.no_grad():
-        for p in layer.parameters():
-            p.normal_(0, 0.5)
-        if router == "centroid":
-            torch.nn.init.orthogonal_(layer.router.centroids)
-    return layer.eval()
+    return random_moe_layer(router, experts=experts, capacity=capacity, gated=gated).eval()
 
 
 @torch.no_grad()

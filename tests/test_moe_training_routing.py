@@ -16,16 +16,15 @@ import math
 
 import pytest
 import torch
+from moe_layers import random_moe_layer
 from transformers.models.switch_transformers.modeling_switch_transformers import load_balancing_loss_func
 
 from engine.config import ModelConfig, MoEConfig
 from engine.errors import ConfigError
-from engine.model import MoELayerKey, Seq2SeqLM
+from engine.model import Seq2SeqLM
 from engine.model.assignment import balanced_assignment
 from engine.model.moe import LearnedRouter, MoEFeedForward
 from training.moe_losses import moe_aux_loss, seq2seq_moe_loss
-
-KEY = MoELayerKey("encoder", 0)
 
 
 def _brute_force_best(scores: torch.Tensor) -> float:
@@ -88,17 +87,7 @@ def test_balanced_assignment_at_training_scale() -> None:
 
 
 def _layer(router: str, train_routing: str, *, experts: int = 4) -> MoEFeedForward:
-    torch.manual_seed(0)
-    moe = MoEConfig(
-        num_experts=experts, router=router, encoder_layers=(0,), decoder_layers=(), train_routing=train_routing
-    )
-    layer = MoEFeedForward(KEY, moe, d_model=16, d_ff=32, activation="gelu_new", is_gated=True)
-    with torch.no_grad():
-        for p in layer.parameters():
-            p.normal_(0, 0.5)
-        if router == "centroid":
-            torch.nn.init.orthogonal_(layer.router.centroids)
-    return layer
+    return random_moe_layer(router, experts=experts, train_routing=train_routing)
 
 
 def test_balanced_training_forward_splits_valid_tokens_evenly() -> None:
