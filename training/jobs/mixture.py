@@ -69,6 +69,7 @@ class MixedBatches:
         self.seed, self.rank = seed, rank
         # Each rank its own task streams: disjoint draws in practice, resumable from counters.
         self.streams = {name: TaskStream(name, "train", seed=seed * 1009 + rank) for name in sorted(spec.tasks)}
+        self.weights = [spec.tasks[name] for name in self.streams]
         shapes = span.config
         self.collator = Seq2SeqCollator(
             tokenizer=span.tokenizer, max_input_length=shapes.encoder_length, max_target_length=shapes.decoder_length
@@ -81,10 +82,8 @@ class MixedBatches:
 
     def __next__(self) -> Batch:
         rng = random.Random(f"mixture:{self.seed}:{self.rank}:{self.batches}")
-        names = list(self.streams)
-        weights = [self.spec.tasks[name] for name in names]
         pairs = []
-        for name in rng.choices(names, weights=weights, k=self.num_task_rows):
+        for name in rng.choices(list(self.streams), weights=self.weights, k=self.num_task_rows):
             example = next(self.streams[name])
             pairs.append(self.collator.encode(with_instruction(example) if self.spec.instructions else example))
         pairs.extend(next(self.span) for _ in range(self.batch_size - self.num_task_rows))
