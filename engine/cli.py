@@ -20,6 +20,7 @@ from engine.errors import ConfigError
 from engine.experts.order import ORDER_POLICIES
 from engine.experts.pool import CACHE_POLICIES
 from engine.generation import GenerationRequest, Generator, SamplingParams
+from engine.model.kernels import KERNEL_MODES, active_kernels, cpu_capability
 from engine.model.transformer import Seq2SeqLM
 from engine.offload import OffloadConfig, load_for_inference
 from engine.peft import is_peft_path, read_peft_dir
@@ -51,6 +52,12 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, type=model_arg, help=MODEL_HELP)
     parser.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: as stored)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
+    parser.add_argument(
+        "--cpu-kernels",
+        default="auto",
+        choices=KERNEL_MODES,
+        help="CPU matmul paths: auto (the fastest this CPU supports per dtype) or plain (F.linear)",
+    )
 
 
 def add_offload_args(parser: argparse.ArgumentParser) -> None:
@@ -106,7 +113,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     texts: list[str] = [line.rstrip("\n") for line in sys.stdin] if args.text == ["-"] else args.text
     tokenizer = load_tokenizer(args.model)
     loaded = load_for_inference(
-        args.model, dtype=args.dtype, device=args.device, offload=offload_config(args), progress=False
+        args.model,
+        dtype=args.dtype,
+        device=args.device,
+        offload=offload_config(args),
+        progress=False,
+        cpu_kernels=args.cpu_kernels,
     )
     try:
         check_special_ids(
@@ -177,6 +189,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     info = inspect_checkpoint(args.model)
     dtype = parse_dtype(args.dtype) or info.stored_dtype
     summary = summarize(info.config, dtype)
+    kernels = active_kernels().for_dtype(dtype)
     if args.json:
         print(
             json.dumps(
@@ -186,12 +199,16 @@ def cmd_info(args: argparse.Namespace) -> int:
                     "dtype": str(dtype).removeprefix("torch."),
                     "config": info.config.to_dict(),
                     "summary": summary.to_dict(),
+                    "cpu_kernels": {"cpu_capability": cpu_capability(), **kernels.to_dict()},
                 },
                 indent=2,
             )
         )
         return 0
     _print_summary(info.config, summary, header=f"{info.path} ({info.source_format}, {dtype})")
+    print(f"  CPU kernels       dense {kernels.dense}, experts {kernels.experts} (CPU: {cpu_capability()})")
+    if kernels.reason:
+        print(f"    why not faster  {kernels.reason}")
     return 0
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -25,6 +25,7 @@ from engine.experts.pool import CACHE_POLICIES, CachePolicy, ExpertPool
 from engine.experts.provider import OffloadedExpertProvider, Transfers
 from engine.experts.store import BlobLayout, ExpertStore, ExpertStoreWriter
 from engine.model import Seq2SeqLM
+from engine.model.kernels import DtypeKernels, KernelMode, announce, set_kernel_mode
 from engine.sizes import format_bytes, parse_bytes
 from engine.summary import summarize
 from engine.weights.files import open_tensor_source
@@ -114,7 +115,8 @@ class InferenceModel:
     provider: OffloadedExpertProvider | None = None
     budget_bytes: int = 0
     total_expert_bytes: int = 0
-    notes: list[str] = field(default_factory=list)
+    kernels: DtypeKernels | None = None
+    """The CPU matmul paths this model's dtype takes (None on GPUs)."""
 
     @property
     def is_offloaded(self) -> bool:
@@ -160,12 +162,36 @@ def load_for_inference(
     offload: OffloadConfig | None = None,
     pack: bool = True,
     progress: bool = True,
+    cpu_kernels: KernelMode | None = None,
 ) -> InferenceModel:
-    """Load `model_dir` for generation, offloading experts when they exceed the budget."""
-    offload = offload or OffloadConfig()
+    """Load `model_dir` for generation, offloading experts when they exceed the budget.
+
+    `cpu_kernels` sets the process's CPU matmul paths first (`engine.model.kernels`; None keeps
+    them); on a CPU, a dtype without the fastest path here is logged once.
+    """
     device = torch.device(device)
     info = inspect_checkpoint(Path(model_dir))
     target = parse_dtype(dtype) or default_dtype(info.stored_dtype, device)
+    if cpu_kernels is not None:
+        set_kernel_mode(cpu_kernels)
+    kernels = announce(target) if device.type == "cpu" else None
+    loaded = _load(
+        model_dir, info, target=target, device=device, offload=offload or OffloadConfig(), pack=pack, progress=progress
+    )
+    loaded.kernels = kernels
+    return loaded
+
+
+def _load(
+    model_dir: Path | str,
+    info: CheckpointInfo,
+    *,
+    target: torch.dtype,
+    device: torch.device,
+    offload: OffloadConfig,
+    pack: bool,
+    progress: bool,
+) -> InferenceModel:
     config: ModelConfig = info.config
     if config.moe is None:
         model, info = load_model(model_dir, dtype=target, device=device, pack=pack)

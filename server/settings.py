@@ -12,6 +12,7 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from engine.model.kernels import KernelMode
 from engine.offload import OffloadConfig
 from engine.serving.engine import EngineConfig
 
@@ -34,6 +35,9 @@ class Settings(BaseSettings):
     port: int = Field(8080, ge=1, le=65535, description="port to listen on")
     dtype: str | None = Field(None, description="float32 | bfloat16 | float16 (default: as stored)")
     device: str = Field("cpu", description="cpu, cuda, cuda:1, ...")
+    cpu_kernels: KernelMode = Field(
+        "auto", description="CPU matmul paths: auto (fastest this CPU supports per dtype) or plain (F.linear)"
+    )
     expert_memory: str | None = Field(None, description="expert pool budget: 512MiB or 25%% (default: auto)")
     expert_order: Literal["infmoe", "cached-first", "index"] = Field("infmoe", description="expert order")
     expert_direct_io: bool = Field(False, description="read offloaded experts with O_DIRECT")
@@ -80,6 +84,7 @@ class Settings(BaseSettings):
             model=model_dir,
             dtype=self.dtype,
             device=self.device,
+            cpu_kernels=self.cpu_kernels,
             offload=OffloadConfig(
                 expert_memory=self.expert_memory, order=self.expert_order, direct_io=self.expert_direct_io
             ),

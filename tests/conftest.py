@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import torch
 
+from engine.model import kernels
 from engine.weights.init import write_random_model
 from engine.weights.presets import get_preset
 
@@ -143,6 +144,13 @@ def pytest_configure(config: pytest.Config) -> None:
     # Tiny models gain nothing from intra-op threads, and one thread keeps the suite's timing
     # steady when something else is using the other core.
     torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _cpu_kernels_per_test(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The process's CPU kernel table as it was before each test, whatever the test chose (a CLI
+    run with `--cpu-kernels plain` must not send the tests after it down the plain path)."""
+    monkeypatch.setattr(kernels, "_active", kernels.active_kernels())
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

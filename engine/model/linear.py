@@ -7,7 +7,8 @@ oneDNN's matmul (`mkldnn::_linear_pointwise`, the op torch.compile's CPU path em
 22-28 GB/s at one row on the plain (out, in) layout, and 17-28 GB/s at 1-16 rows on weights
 reordered into its blocked layout (`pack_for_cpu`). So `linear` sends CPU inference to oneDNN:
 packed weights for the dense layers (packed once at load), plain ones for experts, which arrive
-from the expert store at run time and must stay in the store's layout to move as one copy.
+from the expert store at run time and must stay in the store's layout to move as one copy. Whether
+a dtype may take oneDNN on this CPU at all is `engine.model.kernels`' decision; elsewhere `F.linear`.
 
 Packing is an inference-only transformation applied from outside; autograd always takes
 `F.linear` (oneDNN's op has no backward). Results differ from `F.linear` only by summation order.
@@ -26,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-_ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
+from engine.model.kernels import active_kernels
+
 #: Row counts up to this run unpadded: every decode batch size (the default batch limit is 32).
 EXACT_ROWS = 32
 
@@ -57,12 +58,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     if weight.is_mkldnn:
         return _onednn_linear(x, weight)
     if (
-        _ONEDNN
-        and weight.device.type == "cpu"
-        and weight.dtype in _ONEDNN_DTYPES
+        weight.device.type == "cpu"
         and x.dtype == weight.dtype
         and weight.is_contiguous()
         and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+        and active_kernels().uses_onednn(weight.dtype)
     ):
         return _onednn_linear(x, weight)
     return F.linear(x, weight)
@@ -79,14 +79,13 @@ class Linear(nn.Linear):
 
 
 def can_pack(weight: torch.Tensor) -> bool:
-    """Whether `weight` can use the oneDNN packed layout here (CPU, fp32/bf16, oneDNN built in)."""
+    """Whether `weight` can use the oneDNN packed layout here (a CPU matrix whose dtype this CPU's
+    oneDNN packs, `engine.model.kernels`)."""
     return (
         weight.device.type == "cpu"
-        and weight.dtype in (torch.float32, torch.bfloat16)
         and not weight.is_mkldnn
         and weight.dim() == 2
-        and torch.backends.mkldnn.is_available()
-        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+        and active_kernels().can_pack(weight.dtype)
     )
 
 

@@ -19,6 +19,7 @@ import torch
 
 from engine.experts.provider import OffloadedExpertProvider
 from engine.generation import Generator, SamplingParams
+from engine.model.kernels import KernelMode, active_kernels, cpu_capability
 from engine.offload import InferenceModel, OffloadConfig, load_for_inference
 from engine.serving.loop import EngineLoop
 from engine.serving.protocol import (
@@ -41,6 +42,8 @@ class EngineConfig:
     """Native cpm2 or HF T5 / mT5 / Switch directory."""
     dtype: str | None = None
     device: str = "cpu"
+    cpu_kernels: KernelMode = "auto"
+    """CPU matmul paths: `auto` (the fastest this CPU supports per dtype) or `plain` (`F.linear`)."""
     offload: OffloadConfig = field(default_factory=OffloadConfig)
     max_batch_size: int = 32
     """Rows decoded together at most."""
@@ -91,7 +94,12 @@ class AsyncEngine:
     @classmethod
     def from_config(cls, config: EngineConfig) -> AsyncEngine:
         loaded = load_for_inference(
-            config.model, dtype=config.dtype, device=config.device, offload=config.offload, progress=False
+            config.model,
+            dtype=config.dtype,
+            device=config.device,
+            offload=config.offload,
+            progress=False,
+            cpu_kernels=config.cpu_kernels,
         )
         try:
             tokenizer = load_tokenizer(config.model)
@@ -156,7 +164,14 @@ class AsyncEngine:
             experts_offloaded=self.loaded.is_offloaded,
             expert_memory_bytes=self.loaded.budget_bytes,
             extra={"total_expert_bytes": self.loaded.total_expert_bytes},
+            cpu_kernels=self._kernel_info(),
         )
+
+    def _kernel_info(self) -> dict[str, str]:
+        kernels = self.loaded.kernels
+        if kernels is None:
+            return {}
+        return {"mode": active_kernels().mode, "cpu_capability": cpu_capability(), **kernels.to_dict()}
 
     @property
     def dtype(self) -> torch.dtype:

@@ -94,6 +94,9 @@ class EngineInfo:
     experts_offloaded: bool
     expert_memory_bytes: int
     extra: dict[str, Any] = field(default_factory=dict)
+    cpu_kernels: dict[str, str] = field(default_factory=dict)
+    """On CPUs: the kernel mode, torch's CPU capability, the dense and expert matmul paths and why a
+    faster one is not taken (`engine.model.kernels`); empty on GPUs."""
 
 
 @dataclass(frozen=True)

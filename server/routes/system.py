@@ -68,6 +68,7 @@ async def info(ctx: Ctx) -> dict[str, object]:
         "max_prompt_upload_bytes": s.max_prompt_upload_bytes,
         "experts_offloaded": engine.experts_offloaded,
         "expert_memory_bytes": engine.expert_memory_bytes,
+        "cpu_kernels": engine.cpu_kernels or None,
         "version": _version(),
     }
 
