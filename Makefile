@@ -3,19 +3,32 @@
 #
 # CPU machines pin the CPU build of torch (TORCH_SPEC); GPU hosts run `make install TORCH_SPEC=torch`
 # (or any CUDA build) — pyproject.toml keeps the torch range open for them.
+#
+# Installs take every other version from the lock (LOCK, pip constraints written by `make lock` from a
+# green run), so a new release of any dependency cannot break a fresh clone; pyproject.toml keeps
+# open ranges for users. torch is not in the lock: TORCH_SPEC says which build.
 
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= server,training,test
+LOCK ?= constraints.txt
+# Every extra, so the lock pins whatever a target installs.
+LOCK_EXTRAS ?= server,training,test,cpm2,reference
+LOCK_VENV ?= .venv-lock
 
-.PHONY: install serve demo-model test lint format bench soak image clean
+.PHONY: install serve demo-model test lint format bench soak image clean lock
 
-$(VENV)/.installed: pyproject.toml
+# TGI's client caps huggingface-hub<1.0, which transformers 5 cannot use; it runs on hub 2.x, so the
+# test install takes it without its dependency pins (see the test extra in pyproject.toml).
+TGI_CLIENT ?= text-generation>=0.7
+
+$(VENV)/.installed: pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet -e ".[$(EXTRAS)]"
+	$(PY) -m pip install --quiet -c $(LOCK) "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -c $(LOCK) -e ".[$(EXTRAS)]"
+	$(if $(findstring test,$(EXTRAS)),$(PY) -m pip install --quiet --no-deps -c $(LOCK) "$(TGI_CLIENT)")
 	touch $@
 
 install: $(VENV)/.installed
@@ -59,5 +72,17 @@ CONTAINER ?= $(shell if docker info >/dev/null 2>&1; then echo docker; else echo
 image:
 	$(CONTAINER) build -t $(IMAGE) $(IMAGE_ARGS) .
 
+# Refresh the lock: the newest releases pyproject.toml allows, in a fresh venv; the suite and the
+# linters run there, and only if they pass is LOCK rewritten (then commit it).
+lock:
+	rm -rf $(LOCK_VENV)
+	$(MAKE) lint test VENV=$(LOCK_VENV) LOCK=/dev/null EXTRAS=$(LOCK_EXTRAS)
+	{ echo "# pip constraints: the versions \`make lint test\` passed with ($$(date -u +%F), \`make lock\`)."; \
+	  echo "# torch is chosen by TORCH_SPEC, not here. Python $$($(LOCK_VENV)/bin/python -c 'import platform; print(platform.python_version())')."; \
+	  $(LOCK_VENV)/bin/python -m pip freeze --exclude-editable | grep -viE '^(torch|triton|nvidia-[a-z0-9-]+|cpm2)(==| @)'; \
+	} > $(LOCK).new
+	mv $(LOCK).new $(LOCK)
+	rm -rf $(LOCK_VENV)
+
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(LOCK_VENV) .pytest_cache .mypy_cache .ruff_cache

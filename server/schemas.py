@@ -2,6 +2,11 @@
 
 TGI's Python clients send every parameter they know, null when unset; each is accepted here, and
 one cpm2 does not implement is refused (422) only when set to something other than its default.
+
+Responses carry every field that TGI's OpenAPI document (huggingface/text-generation-inference
+`docs/openapi.json`) and OpenAI's completion schema mark required, even where cpm2 has nothing to put
+in it: the clients validate against those schemas (text-generation 0.7 refuses a `details` without
+`prefill`), and tests/test_real_clients.py drives the server with them.
 """
 
 from __future__ import annotations
@@ -67,26 +72,47 @@ class GenerateRequest(BaseModel):
     stream: bool = Field(False, description="POST / only: answer with server-sent events")
 
 
-class Token(BaseModel):
+FinishReason = Literal["length", "eos_token", "stop_sequence"]
+
+
+class ResponseModel(BaseModel):
+    """A response body that always sends every field, null or empty included: the OpenAPI document
+    marks fields with defaults required too, as TGI's does (a client may rely on the key)."""
+
+    model_config = ConfigDict(json_schema_serialization_defaults_required=True)
+
+
+class Token(ResponseModel):
     id: int
     text: str
     logprob: float
     special: bool
 
 
-class ExpertDetails(BaseModel):
+class PrefillToken(ResponseModel):
+    """A decoder input token (TGI's `decoder_input_details`); the first has no logprob."""
+
+    id: int
+    text: str
+    logprob: float | None
+
+
+class ExpertDetails(ResponseModel):
     bytes_moved: float = 0
     hits: float = 0
     misses: float = 0
 
 
-class Details(BaseModel):
-    finish_reason: Literal["length", "eos_token", "stop_sequence"]
+class Details(ResponseModel):
+    finish_reason: FinishReason
     generated_tokens: int
-    seed: int | None = None
-    input_length: int = 0
-    virtual_tokens: int = 0
-    tokens: list[Token] = Field(default_factory=list)
+    seed: int | None = Field(None, description="the sampling seed (drawn when not given); null without sampling")
+    # TGI always sends `prefill` and text-generation>=0.7 requires it. It lists the decoder input only
+    # for `decoder_input_details`, which cpm2 refuses, so it is always empty.
+    prefill: list[PrefillToken] = Field(default_factory=list)
+    tokens: list[Token]
+    input_length: int = Field(0, description="encoder tokens, virtual tokens included")
+    virtual_tokens: int = Field(0, description="soft-prompt tokens among input_length")
     experts: ExpertDetails = Field(default_factory=ExpertDetails)
 
 
@@ -94,17 +120,24 @@ class GenerateResponse(BaseModel):
     generated_text: str
     details: Details | None = None
 
+    def body(self) -> dict[str, Any]:
+        """The JSON body. TGI leaves `details` out unless asked for; the nulls inside it stay, since
+        TGI's schema requires some nullable fields (a prefill token's `logprob`)."""
+        return self.model_dump(exclude={"details"} if self.details is None else None)
 
-class StreamDetails(BaseModel):
-    finish_reason: Literal["length", "eos_token", "stop_sequence"]
+
+class StreamDetails(ResponseModel):
+    finish_reason: FinishReason
     generated_tokens: int
     seed: int | None = None
-    input_length: int = 0
+    input_length: int
     virtual_tokens: int = 0
     experts: ExpertDetails = Field(default_factory=ExpertDetails)
 
 
-class StreamResponse(BaseModel):
+class StreamResponse(ResponseModel):
+    """One server-sent event; `generated_text` and `details` are null on every event but the last."""
+
     index: int
     token: Token
     generated_text: str | None = None
@@ -120,6 +153,14 @@ class TokenizeRequest(BaseModel):
 
 
 # ---- OpenAI ------------------------------------------------------------------------------------
+
+
+class StreamOptions(BaseModel):
+    # OpenAI adds options here over time; one a client sends that cpm2 does not know changes nothing
+    # about the tokens, so it is ignored rather than refused.
+    model_config = ConfigDict(extra="ignore")
+
+    include_usage: bool = Field(False, description="end the stream with a chunk carrying `usage`")
 
 
 class CompletionRequest(BaseModel):
@@ -146,7 +187,7 @@ class CompletionRequest(BaseModel):
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
-    stream_options: dict[str, Any] | None = None
+    stream_options: StreamOptions | None = None
 
     @model_validator(mode="after")
     def _unsupported(self) -> CompletionRequest:
@@ -177,6 +218,45 @@ class CompletionRequest(BaseModel):
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
 
+OpenAIFinishReason = Literal["stop", "length"]
+
+
+class CompletionLogprobs(ResponseModel):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]] | None = None
+    text_offset: list[int] | None = None
+
+
+class CompletionChoice(ResponseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: OpenAIFinishReason | None = Field(None, description="null on every streamed chunk but the last")
+
+
+class CompletionUsage(ResponseModel):
+    prompt_tokens: int = Field(..., description="encoder tokens, virtual tokens included")
+    completion_tokens: int
+    total_tokens: int
+    virtual_tokens: int = Field(0, description="soft-prompt tokens among prompt_tokens (cpm2's)")
+
+
+class Completion(ResponseModel):
+    """`/v1/completions`: the answer, and each streamed chunk (OpenAI gives both one shape)."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    # Optional in OpenAI's schema but required in TGI's (its Completion and Chunk).
+    system_fingerprint: str
+    choices: list[CompletionChoice]
+    usage: CompletionUsage | None = Field(
+        None, description="null on streamed chunks, except the last one with stream_options.include_usage"
+    )
+
+
 class ErrorResponse(BaseModel):
     """Every error (TGI's body): what went wrong, said so the client knows what to change."""
 
@@ -184,7 +264,7 @@ class ErrorResponse(BaseModel):
     error_type: str
 
 
-class OpenAIError(BaseModel):
+class OpenAIError(ResponseModel):
     message: str
     type: str
     param: str | None = None

@@ -16,6 +16,7 @@ from server_fakes import D_MODEL, FakeEngine
 
 from engine.errors import ConfigError, InputError
 from engine.prompts import SoftPrompt
+from server import schemas
 from server.app import create_app
 from server.settings import Settings
 
@@ -76,6 +77,7 @@ def test_generate_details(client: TestClient) -> None:
     assert details["generated_tokens"] == 3
     assert details["seed"] == 7
     assert details["input_length"] == 3
+    assert details["prefill"] == []
     assert [t["text"] for t in details["tokens"]] == ["a", "b", "c"]
     assert all(set(t) == {"id", "text", "logprob", "special"} for t in details["tokens"])
     assert details["experts"] == {"bytes_moved": 4096.0, "hits": 3.0, "misses": 1.0}
@@ -205,6 +207,78 @@ def test_engine_errors_map_to_status_codes(client: TestClient, inputs: str, stat
     assert r.json()["error_type"] == error_type
     if status in (429, 503):
         assert int(r.headers["retry-after"]) >= 1
+
+
+# ---- the fields clients require ----------------------------------------------------------------
+
+#: Required fields of each response body, by cpm2 model: TGI's OpenAPI document
+#: (huggingface/text-generation-inference `docs/openapi.json`, 3.3.6) for the TGI routes, and for
+#: `/v1/completions` TGI's `CompletionFinal`/`Chunk`/`CompletionComplete`/`Usage` joined with OpenAI's
+#: completion schema (`logprobs` is required, nullable, in OpenAI's choice).
+REQUIRED = {
+    "GenerateResponse": {"generated_text"},
+    "Details": {"finish_reason", "generated_tokens", "prefill", "tokens"},
+    "Token": {"id", "text", "logprob", "special"},
+    "PrefillToken": {"id", "text", "logprob"},
+    "StreamResponse": {"index", "token"},
+    "StreamDetails": {"finish_reason", "generated_tokens", "input_length"},
+    "ErrorResponse": {"error", "error_type"},
+    "Completion": {"id", "object", "created", "model", "system_fingerprint", "choices"},
+    "CompletionChoice": {"index", "text", "logprobs", "finish_reason"},
+    "CompletionUsage": {"prompt_tokens", "completion_tokens", "total_tokens"},
+    "OpenAIError": {"message", "type", "param", "code"},
+}
+
+
+def _has_required(model: str, body: dict) -> None:
+    missing = REQUIRED[model] - set(body)
+    assert not missing, f"{model} lacks {missing}: {body}"
+
+
+@pytest.mark.parametrize("model", sorted(REQUIRED))
+def test_schemas_declare_what_clients_require(model: str) -> None:
+    declared = getattr(schemas, model).model_json_schema(mode="serialization")["required"]
+    assert REQUIRED[model] <= set(declared)
+
+
+def test_tgi_answers_carry_what_tgi_requires(client: TestClient) -> None:
+    body = {"inputs": "hi", "parameters": {"max_new_tokens": 2, "details": True}}
+    for answer in (client.post("/generate", json=body).json(), client.post("/", json=body).json()[0]):
+        _has_required("GenerateResponse", answer)
+        _has_required("Details", answer["details"])
+        for token in answer["details"]["tokens"]:
+            _has_required("Token", token)
+        for token in answer["details"]["prefill"]:
+            _has_required("PrefillToken", token)
+    for route in ("/generate_stream", "/"):
+        events = _sse(client.post(route, json={**body, "stream": True}).text)
+        for event in events:
+            _has_required("StreamResponse", event)
+            _has_required("Token", event["token"])
+        _has_required("StreamDetails", events[-1]["details"])
+    for inputs in ("x" * 100, "overload", "fail"):
+        _has_required("ErrorResponse", client.post("/generate", json={"inputs": inputs}).json())
+    _has_required("ErrorResponse", _sse(client.post("/generate_stream", json={"inputs": "fail"}).text)[-1])
+
+
+def test_completions_carry_what_openai_and_tgi_require(client: TestClient) -> None:
+    body = {"model": "fake-model", "prompt": "x", "max_tokens": 2, "logprobs": 1}
+    completion = client.post("/v1/completions", json=body).json()
+    _has_required("Completion", completion)
+    _has_required("CompletionUsage", completion["usage"])
+    for choice in completion["choices"]:
+        _has_required("CompletionChoice", choice)
+    streamed = {**body, "stream": True, "stream_options": {"include_usage": True}}
+    *chunks, last = _sse(client.post("/v1/completions", json=streamed).text)
+    for chunk in chunks:
+        _has_required("Completion", chunk)
+        (choice,) = chunk["choices"]
+        _has_required("CompletionChoice", choice)
+        assert choice["logprobs"]["tokens"] == [choice["text"]]
+    assert last["choices"] == []
+    _has_required("CompletionUsage", last["usage"])
+    error = client.post("/v1/completions", json={**body, "n": 2}).json()
+    _has_required("OpenAIError", error["error"])
 
 
 # ---- OpenAI ----------------------------------------------------------------------------------

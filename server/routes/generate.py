@@ -83,7 +83,7 @@ async def generate_json(route: str, request: Request, body: GenerateRequest, ctx
     timing = Timing(arrival=time.monotonic())
     outcome = await ctx.service.run(route, to_input(body), timing)
     response = response_for(outcome, details=body.parameters.details)
-    return JSONResponse(response.model_dump(exclude_none=True), headers=_headers(outcome))
+    return JSONResponse(response.body(), headers=_headers(outcome))
 
 
 async def sse_events(
@@ -156,7 +156,7 @@ async def generate_stream(route: str, request: Request, body: GenerateRequest, c
     )
 
 
-@router.post("/generate", response_model=GenerateResponse, response_model_exclude_none=True)
+@router.post("/generate", response_model=GenerateResponse)
 async def generate(request: Request, body: GenerateRequest, ctx: Ctx) -> JSONResponse:
     """Generate text for `inputs` (TGI's schema); `details` adds tokens, logprobs and expert traffic."""
     return await generate_json("generate", request, body, ctx)

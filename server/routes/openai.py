@@ -2,15 +2,18 @@
 
 `model` names the base model, a soft prompt id, or `base:prompt_id`; `/v1/models` lists the base
 model and one entry per prompt (its `parent` is the base), as vLLM and LoRAX list adapters.
+Answers and streamed chunks are `server.schemas.Completion`, the shape of openai-python's `Completion`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import time
 import uuid
 from collections.abc import AsyncIterator
+from importlib import metadata
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -20,12 +23,38 @@ from server.auth import check_api_key
 from server.context import Ctx, ServerContext
 from server.errors import mapping_for
 from server.prompt_store import PromptNotFoundError
-from server.schemas import OPENAI_ERROR_RESPONSES, CompletionRequest
+from server.schemas import (
+    OPENAI_ERROR_RESPONSES,
+    Completion,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionUsage,
+    OpenAIFinishReason,
+)
 from server.service import GenerationInput, Outcome, Timing
 
 router = APIRouter(prefix="/v1", responses=OPENAI_ERROR_RESPONSES)
 
-_FINISH = {"length": "length", "eos_token": "stop", "stop_sequence": "stop"}
+_FINISH: dict[str, OpenAIFinishReason] = {"length": "length", "eos_token": "stop", "stop_sequence": "stop"}
+
+
+def _finish(event: TokenEvent) -> OpenAIFinishReason:
+    return _FINISH.get(event.finish_reason or "length", "stop")
+
+
+@functools.cache
+def _version() -> str:
+    try:
+        return metadata.version("cpm2")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _fingerprint(ctx: ServerContext) -> str:
+    """OpenAI's `system_fingerprint`: what changes the numbers for a given seed (version, dtype, device)."""
+    info = ctx.engine.info()
+    return f"cpm2-{_version()}-{info.dtype}-{info.device}"
 
 
 def resolve_model(ctx: ServerContext, model: str) -> str | None:
@@ -64,32 +93,41 @@ def to_input(body: CompletionRequest, text: str, prompt_id: str | None) -> Gener
     )
 
 
-def _choice(index: int, outcome: Outcome, logprobs: bool) -> dict[str, object]:
-    last = outcome.last
-    text = last.generated_text or ""
-    choice: dict[str, object] = {
-        "index": index,
-        "text": text,
-        "finish_reason": _FINISH.get(last.finish_reason or "length", "stop"),
-        "logprobs": None,
-    }
-    if logprobs:
-        choice["logprobs"] = {
-            "tokens": [e.text for e in outcome.events],
-            "token_logprobs": [e.logprob for e in outcome.events],
-            "top_logprobs": None,
-            "text_offset": None,
-        }
-    return choice
+def _logprobs(events: list[TokenEvent]) -> CompletionLogprobs:
+    return CompletionLogprobs(tokens=[e.text for e in events], token_logprobs=[e.logprob for e in events])
 
 
-@router.post("/completions")
+def _choice(index: int, outcome: Outcome, logprobs: bool) -> CompletionChoice:
+    return CompletionChoice(
+        index=index,
+        text=outcome.last.generated_text or "",
+        logprobs=_logprobs(outcome.events) if logprobs else None,
+        finish_reason=_finish(outcome.last),
+    )
+
+
+def _usage(*, prompt_tokens: int, completion_tokens: int, virtual_tokens: int) -> CompletionUsage:
+    return CompletionUsage(
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        total_tokens=prompt_tokens + completion_tokens,
+        virtual_tokens=virtual_tokens,
+    )
+
+
+@router.post("/completions", response_model=Completion)
 async def completions(request: Request, body: CompletionRequest, ctx: Ctx) -> object:
-    """Text completion; `stream` sends SSE chunks ending with `data: [DONE]`."""
+    """Text completion; `stream` sends `Completion` chunks as SSE, ending with `data: [DONE]`."""
     check_api_key(request, ctx.settings.api_key)
     prompt_id = resolve_model(ctx, body.model)
-    created = int(time.time())
-    completion_id = f"cmpl-{uuid.uuid4().hex}"
+    # Every chunk of one completion repeats these fields; choices and usage are filled in per answer.
+    header = Completion(
+        id=f"cmpl-{uuid.uuid4().hex}",
+        created=int(time.time()),
+        model=body.model,
+        system_fingerprint=_fingerprint(ctx),
+        choices=[],
+    )
     if body.stream:
         if len(body.prompts) != 1:
             from engine.errors import InputError
@@ -97,8 +135,9 @@ async def completions(request: Request, body: CompletionRequest, ctx: Ctx) -> ob
             raise InputError("streaming takes one prompt; send the others as separate requests")
         timing = Timing(arrival=time.monotonic())
         _, events = await ctx.service.stream("completions", to_input(body, body.prompts[0], prompt_id), timing)
+        include_usage = body.stream_options is not None and body.stream_options.include_usage
         return StreamingResponse(
-            _openai_stream(events, completion_id, created, body.model),
+            _openai_stream(events, header, logprobs=bool(body.logprobs), include_usage=include_usage),
             media_type="text/event-stream",
             headers={"X-Accel-Buffering": "no", "Cache-Control": "no-cache"},
         )
@@ -108,45 +147,35 @@ async def completions(request: Request, body: CompletionRequest, ctx: Ctx) -> ob
             for text in body.prompts
         ]
     )
-    prompt_tokens = sum(o.last.num_input_tokens + o.last.num_virtual_tokens for o in outcomes)
-    completion_tokens = sum(o.last.index for o in outcomes)
-    return JSONResponse(
-        {
-            "id": completion_id,
-            "object": "text_completion",
-            "created": created,
-            "model": body.model,
-            "choices": [_choice(i, o, bool(body.logprobs)) for i, o in enumerate(outcomes)],
-            "usage": {
-                "prompt_tokens": prompt_tokens,
-                "completion_tokens": completion_tokens,
-                "total_tokens": prompt_tokens + completion_tokens,
-                "virtual_tokens": sum(o.last.num_virtual_tokens for o in outcomes),
-            },
-        }
+    usage = _usage(
+        prompt_tokens=sum(o.last.num_input_tokens + o.last.num_virtual_tokens for o in outcomes),
+        completion_tokens=sum(o.last.index for o in outcomes),
+        virtual_tokens=sum(o.last.num_virtual_tokens for o in outcomes),
     )
+    choices = [_choice(i, o, bool(body.logprobs)) for i, o in enumerate(outcomes)]
+    return JSONResponse(header.model_copy(update={"choices": choices, "usage": usage}).model_dump())
 
 
 async def _openai_stream(
-    events: AsyncIterator[TokenEvent], completion_id: str, created: int, model: str
+    events: AsyncIterator[TokenEvent], header: Completion, *, logprobs: bool, include_usage: bool
 ) -> AsyncIterator[str]:
     try:
         async for event in events:
-            chunk = {
-                "id": completion_id,
-                "object": "text_completion",
-                "created": created,
-                "model": model,
-                "choices": [
-                    {
-                        "index": 0,
-                        "text": event.text,
-                        "logprobs": None,
-                        "finish_reason": _FINISH.get(event.finish_reason or "", "stop") if event.is_last else None,
-                    }
-                ],
-            }
-            yield "data: " + json.dumps(chunk) + "\n\n"
+            choice = CompletionChoice(
+                index=0,
+                text=event.text,
+                logprobs=_logprobs([event]) if logprobs else None,
+                finish_reason=_finish(event) if event.is_last else None,
+            )
+            yield "data: " + header.model_copy(update={"choices": [choice]}).model_dump_json() + "\n\n"
+            if event.is_last and include_usage:
+                # OpenAI's `stream_options.include_usage`: one more chunk, no choices, the usage.
+                usage = _usage(
+                    prompt_tokens=event.num_input_tokens + event.num_virtual_tokens,
+                    completion_tokens=event.index,
+                    virtual_tokens=event.num_virtual_tokens,
+                )
+                yield "data: " + header.model_copy(update={"usage": usage}).model_dump_json() + "\n\n"
     except Exception as exc:
         mapping = mapping_for(exc)
         error = {"message": str(exc), "type": mapping.error_type, "param": None, "code": mapping.status}
