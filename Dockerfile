@@ -21,15 +21,17 @@ RUN apt-get update \
 ARG TORCH_SPEC="torch>=2.4"
 ARG PIP_EXTRA_INDEX_URL=""
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_EXTRA_INDEX_URL=${PIP_EXTRA_INDEX_URL}
-RUN python3 -m venv /opt/venv \
- && /opt/venv/bin/python -m pip install "${TORCH_SPEC}"
 WORKDIR /src
+# The versions the test suite passed with (`make lock`); torch comes from TORCH_SPEC.
+COPY constraints.txt ./
+RUN python3 -m venv /opt/venv \
+ && /opt/venv/bin/python -m pip install -c constraints.txt "${TORCH_SPEC}"
 COPY pyproject.toml README.md ./
 COPY cpm2 cpm2
 COPY engine engine
 COPY server server
 COPY training training
-RUN /opt/venv/bin/python -m pip install ".[server]"
+RUN /opt/venv/bin/python -m pip install -c constraints.txt ".[server]"
 # The built-in default model, written once here so a read-only container never writes it.
 RUN CPM2_CACHE_DIR=/opt/cpm2/cache /opt/venv/bin/cpm2 info --model builtin:tiny >/dev/null
 COPY models/demo /opt/cpm2/models/demo

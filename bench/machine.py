@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from rich.console import Console
 
+from engine.model.kernels import active_kernels, cpu_capability
 from engine.model.linear import can_pack, linear, pack_weight
 
 
@@ -67,6 +68,12 @@ def machine_info() -> dict[str, Any]:
         "transformers": _version("transformers"),
         "torch_num_threads": torch.get_num_threads(),
         "mkldnn": torch.backends.mkldnn.is_available(),
+        # Which matmul each dtype takes here decides what a timing measures (engine.model.kernels).
+        "cpu_capability": cpu_capability(),
+        "cpu_kernels": {
+            str(dtype).removeprefix("torch."): active_kernels().for_dtype(dtype).to_dict()
+            for dtype in (torch.float32, torch.bfloat16)
+        },
         # Other processes on a small machine skew timings; the load average shows whether they ran.
         "load_average_1_5_15": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }

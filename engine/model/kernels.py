@@ -204,3 +204,14 @@ def announce(dtype: torch.dtype) -> DtypeKernels:
     )
     log.warning("%s matmuls take %s on this CPU: %s%s", name, paths, kernels.reason, hint)
     return kernels
+
+
+def describe(dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16)) -> str:
+    """One line per dtype: torch's CPU capability and the paths chosen here (CI prints it first)."""
+    lines = [f"torch {torch.__version__}, CPU capability {cpu_capability()}, cpu_kernels={_active.mode}"]
+    for dtype in dtypes:
+        kernels = _active.for_dtype(dtype)
+        name = str(dtype).removeprefix("torch.")
+        why = f" ({kernels.reason})" if kernels.reason else ""
+        lines.append(f"  {name}: dense {kernels.dense}, experts {kernels.experts}{why}")
+    return "\n".join(lines)
