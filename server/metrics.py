@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import platform
 from collections.abc import Callable, Iterator
-from importlib import metadata
 
 import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -19,18 +18,12 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from engine.serving.protocol import EngineClient, EngineRequest, StepRecord, TokenEvent
+from server import version
 from server.prompt_store import PromptStore
 
 LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320, 640)
 TOKENS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
 BATCH = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-
-
-def _version() -> str:
-    try:
-        return metadata.version("cpm2")
-    except metadata.PackageNotFoundError:
-        return "unknown"
 
 
 class Metrics:
@@ -90,7 +83,7 @@ class Metrics:
         )
 
     def describe_build(self, *, model: str, dtype: str) -> None:
-        self.build.labels(_version(), model, dtype, torch.__version__, platform.python_version()).set(1)
+        self.build.labels(version(), model, dtype, torch.__version__, platform.python_version()).set(1)
 
     def attach(self, engine: EngineClient, store: PromptStore, in_flight: Callable[[], int]) -> None:
         self.registry.register(_StateCollector(engine, store, in_flight, self))

@@ -220,6 +220,10 @@ def test_server_reports_and_uses_the_plain_path(plain_server: TestClient) -> Non
     assert info["cpu_kernels"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     r = plain_server.post("/generate", json={"inputs": "hello", "parameters": {"max_new_tokens": 3}})
     assert r.status_code == 200, r.text
+    # The path changes bf16 numbers (summation order), so OpenAI's fingerprint names it.
+    r = plain_server.post("/v1/completions", json={"model": "tiny", "prompt": "hello", "max_tokens": 2})
+    assert r.status_code == 200, r.text
+    assert r.json()["system_fingerprint"].endswith("-float32-cpu-aten")
 
 
 def test_unknown_kernel_mode_is_refused() -> None:

@@ -8,17 +8,16 @@ Answers and streamed chunks are `server.schemas.Completion`, the shape of openai
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 import time
 import uuid
 from collections.abc import AsyncIterator
-from importlib import metadata
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from engine.serving.protocol import TokenEvent
+from server import version
 from server.auth import check_api_key
 from server.context import Ctx, ServerContext
 from server.errors import mapping_for
@@ -43,18 +42,12 @@ def _finish(event: TokenEvent) -> OpenAIFinishReason:
     return _FINISH.get(event.finish_reason or "length", "stop")
 
 
-@functools.cache
-def _version() -> str:
-    try:
-        return metadata.version("cpm2")
-    except metadata.PackageNotFoundError:
-        return "unknown"
-
-
 def _fingerprint(ctx: ServerContext) -> str:
-    """OpenAI's `system_fingerprint`: what changes the numbers for a given seed (version, dtype, device)."""
+    """OpenAI's `system_fingerprint`: what changes the numbers for a given seed (version, dtype, device,
+    and on CPUs the dense matmul path, whose summation order shows in bf16)."""
     info = ctx.engine.info()
-    return f"cpm2-{_version()}-{info.dtype}-{info.device}"
+    kernels = info.cpu_kernels.get("dense")
+    return f"cpm2-{version()}-{info.dtype}-{info.device}" + (f"-{kernels}" if kernels else "")
 
 
 def resolve_model(ctx: ServerContext, model: str) -> str | None:

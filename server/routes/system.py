@@ -5,21 +5,13 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
+from server import version
 from server.auth import check_api_key
 from server.context import Ctx
 from server.prompt_store import check_id
 from server.schemas import ERROR_RESPONSES, TokenizeRequest
 
 router = APIRouter(responses=ERROR_RESPONSES)
-
-
-def _version() -> str:
-    from importlib import metadata
-
-    try:
-        return metadata.version("cpm2")
-    except metadata.PackageNotFoundError:
-        return "unknown"
 
 
 @router.get("/health")
@@ -69,7 +61,7 @@ async def info(ctx: Ctx) -> dict[str, object]:
         "experts_offloaded": engine.experts_offloaded,
         "expert_memory_bytes": engine.expert_memory_bytes,
         "cpu_kernels": engine.cpu_kernels or None,
-        "version": _version(),
+        "version": version(),
     }
 
 
