@@ -81,15 +81,15 @@ HF_COMMON = {
 }
 
 
-def build_hf_model(name: str, seed: int = 0) -> Any:
-    """A random-weight HF model of case `name` in eval mode."""
+def build_hf_model(name: str, seed: int = 0, **overrides: Any) -> Any:
+    """A random-weight HF model of case `name` in eval mode; `overrides` replace config fields."""
     import transformers
 
     model_cls, config_cls, kwargs = HF_CASES[name]
-    kwargs = dict(kwargs)
+    kwargs = {**HF_COMMON, **kwargs, **overrides}
     untied = kwargs.pop(UNTIED_HEAD, False)
     torch.manual_seed(seed)
-    config = getattr(transformers, config_cls)(**HF_COMMON, **kwargs)
+    config = getattr(transformers, config_cls)(**kwargs)
     model = getattr(transformers, model_cls)(config).eval()
     if untied:
         model.lm_head.weight = torch.nn.Parameter(torch.randn_like(model.lm_head.weight))

@@ -5,7 +5,18 @@ for every native parameter, which HF tensors it is made of (several when cpm2 fu
 `qkv` = [q; k; v], `kv` = [k; v]). Model code never sees an HF name.
 
 Facts this follows (HF transformers 5.x modeling files, checked by the parity tests):
-- Switch places MoE in block i when `i % step == 1` (or `step == 1`), step = layers // sparse_layers.
+- Switch places MoE in block i of a stack when `step > 0 and (i % step == 1 or step == 1)`
+  (`SwitchTransformersStack.__init__`), step = the config's `encoder_sparse_step` /
+  `decoder_sparse_step`. `save_pretrained` writes both, and a stored step wins over the one
+  `SwitchTransformersConfig.__post_init__` derives from `num_sparse_*_layers` (the base
+  `PreTrainedConfig.__post_init__` sets leftover kwargs afterwards), so the fields may disagree.
+  Only a config.json without the step gets the derived one: layers // num_sparse if num_sparse > 0,
+  else layers, which still makes block 1 (block 0 of a one-block stack) an MoE block. Transformers
+  4.x (config `__init__` then `PretrainedConfig.__init__(**kwargs)`) does the same from v4.37 on;
+  before it (PR #28564) step 1 made no block sparse, so such a checkpoint is dense where HF 5.x and
+  cpm2 expect experts.
+- Switch's `expert_capacity` defaults to 64 and caps, per sequence, the tokens one expert takes
+  (`SwitchTransformersTop1Router`: `cumsum <= capacity`), so a negative one drops every token.
 - T5 v1.0 / Switch with tied embeddings scale the last decoder state by d_model^-0.5; T5 v1.1 and
   mT5 do not. A checkpoint without `lm_head.weight` uses the shared embedding as the head.
 - The decoder's cross-attention never has a relative bias; HF still saves one in some checkpoints,
@@ -20,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from engine.config import Activation, ModelConfig, MoEConfig
-from engine.errors import UnsupportedModelError
+from engine.errors import CheckpointError, UnsupportedModelError
 from engine.weights.keys import split_block_key
 
 SUPPORTED_MODEL_TYPES = ("t5", "mt5", "switch_transformers")
@@ -39,11 +50,47 @@ def is_hf_config(data: dict[str, Any]) -> bool:
     return "model_type" in data and data.get("format") != "cpm2"
 
 
-def _switch_sparse_layers(num_layers: int, num_sparse: int) -> tuple[int, ...]:
-    step = num_layers // num_sparse if num_sparse > 0 else num_layers
+def _config_int(data: dict[str, Any], key: str, *, source: str, fix: str) -> int:
+    value = data[key]
+    # bool is an int subclass, and HF would even run `true` as 1; neither is a meaningful value here.
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise CheckpointError(f"{source}: {key} must be an integer, got {value!r}; {fix}")
+    return value
+
+
+def _switch_sparse_step(data: dict[str, Any], stack: str, num_layers: int, *, source: str) -> int:
+    """HF's `{stack}_sparse_step`: the saved one, else the one `SwitchTransformersConfig` derives."""
+    step_key, count_key = f"{stack}_sparse_step", f"num_sparse_{stack}_layers"
+    if step_key in data:
+        fix = (
+            f"set it to the spacing of the {stack}'s MoE blocks (MoE in block i when i % step == 1, in "
+            f"every block when it is 1, in none when it is <= 0) or delete it to derive it from {count_key}"
+        )
+        return _config_int(data, step_key, source=source, fix=fix)
+    num_sparse = 3  # SwitchTransformersConfig's default
+    if count_key in data:
+        num_sparse = _config_int(data, count_key, source=source, fix=f"set it to the number of MoE {stack} blocks")
+    return num_layers // num_sparse if num_sparse > 0 else num_layers
+
+
+def _switch_sparse_layers(num_layers: int, step: int) -> tuple[int, ...]:
     if step <= 0:
         return ()
     return tuple(i for i in range(num_layers) if i % step == 1 or step == 1)
+
+
+def _switch_capacity(data: dict[str, Any], *, source: str) -> int | None:
+    if "expert_capacity" not in data:
+        return 64  # SwitchTransformersConfig's default
+    if data["expert_capacity"] is None:
+        # HF cannot run this (5.x rejects it, 4.x fails in the router); cpm2 reads it as "no limit".
+        return None
+    capacity = _config_int(
+        data, "expert_capacity", source=source, fix="set it to the most tokens of a sequence one expert takes"
+    )
+    # HF keeps a token when its rank among the sequence's tokens for that expert is <= capacity;
+    # ranks start at 1, so any capacity below 0 drops every token exactly as 0 does.
+    return max(capacity, 0)
 
 
 def hf_to_config(data: dict[str, Any], *, has_lm_head: bool, source: str) -> ModelConfig:
@@ -81,16 +128,17 @@ def hf_to_config(data: dict[str, Any], *, has_lm_head: bool, source: str) -> Mod
 
     moe = None
     if model_type == "switch_transformers":
-        encoder_layers = _switch_sparse_layers(num_layers, int(data.get("num_sparse_encoder_layers", 3)))
-        decoder_layers = _switch_sparse_layers(num_decoder_layers, int(data.get("num_sparse_decoder_layers", 3)))
+        encoder_step = _switch_sparse_step(data, "encoder", num_layers, source=source)
+        decoder_step = _switch_sparse_step(data, "decoder", num_decoder_layers, source=source)
+        encoder_layers = _switch_sparse_layers(num_layers, encoder_step)
+        decoder_layers = _switch_sparse_layers(num_decoder_layers, decoder_step)
         if encoder_layers or decoder_layers:
-            capacity = data.get("expert_capacity")
             moe = MoEConfig(
                 num_experts=int(data.get("num_experts", 8)),
                 router="learned",
                 encoder_layers=encoder_layers,
                 decoder_layers=decoder_layers,
-                expert_capacity=None if capacity is None else int(capacity),
+                expert_capacity=_switch_capacity(data, source=source),
                 router_bias=bool(data.get("router_bias", False)),
                 router_dtype=data.get("router_dtype", "float32"),
             )
