@@ -16,22 +16,23 @@ from typing import Any
 import torch
 
 from engine.config import ModelConfig
-from engine.errors import ConfigError
+from engine.errors import CheckpointError, ConfigError, InputError
 from engine.experts.order import ORDER_POLICIES
 from engine.experts.pool import CACHE_POLICIES
 from engine.generation import GenerationRequest, Generator, SamplingParams
-from engine.model.kernels import KERNEL_MODES, active_kernels, cpu_capability
+from engine.model.kernels import KERNEL_MODES
 from engine.model.transformer import Seq2SeqLM
+from engine.model_info import describe_model
 from engine.offload import OffloadConfig, load_for_inference
 from engine.peft import is_peft_path, read_peft_dir
 from engine.prompts import PROMPT_KEYS, SoftPrompt, parse_soft_prompt, prompt_from_text
 from engine.sizes import format_bytes, parse_bytes
 from engine.summary import summarize
-from engine.tokenizer import Tokenizer, check_special_ids, load_tokenizer
+from engine.tokenizer import MissingDependencyError, Tokenizer, check_special_ids, load_tokenizer
 from engine.weights.builtin import resolve_model
 from engine.weights.convert import convert_cpm2, convert_hf
 from engine.weights.init import DEFAULT_MAX_SHARD_BYTES, plan_random_model, write_random_model
-from engine.weights.loader import inspect_checkpoint, load_model, parse_dtype
+from engine.weights.loader import inspect_config, load_model, parse_dtype
 from engine.weights.presets import PRESETS, get_preset
 
 Handler = Callable[[argparse.Namespace], int]
@@ -62,6 +63,17 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
 
 def add_offload_args(parser: argparse.ArgumentParser) -> None:
     """The `--expert-*` options (shared with `cpm2 serve`)."""
+    group = _add_placement_args(parser)
+    group.add_argument("--expert-order", default="infmoe", choices=ORDER_POLICIES)
+    group.add_argument("--expert-cache", default="lru", choices=CACHE_POLICIES)
+    group.add_argument("--expert-io-threads", type=int, default=4)
+    group.add_argument("--expert-direct-io", action="store_true", help="read the disk tier with O_DIRECT")
+    group.add_argument("--no-expert-prefetch", action="store_true", help="no next-layer prefetch")
+    group.add_argument("--expert-store-dir", type=Path, help="where to write an expert store if the model has none")
+
+
+def _add_placement_args(parser: argparse.ArgumentParser) -> Any:
+    """The options the memory plan reads (`engine.memory_plan`), shared by loading and `cpm2 info`."""
     group = parser.add_argument_group("expert offloading (InfMoE)")
     group.add_argument(
         "--expert-memory",
@@ -69,14 +81,9 @@ def add_offload_args(parser: argparse.ArgumentParser) -> None:
         help="fast-pool budget for experts: a size (512MiB) or a share of all experts (25%%); "
         "experts are offloaded whenever they exceed it (default: auto)",
     )
-    group.add_argument("--expert-order", default="infmoe", choices=ORDER_POLICIES)
-    group.add_argument("--expert-cache", default="lru", choices=CACHE_POLICIES)
     group.add_argument("--expert-window", type=int, default=4, help="loads in flight ahead of compute")
-    group.add_argument("--expert-io-threads", type=int, default=4)
-    group.add_argument("--expert-direct-io", action="store_true", help="read the disk tier with O_DIRECT")
-    group.add_argument("--no-expert-prefetch", action="store_true", help="no next-layer prefetch")
     group.add_argument("--expert-host-tier", default="auto", choices=("auto", "pinned", "disk"))
-    group.add_argument("--expert-store-dir", type=Path, help="where to write an expert store if the model has none")
+    return group
 
 
 def offload_config(args: argparse.Namespace) -> OffloadConfig:
@@ -110,8 +117,12 @@ def _sampling_params(args: argparse.Namespace) -> SamplingParams:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     params = _sampling_params(args)
-    texts: list[str] = [line.rstrip("\n") for line in sys.stdin] if args.text == ["-"] else args.text
-    tokenizer = load_tokenizer(args.model)
+    texts, id_rows = _generate_inputs(args)
+    if id_rows:  # checked against the config before any weight is loaded
+        vocab_size = inspect_config(args.model).config.vocab_size
+        for spec, ids in zip(args.input_ids, id_rows, strict=True):
+            _check_vocabulary(spec, ids, vocab_size=vocab_size)
+    tokenizer = _generate_tokenizer(args.model, has_ids=bool(id_rows))
     loaded = load_for_inference(
         args.model,
         dtype=args.dtype,
@@ -121,33 +132,81 @@ def cmd_generate(args: argparse.Namespace) -> int:
         cpu_kernels=args.cpu_kernels,
     )
     try:
-        check_special_ids(
-            tokenizer,
-            eos=loaded.model.config.eos_token_id,
-            decoder_start=loaded.model.config.decoder_start_token_id,
-            source=args.model,
-        )
+        config = loaded.model.config
+        if tokenizer is not None:
+            check_special_ids(
+                tokenizer, eos=config.eos_token_id, decoder_start=config.decoder_start_token_id, source=args.model
+            )
         provider = loaded.provider
         generator = Generator(
             loaded.model, tokenizer, expert_stats=provider.stats.snapshot if provider is not None else None
         )
         prompt = _read_prompt(args.prompt, loaded.model) if args.prompt else None
-        requests = [_request(tokenizer, t, args.text_pair, params, prompt) for t in texts]
+        requests = [_request(tokenizer, t, args.text_pair, params, prompt) for t in texts or id_rows]
         for result in generator.generate(requests):
+            # Without a tokenizer there is no text, only ids (printed as --input-ids takes them).
+            text = result.text if tokenizer is not None else None
             if args.json:
-                out: dict[str, Any] = {"text": result.text, "token_ids": result.token_ids}
+                out: dict[str, Any] = {"text": text, "token_ids": result.token_ids}
                 if args.details:
                     out.update(finish_reason=result.finish_reason, logprobs=result.logprobs, seed=result.seed)
                     if result.experts:
                         out["experts"] = result.experts
                 print(json.dumps(out, ensure_ascii=False))
             else:
-                print(result.text)
+                print(text if text is not None else ",".join(map(str, result.token_ids)))
         if provider is not None and args.details:
             print(json.dumps({"expert_stats": provider.stats.to_dict()}), file=sys.stderr)
     finally:
         loaded.close()
     return 0
+
+
+def _generate_inputs(args: argparse.Namespace) -> tuple[list[str], list[tuple[int, ...]]]:
+    """The texts, or the token-id rows of `--input-ids`: exactly one of the two is given."""
+    if args.text and args.input_ids:
+        raise ConfigError("give input text(s) or --input-ids, not both")
+    if not args.text and not args.input_ids:
+        raise ConfigError("nothing to generate from: give input text(s), '-' to read stdin, or --input-ids 5,17,33")
+    if args.input_ids:
+        return [], [parse_token_ids(spec) for spec in args.input_ids]
+    if args.text == ["-"]:
+        return [line.rstrip("\n") for line in sys.stdin], []
+    return list(args.text), []
+
+
+def parse_token_ids(spec: str) -> tuple[int, ...]:
+    """`"5,17,33"` → `(5, 17, 33)`: one encoder input, exactly as given (no end-of-sequence id added)."""
+    try:
+        return tuple(int(part) for part in spec.split(","))
+    except ValueError:
+        raise InputError(
+            f"--input-ids {spec!r}: give comma-separated integer token ids, e.g. --input-ids 5,17,33"
+        ) from None
+
+
+def _check_vocabulary(spec: str, ids: tuple[int, ...], *, vocab_size: int) -> None:
+    bad = [t for t in ids if not 0 <= t < vocab_size]
+    if bad:
+        raise InputError(
+            f"--input-ids {spec!r}: token id {bad[0]} is outside the model's vocabulary; "
+            f"use ids from 0 to {vocab_size - 1}"
+        )
+
+
+def _generate_tokenizer(model_dir: Path, *, has_ids: bool) -> Tokenizer | None:
+    """The model's tokenizer; optional with `--input-ids` (it then only turns the output into text)."""
+    if has_ids:
+        try:
+            return load_tokenizer(model_dir)
+        except (CheckpointError, MissingDependencyError):
+            return None
+    try:
+        return load_tokenizer(model_dir)
+    except CheckpointError as exc:
+        if not model_dir.is_dir():
+            raise
+        raise CheckpointError(f"{exc}; or give token ids instead of text: --input-ids 5,17,33") from exc
 
 
 def _read_prompt(path: Path, model: Seq2SeqLM) -> SoftPrompt:
@@ -163,12 +222,24 @@ def _read_prompt(path: Path, model: Seq2SeqLM) -> SoftPrompt:
 
 
 def _request(
-    tokenizer: Tokenizer, text: str, pair: str | None, params: SamplingParams, prompt: SoftPrompt | None
+    tokenizer: Tokenizer | None,
+    source: str | tuple[int, ...],
+    pair: str | None,
+    params: SamplingParams,
+    prompt: SoftPrompt | None,
 ) -> GenerationRequest:
+    """One request from a text (tokenized here) or from token ids (used as given)."""
     # With a second segment the end-of-sequence token closes the pair, as the server does.
+    if isinstance(source, tuple):
+        first = source
+    elif tokenizer is None:
+        raise ConfigError("text inputs need the model's tokenizer; give token ids with --input-ids 5,17,33")
+    else:
+        first = tuple(tokenizer.encode(source, add_eos=pair is None))
     if pair is None:
-        return GenerationRequest(tuple(tokenizer.encode(text)), params, prompt=prompt)
-    first = tuple(tokenizer.encode(text, add_eos=False))
+        return GenerationRequest(first, params, prompt=prompt)
+    if tokenizer is None:
+        raise ConfigError("--text-pair needs the model's tokenizer; without one, put both segments in --input-ids")
     return GenerationRequest(first, params, pair_ids=tuple(tokenizer.encode(pair)), prompt=prompt)
 
 
@@ -186,56 +257,15 @@ def cmd_prompt(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    info = inspect_checkpoint(args.model)
-    dtype = parse_dtype(args.dtype) or info.stored_dtype
-    summary = summarize(info.config, dtype)
-    kernels = active_kernels().for_dtype(dtype)
+    offload = OffloadConfig(
+        expert_memory=args.expert_memory, window=args.expert_window, host_tier=args.expert_host_tier
+    )
+    described = describe_model(args.model, dtype=args.dtype, device=args.device, offload=offload)
     if args.json:
-        print(
-            json.dumps(
-                {
-                    "path": str(info.path),
-                    "format": info.source_format,
-                    "dtype": str(dtype).removeprefix("torch."),
-                    "config": info.config.to_dict(),
-                    "summary": summary.to_dict(),
-                    "cpu_kernels": {"cpu_capability": cpu_capability(), **kernels.to_dict()},
-                },
-                indent=2,
-            )
-        )
-        return 0
-    _print_summary(info.config, summary, header=f"{info.path} ({info.source_format}, {dtype})")
-    print(f"  CPU kernels       dense {kernels.dense}, experts {kernels.experts} (CPU: {cpu_capability()})")
-    if kernels.reason:
-        print(f"    why not faster  {kernels.reason}")
+        print(json.dumps(described.to_dict(), indent=2))
+    else:
+        print("\n".join(described.lines()))
     return 0
-
-
-def _print_summary(config: ModelConfig, summary: Any, *, header: str) -> None:
-    c = config
-    print(header)
-    print(f"  family            {c.family}")
-    print(f"  layers            {c.num_encoder_layers} encoder + {c.num_decoder_layers} decoder")
-    print(f"  d_model / d_ff    {c.d_model} / {c.d_ff}   heads {c.num_heads} x {c.d_kv}")
-    print(f"  vocabulary        {c.vocab_size}   tied head: {c.tie_word_embeddings}")
-    ffn = ("gated " if c.is_gated_ffn else "") + c.activation
-    print(f"  feed-forward      {ffn}")
-    if c.moe is not None:
-        m = c.moe
-        print(
-            f"  MoE               {m.num_experts} experts, {m.router} router, "
-            f"layers enc {list(m.encoder_layers)} dec {list(m.decoder_layers)}, capacity {m.expert_capacity}"
-        )
-    print(f"  parameters        {summary.total_parameters:,} ({format_bytes(summary.total_bytes)})")
-    print(f"    dense           {summary.dense_parameters:,}")
-    print(f"    experts         {summary.expert_parameters:,} ({format_bytes(summary.expert_bytes)})")
-    if summary.parameters_per_expert:
-        print(
-            f"    per expert      {summary.parameters_per_expert:,} "
-            f"({format_bytes(summary.bytes_per_expert)}), "
-            f"{summary.num_moe_layers} MoE layers x {summary.num_experts_per_layer}"
-        )
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
@@ -307,7 +337,14 @@ def register(subparsers: Any) -> None:
     """Add the engine's commands to the `cpm2` argument parser."""
     p = subparsers.add_parser("generate", help="generate text with a model")
     _add_model_args(p)
-    p.add_argument("text", nargs="+", help="input text(s); '-' reads one input per line from stdin")
+    p.add_argument("text", nargs="*", help="input text(s); '-' reads one input per line from stdin")
+    p.add_argument(
+        "--input-ids",
+        action="append",
+        default=[],
+        metavar="ID,ID,...",
+        help="token ids of one input, used as given (repeatable; instead of text, no tokenizer needed)",
+    )
     p.add_argument("--max-new-tokens", type=int, default=20)
     p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=float)
@@ -334,9 +371,23 @@ def register(subparsers: Any) -> None:
         p.add_argument(f"--{key.replace('_', '-')}", dest=key, help=f"text whose embeddings become the {key}")
     p.set_defaults(handler=cmd_prompt)
 
-    p = subparsers.add_parser("info", help="print a model's config, parameter counts and expert sizes")
-    p.add_argument("--model", required=True, type=model_arg, help=MODEL_HELP)
-    p.add_argument("--dtype", default=None, help="count bytes in this dtype (default: as stored)")
+    p = subparsers.add_parser(
+        "info", help="print a model's shape, parameter counts, expert sizes and memory plan (no weights needed)"
+    )
+    p.add_argument(
+        "--model",
+        required=True,
+        type=model_arg,
+        help=MODEL_HELP + "; a directory holding only config.json, or a config.json file, is enough",
+    )
+    p.add_argument(
+        "--dtype",
+        default=None,
+        help="plan in this dtype (default: as loading would: as stored, bfloat16 for float16 on CPU; "
+        "float32 when there are no weights and the config names none)",
+    )
+    p.add_argument("--device", default="cpu", help="plan for this device: cpu, cuda, cuda:1, ... (default: cpu)")
+    _add_placement_args(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_info)
 

@@ -10,7 +10,6 @@ here, at start-up, with the minimum it needs.
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,9 +23,11 @@ from engine.experts.order import ORDER_POLICIES, OrderPolicy
 from engine.experts.pool import CACHE_POLICIES, CachePolicy, ExpertPool
 from engine.experts.provider import OffloadedExpertProvider, Transfers
 from engine.experts.store import BlobLayout, ExpertStore, ExpertStoreWriter
+from engine.memory_plan import MIN_SLOTS as MIN_SLOTS
+from engine.memory_plan import MachineMemory, MemoryPlan, plan_memory
+from engine.memory_plan import resolve_budget as resolve_budget
 from engine.model import Seq2SeqLM
 from engine.model.kernels import DtypeKernels, KernelMode, announce, set_kernel_mode
-from engine.sizes import format_bytes, parse_bytes
 from engine.summary import summarize
 from engine.weights.files import open_tensor_source
 from engine.weights.loader import (
@@ -37,9 +38,6 @@ from engine.weights.loader import (
     native_tensors,
 )
 from engine.weights.loader import parse_dtype as parse_dtype
-
-#: Minimum slots: one expert computing while the next one loads.
-MIN_SLOTS = 2
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -77,18 +75,6 @@ class OffloadConfig:
             raise ConfigError(f"host tier must be auto, pinned or disk, got {self.host_tier!r}")
 
 
-def resolve_budget(spec: str | int | None, *, total_expert_bytes: int, auto_bytes: int) -> int:
-    """Budget in bytes: `25%` of all experts, a size like `512MiB`, or `auto_bytes` when unset."""
-    if spec is None or (isinstance(spec, str) and spec.strip().lower() == "auto"):
-        return auto_bytes
-    if isinstance(spec, str) and (m := re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*%\s*", spec)):
-        share = float(m.group(1))
-        if not 0 < share <= 100:
-            raise ConfigError(f"--expert-memory {spec!r}: a percentage must be in (0, 100]")
-        return int(total_expert_bytes * share / 100)
-    return parse_bytes(spec, name="--expert-memory")
-
-
 def _available_ram() -> int:
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
@@ -100,10 +86,34 @@ def _available_ram() -> int:
 
 
 def auto_budget(device: torch.device, dense_bytes: int) -> int:
+    """What `--expert-memory auto` means on this machine: half of the free RAM on CPU, 80 % of the
+    free GPU memory less the dense weights on CUDA."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return max(0, int(free * 0.8) - dense_bytes)
     return max(0, _available_ram() // 2)
+
+
+def measure_machine(device: torch.device, dense_bytes: int) -> MachineMemory:
+    """This machine's memory as `plan_memory` needs it; no automatic budget for a GPU it does not have."""
+    has_device = device.type != "cuda" or torch.cuda.is_available()
+    return MachineMemory(
+        auto_budget_bytes=auto_budget(device, dense_bytes) if has_device else None,
+        host_ram_bytes=_available_ram(),
+    )
+
+
+def inference_dtype(info: CheckpointInfo, dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """The dtype a model runs in: the one asked for, else as stored (bfloat16 for float16 on a CPU)."""
+    return parse_dtype(dtype) or default_dtype(info.stored_dtype, device)
+
+
+def store_dtype_for(info: CheckpointInfo, *, store_dir: Path | None) -> torch.dtype:
+    """The dtype of the store `ensure_store` gives (an existing store's, else the checkpoint's)."""
+    root = store_dir or info.path
+    if info.config.moe is not None and ExpertStore.exists(root):
+        return ExpertStore.open(root, info.config).dtype
+    return info.stored_dtype
 
 
 @dataclass
@@ -117,6 +127,8 @@ class InferenceModel:
     total_expert_bytes: int = 0
     kernels: DtypeKernels | None = None
     """The CPU matmul paths this model's dtype takes (None on GPUs)."""
+    plan: MemoryPlan | None = None
+    """The placement the model was loaded with (`engine.memory_plan`; None for a dense model)."""
 
     @property
     def is_offloaded(self) -> bool:
@@ -150,10 +162,6 @@ def ensure_store(info: CheckpointInfo, *, store_dir: Path | None) -> ExpertStore
     return ExpertStore.open(root, config)
 
 
-def _slots_for(budget: int, *, per_expert: int, staging: int) -> int:
-    return (budget - staging) // per_expert
-
-
 def load_for_inference(
     model_dir: Path | str,
     *,
@@ -171,7 +179,7 @@ def load_for_inference(
     """
     device = torch.device(device)
     info = inspect_checkpoint(Path(model_dir))
-    target = parse_dtype(dtype) or default_dtype(info.stored_dtype, device)
+    target = inference_dtype(info, dtype, device)
     if cpu_kernels is not None:
         set_kernel_mode(cpu_kernels)
     kernels = announce(target) if device.type == "cpu" else None
@@ -197,52 +205,46 @@ def _load(
         model, info = load_model(model_dir, dtype=target, device=device, pack=pack)
         return InferenceModel(model, info)
     summary = summarize(config, target)
-    total = summary.expert_bytes
-    budget = resolve_budget(
-        offload.expert_memory,
-        total_expert_bytes=total,
-        auto_bytes=auto_budget(device, summary.total_bytes - total),
-    )
-    if budget >= total:
-        model, info = load_model(model_dir, dtype=target, device=device, pack=pack)
-        return InferenceModel(model, info, budget_bytes=budget, total_expert_bytes=total)
+    machine = measure_machine(device, summary.total_bytes - summary.expert_bytes)
 
-    per_expert = summary.bytes_per_expert
-    store = ensure_store(info, store_dir=offload.store_dir)
-    uses_staging = device.type == "cpu" and target != store.dtype
-    # Staging buffers (one per load in flight) come out of the same budget; a small budget gets a
-    # shorter window before it is refused.
-    window = offload.window
-    while True:
-        staging = window * store.layout.nbytes if uses_staging else 0
-        slots = _slots_for(budget, per_expert=per_expert, staging=staging)
-        if slots >= MIN_SLOTS or window == 1:
-            break
-        window -= 1
-    if slots < MIN_SLOTS:
-        needed = MIN_SLOTS * per_expert + staging
-        raise ConfigError(
-            f"--expert-memory {offload.expert_memory or 'auto'} ({format_bytes(budget)}) is too small: "
-            f"offloading needs room for {MIN_SLOTS} experts of {format_bytes(per_expert)}"
-            + (f" plus {window} staging buffer" if staging else "")
-            + f", at least {format_bytes(needed)} ({100 * needed / total:.1f}% of the "
-            f"{format_bytes(total)} of experts)"
+    def plan_for(store_dtype: torch.dtype) -> MemoryPlan:
+        return plan_memory(
+            config,
+            dtype=target,
+            device=device,
+            expert_memory=offload.expert_memory,
+            window=offload.window,
+            host_tier=offload.host_tier,
+            store_dtype=store_dtype,
+            machine=machine,
+            summary=summary,
         )
+
+    # Whether experts stay resident does not depend on the store, so a resident load never opens one.
+    plan = plan_for(info.stored_dtype)
+    total = plan.expert_bytes
+    if not plan.is_offloaded:
+        model, info = load_model(model_dir, dtype=target, device=device, pack=pack)
+        return InferenceModel(model, info, budget_bytes=plan.budget_bytes, total_expert_bytes=total, plan=plan)
+
+    store = ensure_store(info, store_dir=offload.store_dir)
+    if store.dtype != plan.store_dtype:  # an existing store in another dtype: other staging buffers
+        plan = plan_for(store.dtype)
+    plan.check()
+    slots, window = plan.num_slots, plan.window
     model, info = load_model(model_dir, dtype=target, device=device, pack=pack, load_experts=False)
     transfers: Transfers
     if device.type == "cuda":
         from engine.experts.cuda import CudaTransfers
 
-        host_tier = offload.host_tier
-        if host_tier == "auto":
-            host_tier = "pinned" if total <= 0.8 * _available_ram() else "disk"
+        assert plan.host_tier is not None  # every offloaded CUDA plan names its host tier
         transfers = CudaTransfers(
             store,
             num_slots=slots,
             window=window,
             device=device,
             dtype=target,
-            host_tier=host_tier,  # type: ignore[arg-type]
+            host_tier=plan.host_tier,
             io_threads=offload.io_threads,
             direct=offload.direct_io,
             progress=progress,
@@ -267,4 +269,4 @@ def _load(
         prefetch=offload.prefetch,
     )
     provider.attach(model.moe_layers())
-    return InferenceModel(model, info, provider, budget_bytes=budget, total_expert_bytes=total)
+    return InferenceModel(model, info, provider, budget_bytes=plan.budget_bytes, total_expert_bytes=total, plan=plan)

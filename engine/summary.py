@@ -63,3 +63,29 @@ def summarize(config: ModelConfig, dtype: torch.dtype = torch.float32) -> ModelS
         parameters_per_expert=expert // (moe_layers * num_experts) if expert else 0,
         bytes_per_parameter=torch.empty((), dtype=dtype).element_size(),
     )
+
+
+@dataclass(frozen=True)
+class WeightFormat:
+    """A way expert weights can be stored and run, and what it costs in bytes.
+
+    Quantized formats (int8, int4 with per-group scales) fit here as more rows whose `nbytes` adds
+    their scales; `cpm2 info` reports per-format expert sizes from this table alone.
+    """
+
+    name: str
+    bits_per_weight: int
+
+    def nbytes(self, num_parameters: int) -> int:
+        return num_parameters * self.bits_per_weight // 8
+
+
+#: The formats the engine runs experts in, by name (float16 is left out: the T5 family overflows in it).
+RUN_FORMATS: dict[str, WeightFormat] = {f.name: f for f in (WeightFormat("float32", 32), WeightFormat("bfloat16", 16))}
+
+
+def expert_bytes_by_format(summary: ModelSummary) -> dict[str, int]:
+    """Bytes of one expert in every format of `RUN_FORMATS` (empty for a dense model)."""
+    if not summary.parameters_per_expert:
+        return {}
+    return {name: f.nbytes(summary.parameters_per_expert) for name, f in RUN_FORMATS.items()}

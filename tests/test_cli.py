@@ -1,7 +1,8 @@
 """The `cpm2` command line, run in process through `cpm2.cli.main` (plus one real subprocess).
 
 Invariants: `generate --json` prints exactly what `Generator` produces (and what the model's own
-greedy argmax gives); `info --json` counts agree with `summarize`; `init` and `convert` write loadable
+greedy argmax gives), from text or from `--input-ids` (which need no tokenizer); `info --json`
+counts agree with `summarize`; `init` and `convert` write loadable
 models (or, on a dry run or an error, nothing); every user error exits 2 with one line on stderr.
 """
 
@@ -173,6 +174,80 @@ def test_generate_max_new_tokens(tiny_model_dir: Path, capsys: pytest.CaptureFix
     assert len(result["token_ids"]) == 5
     assert result["finish_reason"] == "length"
     assert len(result["logprobs"]) == 5
+
+
+# ---- generate from token ids ------------------------------------------------------------------------
+
+
+def _ids_args(rows: list[list[int]]) -> list[str]:
+    return [arg for ids in rows for arg in ("--input-ids", ",".join(map(str, ids)))]
+
+
+@pytest.fixture
+def untokenized_model_dir(tiny_model_dir: Path, tmp_path: Path) -> Path:
+    """The tiny model without its tokenizer file (links to its config and weights)."""
+    path = tmp_path / "no-tokenizer"
+    path.mkdir()
+    for entry in tiny_model_dir.iterdir():
+        if entry.name not in ("spiece.model", "tokenizer.model", "vocab.txt"):
+            (path / entry.name).symlink_to(entry)
+    return path
+
+
+def test_generate_from_token_ids_equals_generate_from_text(
+    tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tokenizer = load_tokenizer(tiny_model_dir)
+    rows = [tokenizer.encode(t) for t in TEXTS]  # with the end-of-sequence id, as a text input gets
+    code, out, err = _run(capsys, "generate", "--model", tiny_model_dir, "--json", *_ids_args(rows))
+    assert (code, err) == (0, "")
+    results = _json_lines(out)
+    assert [r["token_ids"] for r in results] == _expected_ids(tiny_model_dir, TEXTS)
+    assert [r["text"] for r in results] == [tokenizer.decode(r["token_ids"]) for r in results]
+
+
+def test_generate_from_token_ids_needs_no_tokenizer(
+    untokenized_model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rows = [[5, 17, 33, 1], [40, 2, 1]]
+    model, _ = load_model(untokenized_model_dir)
+    requests = [GenerationRequest(tuple(ids), SamplingParams()) for ids in rows]
+    expected = [r.token_ids for r in Generator(model).generate(requests)]
+
+    code, out, err = _run(capsys, "generate", "--model", untokenized_model_dir, "--json", *_ids_args(rows))
+    assert (code, err) == (0, "")
+    assert _json_lines(out) == [{"text": None, "token_ids": ids} for ids in expected]
+
+    code, out, err = _run(capsys, "generate", "--model", untokenized_model_dir, *_ids_args(rows))
+    assert (code, err) == (0, "")
+    assert out.splitlines() == [",".join(map(str, ids)) for ids in expected]  # as --input-ids takes them
+
+    code, out, err = _run(capsys, "generate", "--model", untokenized_model_dir, "hello")
+    _assert_user_error(code, err, "generate", "no tokenizer", "--input-ids")
+    assert out == ""
+
+
+@pytest.mark.parametrize(
+    ("spec", "needles"),
+    [
+        ("5,x,7", ["'5,x,7'", "comma-separated integer"]),
+        ("5,,7", ["'5,,7'", "comma-separated integer"]),
+        ("", ["comma-separated integer"]),
+        ("5,1152", ["'5,1152'", "token id 1152 is outside", "from 0 to 1151"]),
+        ("-1", ["token id -1 is outside", "from 0 to 1151"]),
+    ],
+)
+def test_bad_token_ids(spec: str, needles: list[str], tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = _run(capsys, "generate", "--model", tiny_model_dir, "--input-ids", spec)
+    _assert_user_error(code, err, "generate", "--input-ids", *needles)
+    assert out == ""
+
+
+def test_generate_needs_texts_or_ids_not_both(tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = _run(capsys, "generate", "--model", tiny_model_dir, "--input-ids", "5,6", "hello")
+    _assert_user_error(code, err, "generate", "not both")
+    code, _, err = _run(capsys, "generate", "--model", tiny_model_dir)
+    _assert_user_error(code, err, "generate", "nothing to generate from", "--input-ids")
 
 
 # ---- convert ----------------------------------------------------------------------------------------

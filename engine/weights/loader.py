@@ -21,7 +21,7 @@ from engine.errors import CheckpointError, ConfigError, Cpm2Error
 from engine.experts.store import ExpertStore, is_expert_key
 from engine.model import Seq2SeqLM
 from engine.model.linear import Linear, can_pack, pack_for_cpu, pack_weight
-from engine.weights.files import TensorFiles, TensorSource, open_tensor_source
+from engine.weights.files import INDEX_FILE, SINGLE_FILE, TensorFiles, TensorSource, open_tensor_source
 from engine.weights.hf import IGNORED_HF_KEYS, KeyPlan, hf_key_plan, hf_to_config, is_hf_config
 
 CONFIG_FILE = "config.json"
@@ -55,6 +55,9 @@ class CheckpointInfo:
     config: ModelConfig
     source_format: SourceFormat
     stored_dtype: torch.dtype
+    has_weights: bool = True
+    """False when only a config was read (`inspect_config` without tensor files): `stored_dtype` and,
+    for an HF config, the separate output head then come from the config's own fields."""
 
 
 def read_json_object(path: Path, *, missing: str, error: type[Cpm2Error] = CheckpointError) -> dict[str, Any]:
@@ -90,6 +93,40 @@ def inspect_checkpoint(model_dir: Path, files: TensorSource | None = None) -> Ch
     probe = "embed.weight" if fmt == "cpm2" else "shared.weight"
     stored = files.get(probe).dtype if probe in files else torch.float32
     return CheckpointInfo(model_dir, config, fmt, stored)
+
+
+def inspect_config(path: Path) -> CheckpointInfo:
+    """What a model is, from a directory (with or without weights) or a `config.json` file.
+
+    A directory holding safetensors is inspected as `inspect_checkpoint` does. Without them (a config
+    downloaded ahead of its weights, or weights still pickled), the config alone answers: an HF
+    config's `torch_dtype` (transformers 5.x: `dtype`) is the stored dtype (float32 when absent, as
+    `inspect_checkpoint` assumes) and `tie_word_embeddings: false` means the checkpoint has its own
+    `lm_head.weight`, as T5 v1.1, mT5 and FLAN-T5 do. No tensor file is opened.
+    """
+    path = Path(path)
+    if path.is_dir():
+        if (path / SINGLE_FILE).exists() or (path / INDEX_FILE).exists():
+            return inspect_checkpoint(path)
+        config_path = path / CONFIG_FILE
+    elif path.is_file():
+        config_path = path
+    else:
+        raise CheckpointError(f"{path}: no such model directory or {CONFIG_FILE} file")
+    data = read_json_object(config_path, missing=f"missing (a model directory needs a {CONFIG_FILE})")
+    try:
+        if is_hf_config(data):
+            has_head = data.get("tie_word_embeddings", True) is False
+            config = hf_to_config(data, has_lm_head=has_head, source=str(config_path))
+            fmt: SourceFormat = "hf"
+        else:
+            config = ModelConfig.from_dict(data, source=str(config_path))
+            fmt = "cpm2"
+    except ConfigError as exc:
+        raise CheckpointError(str(exc)) from exc
+    declared = data.get("torch_dtype", data.get("dtype"))
+    stored = DTYPES.get(declared, torch.float32) if isinstance(declared, str) else torch.float32
+    return CheckpointInfo(config_path.parent, config, fmt, stored, has_weights=False)
 
 
 def key_plan(info: CheckpointInfo, native_keys: list[str]) -> list[KeyPlan]:
