@@ -1,4 +1,4 @@
-"""Tokenizers for T5-family models and CPM-2, and `load_tokenizer` to find the one in a model directory."""
+"""Tokenizers for T5-family models, CPM-2 and NLLB, and `load_tokenizer` to find the one in a model directory."""
 
 from collections.abc import Callable
 from pathlib import Path
@@ -7,16 +7,20 @@ from engine.errors import CheckpointError
 from engine.tokenizer.base import DecoderStartTokenizer, IncrementalDecoder, Tokenizer, decoder_start_id
 from engine.tokenizer.corpus import builtin_corpus
 from engine.tokenizer.cpm2 import CPM2Tokenizer, MissingDependencyError
+from engine.tokenizer.nllb import NLLBTokenizer, load_nllb_dir
 from engine.tokenizer.sentencepiece import SentencePieceTokenizer
 from engine.tokenizer.train import train_sentencepiece
+from engine.tokenizer.translation import TranslationTokenizer
 
 __all__ = [
     "CPM2Tokenizer",
     "DecoderStartTokenizer",
     "IncrementalDecoder",
     "MissingDependencyError",
+    "NLLBTokenizer",
     "SentencePieceTokenizer",
     "Tokenizer",
+    "TranslationTokenizer",
     "builtin_corpus",
     "check_special_ids",
     "decoder_start_id",
@@ -34,12 +38,19 @@ def _load_cpm2(path: Path, num_extra_ids: int) -> Tokenizer:
     return CPM2Tokenizer(path)
 
 
+def _load_nllb(path: Path, num_extra_ids: int) -> Tokenizer:
+    # NLLB has no sentinels; its language codes and their ids come from the directory's configs.
+    return load_nllb_dir(path.parent)
+
+
 # Checked in order; the first file present wins. T5/mT5/Switch checkpoints ship `spiece.model`,
-# Llama-style exports `tokenizer.model`, CPM-2 checkpoints a jieba + WordPiece `vocab.txt`.
+# Llama-style exports `tokenizer.model`, CPM-2 checkpoints a jieba + WordPiece `vocab.txt`, NLLB
+# hub directories a fairseq-layout `sentencepiece.bpe.model` beside tokenizer_config.json.
 _TOKENIZER_FILES: tuple[tuple[str, Callable[[Path, int], Tokenizer]], ...] = (
     ("spiece.model", _load_sentencepiece),
     ("tokenizer.model", _load_sentencepiece),
     ("vocab.txt", _load_cpm2),
+    ("sentencepiece.bpe.model", _load_nllb),
 )
 
 
@@ -47,14 +58,18 @@ def load_tokenizer(model_dir: Path, *, num_extra_ids: int = 100) -> Tokenizer:
     """Load the tokenizer stored in ``model_dir``.
 
     Args:
-        model_dir: A model directory holding ``spiece.model``, ``tokenizer.model`` or (CPM-2)
-            ``vocab.txt``.
+        model_dir: A model directory holding ``spiece.model``, ``tokenizer.model``, (CPM-2)
+            ``vocab.txt`` or (NLLB) ``sentencepiece.bpe.model`` with the hub's tokenizer configs.
+            For NLLB the result is a `TranslationTokenizer`.
         num_extra_ids: Number of ``<extra_id_i>`` sentinels the model was trained with (T5: 100).
-            Not used for ``vocab.txt``, whose sentinels ``<s_i>`` are lines of the file.
+            Not used for ``vocab.txt``, whose sentinels ``<s_i>`` are lines of the file, nor for
+            NLLB, which has none.
 
     Raises:
         CheckpointError: If the directory does not exist, holds none of the files, or the file
             found is corrupt (the message names it).
+        UnsupportedModelError: If ``sentencepiece.bpe.model``'s configs name a tokenizer other
+            than NLLB's (mBART, XLM-R, ...).
         MissingDependencyError: If the directory holds a CPM-2 ``vocab.txt`` and jieba is missing.
     """
     if not model_dir.is_dir():
