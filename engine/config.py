@@ -1,7 +1,10 @@
 """Model configuration: one typed, validated description of every model cpm2 runs.
 
 CPM-2 (Zhang et al. 2021, SEED.md), T5 v1.0 / v1.1, mT5 and Switch Transformers are all T5-style
-encoder-decoders; they differ in a handful of switches captured here. The config is what
+encoder-decoders; they differ in a handful of switches captured here. M2M-100 and NLLB-200 (fairseq's
+pre-norm Transformer, HF `modeling_m2m_100.py`) are the same encoder-decoder with other switches:
+LayerNorm with bias, projection biases, scaled attention scores, sinusoidal positions and scaled
+embeddings. Every switch defaults to T5's behaviour. The config is what
 `config.json` of a native model directory holds; `engine.weights.hf` translates Hugging Face configs
 into it, so nothing else in the engine ever looks at a foreign config.
 """
@@ -18,6 +21,8 @@ from engine.errors import ConfigError
 
 Activation = Literal["relu", "gelu_new", "gelu", "silu"]
 RouterKind = Literal["centroid", "learned"]
+NormKind = Literal["rms", "layer"]
+PositionKind = Literal["relative", "sinusoidal"]
 TrainRouting = Literal["inference", "balanced", "top1"]
 
 #: Version of the native `config.json` layout; bumped when a field changes meaning.
@@ -89,7 +94,8 @@ class ModelConfig:
     """Shape and behaviour of a T5-style encoder-decoder (optionally MoE) language model."""
 
     family: str = "cpm2"
-    """Informational name of the model family (`cpm2`, `t5`, `mt5`, `switch_transformers`)."""
+    """Name of the model family (`cpm2`, `t5`, `mt5`, `switch_transformers`, `m2m_100`). Model code never
+    reads it; `engine.weights.hf` picks the HF key map by it."""
     vocab_size: int
     """Rows of the input embedding and of the output head."""
     d_model: int
@@ -109,22 +115,46 @@ class ModelConfig:
     is_gated_ffn: bool = True
     """`wo(act(wi_0 x) * wi_1 x)` (CPM-2, T5 v1.1) instead of `wo(act(wi x))` (T5 v1.0, Switch)."""
     relative_attention_num_buckets: int = 32
-    """Buckets of the T5 relative position bias."""
+    """Buckets of the T5 relative position bias (`position_embedding: relative`)."""
     relative_attention_max_distance: int = 128
-    """Distance from which all relative positions share the last bucket."""
+    """Distance from which all relative positions share the last bucket (`position_embedding: relative`)."""
+    position_embedding: PositionKind = "relative"
+    """`relative`: T5's learned relative position bias, added to the attention scores of both stacks'
+    self-attention (the table belongs to each stack's first block). `sinusoidal`: fairseq's fixed
+    sinusoidal absolute positions added to the input embeddings of both stacks (M2M-100, NLLB-200;
+    no parameters and no attention bias). A position counts the non-padding positions of its row up to
+    and including it, offset by `pad_token_id`; padding gets position `pad_token_id`, a zero vector
+    (HF `M2M100SinusoidalPositionalEmbedding`)."""
+    scale_embedding: bool = False
+    """Multiply token embeddings by sqrt(d_model) on the way in (M2M-100, NLLB-200). A tied output head
+    still uses the unscaled matrix."""
+    norm: NormKind = "rms"
+    """Kind of every layer norm (each sublayer's pre-norm and each stack's final norm). `rms`: T5's
+    RMSNorm, a learned scale and neither mean subtraction nor bias. `layer`: LayerNorm with a learned
+    scale and bias (M2M-100, NLLB-200)."""
     layer_norm_eps: float = 1e-6
-    """Epsilon of the RMS layer norm."""
+    """Epsilon of the layer norms (T5: 1e-6; M2M-100's `nn.LayerNorm`: 1e-5)."""
+    has_attention_bias: bool = False
+    """Whether every attention projection (query, key, value, output; self and cross) has a bias
+    (M2M-100, NLLB-200). The biases are fused as the weights are: `attn.qkv.bias` = [q; k; v],
+    `cross.kv.bias` = [k; v]."""
+    has_ffn_bias: bool = False
+    """Whether the dense feed-forward projections (`wi`/`wi_0`/`wi_1`, `wo`) have biases (M2M-100's
+    `fc1`, `fc2`). Not available with `moe`: experts have no biases."""
+    scale_attention_scores: bool = False
+    """Multiply attention scores by 1/sqrt(d_kv) before the softmax (Vaswani et al. 2017; M2M-100,
+    NLLB-200). T5 and CPM-2 fold that factor into the initialisation and leave the scores unscaled."""
     tie_word_embeddings: bool = False
     """Reuse the input embedding as the output head (T5 v1.0, Switch). CPM-2 keeps them separate."""
     scale_decoder_output: bool = False
     """Multiply the final decoder state by d_model^-0.5 before the output head (T5 v1.0 and Switch
     with tied embeddings, from Mesh TensorFlow)."""
     pad_token_id: int = 0
-    """Padding id; also T5's decoder start token."""
+    """Padding id; also T5's decoder start token, and the offset of sinusoidal positions."""
     eos_token_id: int = 1
     """End-of-sequence id; generation stops when it is produced."""
     decoder_start_token_id: int = 0
-    """First decoder input token."""
+    """First decoder input token (T5: the padding id 0; M2M-100, NLLB-200: `</s>`, 2)."""
     dropout_rate: float = 0.0
     """Dropout after embeddings and every sublayer during training (T5 pre-training used 0.1)."""
     moe: MoEConfig | None = None
@@ -153,6 +183,7 @@ class ModelConfig:
             raise ConfigError(f"dropout_rate must be in [0, 1), got {self.dropout_rate}")
         if not self.layer_norm_eps > 0:
             raise ConfigError(f"layer_norm_eps must be > 0, got {self.layer_norm_eps}")
+        self._check_architecture()
         for name in ("pad_token_id", "eos_token_id", "decoder_start_token_id"):
             token = getattr(self, name)
             if not 0 <= token < self.vocab_size:
@@ -167,6 +198,28 @@ class ModelConfig:
                         f"moe.{stack}_layers lists block {layers[-1]} but the {stack} has only {count} "
                         f"blocks (0..{count - 1})"
                     )
+
+    def _check_architecture(self) -> None:
+        if self.norm not in ("rms", "layer"):
+            raise ConfigError(f"norm must be 'rms' (T5 RMSNorm) or 'layer' (LayerNorm with bias), got {self.norm!r}")
+        if self.position_embedding not in ("relative", "sinusoidal"):
+            raise ConfigError(
+                f"position_embedding must be 'relative' (T5 bias) or 'sinusoidal' (fairseq), "
+                f"got {self.position_embedding!r}"
+            )
+        for name in ("scale_embedding", "has_attention_bias", "has_ffn_bias", "scale_attention_scores"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.position_embedding == "sinusoidal" and self.d_model < 4:
+            raise ConfigError(
+                f"position_embedding 'sinusoidal' needs d_model >= 4 (its frequencies divide by "
+                f"d_model // 2 - 1), got d_model {self.d_model}; use a wider model or 'relative'"
+            )
+        if self.has_ffn_bias and self.moe is not None:
+            raise ConfigError(
+                "has_ffn_bias is not available for MoE models (experts have no biases); set has_ffn_bias "
+                "false or moe null"
+            )
 
     @property
     def inner_dim(self) -> int:

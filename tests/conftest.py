@@ -67,6 +67,69 @@ HF_CASES: dict[str, tuple[str, str, dict[str, Any]]] = {
     ),
 }
 
+# M2M-100 / NLLB-200 (`model_type: m2m_100`), kept apart from HF_CASES because their special ids
+# differ from T5's (pad 1, </s> 2 as EOS and decoder start). Encoder and decoder depths differ, with
+# and without embedding scaling, two activations; `nllb-200` has the fields of
+# facebook/nllb-200-distilled-600M's config.json at a tiny size.
+M2M100_CASES: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "m2m100": (
+        "M2M100ForConditionalGeneration",
+        "M2M100Config",
+        {"encoder_layers": 3, "decoder_layers": 2, "scale_embedding": True},
+    ),
+    "m2m100-unscaled-gelu": (
+        "M2M100ForConditionalGeneration",
+        "M2M100Config",
+        {
+            "vocab_size": 211,
+            "d_model": 48,
+            "encoder_ffn_dim": 80,
+            "decoder_ffn_dim": 80,
+            "encoder_layers": 2,
+            "decoder_layers": 3,
+            "scale_embedding": False,
+            "activation_function": "gelu",
+        },
+    ),
+    "nllb-200": (
+        "M2M100ForConditionalGeneration",
+        "M2M100Config",
+        {
+            "vocab_size": 300,
+            "d_model": 64,
+            "encoder_ffn_dim": 128,
+            "decoder_ffn_dim": 128,
+            "encoder_layers": 3,
+            "decoder_layers": 2,
+            "activation_function": "relu",
+            "activation_dropout": 0.0,
+            "attention_dropout": 0.1,
+            "dropout": 0.1,
+            "encoder_layerdrop": 0,
+            "decoder_layerdrop": 0,
+            "max_position_embeddings": 1024,
+            "scale_embedding": True,
+            "tokenizer_class": "NllbTokenizer",
+        },
+    ),
+}
+
+M2M100_COMMON = {
+    "vocab_size": 160,
+    "d_model": 32,
+    "encoder_attention_heads": 4,
+    "decoder_attention_heads": 4,
+    "encoder_ffn_dim": 64,
+    "decoder_ffn_dim": 64,
+    "max_position_embeddings": 64,
+    "bos_token_id": 0,
+    "pad_token_id": 1,
+    "eos_token_id": 2,
+    "decoder_start_token_id": 2,
+    # Larger than HF's 0.02, so that logits spread and a wrong detail shows.
+    "init_std": 0.3,
+}
+
 HF_COMMON = {
     "vocab_size": 160,
     "d_model": 32,
@@ -85,20 +148,27 @@ def build_hf_model(name: str, seed: int = 0, **overrides: Any) -> Any:
     """A random-weight HF model of case `name` in eval mode; `overrides` replace config fields."""
     import transformers
 
-    model_cls, config_cls, kwargs = HF_CASES[name]
-    kwargs = {**HF_COMMON, **kwargs, **overrides}
+    is_m2m100 = name in M2M100_CASES
+    model_cls, config_cls, kwargs = M2M100_CASES[name] if is_m2m100 else HF_CASES[name]
+    kwargs = {**(M2M100_COMMON if is_m2m100 else HF_COMMON), **kwargs, **overrides}
     untied = kwargs.pop(UNTIED_HEAD, False)
     torch.manual_seed(seed)
     config = getattr(transformers, config_cls)(**kwargs)
     model = getattr(transformers, model_cls)(config).eval()
     if untied:
         model.lm_head.weight = torch.nn.Parameter(torch.randn_like(model.lm_head.weight))
+    if is_m2m100:
+        # HF initialises biases to 0 and LayerNorms to 1, which would hide a bias or norm mapped wrong.
+        with torch.no_grad():
+            for key, param in model.named_parameters():
+                if key.endswith(".bias") or "layer_norm" in key:
+                    param.add_(torch.randn_like(param) * 0.2)
     return model
 
 
 def save_hf_model(model: Any, path: Path) -> None:
     """`save_pretrained`, except that an untied head is written as its own tensor."""
-    if model.lm_head.weight.data_ptr() == model.shared.weight.data_ptr():
+    if model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr():
         model.save_pretrained(path)
         return
     from safetensors.torch import save_file
@@ -115,6 +185,18 @@ def hf_model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("hf")
     dirs = {}
     for i, name in enumerate(HF_CASES):
+        path = root / name
+        save_hf_model(build_hf_model(name, seed=i), path)
+        dirs[name] = path
+    return dirs
+
+
+@pytest.fixture(scope="session")
+def m2m100_model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Every M2M-100 / NLLB-200 case saved with `save_pretrained` (safetensors), by name."""
+    root = tmp_path_factory.mktemp("m2m100")
+    dirs = {}
+    for i, name in enumerate(M2M100_CASES):
         path = root / name
         save_hf_model(build_hf_model(name, seed=i), path)
         dirs[name] = path

@@ -106,6 +106,29 @@ def test_init_overrides(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     assert json.loads(out)["summary"] == summarize(want).to_dict()
 
 
+def test_init_translation_architecture(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # The M2M-100 / NLLB options: biases and LayerNorm shifts start at zero, as HF and fairseq
+    # initialise them, and the random model generates like any other.
+    out_dir = tmp_path / "m2m-like"
+    overrides = [
+        "position_embedding=sinusoidal",
+        "norm=layer",
+        "has_attention_bias=true",
+        "scale_embedding=true",
+        "scale_attention_scores=true",
+    ]
+    argv = ["init", "--preset", "tiny", "--out", out_dir, "--quiet"]
+    assert _run(capsys, *argv, *[x for o in overrides for x in ("--set", o)])[0] == 0
+    model, _ = load_model(out_dir, pack=False)
+    biases = {name: p for name, p in model.named_parameters() if name.endswith(".bias")}
+    assert any(".attn." in name for name in biases)
+    assert any("norm" in name for name in biases)
+    assert all(not p.any() for p in biases.values())
+    code, out, _ = _run(capsys, "generate", "--model", out_dir, "--json", "--max-new-tokens", "6", TEXTS[0])
+    assert code == 0
+    assert _json_lines(out)[0]["token_ids"] == _expected_ids(out_dir, TEXTS[:1], max_new_tokens=6)[0]
+
+
 def test_init_dry_run_writes_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out_dir = tmp_path / "huge"
     code, out, err = _run(capsys, "init", "--dry-run", "--preset", "cpm2-moe-198b", "--out", out_dir)

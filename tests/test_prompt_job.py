@@ -13,6 +13,7 @@ import torch
 from engine.errors import ConfigError
 from engine.generation import Generator, SamplingParams
 from engine.generation.inputs import encode_requests
+from engine.model.embedding import TokenEmbedding
 from engine.model.moe import MoEFeedForward
 from engine.peft import read_peft_dir
 from engine.prompts import parse_soft_prompt
@@ -84,6 +85,14 @@ def test_prompt_initialised_from_token_embeddings(model_dir: Path) -> None:
     assert all(any(torch.equal(row, e) for e in model.embed.weight) for row in rows)  # sampled vocabulary rows
     with pytest.raises(ConfigError, match="no virtual token"):
         TrainableSoftPrompt({"prefix": 0}, 64)
+
+
+def test_prompt_initialised_from_scaled_embeddings() -> None:
+    # M2M-100 / NLLB scale token embeddings by sqrt(d_model) on the way in; a prompt taken from
+    # them must sit among the vectors the encoder really sees.
+    embed = TokenEmbedding(50, 16, scale=4.0)
+    prompt = TrainableSoftPrompt.from_embeddings(embed, {"prefix": 2}, init_ids={"prefix": [3, 8]})
+    torch.testing.assert_close(prompt.rows["prefix"].data, embed.weight[[3, 8]] * 4.0)
 
 
 def _config(model_dir: Path, out: Path, **overrides: Any) -> PromptJobConfig:

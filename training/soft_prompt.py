@@ -68,7 +68,9 @@ class TrainableSoftPrompt(nn.Module):
                     ids = torch.tensor([given[i % len(given)] for i in range(n)], dtype=torch.long)
                 else:
                     ids = torch.randint(low, high, (n,), generator=generator)
-                param.copy_(embed.weight[ids.to(embed.weight.device)].float().cpu())
+                # Through the module, not `embed.weight[ids]`: an embedding scaled by sqrt(d_model)
+                # (M2M-100 / NLLB) hands the encoder scaled vectors, and the prompt sits among them.
+                param.copy_(embed(ids.to(embed.weight.device)).float().cpu())
         return prompt
 
     @property

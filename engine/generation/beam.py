@@ -83,6 +83,10 @@ def beam_search(
         if params.repetition_penalty not in (None, 1.0):
             assert params.repetition_penalty is not None
             logp_RV = _repetition_penalty(raw_RV, beams, start, params.repetition_penalty)
+        if step < len(params.forced_tokens):
+            # HF's ForcedBOSTokenLogitsProcessor: every other token -inf, the forced one 0.
+            logp_RV = torch.full_like(raw_RV, -float("inf"))
+            logp_RV[:, params.forced_tokens[step]] = 0.0
         vocab = logp_RV.shape[-1]
         totals = (logp_RV + torch.tensor([b.score for b in beams], device=device).unsqueeze(1)).view(-1)
         top_scores, top_index = torch.topk(totals, k=min(2 * num_beams, totals.numel()))

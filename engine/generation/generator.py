@@ -203,6 +203,9 @@ class Generator:
             bad = [t for t in (*r.input_ids, *r.pair_ids) if not 0 <= t < vocab]
             if bad:
                 raise InputError(f"input token id {bad[0]} is outside the vocabulary [0, {vocab})")
+            forced = [t for t in r.params.forced_tokens if t >= self.num_choosable]
+            if forced:
+                raise InputError(f"forced token id {forced[0]} is outside the choosable ids [0, {self.num_choosable})")
             if r.params.stop and self.tokenizer is None:
                 raise InputError("stop sequences need a tokenizer; load the model with its tokenizer")
 
@@ -227,6 +230,7 @@ class Generator:
 
         Greedy and sampling requests run together as one batch; beam-search requests run one at a time.
         """
+        self._check_inputs(requests)  # beam requests too, which skip `prefill`
         results: dict[int, GenerationResult] = {}
         batched = [i for i, r in enumerate(requests) if r.params.num_beams == 1]
         for i, r in enumerate(requests):

@@ -46,6 +46,10 @@ class SamplingParams:
     """Beam search: stop as soon as `num_beams` beams have finished (HF `early_stopping=True`)."""
     ignore_eos: bool = False
     """Keep generating after the end-of-sequence token (benchmarks use this for fixed lengths)."""
+    forced_tokens: tuple[int, ...] = ()
+    """The first generated tokens, fixed in advance (HF `forced_bos_token_id`: the target language of
+    NLLB / M2M-100). They count toward `max_new_tokens`, carry the model's own log-probabilities and
+    add nothing to a beam's score (HF sets every other token to -inf)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -76,6 +80,8 @@ class SamplingParams:
             )
         if any(not isinstance(s, str) or s == "" for s in self.stop):
             raise InputError("stop sequences must be non-empty strings")
+        if any(not isinstance(t, int) or t < 0 for t in self.forced_tokens):
+            raise InputError(f"forced tokens must be token ids (integers >= 0), got {self.forced_tokens!r}")
         if self.seed is not None and not 0 <= self.seed < 2**63:
             raise InputError(f"seed must be in [0, 2**63), got {self.seed!r}")
 

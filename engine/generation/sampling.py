@@ -32,6 +32,7 @@ class TokenChooser:
     seed: int | None = None
     generator: torch.Generator | None = None
     seen: set[int] = field(default_factory=set)
+    num_chosen: int = 0
 
     @classmethod
     def create(cls, params: SamplingParams, *, start_token: int, device: torch.device) -> TokenChooser:
@@ -43,6 +44,11 @@ class TokenChooser:
             generator = torch.Generator(device="cpu").manual_seed(seed)
         del device
         return cls(params=params, seed=seed, generator=generator, seen={start_token})
+
+    def forced_token(self) -> int | None:
+        """The token this row must take next (`SamplingParams.forced_tokens`), if any."""
+        forced = self.params.forced_tokens
+        return forced[self.num_chosen] if self.num_chosen < len(forced) else None
 
 
 def apply_repetition_penalty(scores_V: torch.Tensor, seen: set[int], penalty: float) -> torch.Tensor:
@@ -82,16 +88,20 @@ def choose_tokens(logits_BV: torch.Tensor, choosers: list[TokenChooser]) -> tupl
             assert penalty is not None
             scores_BV[i] = apply_repetition_penalty(scores_BV[i], choosers[i].seen, penalty)
     tokens_B = scores_BV.argmax(dim=-1)
-    sampled = [i for i, c in enumerate(choosers) if c.generator is not None]
-    if sampled:
+    sampled = [i for i, c in enumerate(choosers) if c.generator is not None and c.forced_token() is None]
+    forced = [(i, token) for i, c in enumerate(choosers) if (token := c.forced_token()) is not None]
+    if sampled or forced:
         tokens_B = tokens_B.clone()
         for i in sampled:
             chooser = choosers[i]
             probs_V = warp(scores_BV[i], chooser.params).softmax(-1).cpu()
             tokens_B[i] = torch.multinomial(probs_V, 1, generator=chooser.generator).item()
+        for i, token in forced:
+            tokens_B[i] = token
     chosen_B1 = tokens_B.unsqueeze(-1)
     tokens = tokens_B.tolist()
     logprobs = logprobs_BV.gather(-1, chosen_B1).squeeze(-1).tolist()
     for chooser, token in zip(choosers, tokens, strict=True):
         chooser.seen.add(token)
+        chooser.num_chosen += 1
     return tokens, logprobs

@@ -1,7 +1,8 @@
 """T5 feed-forward networks: the dense FFN sublayer and the identical-shaped MoE experts.
 
 T5 v1.0 and Switch use `wo(act(wi x))`; CPM-2 and T5 v1.1 the gated form `wo(act(wi_0 x) * wi_1 x)`
-with the tanh-approximated GELU (SEED.md). An expert is exactly one such network.
+with the tanh-approximated GELU (SEED.md); M2M-100 and NLLB-200 `fc2(relu(fc1 x))` with biases,
+which is the ungated form with `has_bias`. An expert is exactly one such network (without biases).
 """
 
 from __future__ import annotations
@@ -52,22 +53,31 @@ def feed_forward(x: torch.Tensor, weights: ExpertWeights, act: Callable[[torch.T
 class FeedForward(nn.Module):
     """A dense FFN with T5 parameter names (`wi` or `wi_0`/`wi_1`, `wo`); also the unit an expert is."""
 
-    def __init__(self, d_model: int, d_ff: int, *, activation: str, is_gated: bool) -> None:
+    def __init__(self, d_model: int, d_ff: int, *, activation: str, is_gated: bool, has_bias: bool = False) -> None:
         super().__init__()
         self.is_gated = is_gated
+        self.has_bias = has_bias
         self.act = ACTIVATIONS[activation]
         if is_gated:
-            self.wi_0 = Linear(d_model, d_ff)
-            self.wi_1 = Linear(d_model, d_ff)
+            self.wi_0 = Linear(d_model, d_ff, bias=has_bias)
+            self.wi_1 = Linear(d_model, d_ff, bias=has_bias)
         else:
-            self.wi = Linear(d_model, d_ff)
-        self.wo = Linear(d_ff, d_model)
+            self.wi = Linear(d_model, d_ff, bias=has_bias)
+        self.wo = Linear(d_ff, d_model, bias=has_bias)
 
     def weights(self) -> ExpertWeights:
-        """The matrices as an `ExpertWeights` (views, no copies)."""
+        """The matrices as an `ExpertWeights` (views, no copies); an expert's FFN has no biases."""
+        assert not self.has_bias, "ExpertWeights carries no biases"
         if self.is_gated:
             return ExpertWeights(self.wi_0.weight, self.wi_1.weight, self.wo.weight)
         return ExpertWeights(self.wi.weight, None, self.wo.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return feed_forward(x, self.weights(), self.act)
+        if not self.has_bias:
+            return feed_forward(x, self.weights(), self.act)
+        # The same arithmetic as `feed_forward`, each projection adding its bias.
+        wi = self.wi_0 if self.is_gated else self.wi
+        h = self.act(wi(x))
+        if self.is_gated:
+            h = h * self.wi_1(x)
+        return self.wo(h.to(self.wo.weight.dtype))

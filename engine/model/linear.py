@@ -1,4 +1,5 @@
-"""Bias-free linear layers, and the CPU matmul paths that decode speed depends on.
+"""Linear layers (bias-free unless a model asks for biases), and the CPU matmul paths that decode
+speed depends on.
 
 Decoding reads every weight matrix once per token with one (or a few) input rows: it is a chain of
 GEMVs bound by memory bandwidth. On CPUs, `F.linear` goes to MKL, which serves these shapes poorly
@@ -12,6 +13,8 @@ a dtype may take oneDNN on this CPU at all is `engine.model.kernels`' decision; 
 
 Packing is an inference-only transformation applied from outside; autograd always takes
 `F.linear` (oneDNN's op has no backward). Results differ from `F.linear` only by summation order.
+A bias (M2M-100, NLLB-200) stays a plain vector beside a packed or plain weight and goes into the
+same oneDNN call, which adds it in the matmul's epilogue.
 
 oneDNN JIT-compiles one primitive per input shape and keeps it in two LRU caches of 1024 entries
 (its own and ideep's), 0.3-0.6 MiB each (measured, torch 2.13 / oneDNN 3.12, fp32). A server meets
@@ -42,40 +45,45 @@ def padded_rows(rows: int) -> int:
     return -(-rows // step) * step
 
 
-def _onednn_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     padded = padded_rows(rows)
     if padded == rows:
-        return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
-    # Zero rows in, zero rows out: the real rows' results do not depend on them.
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    # Padding rows in, their rows out (zeros, or the bias): the real rows' results do not depend on them.
     x_MK = F.pad(x.reshape(rows, x.shape[-1]), (0, 0, 0, padded - rows))
-    y_MN = torch.ops.mkldnn._linear_pointwise(x_MK, weight, None, "none", [], "")
+    y_MN = torch.ops.mkldnn._linear_pointwise(x_MK, weight, bias, "none", [], "")
     return y_MN[:rows].reshape(*x.shape[:-1], y_MN.shape[-1])
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """`x @ weight.T` for a plain (out, in) weight or one packed by `pack_weight`."""
+def _needs_grad(*tensors: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`x @ weight.T (+ bias)` for a plain (out, in) weight or one packed by `pack_weight`."""
     if weight.is_mkldnn:
-        return _onednn_linear(x, weight)
+        return _onednn_linear(x, weight, bias)
     if (
         weight.device.type == "cpu"
         and x.dtype == weight.dtype
         and weight.is_contiguous()
-        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+        and (bias is None or (bias.dtype == weight.dtype and bias.device.type == "cpu"))
+        and not _needs_grad(x, weight, bias)
         and active_kernels().uses_onednn(weight.dtype)
     ):
-        return _onednn_linear(x, weight)
-    return F.linear(x, weight)
+        return _onednn_linear(x, weight, bias)
+    return F.linear(x, weight, bias)
 
 
 class Linear(nn.Linear):
-    """`nn.Linear` without bias whose weight may be packed for the CPU."""
+    """`nn.Linear`, bias-free unless `bias`, whose weight may be packed for the CPU."""
 
-    def __init__(self, in_features: int, out_features: int) -> None:
-        super().__init__(in_features, out_features, bias=False)
+    def __init__(self, in_features: int, out_features: int, *, bias: bool = False) -> None:
+        super().__init__(in_features, out_features, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight)
+        return linear(x, self.weight, self.bias)
 
 
 def can_pack(weight: torch.Tensor) -> bool:
@@ -106,8 +114,8 @@ def unpack_weight(weight: torch.Tensor) -> torch.Tensor:
 def pack_for_cpu(model: nn.Module, *, skip: str | None = None) -> int:
     """Pack every `Linear` weight of `model` in place, except under names containing `skip`.
 
-    Returns how many were packed. Call after loading, for inference only (packed weights take no
-    gradients and are not saved).
+    Biases stay plain vectors. Returns how many weights were packed. Call after loading, for inference
+    only (packed weights take no gradients and are not saved).
     """
     count = 0
     for name, module in model.named_modules():

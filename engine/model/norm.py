@@ -1,9 +1,12 @@
-"""T5 layer norm: RMS normalisation with a learned scale, no mean subtraction and no bias."""
+"""Layer norms: T5's RMSNorm (a learned scale, no mean subtraction, no bias) and, for fairseq-style
+models (M2M-100, NLLB-200), `nn.LayerNorm` with a learned scale and bias. `ModelConfig.norm` picks."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from engine.config import ModelConfig
 
 
 class RMSNorm(nn.Module):
@@ -22,3 +25,10 @@ class RMSNorm(nn.Module):
         if self.weight.dtype in (torch.float16, torch.bfloat16):
             x = x.to(self.weight.dtype)
         return self.weight * x
+
+
+def build_norm(config: ModelConfig) -> RMSNorm | nn.LayerNorm:
+    """The layer norm `config.norm` names, of width d_model and epsilon `layer_norm_eps`."""
+    if config.norm == "layer":
+        return nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
+    return RMSNorm(config.d_model, config.layer_norm_eps)

@@ -1,15 +1,23 @@
-"""T5-style encoder-decoder with optional MoE feed-forward layers (CPM-2, T5, mT5, Switch).
+"""Pre-norm encoder-decoder with optional MoE feed-forward layers (CPM-2, T5, mT5, Switch, M2M-100,
+NLLB-200).
 
 Shape legend: B batch rows, S encoder positions, T decoder positions of this call, K attended
 decoder key positions, H heads, D model width, V vocabulary.
 
 Follows the T5 reference (Raffel et al. 2020) as HF transformers implements it, and CPM-2
-(SEED.md): pre-norm RMSNorm sublayers with residuals, relative position bias owned by the first
-block of each stack, a final norm per stack, one embedding shared by encoder and decoder, and an
-output head that is either the tied embedding (scaled by d_model^-0.5) or a separate matrix.
+(SEED.md): pre-norm sublayers with residuals, relative position bias owned by the first block of
+each stack, a final norm per stack, one embedding shared by encoder and decoder, and an output head
+that is either the tied embedding (scaled by d_model^-0.5) or a separate matrix. fairseq's
+pre-norm Transformer (M2M-100, NLLB-200; HF `modeling_m2m_100.py`) is the same computation with the
+config's other switches: LayerNorm with bias, biased projections, scores scaled by 1/sqrt(d_kv),
+embeddings scaled by sqrt(d_model), and sinusoidal positions added to each stack's input instead of a
+relative bias. Dropout and LayerDrop act only in training (LayerDrop is not implemented).
 """
 
 from __future__ import annotations
+
+import math
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -18,11 +26,14 @@ from torch import nn
 from engine.config import ModelConfig
 from engine.model.attention import CrossAttention, SelfAttention
 from engine.model.cache import DecoderState
+from engine.model.embedding import TokenEmbedding
 from engine.model.ffn import FeedForward
 from engine.model.linear import Linear, linear
 from engine.model.moe import MoEFeedForward, MoELayerKey
-from engine.model.norm import RMSNorm
-from engine.model.position import RelativePositionBias
+from engine.model.norm import build_norm
+from engine.model.position import RelativePositionBias, SinusoidalPositions, absolute_positions
+
+AttentionT = TypeVar("AttentionT", SelfAttention, CrossAttention)
 
 
 def _additive_mask(valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -41,7 +52,19 @@ def build_mlp(config: ModelConfig, key: MoELayerKey) -> FeedForward | MoEFeedFor
             activation=config.activation,
             is_gated=config.is_gated_ffn,
         )
-    return FeedForward(config.d_model, config.d_ff, activation=config.activation, is_gated=config.is_gated_ffn)
+    return FeedForward(
+        config.d_model,
+        config.d_ff,
+        activation=config.activation,
+        is_gated=config.is_gated_ffn,
+        has_bias=config.has_ffn_bias,
+    )
+
+
+def build_attention(config: ModelConfig, kind: type[AttentionT]) -> AttentionT:
+    """Self- or cross-attention of a block, with the config's projection biases and score scale."""
+    scale = config.d_kv**-0.5 if config.scale_attention_scores else 1.0
+    return kind(config.d_model, config.num_heads, config.d_kv, has_bias=config.has_attention_bias, scale=scale)
 
 
 def _run_mlp(mlp: FeedForward | MoEFeedForward, h: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
@@ -51,10 +74,10 @@ def _run_mlp(mlp: FeedForward | MoEFeedForward, h: torch.Tensor, valid: torch.Te
 class EncoderBlock(nn.Module):
     def __init__(self, config: ModelConfig, index: int) -> None:
         super().__init__()
-        self.attn_norm = RMSNorm(config.d_model, config.layer_norm_eps)
-        self.attn = SelfAttention(config.d_model, config.num_heads, config.d_kv)
+        self.attn_norm = build_norm(config)
+        self.attn = build_attention(config, SelfAttention)
         # The pre-norm is shared by all experts of an MoE layer (SEED.md), so it lives here.
-        self.ff_norm = RMSNorm(config.d_model, config.layer_norm_eps)
+        self.ff_norm = build_norm(config)
         self.mlp = build_mlp(config, MoELayerKey("encoder", index))
         self.dropout = config.dropout_rate
 
@@ -68,11 +91,11 @@ class DecoderBlock(nn.Module):
     def __init__(self, config: ModelConfig, index: int) -> None:
         super().__init__()
         self.index = index
-        self.attn_norm = RMSNorm(config.d_model, config.layer_norm_eps)
-        self.attn = SelfAttention(config.d_model, config.num_heads, config.d_kv)
-        self.cross_norm = RMSNorm(config.d_model, config.layer_norm_eps)
-        self.cross = CrossAttention(config.d_model, config.num_heads, config.d_kv)
-        self.ff_norm = RMSNorm(config.d_model, config.layer_norm_eps)
+        self.attn_norm = build_norm(config)
+        self.attn = build_attention(config, SelfAttention)
+        self.cross_norm = build_norm(config)
+        self.cross = build_attention(config, CrossAttention)
+        self.ff_norm = build_norm(config)
         self.mlp = build_mlp(config, MoELayerKey("decoder", index))
         self.dropout = config.dropout_rate
 
@@ -90,19 +113,36 @@ class DecoderBlock(nn.Module):
 
 
 class _Stack(nn.Module):
-    """What the encoder and decoder share: a relative-bias table owned by the stack, blocks, a final norm."""
+    """What the encoder and decoder share: positions (a relative-bias table owned by the stack, or
+    sinusoids added to the input), blocks, a final norm."""
 
     def __init__(self, config: ModelConfig, blocks: list[nn.Module], *, bidirectional: bool) -> None:
         super().__init__()
-        self.relative_bias = RelativePositionBias(
-            config.num_heads,
-            num_buckets=config.relative_attention_num_buckets,
-            max_distance=config.relative_attention_max_distance,
-            bidirectional=bidirectional,
-        )
+        self.relative_bias: RelativePositionBias | None = None
+        self.positions: SinusoidalPositions | None = None
+        if config.position_embedding == "relative":
+            self.relative_bias = RelativePositionBias(
+                config.num_heads,
+                num_buckets=config.relative_attention_num_buckets,
+                max_distance=config.relative_attention_max_distance,
+                bidirectional=bidirectional,
+            )
+        else:
+            self.positions = SinusoidalPositions(config.d_model, padding_idx=config.pad_token_id)
         self.blocks = nn.ModuleList(blocks)
-        self.final_norm = RMSNorm(config.d_model, config.layer_norm_eps)
+        self.final_norm = build_norm(config)
         self.dropout = config.dropout_rate
+
+    def add_positions(
+        self, x_BTD: torch.Tensor, valid_BT: torch.Tensor | None, start_B1: torch.Tensor, *, longest: int
+    ) -> torch.Tensor:
+        """`x` plus sinusoidal position vectors (unchanged with a relative bias); the T positions of a
+        row follow `start_B1` earlier ones, and no row is longer than `longest` after them."""
+        if self.positions is None:
+            return x_BTD
+        ids_BT = absolute_positions(valid_BT, start_B1, x_BTD.shape[1], padding_idx=self.positions.padding_idx)
+        vectors_BTD = self.positions(ids_BT, limit=self.positions.padding_idx + longest + 1)
+        return x_BTD + vectors_BTD.to(x_BTD.dtype)
 
 
 class Encoder(_Stack):
@@ -112,9 +152,14 @@ class Encoder(_Stack):
 
     def forward(self, x_BSD: torch.Tensor, valid_BS: torch.Tensor) -> torch.Tensor:
         S = x_BSD.shape[1]
-        positions = torch.arange(S, device=x_BSD.device)
-        bias_1HSS = self.relative_bias(positions, positions).unsqueeze(0)
-        bias_BHSS = bias_1HSS + _additive_mask(valid_BS, bias_1HSS.dtype)[:, None, None, :]
+        if self.relative_bias is not None:
+            positions = torch.arange(S, device=x_BSD.device)
+            bias_1HSS = self.relative_bias(positions, positions).unsqueeze(0)
+            bias_BHSS = bias_1HSS + _additive_mask(valid_BS, bias_1HSS.dtype)[:, None, None, :]
+        else:
+            bias_BHSS = _additive_mask(valid_BS, x_BSD.dtype)[:, None, None, :]  # (B, 1, 1, S)
+        start_11 = torch.zeros(1, 1, dtype=torch.long, device=x_BSD.device)
+        x_BSD = self.add_positions(x_BSD, valid_BS, start_11, longest=S)
         x_BSD = F.dropout(x_BSD, self.dropout, self.training)
         for block in self.blocks:
             x_BSD = block(x_BSD, bias_BHSS, valid_BS)
@@ -133,13 +178,19 @@ class Decoder(_Stack):
     def forward(self, x_BTD: torch.Tensor, state: DecoderState, valid_BT: torch.Tensor | None) -> torch.Tensor:
         T = x_BTD.shape[1]
         state.reserve(T)
-        query_pos = state.query_positions(T)  # (1 or B, T)
-        key_pos = torch.arange(state.key_length(T), device=x_BTD.device)
-        bias_BHTK = self.relative_bias(query_pos, key_pos)
+        query_pos = state.query_positions(T)  # (1 or B, T): cache slots, which count every position
+        K = state.key_length(T)
+        key_pos = torch.arange(K, device=x_BTD.device)
         # Causal: a query sees keys at or before its own position (which also hides the unwritten
         # tail of shorter rows in a ragged batch).
         causal_BTK = key_pos <= query_pos.unsqueeze(-1)
-        bias_BHTK = bias_BHTK + _additive_mask(causal_BTK, bias_BHTK.dtype).unsqueeze(1)
+        if self.relative_bias is not None:
+            bias_BHTK = self.relative_bias(query_pos, key_pos)
+            bias_BHTK = bias_BHTK + _additive_mask(causal_BTK, bias_BHTK.dtype).unsqueeze(1)
+        else:
+            bias_BHTK = _additive_mask(causal_BTK, x_BTD.dtype).unsqueeze(1)  # (1 or B, 1, T, K)
+        # A row's cache length is HF's past length for it; this call's positions continue from there.
+        x_BTD = self.add_positions(x_BTD, valid_BT, query_pos[:, :1], longest=K)
         x_BTD = F.dropout(x_BTD, self.dropout, self.training)
         for block in self.blocks:
             x_BTD = block(x_BTD, bias_BHTK, state, valid_BT)
@@ -153,7 +204,8 @@ class Seq2SeqLM(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        scale = math.sqrt(config.d_model) if config.scale_embedding else 1.0
+        self.embed = TokenEmbedding(config.vocab_size, config.d_model, scale=scale)
         self.encoder = Encoder(config)
         self.decoder = Decoder(config)
         self.lm_head = None if config.tie_word_embeddings else Linear(config.d_model, config.vocab_size)

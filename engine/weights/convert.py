@@ -45,8 +45,19 @@ from engine.weights.loader import CONFIG_FILE, inspect_checkpoint, native_tensor
 
 log = logging.getLogger("cpm2.engine")
 
-#: Tokenizer and generation files copied unchanged when present.
-CARRIED_FILES = ("spiece.model", "tokenizer.model", "vocab.txt", "generation_config.json")
+#: Tokenizer and generation files copied unchanged when present (M2M-100 and NLLB-200 keep their
+#: SentencePiece model in `sentencepiece.bpe.model`, NLLB-200 its specials in `tokenizer.json`).
+CARRIED_FILES = (
+    "spiece.model",
+    "tokenizer.model",
+    "vocab.txt",
+    "sentencepiece.bpe.model",
+    "vocab.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+)
 
 
 def _check_destination(dst: Path) -> None:

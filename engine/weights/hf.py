@@ -1,8 +1,11 @@
-"""Hugging Face T5 / mT5 / Switch Transformers checkpoints: the one place their names are translated.
+"""Hugging Face T5 / mT5 / Switch Transformers / M2M-100 / NLLB-200 checkpoints: the one place their
+names are translated.
 
 Config: `hf_to_config` turns an HF `config.json` into a `ModelConfig`. Weights: `hf_key_plan` says,
 for every native parameter, which HF tensors it is made of (several when cpm2 fuses projections:
-`qkv` = [q; k; v], `kv` = [k; v]). Model code never sees an HF name.
+`qkv` = [q; k; v], `kv` = [k; v], biases alike), and `ignored_hf_keys` which stored tensors are
+aliases to skip. Model code never sees an HF name. M2M-100 (and NLLB-200, `model_type: m2m_100`) has
+its own translation in `engine.weights.hf_m2m100`; this module dispatches to it.
 
 Facts this follows (HF transformers 5.x modeling files, checked by the parity tests):
 - Switch places MoE in block i of a stack when `step > 0 and (i % step == 1 or step == 1)`
@@ -32,17 +35,26 @@ from typing import Any
 
 from engine.config import Activation, ModelConfig, MoEConfig
 from engine.errors import CheckpointError, UnsupportedModelError
+from engine.weights import hf_m2m100
 from engine.weights.keys import split_block_key
 
-SUPPORTED_MODEL_TYPES = ("t5", "mt5", "switch_transformers")
+SUPPORTED_MODEL_TYPES = ("t5", "mt5", "switch_transformers", hf_m2m100.MODEL_TYPE)
 
 _ACTIVATIONS: dict[str, Activation] = {"relu": "relu", "gelu_new": "gelu_new", "gelu": "gelu", "silu": "silu"}
 
-#: HF keys that are aliases of another tensor or unused by the math; present or not, they are skipped.
+#: T5 / Switch keys that are aliases of another tensor or unused by the math; present or not, they are
+#: skipped (`ignored_hf_keys` gives the pattern of any model).
 IGNORED_HF_KEYS = re.compile(
     r"^(encoder\.embed_tokens\.weight|decoder\.embed_tokens\.weight"
     r"|decoder\.block\.0\.layer\.1\.EncDecAttention\.relative_attention_bias\.weight)$"
 )
+
+
+def ignored_hf_keys(config: ModelConfig) -> re.Pattern[str]:
+    """The stored tensors of `config`'s HF layout that are aliases or unused (skipped when loading)."""
+    if config.family == hf_m2m100.MODEL_TYPE:
+        return hf_m2m100.ignored_keys(config)
+    return IGNORED_HF_KEYS
 
 
 def is_hf_config(data: dict[str, Any]) -> bool:
@@ -94,9 +106,10 @@ def _switch_capacity(data: dict[str, Any], *, source: str) -> int | None:
 
 
 def hf_to_config(data: dict[str, Any], *, has_lm_head: bool, source: str) -> ModelConfig:
-    """Translate an HF T5 / mT5 / Switch `config.json` (parsed) into a `ModelConfig`.
+    """Translate an HF T5 / mT5 / Switch / M2M-100 `config.json` (parsed) into a `ModelConfig`.
 
-    `has_lm_head` says whether the checkpoint stores a separate `lm_head.weight`.
+    `has_lm_head` says whether the checkpoint stores a separate `lm_head.weight` (T5 family; M2M-100's
+    `tie_word_embeddings` decides, and a stored head of a tied model is an alias).
     """
     model_type = data.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
@@ -104,6 +117,8 @@ def hf_to_config(data: dict[str, Any], *, has_lm_head: bool, source: str) -> Mod
             f"{source}: model_type {model_type!r} is not supported; cpm2 runs "
             f"{', '.join(SUPPORTED_MODEL_TYPES)} and native cpm2 directories"
         )
+    if model_type == hf_m2m100.MODEL_TYPE:
+        return hf_m2m100.m2m100_to_config(data, source=source)
     num_layers = int(data.get("num_layers", 12))
     num_decoder_layers = int(data.get("num_decoder_layers") or num_layers)
     proj = str(data.get("feed_forward_proj", ""))
@@ -233,4 +248,6 @@ def _hf_sources(config: ModelConfig, native: str) -> tuple[str, ...]:
 
 def hf_key_plan(config: ModelConfig, native_keys: Iterable[str]) -> list[KeyPlan]:
     """For every native key, the HF tensors it is built from."""
+    if config.family == hf_m2m100.MODEL_TYPE:
+        return [KeyPlan(key, hf_m2m100.m2m100_sources(key)) for key in native_keys]
     return [KeyPlan(key, _hf_sources(config, key)) for key in native_keys]

@@ -62,7 +62,7 @@ def random_tensor(config: ModelConfig, key: str, shape: torch.Size, *, seed: int
     gen = _seeded(seed, key)
     if key.endswith("norm.weight"):
         return torch.ones(shape)
-    if key.endswith("router.classifier.bias"):
+    if key.endswith(".bias"):  # norms, projections, routers: zero, as HF and fairseq initialise them
         return torch.zeros(shape)
     if key.endswith("router.centroids"):
         assert config.moe is not None

@@ -1,4 +1,4 @@
-"""Build a model from a directory: native cpm2 or Hugging Face T5 / mT5 / Switch.
+"""Build a model from a directory: native cpm2 or Hugging Face T5 / mT5 / Switch / M2M-100 / NLLB-200.
 
 The model is built on the meta device (no memory), every tensor is checked against the config
 (missing, unexpected, wrong shape: errors name the file and key) and then assigned straight from
@@ -9,6 +9,7 @@ dtype copies nothing (gpt-fast `_load_model`, torchtitan state-dict adapters).
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ from engine.experts.store import ExpertStore, is_expert_key
 from engine.model import Seq2SeqLM
 from engine.model.linear import Linear, can_pack, pack_for_cpu, pack_weight
 from engine.weights.files import INDEX_FILE, SINGLE_FILE, TensorFiles, TensorSource, open_tensor_source
-from engine.weights.hf import IGNORED_HF_KEYS, KeyPlan, hf_key_plan, hf_to_config, is_hf_config
+from engine.weights.hf import IGNORED_HF_KEYS, KeyPlan, hf_key_plan, hf_to_config, ignored_hf_keys, is_hf_config
 
 CONFIG_FILE = "config.json"
 SourceFormat = Literal["cpm2", "hf"]
@@ -90,7 +91,7 @@ def inspect_checkpoint(model_dir: Path, files: TensorSource | None = None) -> Ch
             fmt = "cpm2"
     except ConfigError as exc:
         raise CheckpointError(str(exc)) from exc
-    probe = "embed.weight" if fmt == "cpm2" else "shared.weight"
+    probe = "embed.weight" if fmt == "cpm2" else hf_key_plan(config, ["embed.weight"])[0].sources[0]
     stored = files.get(probe).dtype if probe in files else torch.float32
     return CheckpointInfo(model_dir, config, fmt, stored)
 
@@ -136,7 +137,19 @@ def key_plan(info: CheckpointInfo, native_keys: list[str]) -> list[KeyPlan]:
     return [KeyPlan(key, (key,)) for key in native_keys]
 
 
-def _check_plan(plan: list[KeyPlan], files: TensorSource, expected: dict[str, torch.Size], model_dir: Path) -> None:
+def ignored_keys(info: CheckpointInfo) -> re.Pattern[str]:
+    """Stored tensors that are aliases or unused: skipped, present or not."""
+    return ignored_hf_keys(info.config) if info.source_format == "hf" else IGNORED_HF_KEYS
+
+
+def _check_plan(
+    plan: list[KeyPlan],
+    files: TensorSource,
+    expected: dict[str, torch.Size],
+    model_dir: Path,
+    *,
+    ignored: re.Pattern[str],
+) -> None:
     used: set[str] = set()
     for item in plan:
         shapes = []
@@ -158,7 +171,7 @@ def _check_plan(plan: list[KeyPlan], files: TensorSource, expected: dict[str, to
                 f"config needs {list(want)} for '{item.native}'; the checkpoint and config.json disagree"
             )
     unused = [k for k in files.keys() if k not in used]  # noqa: SIM118 (a TensorSource, not a dict)
-    extra = sorted(k for k in unused if not IGNORED_HF_KEYS.match(k))
+    extra = sorted(k for k in unused if not ignored.match(k))
     if extra:
         raise CheckpointError(
             f"{files.file_of(extra[0])}: unexpected tensor '{extra[0]}' ({len(extra)} unexpected in all); "
@@ -195,7 +208,7 @@ def native_tensors(
         store = ExpertStore.open(info.path, info.config)
     in_files = {k: v for k, v in expected.items() if store is None or not is_expert_key(k)}
     plan = key_plan(info, list(in_files))
-    _check_plan(plan, files, in_files, info.path)
+    _check_plan(plan, files, in_files, info.path, ignored=ignored_keys(info))
     for item in plan:
         if not include_experts and is_expert_key(item.native):
             continue
