@@ -20,6 +20,7 @@ from engine.errors import CheckpointError, ConfigError, InputError
 from engine.experts.order import ORDER_POLICIES
 from engine.experts.pool import CACHE_POLICIES
 from engine.generation import GenerationRequest, Generator, SamplingParams
+from engine.languages import Languages, encode_source, force_target, translation_tokenizer
 from engine.model.kernels import KERNEL_MODES
 from engine.model.transformer import Seq2SeqLM
 from engine.model_info import describe_model
@@ -38,7 +39,7 @@ from engine.weights.presets import PRESETS, get_preset
 Handler = Callable[[argparse.Namespace], int]
 
 
-MODEL_HELP = "native cpm2 or HF T5/mT5/Switch directory, or builtin:<preset> (e.g. builtin:tiny)"
+MODEL_HELP = "native cpm2 or HF T5/mT5/Switch/M2M-100/NLLB directory, or builtin:<preset> (e.g. builtin:tiny)"
 
 
 def model_arg(value: str) -> Path:
@@ -123,6 +124,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
         for spec, ids in zip(args.input_ids, id_rows, strict=True):
             _check_vocabulary(spec, ids, vocab_size=vocab_size)
     tokenizer = _generate_tokenizer(args.model, has_ids=bool(id_rows))
+    sources: list[str | tuple[int, ...]] = [*texts] or [*id_rows]
+    languages = Languages(src_lang=args.src_lang, tgt_lang=args.tgt_lang)
+    if languages.is_set:
+        if args.src_lang is not None and (id_rows or args.text_pair is not None):
+            raise ConfigError(
+                "--src-lang encodes text inputs; with --input-ids or --text-pair put the language id in yourself"
+            )
+        translator = translation_tokenizer(tokenizer, model=str(args.model))
+        params = force_target(params, translator, languages)
+        if args.src_lang is not None:
+            sources = [tuple(encode_source(translator, text, languages)) for text in texts]
     loaded = load_for_inference(
         args.model,
         dtype=args.dtype,
@@ -142,7 +154,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             loaded.model, tokenizer, expert_stats=provider.stats.snapshot if provider is not None else None
         )
         prompt = _read_prompt(args.prompt, loaded.model) if args.prompt else None
-        requests = [_request(tokenizer, t, args.text_pair, params, prompt) for t in texts or id_rows]
+        requests = [_request(tokenizer, t, args.text_pair, params, prompt) for t in sources]
         for result in generator.generate(requests):
             # Without a tokenizer there is no text, only ids (printed as --input-ids takes them).
             text = result.text if tokenizer is not None else None
@@ -230,7 +242,7 @@ def _request(
 ) -> GenerationRequest:
     """One request from a text (tokenized here) or from token ids (used as given)."""
     # With a second segment the end-of-sequence token closes the pair, as the server does.
-    if isinstance(source, tuple):
+    if isinstance(source, tuple):  # token ids: --input-ids, or a text encoded with its language
         first = source
     elif tokenizer is None:
         raise ConfigError("text inputs need the model's tokenizer; give token ids with --input-ids 5,17,33")
@@ -345,6 +357,10 @@ def register(subparsers: Any) -> None:
         metavar="ID,ID,...",
         help="token ids of one input, used as given (repeatable; instead of text, no tokenizer needed)",
     )
+    p.add_argument(
+        "--src-lang", help="language of the input text, e.g. eng_Latn (translation models: NLLB-200, M2M-100)"
+    )
+    p.add_argument("--tgt-lang", help="language to generate, e.g. fra_Latn: forced as the first generated token")
     p.add_argument("--max-new-tokens", type=int, default=20)
     p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=float)
@@ -394,7 +410,7 @@ def register(subparsers: Any) -> None:
     p = subparsers.add_parser("convert", help="convert a checkpoint into a native cpm2 directory")
     p.add_argument(
         "source_format",
-        help="hf: a Hugging Face T5 / mT5 / Switch Transformers directory; "
+        help="hf: a Hugging Face T5 / mT5 / Switch Transformers / M2M-100 / NLLB-200 directory; "
         "cpm2: a released CPM-2 checkpoint (DeepSpeed mp_rank_* files)",
     )
     p.add_argument("src", type=Path)
