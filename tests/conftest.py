@@ -179,28 +179,25 @@ def save_hf_model(model: Any, path: Path) -> None:
     save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
 
 
+def _save_cases(root: Path, cases: dict[str, Any]) -> dict[str, Path]:
+    """Each case built with seed = its position and saved under `root / name`."""
+    dirs = {}
+    for i, name in enumerate(cases):
+        dirs[name] = root / name
+        save_hf_model(build_hf_model(name, seed=i), dirs[name])
+    return dirs
+
+
 @pytest.fixture(scope="session")
 def hf_model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Every HF case saved with `save_pretrained` (safetensors), by name."""
-    root = tmp_path_factory.mktemp("hf")
-    dirs = {}
-    for i, name in enumerate(HF_CASES):
-        path = root / name
-        save_hf_model(build_hf_model(name, seed=i), path)
-        dirs[name] = path
-    return dirs
+    return _save_cases(tmp_path_factory.mktemp("hf"), HF_CASES)
 
 
 @pytest.fixture(scope="session")
 def m2m100_model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Every M2M-100 / NLLB-200 case saved with `save_pretrained` (safetensors), by name."""
-    root = tmp_path_factory.mktemp("m2m100")
-    dirs = {}
-    for i, name in enumerate(M2M100_CASES):
-        path = root / name
-        save_hf_model(build_hf_model(name, seed=i), path)
-        dirs[name] = path
-    return dirs
+    return _save_cases(tmp_path_factory.mktemp("m2m100"), M2M100_CASES)
 
 
 @pytest.fixture(scope="session")

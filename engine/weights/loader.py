@@ -74,6 +74,16 @@ def read_json_object(path: Path, *, missing: str, error: type[Cpm2Error] = Check
     return data
 
 
+def _config_of(data: dict[str, Any], *, has_lm_head: bool, source: Path) -> tuple[ModelConfig, SourceFormat]:
+    """The `ModelConfig` of a parsed `config.json` (HF or native) and which kind it was."""
+    try:
+        if is_hf_config(data):
+            return hf_to_config(data, has_lm_head=has_lm_head, source=str(source)), "hf"
+        return ModelConfig.from_dict(data, source=str(source)), "cpm2"
+    except ConfigError as exc:
+        raise CheckpointError(str(exc)) from exc
+
+
 def inspect_checkpoint(model_dir: Path, files: TensorSource | None = None) -> CheckpointInfo:
     """Read the config and tensor index of `model_dir`."""
     model_dir = Path(model_dir)
@@ -82,15 +92,7 @@ def inspect_checkpoint(model_dir: Path, files: TensorSource | None = None) -> Ch
     config_path = model_dir / CONFIG_FILE
     data = read_json_object(config_path, missing=f"missing (a model directory needs a {CONFIG_FILE})")
     files = files or TensorFiles.open(model_dir)
-    try:
-        if is_hf_config(data):
-            config = hf_to_config(data, has_lm_head="lm_head.weight" in files, source=str(config_path))
-            fmt: SourceFormat = "hf"
-        else:
-            config = ModelConfig.from_dict(data, source=str(config_path))
-            fmt = "cpm2"
-    except ConfigError as exc:
-        raise CheckpointError(str(exc)) from exc
+    config, fmt = _config_of(data, has_lm_head="lm_head.weight" in files, source=config_path)
     probe = "embed.weight" if fmt == "cpm2" else hf_key_plan(config, ["embed.weight"])[0].sources[0]
     stored = files.get(probe).dtype if probe in files else torch.float32
     return CheckpointInfo(model_dir, config, fmt, stored)
@@ -115,16 +117,7 @@ def inspect_config(path: Path) -> CheckpointInfo:
     else:
         raise CheckpointError(f"{path}: no such model directory or {CONFIG_FILE} file")
     data = read_json_object(config_path, missing=f"missing (a model directory needs a {CONFIG_FILE})")
-    try:
-        if is_hf_config(data):
-            has_head = data.get("tie_word_embeddings", True) is False
-            config = hf_to_config(data, has_lm_head=has_head, source=str(config_path))
-            fmt: SourceFormat = "hf"
-        else:
-            config = ModelConfig.from_dict(data, source=str(config_path))
-            fmt = "cpm2"
-    except ConfigError as exc:
-        raise CheckpointError(str(exc)) from exc
+    config, fmt = _config_of(data, has_lm_head=data.get("tie_word_embeddings", True) is False, source=config_path)
     declared = data.get("torch_dtype", data.get("dtype"))
     stored = DTYPES.get(declared, torch.float32) if isinstance(declared, str) else torch.float32
     return CheckpointInfo(config_path.parent, config, fmt, stored, has_weights=False)
