@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from engine.cli import _request
+from engine.cli_generate import _request
 from engine.errors import ConfigError
 from engine.generation import Generator, SamplingParams
 from engine.model import Seq2SeqLM
