@@ -55,26 +55,23 @@ Deliberate differences from HF, each checked in tests/test_tokenizer_nllb.py:
 """
 
 import functools
-import json
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
 
 import sentencepiece as spm
 
 from engine.errors import CheckpointError, InputError, UnsupportedModelError
+from engine.tokenizer.nllb_files import CONFIG_FILE as _CONFIG_FILE
+from engine.tokenizer.nllb_files import TOKENIZER_JSON as _TOKENIZER_JSON
+from engine.tokenizer.nllb_files import HubFiles, read_hub_files
 from engine.tokenizer.translation import unknown_language_error
 
 __all__ = ["MODEL_FILE", "NLLBTokenizer", "load_nllb_dir", "nllb200_language_codes"]
 
 #: The SentencePiece model of an NLLB (and M2M-100) hub directory.
 MODEL_FILE = "sentencepiece.bpe.model"
-_CONFIG_FILE = "tokenizer_config.json"
-_SPECIAL_TOKENS_FILE = "special_tokens_map.json"
-_TOKENIZER_JSON = "tokenizer.json"
 
 # fairseq's dictionary puts these first; SentencePiece's own <unk>, <s>, </s> (ids 0-2) are dropped.
 _FAIRSEQ_SPECIALS = ("<s>", "<pad>", "</s>", "<unk>")
@@ -91,96 +88,6 @@ def nllb200_language_codes() -> tuple[str, ...]:
     """NLLB-200's 202 language codes in id order (HF ``tokenization_nllb.FAIRSEQ_LANGUAGE_CODES``)."""
     text = resources.files("engine.tokenizer").joinpath("data/nllb200_language_codes.txt").read_text("utf-8")
     return tuple(text.split())
-
-
-@dataclass(frozen=True, kw_only=True)
-class _HubFiles:
-    """What a hub directory's tokenizer files say, before any checking against the model."""
-
-    tokenizer_class: str | None
-    """``tokenizer_config.json``'s ``tokenizer_class`` (``NllbTokenizer``, ``NllbTokenizerFast``)."""
-    legacy_behaviour: bool
-    """Source template ``tokens </s> lang`` instead of ``lang tokens </s>``."""
-    language_codes: tuple[str, ...] | None
-    """The extra special tokens the files list, ``None`` when they list none."""
-    mask_token: str
-    """The ``<mask>`` token's text."""
-    added_tokens: dict[int, tuple[str, bool]] | None
-    """Id -> (text, is special) of every added token, ``None`` when the files give no ids."""
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text("utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{path} is not readable JSON ({err}); copy it again from the checkpoint") from err
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path} must hold a JSON object, found {type(data).__name__}")
-    return data
-
-
-def _content(token: object, *, where: str) -> str:
-    """The text of a token written as ``"eng_Latn"`` or as an AddedToken ``{"content": "eng_Latn", ...}``."""
-    if isinstance(token, dict):
-        token = token.get("content")
-    if not isinstance(token, str):
-        raise CheckpointError(f"{where}: expected a token string or {{'content': ...}}, found {token!r}")
-    return token
-
-
-def _read_hub_files(model_dir: Path, *, read_ids: bool = True) -> _HubFiles:
-    """The files' settings; ``read_ids=False`` skips ``tokenizer.json`` (17 MB for NLLB-200)."""
-    config = _read_json(model_dir / _CONFIG_FILE)
-    special_map = _read_json(model_dir / _SPECIAL_TOKENS_FILE)
-    codes: tuple[str, ...] | None = None
-    # transformers 5 saves the codes as extra_special_tokens, 4.x as additional_special_tokens (and
-    # older versions only in special_tokens_map.json, with null in tokenizer_config.json).
-    for source, data, key in (
-        (_CONFIG_FILE, config, "extra_special_tokens"),
-        (_CONFIG_FILE, config, "additional_special_tokens"),
-        (_SPECIAL_TOKENS_FILE, special_map, "additional_special_tokens"),
-    ):
-        listed = data.get(key)
-        if isinstance(listed, list) and listed:
-            where = f"{model_dir / source} {key}"
-            codes = tuple(dict.fromkeys(_content(token, where=where) for token in listed))
-            break
-    legacy = config.get("legacy_behaviour", False)  # HF's default
-    if not isinstance(legacy, bool):
-        raise CheckpointError(f"{model_dir / _CONFIG_FILE}: legacy_behaviour must be true or false, got {legacy!r}")
-    tokenizer_class = config.get("tokenizer_class")
-    mask = config.get("mask_token") or special_map.get("mask_token") or "<mask>"
-    return _HubFiles(
-        tokenizer_class=tokenizer_class if isinstance(tokenizer_class, str) else None,
-        legacy_behaviour=legacy,
-        language_codes=codes,
-        mask_token=_content(mask, where=f"{model_dir / _CONFIG_FILE} mask_token"),
-        added_tokens=_read_added_tokens(model_dir, config) if read_ids else None,
-    )
-
-
-def _read_added_tokens(model_dir: Path, config: dict[str, Any]) -> dict[int, tuple[str, bool]] | None:
-    """Added tokens' ids from ``tokenizer.json`` (what HF loads first), else ``added_tokens_decoder``."""
-    path = model_dir / _TOKENIZER_JSON
-    try:
-        if path.is_file():
-            entries = _read_json(path).get("added_tokens")
-            if isinstance(entries, list) and entries:
-                return {int(e["id"]): (_content(e, where=str(path)), bool(e.get("special", True))) for e in entries}
-        path = model_dir / _CONFIG_FILE
-        decoder = config.get("added_tokens_decoder")
-        if isinstance(decoder, dict) and decoder:
-            return {
-                int(id): (_content(token, where=f"{path} added_tokens_decoder"), bool(token.get("special", True)))
-                for id, token in decoder.items()
-            }
-    except (KeyError, TypeError, ValueError, AttributeError) as err:
-        raise CheckpointError(
-            f"{path}: malformed added tokens ({err!r}); copy the file again from the checkpoint"
-        ) from err
-    return None
 
 
 class NLLBTokenizer:
@@ -218,7 +125,7 @@ class NLLBTokenizer:
                 f"{path} starts with pieces {found}, but fairseq's layout (NLLB, M2M-100) needs "
                 f"{_SPM_SPECIALS} at ids 0-2; it is not an NLLB tokenizer"
             )
-        files = _read_hub_files(model_dir)
+        files = read_hub_files(model_dir)
         self._model_dir = model_dir
         self._legacy = files.legacy_behaviour if legacy_behaviour is None else legacy_behaviour
         self._num_pieces: int = self._sp.get_piece_size()
@@ -241,7 +148,7 @@ class NLLBTokenizer:
         self._codes = tuple(sorted(self._codes, key=self._lang_ids.__getitem__))
         self._vocab_size = self._num_pieces + 1 + len(self._added)
 
-    def _place_added_tokens(self, files: _HubFiles) -> dict[int, tuple[str, bool]]:
+    def _place_added_tokens(self, files: HubFiles) -> dict[int, tuple[str, bool]]:
         """Id -> (text, is special) of the tokens after the pieces: from the files, else fairseq's layout."""
         first = self._num_pieces + 1
         if files.added_tokens is None:
@@ -433,7 +340,7 @@ def load_nllb_dir(model_dir: Path) -> NLLBTokenizer:
         CheckpointError: If nothing in the directory says which tokenizer it is, or its files are
             malformed.
     """
-    files = _read_hub_files(model_dir, read_ids=False)
+    files = read_hub_files(model_dir, read_ids=False)
     name = files.tokenizer_class
     if name is not None and name.removesuffix("Fast") != "NllbTokenizer":
         raise UnsupportedModelError(
