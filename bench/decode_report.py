@@ -18,11 +18,39 @@ def _machine_line(report: dict[str, Any]) -> str:
     )
 
 
+def _model_line(report: dict[str, Any]) -> str:
+    model = report["config"]["model"]
+    return f"{model['name']}, random weights"
+
+
+#: `weight_bytes_per_step` parts, in print order.
+_PARTS = {
+    "self_attention": "self-attention",
+    "cross_attention_q_o": "cross q/o",
+    "dense_ffn": "dense FFNs",
+    "routers": "routers",
+    "experts": "experts",
+    "lm_head": "output head",
+}
+
+
+def _parts_line(step_bytes: dict[str, float]) -> str:
+    total = step_bytes["total"]
+    return ", ".join(
+        f"{label} {step_bytes[key] / 1e6:.1f} ({step_bytes[key] / total:.0%})"
+        for key, label in _PARTS.items()
+        if step_bytes.get(key)
+    )
+
+
 def print_report(report: dict[str, Any], console: Console) -> None:
     """Throughput table per batch size, then the bandwidth analysis of batch 1."""
     cfg = report["config"]
     table = Table(
-        title=f"Decode tokens/s, cpm2 vs HF transformers (N={cfg['new_tokens']}, {cfg['repeats']} repeats)",
+        title=(
+            f"Decode tokens/s, cpm2 vs HF transformers: {_model_line(report)} "
+            f"(N={cfg['new_tokens']}, {cfg['repeats']} repeats)"
+        ),
         caption=_machine_line(report),
     )
     for column in ("batch", "HF med", "HF best", "cpm2 med", "cpm2 best", "ratio med", "ratio best"):
@@ -57,15 +85,19 @@ def print_report(report: dict[str, Any], console: Console) -> None:
     for r in report["results"]:
         step_mb = r["weight_bytes_per_step"]["total"] / 1e6
         achieved = r["achieved_gb_s"]
+        experts = r["experts_per_moe_layer_per_step"]
         console.print(
-            f"batch {r['batch_size']}: {step_mb:.1f} MB of weights per step "
-            f"({r['experts_per_moe_layer_per_step']:.2f} experts per MoE layer) → "
+            f"batch {r['batch_size']}: {step_mb:.1f} MB of weights per step"
+            f"{'' if experts is None else f' ({experts:.2f} experts per MoE layer)'} → "
             f"cpm2 {achieved['cpm2']:.1f} GB/s, HF {achieved['hf']:.1f} GB/s (medians)"
         )
+    if report["results"]:
+        console.print(f"Weights per step, MB: {_parts_line(report['results'][0]['weight_bytes_per_step'])}")
     b1 = bandwidth.get("batch1")
     if b1 is not None:
         chain = bandwidth["gemv_chain"]
         overhead_ms = b1["gemv_chain_step_ms"] - b1["bandwidth_floor_step_ms"]
+        routing = "" if report["results"][0]["experts_per_moe_layer_per_step"] is None else "routing, "
         console.print(
             f"Limit at batch 1: cpm2 reads {b1['weight_bytes_per_step'] / 1e6:.1f} MB/step at "
             f"{b1['cpm2_achieved_gb_s']:.1f} GB/s (best repeat {b1['cpm2_best_achieved_gb_s']:.1f}) = "
@@ -74,16 +106,15 @@ def print_report(report: dict[str, Any], console: Console) -> None:
             f"Of its {b1['cpm2_step_ms']:.2f} ms step, the {chain['num_gemvs_per_step']} GEMVs alone take "
             f"{b1['gemv_chain_step_ms']:.2f} ms ({b1['gemv_chain_gb_s']:.1f} GB/s: "
             f"{b1['bandwidth_floor_step_ms']:.2f} ms of streaming at full bandwidth + {overhead_ms:.2f} ms "
-            f"small-matrix overhead) and all other ops (norms, attention, routing, token choice, Python) "
+            f"small-matrix overhead) and all other ops (norms, attention, {routing}token choice, Python) "
             f"{b1['other_ops_ms']:.2f} ms."
         )
     target = report["target"]
     if target["is_met"] is not None:
         verdict = "[green]met[/green]" if target["is_met"] else "[red]not met[/red]"
-        console.print(
-            f"Target ≥ {target['ratio_batch1_min']}× HF at batch 1: {verdict} "
-            f"({target['ratio_batch1_median']:.2f}× median)"
-        )
+        batches = " and ".join(str(b) for b in target["batch_sizes"])
+        ratios = ", ".join(f"batch {b}: {ratio:.2f}×" for b, ratio in target["ratio_median"].items())
+        console.print(f"Target ≥ {target['ratio_min']}× HF at batch {batches}: {verdict} (medians: {ratios})")
 
 
 def write_plot(report: dict[str, Any], path: Path) -> Path | None:
@@ -108,10 +139,8 @@ def write_plot(report: dict[str, Any], path: Path) -> Path | None:
         ax.set_ylabel("decode tokens/s (median)")
     axes[0][0].legend(loc="upper left", frameon=False)
     cfg, machine = report["config"], report["machine"]
-    model = cfg["model"]
     fig.suptitle(
-        f"Decode throughput, Switch d{model['d_model']} e{model['num_experts']}, {cfg['dtype']}, "
-        f"N={cfg['new_tokens']} "
+        f"Decode throughput, {cfg['model']['summary']}\n{cfg['dtype']}, N={cfg['new_tokens']} "
         f"({machine['cpu_model']}, {machine['torch_num_threads']} threads)",
         fontsize=9,
     )

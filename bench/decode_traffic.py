@@ -84,7 +84,10 @@ def decode_weight_bytes(config: ModelConfig, *, dtype: torch.dtype, experts_per_
 
 
 def _ffn_weights(ffn: FeedForward) -> list[torch.Tensor]:
-    return [w for w in ffn.weights() if w is not None]
+    # `FeedForward.weights()` is the bias-free expert view; a dense FFN with biases (M2M-100) is read
+    # from its projections (the chain times the matrix products; bias adds count as other ops).
+    projections = [ffn.wi_0, ffn.wi_1] if ffn.is_gated else [ffn.wi]
+    return [p.weight for p in (*projections, ffn.wo)]
 
 
 def _router_weight(router: CentroidRouter | LearnedRouter) -> torch.Tensor:
