@@ -36,6 +36,8 @@ class GenerateParameters(BaseModel):
     timeout_ms: int | None = Field(None, gt=0, description="deadline for the whole request")
     truncate: int | None = Field(None, gt=0, description="keep only the last N input tokens")
     ignore_eos: bool = Field(False, description="keep generating after the end-of-sequence token")
+    src_lang: str | None = Field(None, description="translation models: language code of `inputs`, e.g. eng_Latn")
+    tgt_lang: str | None = Field(None, description="translation models: language code to generate, e.g. fra_Latn")
     # Sent by TGI's clients; only their defaults are supported.
     best_of: int | None = None
     watermark: bool = False
@@ -179,6 +181,8 @@ class CompletionRequest(BaseModel):
     logprobs: int | None = Field(None, ge=0, le=1, description="0 or 1: the chosen token's logprob")
     user: str | None = None
     text_pair: str | None = None
+    src_lang: str | None = Field(None, description="translation models: language code of `prompt`, e.g. eng_Latn")
+    tgt_lang: str | None = Field(None, description="translation models: language code to generate, e.g. fra_Latn")
     # OpenAI fields with only the default supported.
     n: int = 1
     best_of: int | None = None

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from engine.errors import InputError
@@ -41,6 +42,20 @@ class GenerationInput:
     timeout_ms: int | None = None
     truncate: int | None = None
     ignore_eos: bool = False
+    src_lang: str | None = None
+    """Translation models: language code of `inputs` (its code token goes in the encoder input)."""
+    tgt_lang: str | None = None
+    """Translation models: language code to generate (forced as the first generated token)."""
+
+
+@contextmanager
+def _naming(field_name: str) -> Iterator[None]:
+    """The engine's InputError (an unknown language code, a model without codes) names the request
+    field it came from."""
+    try:
+        yield
+    except InputError as exc:
+        raise InputError(f"{field_name}: {exc}") from None
 
 
 @dataclass
@@ -100,12 +115,13 @@ class GenerationService:
         """Validate `spec` against the server's limits and make the engine request (raises InputError)."""
         s = self.settings
         prompt = self.store.load(check_id(spec.prompt_id)) if spec.prompt_id else None
-        if spec.text_pair is not None:
-            ids_a = self.engine.tokenize(spec.inputs, add_eos=False)
-            ids_b = self.engine.tokenize(spec.text_pair)
-        else:
-            ids_a, ids_b = self.engine.tokenize(spec.inputs), []
+        ids_a, ids_b = self._tokenize(spec)
         if spec.truncate is not None and len(ids_a) > spec.truncate:
+            if spec.src_lang is not None:
+                raise InputError(
+                    f"src_lang: the input is {len(ids_a)} tokens and truncating it to {spec.truncate} would "
+                    "cut its language code; shorten the text or raise parameters.truncate"
+                )
             ids_a = ids_a[-spec.truncate :]
         virtual = prompt.encoder_tokens if prompt is not None else 0
         length = len(ids_a) + len(ids_b) + virtual
@@ -120,6 +136,11 @@ class GenerationService:
                 f"input ({length}) + max_new_tokens ({spec.max_new_tokens}) exceeds max_total_tokens "
                 f"({s.max_total_tokens}); ask for at most {room} new tokens"
             )
+        forced: tuple[int, ...] = ()
+        if spec.tgt_lang is not None:
+            # The target language's code is the first generated token (HF's forced_bos_token_id).
+            with _naming("tgt_lang"):
+                forced = (self.engine.lang_id(spec.tgt_lang),)
         if room < 1:
             raise InputError(f"the input leaves no room to generate within max_total_tokens ({s.max_total_tokens})")
         if len(spec.stop) > s.max_stop_sequences:
@@ -135,6 +156,7 @@ class GenerationService:
             stop=tuple(spec.stop),
             num_beams=spec.num_beams or 1,
             ignore_eos=spec.ignore_eos,
+            forced_tokens=forced,
         )
         deadline = time.monotonic() + spec.timeout_ms / 1000 if spec.timeout_ms else None
         return EngineRequest(
@@ -146,6 +168,17 @@ class GenerationService:
             prompt_id=spec.prompt_id,
             deadline=deadline,
         )
+
+    def _tokenize(self, spec: GenerationInput) -> tuple[list[int], list[int]]:
+        """Ids of `inputs` and `text_pair`; with `src_lang`, `inputs` carries its language code."""
+        if spec.src_lang is not None:
+            if spec.text_pair is not None:
+                raise InputError("src_lang: encodes `inputs` alone; leave text_pair out with src_lang")
+            with _naming("src_lang"):
+                return self.engine.tokenize(spec.inputs, src_lang=spec.src_lang), []
+        if spec.text_pair is not None:
+            return self.engine.tokenize(spec.inputs, add_eos=False), self.engine.tokenize(spec.text_pair)
+        return self.engine.tokenize(spec.inputs), []
 
     async def stream(
         self, route: str, spec: GenerationInput, timing: Timing

@@ -11,6 +11,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 
+from engine.errors import InputError
 from engine.serving.protocol import (
     EngineHealth,
     EngineInfo,
@@ -27,10 +28,13 @@ from engine.serving.protocol import (
 
 D_MODEL = 16
 EOS = 1
+LANG_BASE = 2000
 
 
 class FakeEngine:
-    def __init__(self) -> None:
+    def __init__(self, *, languages: tuple[str, ...] = ()) -> None:
+        self.languages = languages
+        """Language codes, as a translation model's tokenizer has them (code i is token id 2000 + i)."""
         self.requests: list[EngineRequest] = []
         self.cancelled: list[str] = []
         self.status = "starting"
@@ -50,6 +54,7 @@ class FakeEngine:
             max_queue=8,
             experts_offloaded=True,
             expert_memory_bytes=1234,
+            languages=self.languages,
         )
 
     def health(self) -> EngineHealth:
@@ -68,10 +73,20 @@ class FakeEngine:
     def add_step_listener(self, listener: StepListener) -> None:
         self.step_listeners.append(listener)
 
-    def tokenize(self, text: str, *, add_eos: bool = True) -> list[int]:
-        return [ord(c) % 1000 + 3 for c in text] + ([EOS] if add_eos else [])
+    def tokenize(self, text: str, *, add_eos: bool = True, src_lang: str | None = None) -> list[int]:
+        code = [self.lang_id(src_lang)] if src_lang is not None else []
+        return code + [ord(c) % 1000 + 3 for c in text] + ([EOS] if add_eos or code else [])
+
+    def lang_id(self, code: str) -> int:
+        if not self.languages:
+            raise InputError("fake-model has no language codes; leave the languages out for this model")
+        if code not in self.languages:
+            raise InputError(f"unknown language code {code!r}")
+        return LANG_BASE + self.languages.index(code)
 
     def token_text(self, token_id: int) -> str:
+        if token_id >= LANG_BASE:
+            return self.languages[token_id - LANG_BASE]
         return "</s>" if token_id == EOS else chr(token_id - 3)
 
     async def start(self) -> None:

@@ -17,8 +17,10 @@ from pathlib import Path
 
 import torch
 
+from engine.errors import ConfigError, InputError
 from engine.experts.provider import OffloadedExpertProvider
 from engine.generation import Generator, SamplingParams
+from engine.languages import Languages, encode_source, translation_tokenizer
 from engine.model.kernels import KernelMode, active_kernels, cpu_capability
 from engine.offload import InferenceModel, OffloadConfig, load_for_inference
 from engine.serving.loop import EngineLoop
@@ -31,7 +33,7 @@ from engine.serving.protocol import (
     StepListener,
     TokenEvent,
 )
-from engine.tokenizer import Tokenizer, check_special_ids, load_tokenizer
+from engine.tokenizer import Tokenizer, TranslationTokenizer, check_special_ids, load_tokenizer
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -165,6 +167,7 @@ class AsyncEngine:
             expert_memory_bytes=self.loaded.budget_bytes,
             extra={"total_expert_bytes": self.loaded.total_expert_bytes},
             cpu_kernels=self._kernel_info(),
+            languages=self.tokenizer.language_codes if isinstance(self.tokenizer, TranslationTokenizer) else (),
         )
 
     def _kernel_info(self) -> dict[str, str]:
@@ -190,8 +193,21 @@ class AsyncEngine:
     def stats(self) -> EngineStats:
         return self.loop.snapshot()
 
-    def tokenize(self, text: str, *, add_eos: bool = True) -> list[int]:
-        return self.tokenizer.encode(text, add_eos=add_eos)
+    def tokenize(self, text: str, *, add_eos: bool = True, src_lang: str | None = None) -> list[int]:
+        if src_lang is None:
+            return self.tokenizer.encode(text, add_eos=add_eos)
+        return encode_source(self._translator(), text, Languages(src_lang=src_lang))
+
+    def lang_id(self, code: str) -> int:
+        return self._translator().lang_id(code)
+
+    def _translator(self) -> TranslationTokenizer:
+        """The tokenizer with its language codes; a model without them is the request's fault here
+        (it asked for a language), so the CLI's ConfigError becomes an InputError (422)."""
+        try:
+            return translation_tokenizer(self.tokenizer, model=self.config.model.name)
+        except ConfigError as exc:
+            raise InputError(str(exc)) from None
 
     def token_text(self, token_id: int) -> str:
         return self.tokenizer.id_to_piece(token_id)

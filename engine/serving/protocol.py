@@ -97,6 +97,9 @@ class EngineInfo:
     cpu_kernels: dict[str, str] = field(default_factory=dict)
     """On CPUs: the kernel mode, torch's CPU capability, the dense and expert matmul paths and why a
     faster one is not taken (`engine.model.kernels`); empty on GPUs."""
+    languages: tuple[str, ...] = ()
+    """Language codes of a translation model's tokenizer (NLLB-200: `eng_Latn` ...); empty for a
+    model without them."""
 
 
 @dataclass(frozen=True)
@@ -162,7 +165,17 @@ class EngineClient(Protocol):
         """Call `listener` after every engine step (on the engine's thread: it must be quick)."""
         ...
 
-    def tokenize(self, text: str, *, add_eos: bool = True) -> list[int]: ...
+    def tokenize(self, text: str, *, add_eos: bool = True, src_lang: str | None = None) -> list[int]:
+        """Token ids of `text`; with `src_lang`, the encoder input of a translation model: the source
+        language's code included, as its tokenizer places it (`add_eos` is then ignored: the
+        tokenizer adds `</s>`). Raises InputError for an unknown code or a model without codes."""
+        ...
+
+    def lang_id(self, code: str) -> int:
+        """Token id of language `code`: forced as the first generated token for a target language
+        (`SamplingParams.forced_tokens`). Raises InputError for an unknown code (the message suggests
+        close ones) or a model without language codes."""
+        ...
 
     def token_text(self, token_id: int) -> str: ...
 

@@ -83,6 +83,8 @@ def to_input(body: CompletionRequest, text: str, prompt_id: str | None) -> Gener
         repetition_penalty=body.repetition_penalty,
         seed=body.seed,
         stop=body.stops,
+        src_lang=body.src_lang,
+        tgt_lang=body.tgt_lang,
     )
 
 

@@ -61,6 +61,7 @@ async def info(ctx: Ctx) -> dict[str, object]:
         "experts_offloaded": engine.experts_offloaded,
         "expert_memory_bytes": engine.expert_memory_bytes,
         "cpu_kernels": engine.cpu_kernels or None,
+        "languages": list(engine.languages),
         "version": version(),
     }
 
