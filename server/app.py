@@ -20,7 +20,7 @@ from engine.serving.protocol import EngineClient
 from server.context import ServerContext
 from server.errors import error_body, install_error_handlers, is_openai_route
 from server.prompt_store import PromptStore
-from server.routes import generate, openai, prompts, system
+from server.routes import generate, openai, prompts, system, translate
 from server.settings import Settings
 
 log = logging.getLogger("cpm2.server")
@@ -150,4 +150,5 @@ def create_app(settings: Settings | None = None, engine: EngineClient | None = N
     app.include_router(openai.router)
     app.include_router(prompts.router)
     app.include_router(system.router)
+    app.include_router(translate.router)
     return app

@@ -37,9 +37,10 @@ def is_loopback(request: Request) -> bool:
         return False
 
 
-def check_api_key(request: Request, api_key: str | None) -> None:
-    """Generation routes: the API key, when one is configured."""
-    if api_key is not None and not _matches(_bearer(request), api_key):
+def check_api_key(request: Request, api_key: str | None, *, body_key: str | None = None) -> None:
+    """Generation routes: the API key, when one is configured. `body_key`: the key a LibreTranslate
+    client sends in the request body (`api_key`), taken when no header carries one."""
+    if api_key is not None and not _matches(_bearer(request) or body_key, api_key):
         raise UnauthorizedError("missing or wrong API key: send 'Authorization: Bearer <key>'")
 
 

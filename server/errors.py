@@ -1,7 +1,8 @@
 """The one place typed errors become HTTP responses: `{"error", "error_type"}` (TGI's body).
 
 Routes raise the engine's and the store's typed errors and carry no try/except ladders; the
-handlers registered here pick the status code. OpenAI routes get OpenAI's error envelope.
+handlers registered here pick the status code. OpenAI routes get OpenAI's error envelope;
+LibreTranslate's routes get its `{"error"}` body and statuses (400 bad input, 403 credentials).
 """
 
 from __future__ import annotations
@@ -87,15 +88,36 @@ def is_openai_route(request: Request) -> bool:
     return request.url.path.startswith("/v1/")
 
 
+#: LibreTranslate-compatible routes (server/routes/translate.py).
+LIBRETRANSLATE_ROUTES = ("/translate", "/languages")
+
+# LibreTranslate answers every problem with the input 400 and bad credentials 403 (its clients
+# know no 401/404/422); overload (429) and server faults keep their status.
+_LIBRETRANSLATE_STATUS = {401: 403, 404: 400, 409: 400, 413: 400, 415: 400, 422: 400}
+
+
+def is_libretranslate_route(request: Request) -> bool:
+    return request.url.path in LIBRETRANSLATE_ROUTES
+
+
+def json_error(
+    request: Request, message: str, error_type: str, status: int, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    """The error body and status of the route's API flavour: TGI's, OpenAI's or LibreTranslate's."""
+    if is_libretranslate_route(request):
+        return JSONResponse({"error": message}, status_code=_LIBRETRANSLATE_STATUS.get(status, status), headers=headers)
+    return JSONResponse(
+        error_body(message, error_type, openai=is_openai_route(request), status=status),
+        status_code=status,
+        headers=headers,
+    )
+
+
 def error_response(request: Request, exc: Exception) -> JSONResponse:
     mapping = mapping_for(exc)
     message = str(exc) if mapping.status != 500 or isinstance(exc, Cpm2Error) else "internal server error"
     headers = {"Retry-After": str(max(1, round(mapping.retry_after)))} if mapping.retry_after else None
-    return JSONResponse(
-        error_body(message, mapping.error_type, openai=is_openai_route(request), status=mapping.status),
-        status_code=mapping.status,
-        headers=headers,
-    )
+    return json_error(request, message, mapping.error_type, mapping.status, headers)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -111,19 +133,13 @@ def install_error_handlers(app: FastAPI) -> None:
             where = ".".join(str(p) for p in error.get("loc", ()) if p != "body")
             problems.append(f"{where}: {error.get('msg')}" if where else str(error.get("msg")))
         message = "; ".join(problems) or "invalid request"
-        return JSONResponse(
-            error_body(message, "validation", openai=is_openai_route(request), status=422), status_code=422
-        )
+        return json_error(request, message, "validation", 422)
 
     async def on_http(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
         kinds = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}
         error_type = kinds.get(exc.status_code, "http_error")
-        return JSONResponse(
-            error_body(str(exc.detail), error_type, openai=is_openai_route(request), status=exc.status_code),
-            status_code=exc.status_code,
-            headers=getattr(exc, "headers", None),
-        )
+        return json_error(request, str(exc.detail), error_type, exc.status_code, getattr(exc, "headers", None))
 
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unexpected error on %s", request.url.path)

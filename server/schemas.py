@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
 
 
 class GenerateParameters(BaseModel):
@@ -290,4 +291,74 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 OPENAI_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     "4XX": {"model": OpenAIErrorResponse, "description": "the request cannot be served as sent"},
     "5XX": {"model": OpenAIErrorResponse, "description": "the server could not serve it now (503: retry)"},
+}
+
+
+# ---- LibreTranslate ----------------------------------------------------------------------------
+
+
+class TranslateRequest(BaseModel):
+    """`POST /translate` (LibreTranslate's fields), from a JSON or a form body."""
+
+    # LibreTranslate ignores fields it does not know (its web UI and clients send a few extra).
+    model_config = ConfigDict(extra="ignore")
+
+    q: str | list[str] = Field("", description="the text, or a list of texts (one batch)")
+    source: str = Field("", description="source language: `en`, `zh-Hans`, `pt-BR`, or the model's `eng_Latn`")
+    target: str = Field("", description="target language, as `source`")
+    format: str | None = Field(None, description="`text` (the default); `html` is not supported yet")
+    alternatives: int = Field(0, description="extra translations to return; only 0 is supported yet")
+    api_key: str | None = Field(None, description="the API key, when the server requires one")
+    prompt_id: str | None = Field(None, description="soft prompt to apply (cpm2's)")
+
+    @model_validator(mode="after")
+    def _libretranslate_checks(self) -> TranslateRequest:
+        # LibreTranslate's own messages (and order) for missing or malformed fields.
+        # PydanticCustomError keeps the message as it is (a ValueError gains "Value error, ").
+        for name in ("q", "source", "target"):
+            if not getattr(self, name):
+                raise PydanticCustomError("missing", f"Invalid request: missing {name} parameter")
+        if isinstance(self.q, list) and not all(self.q):
+            raise PydanticCustomError("empty", "Invalid request: q has an empty text; leave empty texts out")
+        if self.alternatives < 0:
+            raise PydanticCustomError("range", "Invalid request: alternatives parameter must be >= 0")
+        if self.alternatives > 0:
+            raise PydanticCustomError(
+                "unsupported", "alternatives are not supported yet (only the best translation is kept); send 0"
+            )
+        if self.format == "html":
+            # Translating markup needs the tags kept out of the model's input; refused, never mangled.
+            raise PydanticCustomError(
+                "unsupported", "html format is not supported yet; send plain text with format=text"
+            )
+        if self.format not in (None, "", "text"):
+            raise PydanticCustomError("unsupported", f"{self.format} format is not supported; use format=text")
+        return self
+
+    @property
+    def texts(self) -> list[str]:
+        return [self.q] if isinstance(self.q, str) else list(self.q)
+
+
+class TranslateResponse(BaseModel):
+    translatedText: str | list[str]  # noqa: N815 (LibreTranslate's field name)
+
+
+class LanguageEntry(BaseModel):
+    """One language of `GET /languages` (LibreTranslate's shape)."""
+
+    code: str
+    name: str
+    targets: list[str]
+
+
+class LibreTranslateError(BaseModel):
+    """Errors on `/translate` and `/languages` (LibreTranslate's body)."""
+
+    error: str
+
+
+LIBRETRANSLATE_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    "4XX": {"model": LibreTranslateError, "description": "the request cannot be served as sent (400, 403, 429)"},
+    "5XX": {"model": LibreTranslateError, "description": "the server could not serve it now"},
 }

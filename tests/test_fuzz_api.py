@@ -32,6 +32,7 @@ from schemathesis.specs.openapi.checks import response_schema_conformance
 from engine.prompts import SoftPrompt
 from engine.serving.engine import AsyncEngine, EngineConfig
 from server.app import create_app
+from server.errors import LIBRETRANSLATE_ROUTES
 from server.settings import Settings
 
 #: Generated cases the fuzz test must send in total (both modes, every operation).
@@ -99,8 +100,12 @@ def _is_text(value: object) -> bool:
 
 
 def assert_error_shape(path: str, status: int, body: Any) -> None:
-    """A 4xx body is `{"error": str, "error_type": str}`; OpenAI routes use OpenAI's envelope."""
-    if path.startswith("/v1/"):
+    """A 4xx body is `{"error": str, "error_type": str}`; OpenAI routes use OpenAI's envelope,
+    LibreTranslate's routes its `{"error": str}`."""
+    if path in LIBRETRANSLATE_ROUTES:
+        assert set(body) == {"error"}, body
+        assert _is_text(body["error"]), body
+    elif path.startswith("/v1/"):
         assert set(body) == {"error"}, body
         error = body["error"]
         assert set(error) == {"message", "type", "param", "code"}, body
