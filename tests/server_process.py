@@ -6,13 +6,16 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
+import uvicorn
 
 
 def free_port() -> int:
@@ -60,3 +63,26 @@ def server_process(
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+@contextmanager
+def serve_in_thread(app: Any, *, timeout: float = 120) -> Iterator[str]:
+    """`app` under uvicorn in a thread, on a loopback socket bound here (no port race); yields its
+    base url and stops it (the lifespan drains the engine) on exit. For tests that drive the server
+    with real HTTP clients but need no separate process."""
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            pytest.fail("the server did not start")
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=60)
+        sock.close()

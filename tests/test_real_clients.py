@@ -9,8 +9,6 @@ engine on the tiny model, serves the whole module.
 from __future__ import annotations
 
 import asyncio
-import socket
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,10 +17,10 @@ import httpx
 import openai
 import pytest
 import text_generation
-import uvicorn
 from fastapi.testclient import TestClient
 from openai.types import CompletionChoice
 from server_fakes import FakeEngine
+from server_process import serve_in_thread
 from text_generation import errors as tgi_errors
 from text_generation.types import FinishReason, Response, StreamResponse
 
@@ -44,24 +42,8 @@ def base_url(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     settings = Settings(
         prompt_store=tmp_path_factory.mktemp("store"), max_input_tokens=64, max_total_tokens=MAX_TOTAL_TOKENS
     )
-    config = uvicorn.Config(create_app(settings, engine), log_level="warning", lifespan="on")
-    server = uvicorn.Server(config)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 120
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            pytest.fail("the server did not start")
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True  # the lifespan drains the engine
-        thread.join(timeout=60)
-        sock.close()
+    with serve_in_thread(create_app(settings, engine)) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

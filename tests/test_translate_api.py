@@ -9,9 +9,6 @@ errors LibreTranslate's clients expect (`{"error"}`, 400/403) are checked in-pro
 from __future__ import annotations
 
 import json
-import socket
-import threading
-import time
 import urllib.error
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,10 +16,10 @@ from pathlib import Path
 import httpx
 import pytest
 import transformers
-import uvicorn
 from conftest import build_hf_model, save_hf_model
 from fastapi.testclient import TestClient
 from libretranslatepy import LibreTranslateAPI
+from server_process import serve_in_thread
 from test_tokenizer_nllb import EXTRA_LINES, train_nllb_like, write_hub_dir
 
 from engine.serving.engine import AsyncEngine, EngineConfig
@@ -56,22 +53,8 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def base_url(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A uvicorn server in a thread, on a loopback socket bound here (as tests/test_real_clients.py)."""
     app = create_app(_settings(tmp_path_factory.mktemp("store")), _engine(model_dir))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 120
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            pytest.fail("the server did not start")
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=60)
-        sock.close()
+    with serve_in_thread(app) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
