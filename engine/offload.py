@@ -85,21 +85,22 @@ def _available_ram() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
-def auto_budget(device: torch.device, dense_bytes: int) -> int:
+def auto_budget(device: torch.device, dense_bytes: int, *, available_ram: int | None = None) -> int:
     """What `--expert-memory auto` means on this machine: half of the free RAM on CPU, 80 % of the
     free GPU memory less the dense weights on CUDA."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return max(0, int(free * 0.8) - dense_bytes)
-    return max(0, _available_ram() // 2)
+    return max(0, (_available_ram() if available_ram is None else available_ram) // 2)
 
 
 def measure_machine(device: torch.device, dense_bytes: int) -> MachineMemory:
     """This machine's memory as `plan_memory` needs it; no automatic budget for a GPU it does not have."""
     has_device = device.type != "cuda" or torch.cuda.is_available()
+    ram = _available_ram()
     return MachineMemory(
-        auto_budget_bytes=auto_budget(device, dense_bytes) if has_device else None,
-        host_ram_bytes=_available_ram(),
+        auto_budget_bytes=auto_budget(device, dense_bytes, available_ram=ram) if has_device else None,
+        host_ram_bytes=ram,
     )
 
 
@@ -123,12 +124,19 @@ class InferenceModel:
     model: Seq2SeqLM
     info: CheckpointInfo
     provider: OffloadedExpertProvider | None = None
-    budget_bytes: int = 0
-    total_expert_bytes: int = 0
-    kernels: DtypeKernels | None = None
-    """The CPU matmul paths this model's dtype takes (None on GPUs)."""
     plan: MemoryPlan | None = None
     """The placement the model was loaded with (`engine.memory_plan`; None for a dense model)."""
+    kernels: DtypeKernels | None = None
+    """The CPU matmul paths this model's dtype takes (None on GPUs)."""
+
+    @property
+    def budget_bytes(self) -> int:
+        """The expert budget in bytes (0 for a dense model)."""
+        return self.plan.budget_bytes if self.plan is not None else 0
+
+    @property
+    def total_expert_bytes(self) -> int:
+        return self.plan.expert_bytes if self.plan is not None else 0
 
     @property
     def is_offloaded(self) -> bool:
@@ -222,10 +230,9 @@ def _load(
 
     # Whether experts stay resident does not depend on the store, so a resident load never opens one.
     plan = plan_for(info.stored_dtype)
-    total = plan.expert_bytes
     if not plan.is_offloaded:
         model, info = load_model(model_dir, dtype=target, device=device, pack=pack)
-        return InferenceModel(model, info, budget_bytes=plan.budget_bytes, total_expert_bytes=total, plan=plan)
+        return InferenceModel(model, info, plan=plan)
 
     store = ensure_store(info, store_dir=offload.store_dir)
     if store.dtype != plan.store_dtype:  # an existing store in another dtype: other staging buffers
@@ -269,4 +276,4 @@ def _load(
         prefetch=offload.prefetch,
     )
     provider.attach(model.moe_layers())
-    return InferenceModel(model, info, provider, budget_bytes=plan.budget_bytes, total_expert_bytes=total, plan=plan)
+    return InferenceModel(model, info, provider, plan=plan)

@@ -9,6 +9,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from engine.serving.protocol import EngineClient
+from server import version
 from server.metrics import Metrics
 from server.prompt_store import PromptStore
 from server.service import GenerationService
@@ -23,6 +24,9 @@ class ServerContext:
     metrics: Metrics
     service: GenerationService
     model_name: str
+    system_fingerprint: str
+    """OpenAI's `system_fingerprint`: what changes the numbers for a given seed (version, dtype, device,
+    and on CPUs the dense matmul path, whose summation order shows in bf16); fixed for the process."""
     draining: bool = False
     notes: list[str] = field(default_factory=list)
 
@@ -33,7 +37,17 @@ class ServerContext:
         info = engine.info()
         metrics.attach(engine, store, lambda: service.in_flight)
         metrics.describe_build(model=info.model_id, dtype=info.dtype)
-        return cls(settings, engine, store, metrics, service, model_name=Path(info.model_id).name or info.model_id)
+        kernels = info.cpu_kernels.get("dense")
+        fingerprint = f"cpm2-{version()}-{info.dtype}-{info.device}" + (f"-{kernels}" if kernels else "")
+        return cls(
+            settings,
+            engine,
+            store,
+            metrics,
+            service,
+            model_name=Path(info.model_id).name or info.model_id,
+            system_fingerprint=fingerprint,
+        )
 
 
 def context(request: Request) -> ServerContext:

@@ -88,15 +88,15 @@ def choose_tokens(logits_BV: torch.Tensor, choosers: list[TokenChooser]) -> tupl
             assert penalty is not None
             scores_BV[i] = apply_repetition_penalty(scores_BV[i], choosers[i].seen, penalty)
     tokens_B = scores_BV.argmax(dim=-1)
-    sampled = [i for i, c in enumerate(choosers) if c.generator is not None and c.forced_token() is None]
-    forced = [(i, token) for i, c in enumerate(choosers) if (token := c.forced_token()) is not None]
+    forced = {i: token for i, c in enumerate(choosers) if (token := c.forced_token()) is not None}
+    sampled = [i for i, c in enumerate(choosers) if c.generator is not None and i not in forced]
     if sampled or forced:
         tokens_B = tokens_B.clone()
         for i in sampled:
             chooser = choosers[i]
             probs_V = warp(scores_BV[i], chooser.params).softmax(-1).cpu()
             tokens_B[i] = torch.multinomial(probs_V, 1, generator=chooser.generator).item()
-        for i, token in forced:
+        for i, token in forced.items():
             tokens_B[i] = token
     chosen_B1 = tokens_B.unsqueeze(-1)
     tokens = tokens_B.tolist()

@@ -130,21 +130,18 @@ class CpuKernels:
         if mode not in KERNEL_MODES:
             raise ValueError(f"cpu kernel mode {mode!r} is not one of {', '.join(KERNEL_MODES)}")
         self.mode: KernelMode = mode
+        # `linear` asks this on every call: a dict lookup once the dtype has been seen.
         self._table: dict[torch.dtype, DtypeKernels] = {}
-        # `linear` asks this on every call: a plain dict lookup once the dtype has been seen.
-        self._onednn: dict[torch.dtype, bool] = {}
 
     def for_dtype(self, dtype: torch.dtype) -> DtypeKernels:
         kernels = self._table.get(dtype)
         if kernels is None:
             kernels = self._table[dtype] = _choose(dtype, self.mode)
-            self._onednn[dtype] = kernels.experts is MatmulPath.ONEDNN
         return kernels
 
     def uses_onednn(self, dtype: torch.dtype) -> bool:
         """Whether plain weights of `dtype` go to oneDNN's matmul."""
-        is_onednn = self._onednn.get(dtype)
-        return self.for_dtype(dtype).experts is MatmulPath.ONEDNN if is_onednn is None else is_onednn
+        return self.for_dtype(dtype).experts is MatmulPath.ONEDNN
 
     def can_pack(self, dtype: torch.dtype) -> bool:
         """Whether weights of `dtype` may be packed into oneDNN's blocked layout."""

@@ -17,7 +17,6 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from engine.serving.protocol import TokenEvent
-from server import version
 from server.auth import check_api_key
 from server.context import Ctx, ServerContext
 from server.errors import mapping_for
@@ -40,14 +39,6 @@ _FINISH: dict[str, OpenAIFinishReason] = {"length": "length", "eos_token": "stop
 
 def _finish(event: TokenEvent) -> OpenAIFinishReason:
     return _FINISH.get(event.finish_reason or "length", "stop")
-
-
-def _fingerprint(ctx: ServerContext) -> str:
-    """OpenAI's `system_fingerprint`: what changes the numbers for a given seed (version, dtype, device,
-    and on CPUs the dense matmul path, whose summation order shows in bf16)."""
-    info = ctx.engine.info()
-    kernels = info.cpu_kernels.get("dense")
-    return f"cpm2-{version()}-{info.dtype}-{info.device}" + (f"-{kernels}" if kernels else "")
 
 
 def resolve_model(ctx: ServerContext, model: str) -> str | None:
@@ -120,7 +111,7 @@ async def completions(request: Request, body: CompletionRequest, ctx: Ctx) -> ob
         id=f"cmpl-{uuid.uuid4().hex}",
         created=int(time.time()),
         model=body.model,
-        system_fingerprint=_fingerprint(ctx),
+        system_fingerprint=ctx.system_fingerprint,
         choices=[],
     )
     if body.stream:
