@@ -109,12 +109,16 @@ def inference_dtype(info: CheckpointInfo, dtype: str | torch.dtype | None, devic
     return parse_dtype(dtype) or default_dtype(info.stored_dtype, device)
 
 
+def _existing_store(info: CheckpointInfo, *, store_dir: Path | None) -> ExpertStore | None:
+    """The expert store already written for this model (in `store_dir`, else the model directory)."""
+    root = store_dir or info.path
+    return ExpertStore.open(root, info.config) if ExpertStore.exists(root) else None
+
+
 def store_dtype_for(info: CheckpointInfo, *, store_dir: Path | None) -> torch.dtype:
     """The dtype of the store `ensure_store` gives (an existing store's, else the checkpoint's)."""
-    root = store_dir or info.path
-    if info.config.moe is not None and ExpertStore.exists(root):
-        return ExpertStore.open(root, info.config).dtype
-    return info.stored_dtype
+    store = _existing_store(info, store_dir=store_dir) if info.config.moe is not None else None
+    return store.dtype if store is not None else info.stored_dtype
 
 
 @dataclass
@@ -149,12 +153,11 @@ class InferenceModel:
 
 def ensure_store(info: CheckpointInfo, *, store_dir: Path | None) -> ExpertStore:
     """The model's expert store, writing one from its checkpoint first if it has none."""
+    existing = _existing_store(info, store_dir=store_dir)
+    if existing is not None:
+        return existing
     config = info.config
-    if info.source_format == "cpm2" and ExpertStore.exists(info.path) and store_dir is None:
-        return ExpertStore.open(info.path, config)
     root = store_dir or info.path
-    if ExpertStore.exists(root):
-        return ExpertStore.open(root, config)
     files = open_tensor_source(info.path)
     try:
         writer = ExpertStoreWriter(root, config, info.stored_dtype)
