@@ -46,8 +46,10 @@ install: $(VENV)/.installed
 # The demo model in git (models/demo, its task prompts preloaded) unless CPM2_MODEL or SERVE_ARGS
 # (e.g. --model DIR --port 9000) says otherwise.
 DEMO_MODEL ?= models/demo
+# A development server: prompt writes from this machine need no token (--allow-local-admin trusts every
+# loopback peer, and the server says so at start); once CPM2_ADMIN_TOKEN is set, the token is required.
 serve: install
-	$(VENV)/bin/cpm2 serve $(if $(CPM2_MODEL),,--model $(DEMO_MODEL)) $(SERVE_ARGS)
+	$(VENV)/bin/cpm2 serve $(if $(CPM2_MODEL),,--model $(DEMO_MODEL)) --allow-local-admin $(SERVE_ARGS)
 
 # Rebuild models/demo from scratch (tokenizer, dense multi-task pretraining, MoE upcycling, one prompt
 # per task; under an hour on 2 CPU cores). Rerunning resumes; `rm -rf runs/demo` starts over.

@@ -131,7 +131,8 @@ class ServerProcess:
         port = self.url.rsplit(":", 1)[1]
         args = ["--model", model, "--port", port, "--prompt-store", str(store), "--log-level", "warning"]
         args += ["--max-batch-size", str(max_batch_size), "--max-concurrent-requests", "512"]
-        args += ["--max-queue-requests", "512", *extra]
+        # Its clients upload and delete prompts from this machine, as under `make serve`.
+        args += ["--max-queue-requests", "512", "--allow-local-admin", *extra]
         # A long run logs to `log`: an unread stderr pipe fills up and then blocks the server.
         self.log = log
         command = [sys.executable, "-m", "server", *args]

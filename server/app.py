@@ -16,17 +16,20 @@ from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 
 from engine.errors import ConfigError
+from engine.peft import MAX_CONFIG_BYTES
 from engine.serving.protocol import EngineClient
 from server.context import ServerContext
 from server.errors import error_body, install_error_handlers, is_openai_route
+from server.limits import BodyLimit, BodyLimitMiddleware
 from server.prompt_store import PromptStore
 from server.routes import generate, openai, prompts, system, translate
 from server.settings import Settings
 
 log = logging.getLogger("cpm2.server")
 
-#: Routes whose request bodies are JSON and bounded by `payload_limit` (uploads have their own limit).
-_JSON_ROUTES = ("/generate", "/generate_stream", "/v1/completions", "/tokenize", "/")
+#: What a prompt upload's multipart body may carry beyond the prompt file: the PEFT config, the
+#: form fields and the part headers.
+_UPLOAD_OVERHEAD = MAX_CONFIG_BYTES + 64 * 1024
 
 
 def _route_label(request: Request) -> str:
@@ -69,6 +72,27 @@ def add_bundled_prompts(settings: Settings, engine: EngineClient, store: PromptS
         log.info("prompts bundled in %s: %s", bundle, ", ".join(ids) or "none")
 
 
+def announce_prompt_writes(settings: Settings) -> None:
+    """Say at start who may upload and delete prompts (server/auth.py)."""
+    if settings.admin_token is not None:
+        log.info("prompt writes need the admin token (CPM2_ADMIN_TOKEN)")
+    elif settings.allow_local_admin:
+        log.warning(
+            "CPM2_ALLOW_LOCAL_ADMIN: prompt uploads and deletes are accepted without a token from every loopback "
+            "peer, proxies, port-forwards and tunnels on this host included; set CPM2_ADMIN_TOKEN for anything "
+            "reachable from outside"
+        )
+    else:
+        log.info("prompt writes are disabled: set CPM2_ADMIN_TOKEN (or --allow-local-admin) to enable them")
+
+
+def body_limit(settings: Settings) -> Callable[[str, str], BodyLimit]:
+    """Every body is bounded: a prompt upload by the upload limit, any other by `payload_limit`."""
+    upload = BodyLimit(settings.max_prompt_upload_bytes + _UPLOAD_OVERHEAD, "CPM2_MAX_PROMPT_UPLOAD_BYTES")
+    payload = BodyLimit(settings.payload_limit, "CPM2_PAYLOAD_LIMIT")
+    return lambda method, path: upload if (method, path.rstrip("/")) == ("POST", "/prompts") else payload
+
+
 def create_app(settings: Settings | None = None, engine: EngineClient | None = None) -> FastAPI:
     """The app; `engine` is started by the lifespan (the real one is built when none is given)."""
     settings = settings or Settings()
@@ -80,8 +104,7 @@ def create_app(settings: Settings | None = None, engine: EngineClient | None = N
         add_bundled_prompts(settings, real, store)
         ctx = ServerContext.create(settings, real, store)
         app.state.ctx = ctx
-        if settings.admin_token is None:
-            log.warning("no CPM2_ADMIN_TOKEN: prompt uploads and deletes are accepted from loopback clients only")
+        announce_prompt_writes(settings)
         await real.start()
         ctx.metrics.ready.set(1)
         log.info("cpm2 ready: model %s", ctx.model_name)
@@ -100,9 +123,11 @@ def create_app(settings: Settings | None = None, engine: EngineClient | None = N
         lifespan=lifespan,
     )
     install_error_handlers(app)
+    # Added before the middleware below, so inside it: its 413s are counted in the metrics.
+    app.add_middleware(BodyLimitMiddleware, limit_for=body_limit(settings))
 
     @app.middleware("http")
-    async def limits_and_metrics(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+    async def drain_and_metrics(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
         ctx: ServerContext | None = getattr(request.app.state, "ctx", None)
         if ctx is not None and ctx.draining and request.url.path not in ("/health", "/ready", "/metrics"):
             response: Response = JSONResponse(
@@ -116,21 +141,7 @@ def create_app(settings: Settings | None = None, engine: EngineClient | None = N
                 headers={"Retry-After": "5"},
             )
         else:
-            length = request.headers.get("content-length")
-            too_big = (
-                request.url.path in _JSON_ROUTES
-                and length is not None
-                and length.isdigit()
-                and int(length) > settings.payload_limit
-            )
-            if too_big:
-                message = f"the request body is over {settings.payload_limit} bytes (CPM2_PAYLOAD_LIMIT)"
-                response = JSONResponse(
-                    error_body(message, "too_large", openai=is_openai_route(request), status=413),
-                    status_code=413,
-                )
-            else:
-                response = await call_next(request)
+            response = await call_next(request)
         if ctx is not None and request.url.path != "/metrics":
             error_type = None
             if response.status_code >= 400:

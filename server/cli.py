@@ -54,22 +54,31 @@ def drop_query_string(record: logging.LogRecord) -> bool:
     return True
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
+def uvicorn_config(app: Any, settings: Settings) -> Any:
+    """uvicorn's config for `app` under `settings` (also what the tests run a real server with)."""
     import uvicorn
 
-    from server.app import create_app
-
-    settings = settings_from_args(args)
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    app = create_app(settings)
-    config = uvicorn.Config(
+    return uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
         timeout_graceful_shutdown=int(settings.shutdown_timeout) + 5,
         lifespan="on",
+        # Client addresses from forwarding headers only behind the proxies the operator lists
+        # (uvicorn would otherwise believe any peer on 127.0.0.1).
+        proxy_headers=bool(settings.forwarded_allow_ips.strip()),
+        forwarded_allow_ips=settings.forwarded_allow_ips.strip() or None,
     )
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from server.app import create_app
+
+    settings = settings_from_args(args)
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = create_app(settings)
+    config = uvicorn_config(app, settings)
     # After uvicorn.Config, which configures uvicorn's loggers (a filter added before could be lost).
     logging.getLogger("uvicorn.access").addFilter(drop_query_string)
     server = DrainingServer(config, app=app, timeout=settings.shutdown_timeout)

@@ -92,8 +92,9 @@ def is_openai_route(request: Request) -> bool:
 LIBRETRANSLATE_ROUTES = ("/translate", "/languages")
 
 # LibreTranslate answers every problem with the input 400 and bad credentials 403 (its clients
-# know no 401/404/422); overload (429) and server faults keep their status.
-_LIBRETRANSLATE_STATUS = {401: 403, 404: 400, 409: 400, 413: 400, 415: 400, 422: 400}
+# know no 401/404/422); a body over the size limit (413, as its Flask server answers one), overload
+# (429) and server faults keep their status.
+_LIBRETRANSLATE_STATUS = {401: 403, 404: 400, 409: 400, 415: 400, 422: 400}
 
 
 def is_libretranslate_route(request: Request) -> bool:

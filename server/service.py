@@ -4,15 +4,20 @@ Routes stay thin: they parse a body, call `GenerationService`, and shape the ans
 request is checked against (lengths including virtual tokens, stop sequences, the prompt's
 existence) happens here, before the engine sees it, so an over-long or malformed request is
 refused at admission with 422 instead of failing inside the engine.
+
+Nothing here runs on the event loop that costs more than a few microseconds: tokenising and reading
+a prompt run in `ServerContext`'s bounded worker pool (`off_loop`), and an input is bounded by
+characters (`max_input_chars`) before it is tokenised, so an oversize text costs nothing per token.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Protocol, TypeVar
 
 from engine.errors import InputError
 from engine.generation.params import SamplingParams
@@ -101,19 +106,52 @@ class Outcome:
         return self.events[-1]
 
 
+T = TypeVar("T")
+
+
+class OffLoop(Protocol):
+    """Runs a blocking call in the server's worker pool and awaits it (`ServerContext.off_loop`)."""
+
+    def __call__(self, call: Callable[[], T], /) -> Awaitable[T]: ...
+
+
 class GenerationService:
     """Turns validated inputs into engine requests; records request metrics."""
 
-    def __init__(self, engine: EngineClient, store: PromptStore, settings: Settings, metrics: Metrics) -> None:
+    def __init__(
+        self, engine: EngineClient, store: PromptStore, settings: Settings, metrics: Metrics, off_loop: OffLoop
+    ) -> None:
         self.engine = engine
         self.store = store
         self.settings = settings
         self.metrics = metrics
+        self.off_loop = off_loop
         self.in_flight = 0
+        """Requests admitted and not finished: validating in the worker pool, or generating."""
+        self.token_chars = engine.info().max_token_chars
+        self.max_input_chars = settings.max_input_tokens * self.token_chars if self.token_chars else None
+        """No input of more characters can fit `max_input_tokens` (None: the tokenizer did not say)."""
+
+    def check_chars(self, spec: GenerationInput) -> None:
+        """Refuse a text that cannot fit `max_input_tokens` before tokenising it. With `truncate`,
+        `inputs` is cut to its last tokens, so only `text_pair` is bounded here (and `inputs` by the
+        body limit)."""
+        if self.max_input_chars is None:
+            return
+        chars = len(spec.text_pair or "") + (0 if spec.truncate is not None else len(spec.inputs))
+        if chars > self.max_input_chars:
+            raise InputError(
+                f"the input is {chars} characters; at most {self.max_input_chars} fit max_input_tokens "
+                f"({self.settings.max_input_tokens} tokens of at most {self.token_chars} characters each): "
+                "shorten it or set parameters.truncate"
+            )
 
     def build(self, spec: GenerationInput) -> EngineRequest:
-        """Validate `spec` against the server's limits and make the engine request (raises InputError)."""
+        """Validate `spec` against the server's limits and make the engine request (raises InputError).
+
+        Blocking (tokenises, may read a prompt from disk): call it through `off_loop`."""
         s = self.settings
+        self.check_chars(spec)
         prompt = self.store.load(check_id(spec.prompt_id)) if spec.prompt_id else None
         ids_a, ids_b = self._tokenize(spec)
         if spec.truncate is not None and len(ids_a) > spec.truncate:
@@ -169,6 +207,17 @@ class GenerationService:
             deadline=deadline,
         )
 
+    def tokens(self, spec: GenerationInput) -> tuple[list[int], list[int]]:
+        """Ids of `inputs` and `text_pair` within the input limits (`/tokenize`). Blocking."""
+        self.check_chars(spec)
+        ids_a, ids_b = self._tokenize(spec)
+        if len(ids_a) + len(ids_b) > self.settings.max_input_tokens:
+            raise InputError(
+                f"the input is {len(ids_a) + len(ids_b)} tokens; the limit is {self.settings.max_input_tokens}: "
+                "shorten it"
+            )
+        return ids_a, ids_b
+
     def _tokenize(self, spec: GenerationInput) -> tuple[list[int], list[int]]:
         """Ids of `inputs` and `text_pair`; with `src_lang`, `inputs` carries its language code."""
         if spec.src_lang is not None:
@@ -190,9 +239,15 @@ class GenerationService:
                 f"{self.settings.max_concurrent_requests} requests are in flight; retry shortly",
                 retry_after=1.0,
             )
-        request = self.build(spec)
-        timing.validated = time.monotonic()
-        events = self.engine.generate(request)
+        # Counted while it validates too, so a flood of requests waiting for the worker pool is
+        # bounded by the same limit as the ones generating.
+        self.in_flight += 1
+        try:
+            request = await self.off_loop(lambda: self.build(spec))
+            timing.validated = time.monotonic()
+            events = self.engine.generate(request)
+        finally:
+            self.in_flight -= 1
         return request, self._observe(route, request, events, timing)
 
     async def _observe(

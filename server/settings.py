@@ -62,6 +62,16 @@ class Settings(BaseSettings):
     payload_limit: int = Field(2_000_000, ge=1, description="bytes of a JSON request body")
     api_key: str | None = Field(None, description="key required on generation routes (Authorization: Bearer)")
     admin_token: str | None = Field(None, description="token required to upload/delete prompts")
+    allow_local_admin: bool = Field(
+        False,
+        description="without an admin token, accept prompt writes from loopback peers: trusts every "
+        "loopback peer, proxies on this host included",
+    )
+    forwarded_allow_ips: str = Field(
+        "",
+        description="comma-separated proxy addresses whose X-Forwarded-For / Forwarded headers are believed "
+        "(default: none)",
+    )
     shutdown_timeout: float = Field(30.0, ge=0, description="seconds to finish running requests on SIGTERM")
     stall_seconds: float = Field(60.0, gt=0, description="engine reported stalled after this long without a step")
     log_level: str = Field("info", description="debug, info, warning, error")

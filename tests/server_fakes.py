@@ -10,6 +10,9 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi.testclient import TestClient
 
 from engine.errors import InputError
 from engine.serving.protocol import (
@@ -28,6 +31,18 @@ from engine.serving.protocol import (
 
 D_MODEL = 16
 EOS = 1
+
+#: A loopback address for in-process test clients (Starlette's default peer, "testclient", is no
+#: address, and so never a local peer).
+LOCAL_PEER = ("127.0.0.1", 50000)
+
+
+def local_client(app: Any) -> TestClient:
+    """An in-process client connecting from loopback: with `allow_local_admin` its prompt writes
+    need no token, as for `make serve` users on the same machine."""
+    return TestClient(app, client=LOCAL_PEER)
+
+
 LANG_BASE = 2000
 
 
@@ -55,6 +70,7 @@ class FakeEngine:
             experts_offloaded=True,
             expert_memory_bytes=1234,
             languages=self.languages,
+            max_token_chars=1,  # one token per character (`tokenize` below)
         )
 
     def health(self) -> EngineHealth:

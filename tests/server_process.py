@@ -17,6 +17,9 @@ import httpx
 import pytest
 import uvicorn
 
+from server.cli import uvicorn_config
+from server.settings import Settings
+
 
 def free_port() -> int:
     """A loopback port that was free a moment ago."""
@@ -31,12 +34,20 @@ def server_process(
 ) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
     """Starts the server on `model`, waits until /ready answers 200, yields (process, base url), kills it.
 
+    Started as `make serve` starts it: prompt writes from this machine need no token
+    (`--allow-local-admin`), unless `env` sets `CPM2_ALLOW_LOCAL_ADMIN=0`.
+
     The prompt store and the server's log (shown when it fails to start) live under `workdir`.
     """
     port = free_port()
     workdir.mkdir(parents=True, exist_ok=True)
     log_path = workdir / "server.log"
-    full_env = {**os.environ, "CPM2_PROMPT_STORE": str(workdir / "prompts"), **(env or {})}
+    full_env = {
+        **os.environ,
+        "CPM2_PROMPT_STORE": str(workdir / "prompts"),
+        "CPM2_ALLOW_LOCAL_ADMIN": "1",
+        **(env or {}),
+    }
     with log_path.open("wb") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "server", "--model", str(model), "--port", str(port)],
@@ -66,11 +77,13 @@ def server_process(
 
 
 @contextmanager
-def serve_in_thread(app: Any, *, timeout: float = 120) -> Iterator[str]:
+def serve_in_thread(app: Any, *, settings: Settings | None = None, timeout: float = 120) -> Iterator[str]:
     """`app` under uvicorn in a thread, on a loopback socket bound here (no port race); yields its
     base url and stops it (the lifespan drains the engine) on exit. For tests that drive the server
-    with real HTTP clients but need no separate process."""
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    with real HTTP clients but need no separate process. uvicorn is configured as `cpm2 serve`
+    configures it for `settings` (the defaults when None)."""
+    config = uvicorn_config(app, (settings or Settings()).model_copy(update={"log_level": "warning"}))
+    server = uvicorn.Server(config)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)

@@ -164,7 +164,10 @@ def test_environment_is_settings() -> None:
         if not name.startswith("CPM2_") or name.removeprefix("CPM2_").lower() not in Settings.model_fields
     ]
     assert not unknown, f"not server.settings.Settings fields: {unknown}"
-    assert all(env["valueFrom"]["secretKeyRef"]["optional"] for env in container["env"])
+    optional = {env["name"]: env["valueFrom"]["secretKeyRef"]["optional"] for env in container["env"]}
+    # Prompt writes need the admin token (closed without it; no pod-local trust behind a Service).
+    assert optional == {"CPM2_API_KEY": True, "CPM2_ADMIN_TOKEN": False}
+    assert "CPM2_ALLOW_LOCAL_ADMIN" not in names
     settings = _settings()
     assert settings.port == next(port["containerPort"] for port in container["ports"] if port["name"] == "http")
     assert settings.host == "0.0.0.0"

@@ -42,6 +42,7 @@ MIN_CASES = 1000
 CASE_HEADROOM = 1.25
 MAX_NEW_TOKENS = 4
 MAX_TOTAL_TOKENS = 64
+ADMIN_TOKEN = "fuzz-admin-token"
 #: A prompt uploaded before fuzzing; random ids never collide with it, so it must survive unchanged.
 KNOWN_PROMPT = "fuzz-known-prompt"
 
@@ -73,6 +74,7 @@ def _settings(store: Path) -> Settings:
         max_total_tokens=MAX_TOTAL_TOKENS,
         max_prompt_upload_bytes=64 * 1024,
         payload_limit=64 * 1024,
+        admin_token=ADMIN_TOKEN,
     )
 
 
@@ -86,6 +88,8 @@ def fuzz_client(tiny_model_dir: Path, tmp_path: Path) -> Iterator[asgi.ASGIClien
     engine = AsyncEngine.from_config(EngineConfig(model=tiny_model_dir, max_batch_size=4, max_queue=16))
     app = create_app(_settings(tmp_path / "store"), engine)
     with asgi.get_client(app) as client:
+        # Every request carries the admin token, so fuzzed uploads reach the upload code.
+        client.headers["Authorization"] = f"Bearer {ADMIN_TOKEN}"
         torch.manual_seed(0)
         files = {"file": ("p.safetensors", SoftPrompt(prefix=torch.randn(2, 64)).to_bytes())}
         created = client.post("/prompts", files=files, data={"id": KNOWN_PROMPT})

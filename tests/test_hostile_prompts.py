@@ -25,7 +25,7 @@ import torch
 from fastapi.testclient import TestClient
 from httpx import Response
 from safetensors.torch import save as save_safetensors
-from server_fakes import D_MODEL, FakeEngine
+from server_fakes import D_MODEL, FakeEngine, local_client
 
 from engine.serving.protocol import EngineInfo
 from server.app import create_app
@@ -62,12 +62,13 @@ def _settings(tmp_path: Path) -> Settings:
         prompt_store=tmp_path / "prompts",
         max_virtual_tokens=MAX_TOKENS,
         max_prompt_upload_bytes=MAX_BYTES,
+        allow_local_admin=True,
     )  # type: ignore[call-arg]
 
 
 @pytest.fixture
 def client(tmp_path: Path) -> Iterator[TestClient]:
-    with TestClient(create_app(_settings(tmp_path), FakeEngine())) as test_client:
+    with local_client(create_app(_settings(tmp_path), FakeEngine())) as test_client:
         assert _upload(test_client, "keep", _good()).status_code == 201  # a store with something to break
         yield test_client
 
@@ -241,7 +242,7 @@ def test_overflow_in_the_serving_dtype_is_refused(
     tmp_path: Path, dtype: str, value: float, source: torch.dtype
 ) -> None:
     root = tmp_path / "prompts"
-    with TestClient(create_app(_settings(tmp_path), _DtypeEngine(dtype))) as client:
+    with local_client(create_app(_settings(tmp_path), _DtypeEngine(dtype))) as client:
         data = save_safetensors({"prefix": torch.full((1, D_MODEL), value, dtype=source)})
         _assert_refused(_upload(client, "x", data), 422, f"NaN or Inf values in {dtype}")
         assert _snapshot(root) == {}

@@ -25,6 +25,7 @@ from conftest import HF_CASES, HF_COMMON, save_hf_model
 from fastapi.testclient import TestClient
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
+from server_fakes import local_client
 
 from cpm2.cli import main as cpm2_main
 from engine.peft import peft_from_soft_prompt, read_peft_dir, soft_prompt_from_peft
@@ -173,8 +174,10 @@ def served(tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
                 model = _train_prompt(hf, tokenizer)
                 model.save_pretrained(root / "adapter")
                 engine = AsyncEngine.from_config(EngineConfig(model=root / "native", max_batch_size=8))
-                settings = Settings(prompt_store=root / "store", max_input_tokens=256, max_total_tokens=512)
-                client = stack.enter_context(TestClient(create_app(settings, engine)))
+                settings = Settings(
+                    prompt_store=root / "store", max_input_tokens=256, max_total_tokens=512, allow_local_admin=True
+                )
+                client = stack.enter_context(local_client(create_app(settings, engine)))
                 cache[name] = Served(name, tokenizer, root / "hf", root / "native", root / "adapter", model, client)
             return cache[name]
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from fastapi.testclient import TestClient
+from server_fakes import local_client
 
 from engine.offload import OffloadConfig
 from engine.prompts import SoftPrompt
@@ -21,13 +22,13 @@ from server.settings import Settings
 
 def _app(model_dir: Path, store: Path, **engine_options: object):  # type: ignore[no-untyped-def]
     config = EngineConfig(model=model_dir, max_batch_size=8, max_queue=64, **engine_options)  # type: ignore[arg-type]
-    settings = Settings(prompt_store=store, max_input_tokens=256, max_total_tokens=512)
+    settings = Settings(prompt_store=store, max_input_tokens=256, max_total_tokens=512, allow_local_admin=True)
     return create_app(settings, AsyncEngine.from_config(config))
 
 
 @pytest.fixture(scope="module")
 def client(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
-    with TestClient(_app(tiny_model_dir, tmp_path_factory.mktemp("store"))) as test_client:
+    with local_client(_app(tiny_model_dir, tmp_path_factory.mktemp("store"))) as test_client:
         yield test_client
 
 
@@ -89,7 +90,7 @@ def test_stream_text_adds_up(client: TestClient) -> None:
 
 def test_two_servers_share_one_prompt_store(tiny_model_dir: Path, tmp_path: Path) -> None:
     store = tmp_path / "shared"
-    with TestClient(_app(tiny_model_dir, store)) as a, TestClient(_app(tiny_model_dir, store)) as b:
+    with local_client(_app(tiny_model_dir, store)) as a, local_client(_app(tiny_model_dir, store)) as b:
         _upload(a, "shared-task", SoftPrompt(prefix=torch.randn(2, 64)))
         assert [p["id"] for p in b.get("/prompts").json()["data"]] == ["shared-task"]
         body = {"inputs": "x", "parameters": {"prompt_id": "shared-task", "max_new_tokens": 3}}
@@ -126,7 +127,7 @@ def test_deadline(client: TestClient) -> None:
 
 def test_offloaded_engine_reports_expert_traffic(tiny_model_dir: Path, tmp_path: Path) -> None:
     offload = OffloadConfig(expert_memory="40%", direct_io=True)
-    with TestClient(_app(tiny_model_dir, tmp_path / "s", offload=offload)) as client:
+    with local_client(_app(tiny_model_dir, tmp_path / "s", offload=offload)) as client:
         details = _generate(client, {"inputs": "hi", "parameters": {"max_new_tokens": 5, "details": True}})["details"]
         assert details["experts"]["misses"] > 0
         assert details["experts"]["bytes_moved"] > 0

@@ -19,6 +19,7 @@ import torch
 import transformers
 from conftest import build_hf_model, save_hf_model
 from fastapi.testclient import TestClient
+from server_fakes import local_client
 from test_tokenizer_nllb import EXTRA_LINES, train_nllb_like, write_hub_dir
 from test_translation_cli import _hf_translate
 
@@ -34,9 +35,9 @@ NEW_TOKENS = 8
 
 
 def _client(model_dir: Path, store: Path) -> TestClient:
-    settings = Settings(prompt_store=store, max_input_tokens=256, max_total_tokens=512)
+    settings = Settings(prompt_store=store, max_input_tokens=256, max_total_tokens=512, allow_local_admin=True)
     engine = AsyncEngine.from_config(EngineConfig(model=model_dir, max_batch_size=8, max_queue=64))
-    return TestClient(create_app(settings, engine))
+    return local_client(create_app(settings, engine))
 
 
 @pytest.fixture(scope="module")

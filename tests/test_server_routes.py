@@ -12,7 +12,7 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 from safetensors.torch import save as save_safetensors
-from server_fakes import D_MODEL, FakeEngine
+from server_fakes import D_MODEL, FakeEngine, local_client
 
 from engine.errors import ConfigError, InputError
 from engine.prompts import SoftPrompt
@@ -22,7 +22,9 @@ from server.settings import Settings
 
 
 def _settings(tmp_path: Path, **overrides: object) -> Settings:
+    # Prompt writes from the (loopback) test client, as `make serve` allows them.
     base = {"prompt_store": tmp_path / "prompts", "max_input_tokens": 64, "max_total_tokens": 96}
+    base["allow_local_admin"] = True
     return Settings(**{**base, **overrides})  # type: ignore[arg-type]
 
 
@@ -33,7 +35,7 @@ def engine() -> FakeEngine:
 
 @pytest.fixture
 def client(tmp_path: Path, engine: FakeEngine) -> Iterator[TestClient]:
-    with TestClient(create_app(_settings(tmp_path), engine)) as test_client:
+    with local_client(create_app(_settings(tmp_path), engine)) as test_client:
         yield test_client
 
 
@@ -367,7 +369,7 @@ def test_bad_uploads_leave_the_store_unchanged(client: TestClient, prompt_id: st
 
 
 def test_upload_size_limit(tmp_path: Path, engine: FakeEngine) -> None:
-    with TestClient(create_app(_settings(tmp_path, max_prompt_upload_bytes=1000), engine)) as client:
+    with local_client(create_app(_settings(tmp_path, max_prompt_upload_bytes=1000), engine)) as client:
         r = _upload(client, "big", _prompt_bytes(prefix=100))
         assert r.status_code == 413
         assert "1000" in r.json()["error"]
@@ -378,7 +380,7 @@ def test_upload_size_limit(tmp_path: Path, engine: FakeEngine) -> None:
 
 def test_api_key_and_admin_token(tmp_path: Path, engine: FakeEngine) -> None:
     settings = _settings(tmp_path, api_key="s3cret-key", admin_token="admin-t0ken")
-    with TestClient(create_app(settings, engine)) as client:
+    with local_client(create_app(settings, engine)) as client:
         body = {"inputs": "x", "parameters": {"max_new_tokens": 1}}
         assert client.post("/generate", json=body).status_code == 401
         wrong = client.post("/generate", json=body, headers={"Authorization": "Bearer nope"})
@@ -434,7 +436,7 @@ def test_health_ready_and_drain(client: TestClient, engine: FakeEngine) -> None:
 
 
 def test_lifespan_starts_and_drains_the_engine(tmp_path: Path, engine: FakeEngine) -> None:
-    with TestClient(create_app(_settings(tmp_path), engine)):
+    with local_client(create_app(_settings(tmp_path), engine)):
         assert engine.started
     assert engine.drained
 
@@ -469,7 +471,7 @@ def test_metrics(client: TestClient) -> None:
 
 
 def test_payload_limit(tmp_path: Path, engine: FakeEngine) -> None:
-    with TestClient(create_app(_settings(tmp_path, payload_limit=100), engine)) as client:
+    with local_client(create_app(_settings(tmp_path, payload_limit=100), engine)) as client:
         r = client.post("/generate", json={"inputs": "x" * 200})
         assert r.status_code == 413
         assert r.json()["error_type"] == "too_large"
@@ -488,7 +490,7 @@ def test_bundled_prompts_are_served_read_only_beside_uploads(tmp_path: Path, eng
     (bundle / "same.safetensors").write_bytes(_prompt_bytes(prefix=2, infix=1, suffix=2))
     (bundle / "notes.txt").write_text("not a prompt")
     settings = _settings(tmp_path, bundled_prompts=bundle)
-    with TestClient(create_app(settings, engine)) as client:
+    with local_client(create_app(settings, engine)) as client:
         assert _upload(client, "mine", _prompt_bytes(prefix=1)).status_code == 201
         listed = {p["id"]: p for p in client.get("/prompts").json()["data"]}
         assert sorted(listed) == ["mine", "num2zh", "same"]
@@ -515,7 +517,7 @@ def test_a_bad_bundled_prompt_stops_start_up_naming_the_file(tmp_path: Path, eng
     (bundle / "good.safetensors").write_bytes(_prompt_bytes(prefix=3))
     (bundle / "wide.safetensors").write_bytes(SoftPrompt(prefix=torch.randn(2, D_MODEL + 1)).to_bytes())
     app = create_app(_settings(tmp_path, bundled_prompts=bundle), engine)
-    with pytest.raises(InputError, match=r"wide\.safetensors cannot be loaded"), TestClient(app):
+    with pytest.raises(InputError, match=r"wide\.safetensors cannot be loaded"), local_client(app):
         pass
     # The upload size limit holds for bundled files too (validated exactly as an upload is).
     (bundle / "wide.safetensors").unlink()
@@ -523,7 +525,7 @@ def test_a_bad_bundled_prompt_stops_start_up_naming_the_file(tmp_path: Path, eng
     with pytest.raises(InputError, match=r"good\.safetensors cannot be loaded.*limit is 100"), TestClient(small):
         pass
     missing = _settings(tmp_path, bundled_prompts=tmp_path / "nowhere")
-    with pytest.raises(ConfigError, match="is not a directory"), TestClient(create_app(missing, engine)):
+    with pytest.raises(ConfigError, match="is not a directory"), local_client(create_app(missing, engine)):
         pass
 
 

@@ -19,6 +19,7 @@ import transformers
 from conftest import build_hf_model, save_hf_model
 from fastapi.testclient import TestClient
 from libretranslatepy import LibreTranslateAPI
+from server_fakes import local_client
 from server_process import serve_in_thread
 from test_tokenizer_nllb import EXTRA_LINES, train_nllb_like, write_hub_dir
 
@@ -34,7 +35,14 @@ TEXTS = ["hello world", "the cat sat on the mat", "北京是中国的首都"]
 
 
 def _settings(store: Path) -> Settings:
-    return Settings(prompt_store=store, api_key=KEY, max_input_tokens=128, max_total_tokens=256, max_new_tokens=8)
+    return Settings(
+        prompt_store=store,
+        api_key=KEY,
+        max_input_tokens=128,
+        max_total_tokens=256,
+        max_new_tokens=8,
+        allow_local_admin=True,
+    )
 
 
 def _engine(model_dir: Path) -> AsyncEngine:
@@ -64,7 +72,7 @@ def lt(base_url: str) -> LibreTranslateAPI:
 
 @pytest.fixture(scope="module")
 def client(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
-    with TestClient(create_app(_settings(tmp_path_factory.mktemp("store")), _engine(model_dir))) as c:
+    with local_client(create_app(_settings(tmp_path_factory.mktemp("store")), _engine(model_dir))) as c:
         yield c
 
 

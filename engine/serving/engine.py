@@ -33,7 +33,13 @@ from engine.serving.protocol import (
     StepListener,
     TokenEvent,
 )
-from engine.tokenizer import Tokenizer, TranslationTokenizer, check_special_ids, load_tokenizer
+from engine.tokenizer import (
+    Tokenizer,
+    TranslationTokenizer,
+    check_special_ids,
+    load_tokenizer,
+    longest_token_chars,
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -82,6 +88,7 @@ class AsyncEngine:
             loaded.model, tokenizer, expert_stats=provider.stats.snapshot if provider is not None else None
         )
         specials = frozenset(i for i in range(tokenizer.vocab_size) if tokenizer.is_special(i))
+        self._max_token_chars = longest_token_chars(tokenizer)
         self.loop = EngineLoop(
             self.generator,
             max_running=config.max_batch_size,
@@ -168,6 +175,7 @@ class AsyncEngine:
             extra={"total_expert_bytes": self.loaded.total_expert_bytes},
             cpu_kernels=self._kernel_info(),
             languages=self.tokenizer.language_codes if isinstance(self.tokenizer, TranslationTokenizer) else (),
+            max_token_chars=self._max_token_chars,
         )
 
     def _kernel_info(self) -> dict[str, str]:

@@ -100,6 +100,10 @@ class EngineInfo:
     languages: tuple[str, ...] = ()
     """Language codes of a translation model's tokenizer (NLLB-200: `eng_Latn` ...); empty for a
     model without them."""
+    max_token_chars: int = 0
+    """The most characters of text one token stands for (the longest vocabulary entry), so that
+    `n` tokens never cover more than `n * max_token_chars` characters: a server bounds an input by
+    characters before tokenising it. 0: unknown (no such bound)."""
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 from engine.errors import CheckpointError
-from engine.tokenizer.base import DecoderStartTokenizer, IncrementalDecoder, Tokenizer, decoder_start_id
+from engine.tokenizer.base import (
+    DecoderStartTokenizer,
+    IncrementalDecoder,
+    Tokenizer,
+    decoder_start_id,
+    longest_token_chars,
+)
 from engine.tokenizer.corpus import builtin_corpus
 from engine.tokenizer.cpm2 import CPM2Tokenizer, MissingDependencyError
 from engine.tokenizer.nllb import NLLBTokenizer, load_nllb_dir
@@ -25,6 +31,7 @@ __all__ = [
     "check_special_ids",
     "decoder_start_id",
     "load_tokenizer",
+    "longest_token_chars",
     "train_sentencepiece",
 ]
 

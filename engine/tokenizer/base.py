@@ -11,7 +11,7 @@ import re
 from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
-__all__ = ["DecoderStartTokenizer", "IncrementalDecoder", "Tokenizer", "decoder_start_id"]
+__all__ = ["DecoderStartTokenizer", "IncrementalDecoder", "Tokenizer", "decoder_start_id", "longest_token_chars"]
 
 
 @runtime_checkable
@@ -168,3 +168,12 @@ class IncrementalDecoder:
         decoder.decode(bytes(trailing), final=False)
         pending, _ = decoder.getstate()
         return bool(pending)
+
+
+def longest_token_chars(tokenizer: Tokenizer) -> int:
+    """The length of the longest vocabulary entry: no token stands for more characters of text.
+
+    An upper bound, never an underestimate: markers count as characters (``▁`` for a space, the
+    ``##`` of a continuation), and a byte-fallback entry ``<0xE4>`` (six) stands for one byte.
+    """
+    return max(1, max((len(tokenizer.id_to_piece(i)) for i in range(tokenizer.vocab_size)), default=1))

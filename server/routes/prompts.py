@@ -14,12 +14,16 @@ from fastapi.responses import JSONResponse
 from engine.peft import MAX_CONFIG_BYTES, peft_archive, soft_prompt_from_peft_files
 from engine.prompts import PromptError
 from server.auth import check_admin, check_api_key
-from server.context import Ctx
+from server.context import Ctx, ServerContext
 from server.errors import PayloadTooLargeError, mapping_for
 from server.prompt_store import check_id
 from server.schemas import ERROR_RESPONSES
 
 router = APIRouter(prefix="/prompts", responses=ERROR_RESPONSES)
+
+
+def _check_admin(request: Request, ctx: ServerContext) -> None:
+    check_admin(request, ctx.settings.admin_token, allow_local=ctx.settings.allow_local_admin)
 
 
 @router.post("", status_code=201)
@@ -37,7 +41,7 @@ async def upload(
     ] = None,
 ) -> JSONResponse:
     """Store a new soft prompt (admin). 409 if the id exists, 415 for a non-safetensors file."""
-    check_admin(request, ctx.settings.admin_token)
+    _check_admin(request, ctx)
     check_id(prompt_id)
     limit = ctx.settings.max_prompt_upload_bytes
     data = await file.read(limit + 1)
@@ -46,8 +50,13 @@ async def upload(
             raise PayloadTooLargeError(f"the prompt file is over {limit} bytes (CPM2_MAX_PROMPT_UPLOAD_BYTES)")
         if adapter_config is not None:
             config = await adapter_config.read(MAX_CONFIG_BYTES + 1)
-            data = soft_prompt_from_peft_files(config, data, d_model=ctx.store.d_model).to_bytes()
-        record = ctx.store.create(prompt_id, data, description=description)
+            peft = data
+            data = await ctx.off_loop(
+                lambda: soft_prompt_from_peft_files(config, peft, d_model=ctx.store.d_model).to_bytes()
+            )
+        prompt = data
+        # Parsing, validating and fsyncing up to CPM2_MAX_PROMPT_UPLOAD_BYTES: in the worker pool.
+        record = await ctx.off_loop(lambda: ctx.store.create(prompt_id, prompt, description=description))
     except (PromptError, PayloadTooLargeError) as exc:
         ctx.metrics.uploads.labels(f"rejected_{mapping_for(exc).error_type}").inc()
         raise
@@ -79,11 +88,11 @@ async def download(
     ] = "cpm2",
 ) -> Response:
     """The prompt's safetensors file as stored (admin), or with `format=peft` a PEFT adapter (zip)."""
-    check_admin(request, ctx.settings.admin_token)
+    _check_admin(request, ctx)
     record = ctx.store.record(prompt_id)
     if file_format == "peft":
         return Response(
-            peft_archive(ctx.store.stored_prompt(prompt_id)),
+            await ctx.off_loop(lambda: peft_archive(ctx.store.stored_prompt(prompt_id))),
             media_type="application/zip",
             headers={
                 # The archive is a pure function of the stored file, so its hash identifies it too.
@@ -92,7 +101,7 @@ async def download(
             },
         )
     return Response(
-        ctx.store.file_bytes(prompt_id),
+        await ctx.off_loop(lambda: ctx.store.file_bytes(prompt_id)),
         media_type="application/octet-stream",
         headers={
             "ETag": f'"{record.sha256}"',
@@ -104,6 +113,6 @@ async def download(
 @router.delete("/{prompt_id}", status_code=204)
 async def delete(prompt_id: str, request: Request, ctx: Ctx) -> Response:
     """Delete a prompt (admin). Requests already using it finish normally."""
-    check_admin(request, ctx.settings.admin_token)
-    ctx.store.delete(prompt_id)
+    _check_admin(request, ctx)
+    await ctx.off_loop(lambda: ctx.store.delete(prompt_id))
     return Response(status_code=204)

@@ -10,6 +10,7 @@ from server.auth import check_api_key
 from server.context import Ctx
 from server.prompt_store import check_id
 from server.schemas import ERROR_RESPONSES, TokenizeRequest
+from server.service import GenerationInput
 
 router = APIRouter(responses=ERROR_RESPONSES)
 
@@ -50,6 +51,7 @@ async def info(ctx: Ctx) -> dict[str, object]:
         "device": engine.device,
         "d_model": engine.d_model,
         "max_input_tokens": s.max_input_tokens,
+        "max_input_chars": ctx.service.max_input_chars,
         "max_total_tokens": s.max_total_tokens,
         "max_new_tokens": s.max_new_tokens,
         "max_concurrent_requests": s.max_concurrent_requests,
@@ -74,20 +76,21 @@ async def metrics(ctx: Ctx) -> Response:
 
 @router.post("/tokenize")
 async def tokenize(request: Request, body: TokenizeRequest, ctx: Ctx) -> dict[str, object]:
-    """The tokens of `inputs` (and `text_pair`), and where a prompt's virtual tokens would go."""
+    """The tokens of `inputs` (and `text_pair`), and where a prompt's virtual tokens would go; the
+    same input limits as generation (422 over them)."""
     check_api_key(request, ctx.settings.api_key)
-    if body.text_pair is not None:
-        ids_a = ctx.engine.tokenize(body.inputs, add_eos=False)
-        ids_b = ctx.engine.tokenize(body.text_pair)
-    else:
-        ids_a, ids_b = ctx.engine.tokenize(body.inputs), []
-    virtual: dict[str, int] = {}
-    if body.prompt_id is not None:
-        virtual = ctx.store.record(check_id(body.prompt_id)).num_virtual_tokens
-    tokens = [{"id": t, "text": ctx.engine.token_text(t), "segment": "inputs"} for t in ids_a]
-    tokens += [{"id": t, "text": ctx.engine.token_text(t), "segment": "text_pair"} for t in ids_b]
-    return {
-        "tokens": tokens,
-        "virtual_tokens": virtual,
-        "input_length": len(ids_a) + len(ids_b) + sum(n for k, n in virtual.items() if k != "decoder_prefix"),
-    }
+
+    def report() -> dict[str, object]:
+        ids_a, ids_b = ctx.service.tokens(GenerationInput(inputs=body.inputs, text_pair=body.text_pair))
+        virtual: dict[str, int] = {}
+        if body.prompt_id is not None:
+            virtual = ctx.store.record(check_id(body.prompt_id)).num_virtual_tokens
+        tokens = [{"id": t, "text": ctx.engine.token_text(t), "segment": "inputs"} for t in ids_a]
+        tokens += [{"id": t, "text": ctx.engine.token_text(t), "segment": "text_pair"} for t in ids_b]
+        return {
+            "tokens": tokens,
+            "virtual_tokens": virtual,
+            "input_length": len(ids_a) + len(ids_b) + sum(n for k, n in virtual.items() if k != "decoder_prefix"),
+        }
+
+    return await ctx.off_loop(report)

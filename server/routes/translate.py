@@ -21,7 +21,6 @@ from pydantic import ValidationError
 from engine.errors import InputError
 from server.auth import check_api_key
 from server.context import Ctx, ServerContext
-from server.errors import PayloadTooLargeError
 from server.languages import offered, to_nllb
 from server.schemas import LIBRETRANSLATE_ERROR_RESPONSES, LanguageEntry, TranslateRequest, TranslateResponse
 from server.service import GenerationInput, Outcome, Timing
@@ -45,11 +44,9 @@ async def _fields(request: Request) -> Any:
     return fields
 
 
-async def translate_body(request: Request, ctx: Ctx) -> TranslateRequest:
-    """The request from a JSON or a form body (LibreTranslate accepts both), validated."""
-    length = request.headers.get("content-length", "")
-    if length.isdigit() and int(length) > ctx.settings.payload_limit:
-        raise PayloadTooLargeError(f"the request body is over {ctx.settings.payload_limit} bytes (CPM2_PAYLOAD_LIMIT)")
+async def translate_body(request: Request) -> TranslateRequest:
+    """The request from a JSON or a form body (LibreTranslate accepts both), validated; its size is
+    bounded while it is read (server/limits.py)."""
     try:
         return TranslateRequest.model_validate(await _fields(request))
     except ValidationError as exc:  # the handler in server/errors.py words it like FastAPI's own
