@@ -41,19 +41,21 @@ RESULTS = Path(__file__).parent / "results"
 Send = Callable[[], tuple[int, float, bytes]]
 
 
-def _filler(content_type: str) -> bytes:
-    """A body prefix of the route's kind: the server cannot tell the rest from a real body until it
-    has read it all."""
+def _framing(content_type: str) -> tuple[bytes, bytes, bytes]:
+    """(head, filler, tail) of a valid body of the route's kind, as long as the filler repeats: a
+    server that reads it all gets a well-formed request of millions of tokens."""
     if content_type.startswith("multipart"):
-        return b'--xyz\r\nContent-Disposition: form-data; name="file"; filename="p.safetensors"\r\n\r\n'
+        head = b'--xyz\r\nContent-Disposition: form-data; name="id"\r\n\r\nbig\r\n--xyz\r\n'
+        head += b'Content-Disposition: form-data; name="file"; filename="p.safetensors"\r\n\r\n'
+        return head, b"a ", b"\r\n--xyz--\r\n"
     if content_type.endswith("urlencoded"):
-        return b"source=en&target=fr&q="
-    return b'{"inputs": "'
+        return b"source=en&target=fr&q=", b"a+", b""
+    return b'{"inputs": "', b"a ", b'"}'
 
 
 def send_chunked(url: str, method: str, path: str, content_type: str, total: int) -> tuple[int, int, bytes]:
-    """Send `total` bytes as a chunked body, stopping as soon as the server answers; returns the
-    status, the body bytes sent before the answer came, and the answer's body."""
+    """Send a valid body of about `total` bytes chunked, stopping as soon as the server answers;
+    returns the status, the body bytes sent before the answer came, and the answer's body."""
     parts = urlsplit(url)
     sock = socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 80), timeout=60)
     head = (
@@ -61,22 +63,22 @@ def send_chunked(url: str, method: str, path: str, content_type: str, total: int
         "Transfer-Encoding: chunked\r\n\r\n"
     )
     sock.sendall(head.encode())
-    first = _filler(content_type) + b"a" * (16 * 1024)
-    pending, sent = b"", 0
+    body_head, filler, body_tail = _framing(content_type)
+    piece = filler * (8 * 1024)
+    pending, sent, finished = b"", 0, False
     sock.setblocking(False)
-    while sent < total:
+    while not (finished and not pending):
         readable, writable, _ = select.select([sock], [sock], [], 60)
         if readable:
             break  # the server answered before the body ended
         if not writable:
             raise TimeoutError("the server neither read the body nor answered for 60 s")
         if not pending:
-            piece = first if sent == 0 else first[-16 * 1024 :]
-            pending = b"%x\r\n%s\r\n" % (len(piece), piece)
-            sent += len(piece)
+            finished = sent + len(piece) >= total
+            data = body_tail if finished else body_head + piece if sent == 0 else piece
+            pending = (b"%x\r\n%s\r\n" % (len(data), data) if data else b"") + (b"0\r\n\r\n" if finished else b"")
+            sent += len(data)
         pending = pending[sock.send(pending) :]
-    if sent >= total and not pending:
-        sock.sendall(b"0\r\n\r\n")
     sock.setblocking(True)
     answer = _read_answer(sock)
     sock.close()
@@ -99,17 +101,24 @@ def send_sized_headers(
 
 
 def _read_answer(sock: socket.socket) -> bytes:
-    answer = b""
-    while b"\r\n\r\n" not in answer or len(answer.partition(b"\r\n\r\n")[2]) < _content_length(answer):
+    """The response: headers, then the body to its Content-Length (or to the end of the stream)."""
+    answer = bytearray()
+    while b"\r\n\r\n" not in answer:
         data = sock.recv(65536)
+        if not data:
+            return bytes(answer)
+        answer += data
+    expected = answer.index(b"\r\n\r\n") + 4 + _content_length(bytes(answer[: answer.index(b"\r\n\r\n")]))
+    while len(answer) < expected:
+        data = sock.recv(1 << 20)
         if not data:
             break
         answer += data
-    return answer
+    return bytes(answer)
 
 
-def _content_length(answer: bytes) -> int:
-    for line in answer.partition(b"\r\n\r\n")[0].split(b"\r\n")[1:]:
+def _content_length(head: bytes) -> int:
+    for line in head.split(b"\r\n")[1:]:
         name, _, value = line.partition(b":")
         if name.strip().lower() == b"content-length":
             return int(value)
@@ -218,9 +227,13 @@ def cases(
 
         return send
 
-    # The largest text a JSON body under the limit carries ("a" * n: one byte per character).
+    # The largest text a JSON body under the limit carries (one byte per character); the most
+    # characters the server tokenises before refusing; the longest input it accepts ("▁a": a token).
     longest = "a " * ((payload_limit - 200) // 2)
     at_bound = "a " * ((info.get("max_input_chars") or 4000) // 2)
+    unit = httpx.post(f"{url}/tokenize", json={"inputs": "a " * 64}, timeout=60).json()["tokens"]
+    maximal = "a " * ((info["max_input_tokens"] - 1) * 64 // (len(unit) - 1))  # without its </s>
+    upload = info["max_prompt_upload_bytes"] + 2 * MIB
     return {
         f"chunked {big_mib:g} MiB -> /generate": chunked("/generate", total),
         f"chunked {big_mib:g} MiB -> /generate_stream": chunked("/generate_stream", total),
@@ -229,13 +242,17 @@ def cases(
             "/translate", total, "application/x-www-form-urlencoded"
         ),
         f"chunked {big_mib / 5:g} MiB -> /tokenize": chunked("/tokenize", total // 5),
-        f"chunked {big_mib:g} MiB -> /prompts": chunked("/prompts", total, "multipart/form-data; boundary=xyz"),
+        f"chunked {upload / MIB:g} MiB -> /prompts": chunked("/prompts", upload, "multipart/form-data; boundary=xyz"),
         f"Content-Length {big_mib:g} MiB, no body -> /generate": sized,
         "body at the limit, truncate -> /generate": post(
             "/generate", {"inputs": longest, "parameters": {"truncate": 16, "max_new_tokens": 4}}
         ),
         "body at the limit -> /tokenize": post("/tokenize", {"inputs": longest}),
         "text at the character bound -> /tokenize": post("/tokenize", {"inputs": at_bound}),
+        "longest accepted input -> /tokenize": post("/tokenize", {"inputs": maximal}),
+        "longest accepted input -> /generate": post(
+            "/generate", {"inputs": maximal, "parameters": {"max_new_tokens": 8}}
+        ),
     }
 
 

@@ -12,6 +12,7 @@ characters (`max_input_chars`) before it is tokenised, so an oversize text costs
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -277,3 +278,19 @@ class GenerationService:
         request, events = await self.stream(route, spec, timing)
         collected = [event async for event in events]
         return Outcome(request, collected, timing)
+
+    async def run_all(self, route: str, specs: list[GenerationInput], *, field: str) -> list[Outcome]:
+        """Every spec of one HTTP request at once (so the engine batches them); one failing cancels
+        the rest. `field` names the request's list in the error for too many of them."""
+        limit = self.settings.max_concurrent_requests
+        if len(specs) > limit:
+            raise InputError(
+                f"{field}: {len(specs)} texts in one request; the limit is {limit} (CPM2_MAX_CONCURRENT_REQUESTS)"
+            )
+        tasks = [asyncio.ensure_future(self.run(route, spec, Timing(arrival=time.monotonic()))) for spec in specs]
+        try:
+            return await asyncio.gather(*tasks)
+        finally:
+            for task in tasks:
+                task.cancel()  # no-op on finished tasks
+            await asyncio.gather(*tasks, return_exceptions=True)

@@ -4,7 +4,7 @@ Every route is driven with no key, a wrong key, a key that is a prefix of the ri
 credential, and the key in the query string; all are refused with 401 in the error shape, and
 neither secret appears in any response body or header nor in any log record (captured at DEBUG
 from every logger), nor in a real server process's log, uvicorn's access log included.
-(Writes from loopback without an admin token are tested in test_server_routes.py.)
+(Who may write prompts without an admin token is tested in test_trust.py.)
 """
 
 from __future__ import annotations

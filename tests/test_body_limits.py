@@ -287,3 +287,16 @@ def test_health_answers_while_a_prompt_file_is_written_or_read(
             "delete": httpx.Request("DELETE", f"{url}/prompts/p"),
         }[operation]
         assert _held(url, request, entered, release) in (200, 201, 204)
+
+
+def test_a_list_of_texts_is_bounded_like_concurrent_requests(tmp_path: Path) -> None:
+    engine = CountingEngine()
+    with local_client(create_app(_settings(tmp_path, max_concurrent_requests=3), engine)) as client:
+        completions = client.post("/v1/completions", json={"model": "fake-model", "prompt": ["a"] * 4, "max_tokens": 1})
+        assert completions.status_code == 422
+        assert "prompt: 4 texts in one request; the limit is 3" in completions.json()["error"]["message"]
+        translate = client.post("/translate", json={"q": ["a"] * 4, "source": "en", "target": "fr"})
+        assert translate.status_code == 400
+        assert "q: 4 texts in one request; the limit is 3" in translate.json()["error"]
+        assert client.post("/translate", json={"q": ["a"] * 3, "source": "en", "target": "fr"}).status_code == 200
+    assert engine.tokenized_chars == 3  # only the list within the limit was tokenised

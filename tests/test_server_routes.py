@@ -397,15 +397,6 @@ def test_api_key_and_admin_token(tmp_path: Path, engine: FakeEngine) -> None:
         assert _upload(client, "p", data, Authorization="Bearer admin-t0ken").status_code == 201
 
 
-def test_prompt_writes_without_admin_token_need_loopback(tmp_path: Path, engine: FakeEngine) -> None:
-    app = create_app(_settings(tmp_path), engine)
-    with TestClient(app, client=("203.0.113.7", 5000)) as remote:
-        r = _upload(remote, "p", _prompt_bytes(prefix=1))
-        assert r.status_code == 403
-        assert "CPM2_ADMIN_TOKEN" in r.json()["error"]
-        assert remote.post("/generate", json={"inputs": "x", "parameters": {"max_new_tokens": 1}}).status_code == 200
-
-
 def test_blank_keys_mean_unset(tmp_path: Path, engine: FakeEngine, monkeypatch: pytest.MonkeyPatch) -> None:
     # compose's `${CPM2_ADMIN_TOKEN:-}` and an empty Secret must not make "" the key.
     monkeypatch.setenv("CPM2_API_KEY", "")

@@ -7,7 +7,6 @@ Answers and streamed chunks are `server.schemas.Completion`, the shape of openai
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 import uuid
@@ -127,12 +126,8 @@ async def completions(request: Request, body: CompletionRequest, ctx: Ctx) -> ob
             media_type="text/event-stream",
             headers={"X-Accel-Buffering": "no", "Cache-Control": "no-cache"},
         )
-    outcomes = await asyncio.gather(
-        *[
-            ctx.service.run("completions", to_input(body, text, prompt_id), Timing(arrival=time.monotonic()))
-            for text in body.prompts
-        ]
-    )
+    specs = [to_input(body, text, prompt_id) for text in body.prompts]
+    outcomes = await ctx.service.run_all("completions", specs, field="prompt")
     usage = _usage(
         prompt_tokens=sum(o.last.num_input_tokens + o.last.num_virtual_tokens for o in outcomes),
         completion_tokens=sum(o.last.index for o in outcomes),

@@ -9,9 +9,7 @@ NLLB codes by server/languages.py. A list is submitted all at once, so the engin
 
 from __future__ import annotations
 
-import asyncio
 import json
-import time
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
@@ -20,21 +18,22 @@ from pydantic import ValidationError
 
 from engine.errors import InputError
 from server.auth import check_api_key
-from server.context import Ctx, ServerContext
+from server.context import Ctx
 from server.languages import offered, to_nllb
 from server.schemas import LIBRETRANSLATE_ERROR_RESPONSES, LanguageEntry, TranslateRequest, TranslateResponse
-from server.service import GenerationInput, Outcome, Timing
+from server.service import GenerationInput
 
 router = APIRouter(responses=LIBRETRANSLATE_ERROR_RESPONSES)
 
 
-async def _fields(request: Request) -> Any:
+async def _fields(request: Request, payload_limit: int) -> Any:
     if request.headers.get("content-type", "").split(";")[0].strip().endswith("json"):
         try:
             return await request.json()
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise InputError("Invalid request: the body is not valid JSON") from None
-    form = await request.form()
+    # A text field may take the whole body (Starlette's own cap is 1 MiB): the body limit bounds it.
+    form = await request.form(max_part_size=payload_limit)
     fields: dict[str, Any] = {key: value for key, value in form.items() if isinstance(value, str)}
     # LibreTranslate normalises a form's line endings to LF (RFC 2046 sends CRLF); repeated `q`
     # fields are a list.
@@ -44,26 +43,13 @@ async def _fields(request: Request) -> Any:
     return fields
 
 
-async def translate_body(request: Request) -> TranslateRequest:
+async def translate_body(request: Request, ctx: Ctx) -> TranslateRequest:
     """The request from a JSON or a form body (LibreTranslate accepts both), validated; its size is
     bounded while it is read (server/limits.py)."""
     try:
-        return TranslateRequest.model_validate(await _fields(request))
+        return TranslateRequest.model_validate(await _fields(request, ctx.settings.payload_limit))
     except ValidationError as exc:  # the handler in server/errors.py words it like FastAPI's own
         raise RequestValidationError(exc.errors()) from None
-
-
-async def _run_all(ctx: ServerContext, specs: list[GenerationInput]) -> list[Outcome]:
-    """Every spec at once (so the engine batches them); one failing cancels the rest."""
-    tasks = [
-        asyncio.ensure_future(ctx.service.run("translate", spec, Timing(arrival=time.monotonic()))) for spec in specs
-    ]
-    try:
-        return await asyncio.gather(*tasks)
-    finally:
-        for task in tasks:
-            task.cancel()  # no-op on finished tasks
-        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 # The body is read by `translate_body` (JSON or form), so FastAPI cannot document it on its own.
@@ -86,14 +72,12 @@ async def translate(
     codes = ctx.engine.info().languages
     src_lang = to_nllb(body.source, codes, field="source")
     tgt_lang = to_nllb(body.target, codes, field="target")
-    texts = body.texts
-    if len(texts) > ctx.settings.max_concurrent_requests:
-        raise InputError(
-            f"Invalid request: {len(texts)} texts in one request; the limit is "
-            f"{ctx.settings.max_concurrent_requests} (CPM2_MAX_CONCURRENT_REQUESTS)"
-        )
-    specs = [GenerationInput(inputs=t, src_lang=src_lang, tgt_lang=tgt_lang, prompt_id=body.prompt_id) for t in texts]
-    translated = [outcome.last.generated_text or "" for outcome in await _run_all(ctx, specs)]
+    specs = [
+        GenerationInput(inputs=t, src_lang=src_lang, tgt_lang=tgt_lang, prompt_id=body.prompt_id) for t in body.texts
+    ]
+    translated = [
+        outcome.last.generated_text or "" for outcome in await ctx.service.run_all("translate", specs, field="q")
+    ]
     return TranslateResponse(translatedText=translated[0] if isinstance(body.q, str) else translated)
 
 
