@@ -18,6 +18,8 @@ BENCHMARKS: tuple[tuple[str, ...], ...] = (
     ("bench.offload",),
     ("bench.offload_peers",),
     ("bench.serve_load",),
+    ("bench.burst",),
+    ("bench.abuse",),
 )
 
 

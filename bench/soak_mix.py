@@ -84,6 +84,30 @@ def _has(key: str) -> Callable[[httpx.Response], str | None]:
     return check
 
 
+async def read_events(
+    response: httpx.Response, where: str, *, is_openai: bool, stop_after: int | None = None
+) -> str | None:
+    """Read a server-sent event stream to its end, or hang up after `stop_after` events (leaving the
+    caller's `stream` block then closes the connection: the server must cancel). Returns the error:
+    an error event, or a stream that ended without its final event (TGI: `details`; OpenAI: `[DONE]`)."""
+    num_events, is_finished = 0, False
+    async for line in response.aiter_lines():
+        if not line.startswith("data:"):
+            continue  # keep-alive comments and blank separators
+        payload = line[5:].strip()
+        if payload == "[DONE]":
+            is_finished = is_openai
+            continue
+        event = json.loads(payload)
+        if "error" in event:
+            return f"{where}: error event {payload[:200]}"
+        num_events += 1
+        is_finished = is_finished or (not is_openai and event.get("details") is not None)
+        if stop_after is not None and num_events >= stop_after:
+            return None
+    return None if is_finished else f"{where}: the stream ended after {num_events} events without its final event"
+
+
 class SoakClient:
     """One closed-loop client: `step()` runs one randomly chosen operation."""
 
@@ -147,31 +171,15 @@ class SoakClient:
         """Read a server-sent event stream to its end, or hang up after `stop_after` events."""
         started = time.monotonic()
         is_openai = path.startswith("/v1/")
-        num_events, is_finished, error = 0, False, None
+        error = None
         try:
             async with self.client.stream("POST", path, json=body) as response:
                 if response.status_code != 200:
                     error = f"POST {path}: {response.status_code}: {(await response.aread())[:200]!r}"
                 else:
-                    async for line in response.aiter_lines():
-                        if not line.startswith("data:"):
-                            continue  # keep-alive comments and blank separators
-                        payload = line[5:].strip()
-                        if payload == "[DONE]":
-                            is_finished = is_openai
-                            continue
-                        event = json.loads(payload)
-                        if "error" in event:
-                            error = f"POST {path}: error event {payload[:200]}"
-                            break
-                        num_events += 1
-                        is_finished = is_finished or (not is_openai and event.get("details") is not None)
-                        if stop_after is not None and num_events >= stop_after:
-                            break  # leaving the block closes the connection: the server must cancel
+                    error = await read_events(response, f"POST {path}", is_openai=is_openai, stop_after=stop_after)
         except (httpx.HTTPError, json.JSONDecodeError) as exc:
             error = f"POST {path}: {type(exc).__name__} {exc}"
-        if error is None and not is_finished and (stop_after is None or num_events < stop_after):
-            error = f"POST {path}: the stream ended after {num_events} events without its final event"
         self._record(kind, started, error)
 
     def _text(self) -> str:

@@ -22,6 +22,7 @@ import torch
 from server_fakes import D_MODEL, FakeEngine, local_client
 from server_process import serve_in_thread
 
+from bench import abuse
 from bench.abuse import send_chunked, send_sized_headers
 from engine.prompts import SoftPrompt
 from server.app import create_app
@@ -300,3 +301,20 @@ def test_a_list_of_texts_is_bounded_like_concurrent_requests(tmp_path: Path) -> 
         assert "q: 4 texts in one request; the limit is 3" in translate.json()["error"]
         assert client.post("/translate", json={"q": ["a"] * 3, "source": "en", "target": "fr"}).status_code == 200
     assert engine.tokenized_chars == 3  # only the list within the limit was tokenised
+
+
+@pytest.mark.slow
+def test_abuse_bench_runs_and_reports(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """`python -m bench.abuse` end to end on a real server (small bodies): every oversize body 413."""
+    out = tmp_path / "abuse.json"
+    assert (
+        abuse.main(["--model", str(tiny_model_dir), "--mib", "4", "--payload-limit", "100000", "--out", str(out)]) == 0
+    )
+    report = json.loads(out.read_text())
+    statuses = {case["case"]: case["status"] for case in report["cases"]}
+    oversize = [name for name in statuses if name.startswith(("chunked", "Content-Length"))]
+    assert len(oversize) == 7
+    assert all(statuses[name] == 413 for name in oversize), statuses
+    assert statuses["longest accepted input -> /generate"] == 200
+    assert statuses["body at the limit -> /tokenize"] == 422
+    assert report["health_after"] == 200
