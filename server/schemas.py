@@ -297,6 +297,10 @@ OPENAI_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 # ---- LibreTranslate ----------------------------------------------------------------------------
 
 
+#: Most alternative translations one text may ask for (each is one more beam to search).
+MAX_ALTERNATIVES = 3
+
+
 class TranslateRequest(BaseModel):
     """`POST /translate` (LibreTranslate's fields), from a JSON or a form body."""
 
@@ -307,7 +311,9 @@ class TranslateRequest(BaseModel):
     source: str = Field("", description="source language: `en`, `zh-Hans`, `pt-BR`, or the model's `eng_Latn`")
     target: str = Field("", description="target language, as `source`")
     format: str | None = Field(None, description="`text` (the default); `html` is not supported yet")
-    alternatives: int = Field(0, description="extra translations to return; only 0 is supported yet")
+    alternatives: int = Field(
+        0, description=f"extra translations to return (the next best beams), at most {MAX_ALTERNATIVES}"
+    )
     api_key: str | None = Field(None, description="the API key, when the server requires one")
     prompt_id: str | None = Field(None, description="soft prompt to apply (cpm2's)")
 
@@ -322,10 +328,9 @@ class TranslateRequest(BaseModel):
             raise PydanticCustomError("empty", "Invalid request: q has an empty text; leave empty texts out")
         if self.alternatives < 0:
             raise PydanticCustomError("range", "Invalid request: alternatives parameter must be >= 0")
-        if self.alternatives > 0:
-            raise PydanticCustomError(
-                "unsupported", "alternatives are not supported yet (only the best translation is kept); send 0"
-            )
+        if self.alternatives > MAX_ALTERNATIVES:
+            # LibreTranslate's message for its `--alternatives-limit` (3 by default).
+            raise PydanticCustomError("range", f"Invalid request: alternatives parameter must be <= {MAX_ALTERNATIVES}")
         if self.format == "html":
             # Translating markup needs the tags kept out of the model's input; refused, never mangled.
             raise PydanticCustomError(
@@ -342,6 +347,9 @@ class TranslateRequest(BaseModel):
 
 class TranslateResponse(BaseModel):
     translatedText: str | list[str]  # noqa: N815 (LibreTranslate's field name)
+    alternatives: list[str] | list[list[str]] | None = Field(
+        None, description="with `alternatives` > 0: the other translations, best first (a list per text for a list)"
+    )
 
 
 class LanguageEntry(BaseModel):

@@ -45,6 +45,8 @@ class GenerationInput:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     num_beams: int | None = None
+    num_return_sequences: int = 1
+    """Beam search: the best beam and the next ones, this many in all (`TokenEvent.alternatives`)."""
     timeout_ms: int | None = None
     truncate: int | None = None
     ignore_eos: bool = False
@@ -194,6 +196,7 @@ class GenerationService:
             seed=spec.seed,
             stop=tuple(spec.stop),
             num_beams=spec.num_beams or 1,
+            num_return_sequences=spec.num_return_sequences,
             ignore_eos=spec.ignore_eos,
             forced_tokens=forced,
         )

@@ -151,6 +151,8 @@ def test_generated_ids_stay_inside_the_tokenizer(generator: Generator) -> None:
         ({"repetition_penalty": 0.0}, "repetition_penalty"),
         ({"num_beams": 0}, "num_beams"),
         ({"num_beams": 2, "do_sample": True}, "beam search"),
+        ({"num_beams": 2, "num_return_sequences": 3}, "raise num_beams"),
+        ({"num_return_sequences": 0}, "num_return_sequences"),
         ({"stop": ("",)}, "stop"),
         ({"seed": -1}, "seed"),
     ],

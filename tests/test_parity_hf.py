@@ -90,3 +90,31 @@ def test_repetition_penalty_greedy_matches_hf(hf_model_dirs: dict[str, Path], ra
         expected = _hf_generate(hf, row, max_new_tokens=20, repetition_penalty=1.7)
         params = SamplingParams(max_new_tokens=20, repetition_penalty=1.7)
         assert generator.generate([GenerationRequest(tuple(row), params)])[0].token_ids == expected
+
+
+@pytest.mark.parametrize("name", ["t5-v1.1", "switch-4e-step2"])
+def test_beam_alternatives_match_hf_num_return_sequences(name: str, hf_model_dirs: dict[str, Path], random_ids) -> None:
+    hf = build_hf_model(name, seed=CASES.index(name))
+    model, _ = load_model(hf_model_dirs[name])
+    generator = Generator(model)
+    for row in random_ids([6, 13, 21], seed=6):
+        for length_penalty, max_new_tokens in ((1.0, 15), (0.5, 15), (1.0, 4)):
+            out = hf.generate(
+                torch.tensor([row]),
+                do_sample=False,
+                num_beams=4,
+                num_return_sequences=3,
+                max_new_tokens=max_new_tokens,
+                length_penalty=length_penalty,
+                output_scores=True,
+                return_dict_in_generate=True,
+            )
+            expected = [s[1:] for s in out.sequences.tolist()]
+            expected = [s[: s.index(1) + 1] if 1 in s else s for s in expected]
+            params = SamplingParams(
+                max_new_tokens=max_new_tokens, num_beams=4, num_return_sequences=3, length_penalty=length_penalty
+            )
+            got = generator.generate([GenerationRequest(tuple(row), params)])[0]
+            assert [got.token_ids, *[list(a.token_ids) for a in got.alternatives]] == expected
+            # The scores HF reports for the returned sequences are the same normalised beam scores.
+            assert [a.score for a in got.alternatives] == pytest.approx(out.sequences_scores.tolist()[1:], abs=1e-4)

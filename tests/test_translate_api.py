@@ -198,13 +198,25 @@ def test_codes_aliases_and_model_codes(client: TestClient) -> None:
     assert text("zh-Hant", "pt") == text("zho_Hant", "por_Latn")
 
 
-def test_alternatives(client: TestClient) -> None:
+def test_alternatives_are_the_next_best_beams(client: TestClient) -> None:
     fields = {"q": TEXTS[0], "source": "en", "target": "fr"}
     plain = _translate(client, json=fields).json()
     assert _translate(client, json={**fields, "alternatives": 0}).json() == plain  # no "alternatives" key
-    r = _translate(client, json={**fields, "alternatives": 2})
-    assert r.status_code == 400
-    assert r.json()["error"].startswith("alternatives are not supported yet")
+    answer = _translate(client, json={**fields, "alternatives": 2}).json()
+    # The best of a 3-beam search, and the next two, as /generate's beam search ranks them.
+    body = {"inputs": TEXTS[0], "parameters": {"src_lang": "eng_Latn", "tgt_lang": "fra_Latn", "num_beams": 3}}
+    best = client.post("/generate", json=body, headers={"Authorization": f"Bearer {KEY}"}).json()
+    assert answer["translatedText"] == best["generated_text"]
+    alternatives = answer["alternatives"]
+    assert 1 <= len(alternatives) <= 2
+    assert len(set(alternatives)) == len(alternatives)
+    assert answer["translatedText"] not in alternatives
+    batch = _translate(client, json={**fields, "q": TEXTS[:2], "alternatives": 1}).json()
+    assert batch["translatedText"][0] == _translate(client, json={**fields, "alternatives": 1}).json()["translatedText"]
+    assert [len(a) for a in batch["alternatives"]] in ([1, 1], [1, 0], [0, 1], [0, 0])
+    over = _translate(client, json={**fields, "alternatives": 4})
+    assert over.status_code == 400
+    assert over.json()["error"] == "Invalid request: alternatives parameter must be <= 3"
 
 
 def test_soft_prompt_applies(client: TestClient) -> None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.generation.inputs import encode_requests, feed_decoder_prefixes
-from engine.generation.params import GenerationRequest, GenerationResult
+from engine.generation.params import Alternative, GenerationRequest, GenerationResult
 from engine.model import Seq2SeqLM
 from engine.tokenizer import Tokenizer
 
@@ -125,13 +125,20 @@ def beam_search(
             state = state.select(parents)
         beams = next_beams
 
-    best = finished[0][1] if finished else beams[0]
+    # The finished beams best first, as HF's `num_return_sequences` returns them; then the live ones
+    # (all of one length, so already in order), for a search that ended with too few finished.
+    ranked = [*finished, *((b.score / (len(b.tokens) ** params.length_penalty), b) for b in beams if b.tokens)]
+    best = ranked[0][1] if ranked else beams[0]
     reason = "length"
     if eos is not None and best.tokens and best.tokens[-1] == eos:
         reason = "eos_token"
     elif len(best.tokens) < params.max_new_tokens or (params.stop and hits_stop(best.tokens)):
         reason = "stop_sequence"
-    text = tokenizer.decode(list(best.tokens)) if tokenizer is not None else ""
+    decode = (lambda tokens: tokenizer.decode(list(tokens))) if tokenizer is not None else (lambda _: "")
+    text = decode(best.tokens)
+    alternatives = [
+        Alternative(h.tokens, decode(h.tokens), score) for score, h in ranked[1 : params.num_return_sequences]
+    ]
     return GenerationResult(
         token_ids=list(best.tokens),
         logprobs=list(best.logprobs),
@@ -139,4 +146,5 @@ def beam_search(
         seed=None,
         text=text,
         num_input_tokens=len(request.input_ids),
+        alternatives=alternatives,
     )

@@ -40,6 +40,9 @@ class SamplingParams:
     """Stop once the generated text contains one of these strings (it is kept in the output)."""
     num_beams: int = 1
     """Beam search with this many beams (greedy when 1); returns the best finished beam."""
+    num_return_sequences: int = 1
+    """Beam search: also return the next best beams, up to this many in all (HF's name; at most
+    `num_beams`), as the result's `alternatives`."""
     length_penalty: float = 1.0
     """Beam search: a finished beam's score is its log-probability / length ** length_penalty."""
     early_stopping: bool = False
@@ -73,6 +76,11 @@ class SamplingParams:
             raise InputError(f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty!r}")
         if self.num_beams < 1:
             raise InputError(f"num_beams must be at least 1, got {self.num_beams!r}")
+        if not 1 <= self.num_return_sequences <= self.num_beams:
+            raise InputError(
+                f"num_return_sequences must be between 1 and num_beams ({self.num_beams}), got "
+                f"{self.num_return_sequences!r}: raise num_beams to return more beams"
+            )
         if self.num_beams > 1 and self.is_sampling:
             raise InputError(
                 "beam search (num_beams > 1) cannot be combined with sampling; drop do_sample, "
@@ -123,6 +131,17 @@ class GenerationRequest:
         return encoder_length(len(self.input_ids), len(self.pair_ids), self.prompt)
 
 
+@dataclass(frozen=True)
+class Alternative:
+    """A beam ranked after the best one (`SamplingParams.num_return_sequences`)."""
+
+    token_ids: tuple[int, ...]
+    text: str
+    """Detokenized (set when a tokenizer is attached)."""
+    score: float
+    """Its beam score: the sum of its log-probabilities / length ** length_penalty."""
+
+
 @dataclass
 class GenerationResult:
     """What generation produced for one request."""
@@ -137,6 +156,8 @@ class GenerationResult:
     text: str = ""
     """Detokenized output (set when a tokenizer is attached), cut after a matched stop sequence."""
     num_input_tokens: int = 0
+    alternatives: list[Alternative] = field(default_factory=list)
+    """Beam search with `num_return_sequences` > 1: the next best beams after this one, best first."""
     experts: dict[str, float] = field(default_factory=dict)
     """This request's share of offloaded-expert traffic (`bytes_moved`, `hits`, `misses`,
     `transfers`, `stall_seconds`): each step's counters split evenly over the rows it ran.

@@ -278,6 +278,7 @@ class EngineLoop(threading.Thread):
                     special=token in self.special_ids,
                     finish_reason=result.finish_reason if last else None,
                     generated_text=result.text if last else None,
+                    alternatives=tuple(a.text for a in result.alternatives) if last else (),
                     num_input_tokens=len(request.input_ids) + len(request.pair_ids),
                     num_virtual_tokens=request.prompt.encoder_tokens if request.prompt else 0,
                     queue_seconds=admitted - arrival,

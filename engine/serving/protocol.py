@@ -69,6 +69,9 @@ class TokenEvent:
     finish_reason: FinishReason | None = None
     generated_text: str | None = None
     """Set on the last event: the whole output text."""
+    alternatives: tuple[str, ...] = ()
+    """Set on the last event of a beam search with `num_return_sequences` > 1: the texts of the next
+    best beams, best first."""
     seed: int | None = None
     num_input_tokens: int = 0
     num_virtual_tokens: int = 0

@@ -63,7 +63,12 @@ _BODY = {
 }
 
 
-@router.post("/translate", response_model=TranslateResponse, openapi_extra={"requestBody": _BODY})
+@router.post(
+    "/translate",
+    response_model=TranslateResponse,
+    response_model_exclude_none=True,  # `alternatives` only when asked for, as LibreTranslate
+    openapi_extra={"requestBody": _BODY},
+)
 async def translate(
     request: Request, body: Annotated[TranslateRequest, Depends(translate_body)], ctx: Ctx
 ) -> TranslateResponse:
@@ -72,13 +77,39 @@ async def translate(
     codes = ctx.engine.info().languages
     src_lang = to_nllb(body.source, codes, field="source")
     tgt_lang = to_nllb(body.target, codes, field="target")
+    # N alternatives are the next best beams of a search of N + 1 beams.
+    beams = body.alternatives + 1
     specs = [
-        GenerationInput(inputs=t, src_lang=src_lang, tgt_lang=tgt_lang, prompt_id=body.prompt_id) for t in body.texts
+        GenerationInput(
+            inputs=text,
+            src_lang=src_lang,
+            tgt_lang=tgt_lang,
+            prompt_id=body.prompt_id,
+            num_beams=beams if beams > 1 else None,
+            num_return_sequences=beams,
+        )
+        for text in body.texts
     ]
-    translated = [
-        outcome.last.generated_text or "" for outcome in await ctx.service.run_all("translate", specs, field="q")
-    ]
-    return TranslateResponse(translatedText=translated[0] if isinstance(body.q, str) else translated)
+    outcomes = await ctx.service.run_all("translate", specs, field="q")
+    translated = [outcome.last.generated_text or "" for outcome in outcomes]
+    one = isinstance(body.q, str)
+    if not body.alternatives:
+        return TranslateResponse(translatedText=translated[0] if one else translated)
+    others = [_distinct(outcome.last.alternatives, text) for outcome, text in zip(outcomes, translated, strict=True)]
+    return TranslateResponse(
+        translatedText=translated[0] if one else translated, alternatives=others[0] if one else others
+    )
+
+
+def _distinct(alternatives: tuple[str, ...], translation: str) -> list[str]:
+    """Beams that differ only in tokens that decode to nothing read the same: each text once, and
+    never the translation itself (as LibreTranslate filters its hypotheses)."""
+    seen, distinct = {translation}, []
+    for text in alternatives:
+        if text not in seen:
+            seen.add(text)
+            distinct.append(text)
+    return distinct
 
 
 @router.get("/languages", response_model=list[LanguageEntry])
