@@ -31,7 +31,7 @@ COPY cpm2 cpm2
 COPY engine engine
 COPY server server
 COPY training training
-RUN /opt/venv/bin/python -m pip install -c constraints.txt ".[server]"
+RUN /opt/venv/bin/python -m pip install -c constraints.txt ".[server,detect]"
 # The built-in default model, written once here so a read-only container never writes it.
 RUN CPM2_CACHE_DIR=/opt/cpm2/cache /opt/venv/bin/cpm2 info --model builtin:tiny >/dev/null
 COPY models/demo /opt/cpm2/models/demo

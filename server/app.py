@@ -22,7 +22,7 @@ from server.context import ServerContext
 from server.errors import error_body, install_error_handlers, is_openai_route
 from server.limits import BodyLimit, BodyLimitMiddleware
 from server.prompt_store import PromptStore
-from server.routes import generate, openai, prompts, system, translate
+from server.routes import detect, generate, openai, prompts, system, translate
 from server.settings import Settings
 
 log = logging.getLogger("cpm2.server")
@@ -162,4 +162,5 @@ def create_app(settings: Settings | None = None, engine: EngineClient | None = N
     app.include_router(prompts.router)
     app.include_router(system.router)
     app.include_router(translate.router)
+    app.include_router(detect.router)
     return app

@@ -88,8 +88,8 @@ def is_openai_route(request: Request) -> bool:
     return request.url.path.startswith("/v1/")
 
 
-#: LibreTranslate-compatible routes (server/routes/translate.py).
-LIBRETRANSLATE_ROUTES = ("/translate", "/languages")
+#: LibreTranslate-compatible routes (server/routes/translate.py, server/routes/detect.py).
+LIBRETRANSLATE_ROUTES = ("/translate", "/languages", "/detect")
 
 # LibreTranslate answers every problem with the input 400 and bad credentials 403 (its clients
 # know no 401/404/422); a body over the size limit (413, as its Flask server answers one), overload

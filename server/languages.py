@@ -92,10 +92,6 @@ def offered(model_codes: Sequence[str]) -> list[Language]:
 
 def to_nllb(code: str, model_codes: Sequence[str], *, field: str) -> str:
     """The model's code for LibreTranslate `code` (or the model's own code); InputError otherwise."""
-    if code == "auto" and field == "source":
-        raise InputError(
-            "source: 'auto' (language detection) is not available yet; give the source language, e.g. 'en'"
-        )
     if code in model_codes:
         return code
     language = _BY_CODE.get(ALIASES.get(code, code))

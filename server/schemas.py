@@ -308,7 +308,9 @@ class TranslateRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     q: str | list[str] = Field("", description="the text, or a list of texts (one batch)")
-    source: str = Field("", description="source language: `en`, `zh-Hans`, `pt-BR`, or the model's `eng_Latn`")
+    source: str = Field(
+        "", description="source language: `en`, `zh-Hans`, `pt-BR`, the model's `eng_Latn`, or `auto` to detect it"
+    )
     target: str = Field("", description="target language, as `source`")
     format: str | None = Field(None, description="`text` (the default); `html` is not supported yet")
     alternatives: int = Field(
@@ -345,10 +347,21 @@ class TranslateRequest(BaseModel):
         return [self.q] if isinstance(self.q, str) else list(self.q)
 
 
+class DetectedLanguage(BaseModel):
+    """A detected language (LibreTranslate's shape): `POST /detect`'s candidates, and
+    `detectedLanguage` of `POST /translate` with `source: auto`."""
+
+    confidence: float = Field(description="0 to 100")
+    language: str = Field(description="LibreTranslate's code, as `GET /languages` lists it")
+
+
 class TranslateResponse(BaseModel):
     translatedText: str | list[str]  # noqa: N815 (LibreTranslate's field name)
     alternatives: list[str] | list[list[str]] | None = Field(
         None, description="with `alternatives` > 0: the other translations, best first (a list per text for a list)"
+    )
+    detectedLanguage: DetectedLanguage | list[DetectedLanguage] | None = Field(  # noqa: N815 (LibreTranslate's)
+        None, description="with `source: auto`: the language each text was translated from"
     )
 
 

@@ -42,6 +42,7 @@ ROUTES: list[tuple[str, str, str]] = [
     ("POST", "/tokenize", "application/json"),
     ("POST", "/translate", "application/json"),
     ("POST", "/translate", "application/x-www-form-urlencoded"),
+    ("POST", "/detect", "application/json"),
     ("POST", "/prompts", "multipart/form-data; boundary=xyz"),
 ]
 #: Routes that read no body, and what they answer.

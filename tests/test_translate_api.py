@@ -9,6 +9,7 @@ errors LibreTranslate's clients expect (`{"error"}`, 400/403) are checked in-pro
 from __future__ import annotations
 
 import json
+import sys
 import urllib.error
 from collections.abc import Iterator
 from pathlib import Path
@@ -127,7 +128,6 @@ def test_client_languages(lt: LibreTranslateAPI) -> None:
     ("source", "target", "message"),
     [
         ("en", "xx", "target: xx is not supported"),
-        ("auto", "fr", "source: 'auto' (language detection) is not available yet"),
         ("eng_latn", "fr", "source: eng_latn is not supported"),
     ],
 )
@@ -217,6 +217,39 @@ def test_alternatives_are_the_next_best_beams(client: TestClient) -> None:
     over = _translate(client, json={**fields, "alternatives": 4})
     assert over.status_code == 400
     assert over.json()["error"] == "Invalid request: alternatives parameter must be <= 3"
+
+
+def test_client_translates_from_auto(lt: LibreTranslateAPI, base_url: str) -> None:
+    """`source: auto`: the real client's request, translated from the detected language."""
+    assert lt.translate(TEXTS[0], "auto", "fr", timeout=60) == _generate(base_url, TEXTS[0], "eng_Latn", "fra_Latn")
+
+
+def test_auto_detects_each_text_and_says_so(client: TestClient) -> None:
+    one = _translate(client, json={"q": TEXTS[2], "source": "auto", "target": "de"}).json()
+    explicit = _translate(client, json={"q": TEXTS[2], "source": "zh", "target": "de"}).json()
+    assert one["translatedText"] == explicit["translatedText"]
+    assert one["detectedLanguage"]["language"] == "zh-Hans"
+    assert 0 < one["detectedLanguage"]["confidence"] <= 100
+    batch = _translate(client, json={"q": [TEXTS[1], TEXTS[2]], "source": "auto", "target": "de"}).json()
+    assert [d["language"] for d in batch["detectedLanguage"]] == ["en", "zh-Hans"]
+    english = _translate(client, json={"q": TEXTS[1], "source": "en", "target": "de"}).json()["translatedText"]
+    assert batch["translatedText"] == [english, explicit["translatedText"]]
+    assert "detectedLanguage" not in explicit  # only for auto
+
+
+def test_auto_without_detection_installed_is_400(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    from server import detect as detection
+
+    detection.clear_cache()
+    monkeypatch.setitem(sys.modules, "py3langid", None)  # `import py3langid` now raises ImportError
+    monkeypatch.setitem(sys.modules, "py3langid.langid", None)
+    try:
+        r = _translate(client, json={"q": TEXTS[0], "source": "auto", "target": "fr"})
+        assert r.status_code == 400
+        assert detection.INSTALL_HINT in r.json()["error"]
+    finally:
+        monkeypatch.undo()
+        detection.clear_cache()
 
 
 def test_soft_prompt_applies(client: TestClient) -> None:

@@ -19,14 +19,23 @@ from pydantic import ValidationError
 from engine.errors import InputError
 from server.auth import check_api_key
 from server.context import Ctx
+from server.detect import detect_languages
 from server.languages import offered, to_nllb
-from server.schemas import LIBRETRANSLATE_ERROR_RESPONSES, LanguageEntry, TranslateRequest, TranslateResponse
+from server.schemas import (
+    LIBRETRANSLATE_ERROR_RESPONSES,
+    DetectedLanguage,
+    LanguageEntry,
+    TranslateRequest,
+    TranslateResponse,
+)
 from server.service import GenerationInput
 
 router = APIRouter(responses=LIBRETRANSLATE_ERROR_RESPONSES)
 
 
-async def _fields(request: Request, payload_limit: int) -> Any:
+async def read_fields(request: Request, payload_limit: int) -> Any:
+    """A LibreTranslate body's fields: JSON, or a form (urlencoded or multipart), as LibreTranslate
+    reads them (also `/detect`'s)."""
     if request.headers.get("content-type", "").split(";")[0].strip().endswith("json"):
         try:
             return await request.json()
@@ -47,7 +56,7 @@ async def translate_body(request: Request, ctx: Ctx) -> TranslateRequest:
     """The request from a JSON or a form body (LibreTranslate accepts both), validated; its size is
     bounded while it is read (server/limits.py)."""
     try:
-        return TranslateRequest.model_validate(await _fields(request, ctx.settings.payload_limit))
+        return TranslateRequest.model_validate(await read_fields(request, ctx.settings.payload_limit))
     except ValidationError as exc:  # the handler in server/errors.py words it like FastAPI's own
         raise RequestValidationError(exc.errors()) from None
 
@@ -72,11 +81,20 @@ _BODY = {
 async def translate(
     request: Request, body: Annotated[TranslateRequest, Depends(translate_body)], ctx: Ctx
 ) -> TranslateResponse:
-    """Translate `q` (a text or a list of texts) from `source` to `target`."""
+    """Translate `q` (a text or a list of texts) from `source` (`auto`: detected) to `target`."""
     check_api_key(request, ctx.settings.api_key, body_key=body.api_key)
     codes = ctx.engine.info().languages
-    src_lang = to_nllb(body.source, codes, field="source")
+    texts = body.texts
     tgt_lang = to_nllb(body.target, codes, field="target")
+    detected: list[DetectedLanguage] | None = None
+    if body.source == "auto":
+        # Each text is translated from its own best guess (LibreTranslate takes the first text's
+        # for a whole list); the guesses come back as `detectedLanguage`, in the shape of `q`.
+        answers = await ctx.off_loop(lambda: detect_languages(texts, model_codes=codes))
+        detected = [DetectedLanguage(confidence=a[0].confidence, language=a[0].language) for a in answers]
+        src_langs = [to_nllb(d.language, codes, field="source") for d in detected]
+    else:
+        src_langs = [to_nllb(body.source, codes, field="source")] * len(texts)
     # N alternatives are the next best beams of a search of N + 1 beams.
     beams = body.alternatives + 1
     specs = [
@@ -88,16 +106,16 @@ async def translate(
             num_beams=beams if beams > 1 else None,
             num_return_sequences=beams,
         )
-        for text in body.texts
+        for text, src_lang in zip(texts, src_langs, strict=True)
     ]
     outcomes = await ctx.service.run_all("translate", specs, field="q")
     translated = [outcome.last.generated_text or "" for outcome in outcomes]
-    one = isinstance(body.q, str)
-    if not body.alternatives:
-        return TranslateResponse(translatedText=translated[0] if one else translated)
     others = [_distinct(outcome.last.alternatives, text) for outcome, text in zip(outcomes, translated, strict=True)]
+    one = isinstance(body.q, str)
     return TranslateResponse(
-        translatedText=translated[0] if one else translated, alternatives=others[0] if one else others
+        translatedText=translated[0] if one else translated,
+        alternatives=(others[0] if one else others) if body.alternatives else None,
+        detectedLanguage=(detected[0] if one else detected) if detected is not None else None,
     )
 
 
