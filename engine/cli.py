@@ -1,4 +1,4 @@
-"""Engine commands of the `cpm2` CLI: prompt, info, convert, init, and `generate`
+"""Engine commands of the `cpm2` CLI: prompt, info, convert, quantize, init, and `generate`
 (`engine.cli_generate`; shared flags in `engine.cli_args`).
 
 Each command parses its flags into the engine's typed objects and calls the engine; errors the user
@@ -29,6 +29,7 @@ from engine.weights.convert import convert_cpm2, convert_hf
 from engine.weights.init import DEFAULT_MAX_SHARD_BYTES, plan_random_model, write_random_model
 from engine.weights.loader import load_model, parse_dtype
 from engine.weights.presets import PRESETS, get_preset
+from engine.weights.quantize import EXPERT_FORMATS, REPORT_FILE, quantize_model
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -74,6 +75,21 @@ def cmd_convert(args: argparse.Namespace) -> int:
     else:
         convert_hf(args.src, args.dst, dtype=args.dtype, max_shard_bytes=max_shard_bytes)
     print(f"wrote {args.dst}")
+    return 0
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    report = quantize_model(
+        args.model,
+        args.out,
+        experts=args.experts,
+        dense=args.dense,
+        check_inputs=args.check_inputs,
+        max_shard_bytes=parse_bytes(args.max_shard_size, name="--max-shard-size"),
+        progress=not args.quiet,
+    )
+    print("\n".join(report.lines()))
+    print(f"wrote {args.out} (report: {args.out / REPORT_FILE})")
     return 0
 
 
@@ -169,6 +185,21 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("--iteration", help="cpm2: iteration directory under SRC (default: the latest)")
     p.set_defaults(handler=cmd_convert)
+
+    p = subparsers.add_parser("quantize", help="write a copy of a model with its experts quantised (int8)")
+    p.add_argument("--model", required=True, type=model_arg, help=MODEL_HELP)
+    p.add_argument("--out", required=True, type=Path, help="new (empty) output directory")
+    p.add_argument("--experts", required=True, help=f"expert format: {', '.join(EXPERT_FORMATS)}")
+    p.add_argument("--dense", default=None, help="dense weight format (not supported yet)")
+    p.add_argument(
+        "--check-inputs",
+        type=int,
+        default=4,
+        help="random inputs to compare the two models on (logit difference, top-1 agreement); 0 skips",
+    )
+    p.add_argument("--max-shard-size", default=str(DEFAULT_MAX_SHARD_BYTES))
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(handler=cmd_quantize)
 
     p = subparsers.add_parser("init", help="write a randomly initialised model from a named preset")
     p.add_argument("--preset", help=f"one of: {', '.join(PRESETS)}")

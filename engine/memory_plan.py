@@ -183,15 +183,19 @@ def plan_memory(
     budget (its `--expert-memory` is never read). `summary` saves recounting when the caller has it.
     """
     summary = summary or summarize(config, dtype)
-    total = summary.expert_bytes
-    per_expert = summary.bytes_per_expert
     num_experts = summary.num_moe_layers * summary.num_experts_per_layer
+    stored = BlobLayout.of(config, store_dtype)
+    # Experts take this layout in memory: the compute dtype's, or an int8 store's own (which the
+    # budget then counts: the same budget holds twice the experts of a 16-bit store).
+    in_memory = stored.for_compute(dtype)
+    per_expert = in_memory.payload_bytes if config.moe is not None else summary.bytes_per_expert
+    total = per_expert * num_experts
     plan = MemoryPlan(
         dtype=dtype,
         device=device,
         expert_memory=expert_memory,
         budget_bytes=0,
-        dense_bytes=summary.total_bytes - total,
+        dense_bytes=summary.total_bytes - summary.expert_bytes,
         expert_bytes=total,
         bytes_per_expert=per_expert,
         num_experts=num_experts,
@@ -208,10 +212,10 @@ def plan_memory(
         return plan
 
     budget = resolve_budget(expert_memory, total_expert_bytes=total, auto_bytes=machine.auto_budget_bytes)
-    blob = BlobLayout.of(config, store_dtype).nbytes
-    # The CPU kernels read experts in the compute dtype; a store in another dtype is converted
-    # through a staging buffer per load in flight (a GPU converts after the host-to-device copy).
-    uses_staging = device.type == "cpu" and dtype != store_dtype
+    blob = stored.nbytes
+    # The CPU kernels read float experts in the compute dtype; a float store in another dtype is
+    # converted through a staging buffer per load in flight (a GPU converts after the copy).
+    uses_staging = device.type == "cpu" and in_memory != stored
     plan = replace(plan, budget_bytes=budget, min_budget_bytes=MIN_SLOTS * per_expert + (blob if uses_staging else 0))
     if budget >= total:
         return plan

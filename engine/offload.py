@@ -22,7 +22,8 @@ from engine.experts.cpu import CpuTransfers
 from engine.experts.order import ORDER_POLICIES, OrderPolicy
 from engine.experts.pool import CACHE_POLICIES, CachePolicy, ExpertPool
 from engine.experts.provider import OffloadedExpertProvider, Transfers
-from engine.experts.store import BlobLayout, ExpertStore, ExpertStoreWriter
+from engine.experts.resident import InMemoryExperts
+from engine.experts.store import ExpertStore, ExpertStoreWriter, quantized_experts
 from engine.memory_plan import MIN_SLOTS as MIN_SLOTS
 from engine.memory_plan import MachineMemory, MemoryPlan, plan_memory
 from engine.memory_plan import resolve_budget as resolve_budget
@@ -231,13 +232,18 @@ def _load(
             summary=summary,
         )
 
-    # Whether experts stay resident does not depend on the store, so a resident load never opens one.
-    plan = plan_for(info.stored_dtype)
+    # Whether experts stay resident does not depend on the store, so a resident load of float
+    # experts never opens one. Quantised experts exist only in their store, which holds them in RAM.
+    quantized = quantized_experts(config) is not None
+    plan = plan_for(torch.int8 if quantized else info.stored_dtype)
     if not plan.is_offloaded:
-        model, info = load_model(model_dir, dtype=target, device=device, pack=pack)
+        model, info = load_model(model_dir, dtype=target, device=device, pack=pack, load_experts=not quantized)
+        if quantized:
+            store = ExpertStore.open(Path(model_dir), config)
+            InMemoryExperts(store, device=device, progress=progress).attach(model.moe_layers())
         return InferenceModel(model, info, plan=plan)
 
-    store = ensure_store(info, store_dir=offload.store_dir)
+    store = ExpertStore.open(info.path, config) if quantized else ensure_store(info, store_dir=offload.store_dir)
     if store.dtype != plan.store_dtype:  # an existing store in another dtype: other staging buffers
         plan = plan_for(store.dtype)
     plan.check()
@@ -268,11 +274,11 @@ def _load(
             io_threads=offload.io_threads,
             direct=offload.direct_io,
         )
-    cost = calibrate(transfers, store, activation=config.activation, device=device)
+    cost = calibrate(transfers, store, activation=config.activation, device=device, dtype=target)
     provider = OffloadedExpertProvider(
         transfers,
         ExpertPool(slots, offload.cache),
-        bytes_per_expert=BlobLayout.of(config, target).payload_bytes,
+        bytes_per_expert=store.layout.for_compute(target).payload_bytes,
         cost=cost,
         order=offload.order,
         window=window,

@@ -39,7 +39,13 @@ def _timed(fn: Callable[[], object], device: torch.device, repeats: int = 3) -> 
 
 
 def calibrate(
-    transfers: Transfers, store: ExpertStore, *, activation: str, device: torch.device, samples: int = 3
+    transfers: Transfers,
+    store: ExpertStore,
+    *,
+    activation: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    samples: int = 3,
 ) -> CostModel:
     """Measure β with `samples` real loads into slot 0 and fit α on the last loaded expert."""
     key = store.keys[0]
@@ -56,7 +62,6 @@ def calibrate(
         transfers.release(entry)
     assert weights is not None
     act = ACTIVATIONS[activation]
-    dtype = weights.wo.dtype
     points = []
     loaded: ExpertWeights = weights
     for n in TOKEN_COUNTS:

@@ -39,6 +39,7 @@ import torch
 from engine.experts.pool import PoolEntry
 from engine.experts.store import ALIGNMENT, BlobLocation, ExpertStore
 from engine.model import ExpertWeights, MoELayerKey
+from engine.model.ffn import Weight
 
 #: Reads are split into chunks of at least this size so a blob keeps several reads in flight.
 MIN_CHUNK_BYTES = 1 << 20
@@ -245,8 +246,10 @@ class CpuTransfers:
         self.window = max(1, window)
         self.reader = BlobReader(threads=io_threads, direct=direct)
         self.page_cache = PageCache()
-        # In place only when the page cache is allowed and the stored dtype is the compute dtype.
-        self.allows_in_place = not direct and dtype == store.dtype and self.page_cache.available
+        # Blobs compute as stored when the compute dtype is the stored one, or the store is int8.
+        self.as_stored = store.layout.for_compute(dtype) == store.layout
+        # In place only when the page cache is allowed and the blobs compute as stored.
+        self.allows_in_place = not direct and self.as_stored and self.page_cache.available
         self._resident: dict[tuple[MoELayerKey, int], tuple[float, ExpertWeights]] = {}
         nbytes = self.layout.nbytes
         # Experts in the stored dtype are read in place into preallocated slots; converted ones are
@@ -256,7 +259,7 @@ class CpuTransfers:
         self._waiting: list[_Load] = []
         self._staging_lock = threading.Lock()
         self.slots: torch.Tensor | None = None
-        if dtype != store.dtype:
+        if not self.as_stored:
             self._staging = [aligned_empty(nbytes) for _ in range(max(1, window))]
         else:
             self.slots = aligned_empty(num_slots * nbytes).view(num_slots, nbytes)
@@ -350,15 +353,13 @@ class CpuTransfers:
             self._submit(waiting, buffer)
 
     def _convert(self, weights: ExpertWeights) -> ExpertWeights:
-        """Copies of staged weights in the compute dtype."""
+        """Copies of staged (float) weights in the compute dtype."""
 
-        def own(part: torch.Tensor | None) -> torch.Tensor | None:
-            return None if part is None else part.to(self.dtype)
+        def own(part: Weight) -> torch.Tensor:
+            assert isinstance(part, torch.Tensor)  # an int8 store computes as stored, never staged
+            return part.to(self.dtype)
 
-        wi_0, wi_1, wo = own(weights.wi_0), own(weights.wi_1), own(weights.wo)
-        assert wi_0 is not None
-        assert wo is not None
-        return ExpertWeights(wi_0, wi_1, wo)
+        return ExpertWeights(own(weights.wi_0), None if weights.wi_1 is None else own(weights.wi_1), own(weights.wo))
 
     def wait(self, entry: PoolEntry) -> ExpertWeights:
         """The loaded weights (blocks until the load is done)."""

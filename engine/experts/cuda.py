@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from engine.experts.cpu import BlobReader, aligned_empty
 from engine.experts.pool import PoolEntry
-from engine.experts.store import BlobLayout, BlobLocation, ExpertStore
+from engine.experts.store import BlobLocation, ExpertStore
 from engine.model import ExpertWeights, MoELayerKey
 
 HostTier = Literal["pinned", "disk"]
@@ -30,7 +30,7 @@ class PinnedExperts:
 
     def __init__(self, store: ExpertStore, dtype: torch.dtype, *, progress: bool = True) -> None:
         self.key = (store.root.resolve(), dtype)
-        self.layout = BlobLayout(store.layout.d_model, store.layout.d_ff, store.layout.is_gated, dtype)
+        self.layout = store.layout.for_compute(dtype)
         self.layers: dict[MoELayerKey, torch.Tensor] = {}
         total = len(store.keys) * store.num_experts
         bar = tqdm(total=total, desc="pinning experts", unit="expert", disable=not progress)
@@ -38,7 +38,7 @@ class PinnedExperts:
             host = torch.empty(store.num_experts, self.layout.nbytes, dtype=torch.uint8).pin_memory()
             for e in range(store.num_experts):
                 blob = store.mapped_blob(key, e)
-                if dtype == store.dtype:
+                if self.layout == store.layout:
                     host[e].copy_(blob)
                 else:
                     self.layout.pack(store.layout.unpack(blob), out=host[e])
@@ -78,7 +78,7 @@ class CudaTransfers:
     ) -> None:
         self.store = store
         self.device = device
-        self.layout = BlobLayout(store.layout.d_model, store.layout.d_ff, store.layout.is_gated, dtype)
+        self.layout = store.layout.for_compute(dtype)
         nbytes = self.layout.nbytes
         self.slots = torch.empty(num_slots, nbytes, dtype=torch.uint8, device=device)
         self.copy_stream = torch.cuda.Stream(device)
@@ -101,7 +101,7 @@ class CudaTransfers:
                 self._staging.put(aligned_empty(store.layout.nbytes).pin_memory())
 
     def _convert_into(self, blob: torch.Tensor, out: torch.Tensor) -> None:
-        if self.layout.dtype == self.store.dtype:
+        if self.layout == self.store.layout:
             out.copy_(blob)
         else:
             self.layout.pack(self.store.layout.unpack(blob), out=out)
@@ -152,7 +152,7 @@ class CudaTransfers:
         try:
             self._reader.read(location, staging)
             source = staging
-            if self.layout.dtype != self.store.dtype:
+            if self.layout != self.store.layout:
                 source = torch.empty(self.layout.nbytes, dtype=torch.uint8).pin_memory()
                 self._convert_into(staging, source)
             done = self._enqueue_copy(source, slot)

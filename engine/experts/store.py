@@ -6,10 +6,18 @@ research/offload-anchors.md §5) move experts as single units. Here expert `e` o
 
     blob = wi_0 (F, D) | wi_1 (F, D) (gated FFNs only) | wo (D, F) | zero padding to 4096
 
-in the model's storage dtype, row-major, the `nn.Linear` layout. Each file is a valid safetensors
-file (one U8 tensor per expert, named by its index) whose header is padded with spaces so the data,
-and therefore every blob, starts on a 4096-byte boundary: a transfer is one `pread` (O_DIRECT-able)
-or one host-to-device copy, and a memory map hands out page-aligned views. The safetensors library
+in the model's storage dtype, row-major, the `nn.Linear` layout. An int8 store (`cpm2 quantize
+--experts int8`) keeps each part as int8 values with one float32 scale per output row
+(`engine.model.quant`), the scales after the parts:
+
+    blob = q(wi_0) | q(wi_1) | q(wo) | scales(wi_0) (F) | scales(wi_1) (F) | scales(wo) (D) | padding
+
+and runs as it is stored whatever the compute dtype: the pool, the link and the budget carry int8.
+
+Each file is a valid safetensors file (one U8 tensor per expert, named by its index) whose header is
+padded with spaces so the data, and therefore every blob, starts on a 4096-byte boundary: a transfer
+is one `pread` (O_DIRECT-able) or one host-to-device copy, and a memory map hands out page-aligned
+views. The safetensors library
 cannot place data at chosen offsets, so the header is written here; reading goes through it.
 """
 
@@ -31,17 +39,31 @@ from safetensors import SafetensorError, safe_open
 from engine.config import ModelConfig
 from engine.errors import CheckpointError
 from engine.model import ExpertWeights, MoELayerKey
+from engine.model.quant import Int8Weight, quantize_int8
 
 STORE_DIR = "experts"
 ALIGNMENT = 4096
 FORMAT = "cpm2-experts"
 VERSION = "1"
 
-_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16", torch.int8: "int8"}
+#: An int8 store's quantisation (recorded in every layer file).
+INT8_SCHEME = "int8-rowwise-symmetric"
+_SCALE_ALIGNMENT = 16
 _DTYPES = {name: dtype for dtype, name in _DTYPE_NAMES.items()}
 _EXPERT_KEY = re.compile(
     r"(?P<stack>encoder|decoder)\.blocks\.(?P<block>\d+)\.mlp\.experts\.(?P<expert>\d+)\.(?P<name>\w+)\.weight"
 )
+
+
+#: Where a model directory's config.json records that its experts were quantised (`cpm2 quantize`).
+QUANTIZATION_KEY = "quantization"
+
+
+def quantized_experts(config: ModelConfig) -> str | None:
+    """The format a model's experts were quantised to (`"int8"`), None for float experts."""
+    record = config.extra.get(QUANTIZATION_KEY)
+    return str(record.get("experts")) if isinstance(record, dict) and record.get("experts") else None
 
 
 def is_expert_key(key: str) -> bool:
@@ -66,7 +88,7 @@ def moe_layer_keys(config: ModelConfig) -> list[MoELayerKey]:
 
 @dataclass(frozen=True)
 class BlobLayout:
-    """Where the parts of one expert lie inside its blob."""
+    """Where the parts of one expert lie inside its blob (`dtype` int8: an int8 store)."""
 
     d_model: int
     d_ff: int
@@ -78,13 +100,28 @@ class BlobLayout:
         return ("wi_0", "wi_1", "wo") if self.is_gated else ("wi_0", "wo")
 
     @property
+    def is_quantized(self) -> bool:
+        return self.dtype == torch.int8
+
+    @property
     def part_bytes(self) -> int:
         return self.d_model * self.d_ff * torch.empty((), dtype=self.dtype).element_size()
 
     @property
+    def _part_shapes(self) -> list[tuple[int, int]]:
+        F, D = self.d_ff, self.d_model
+        return [(F, D), (F, D), (D, F)] if self.is_gated else [(F, D), (D, F)]
+
+    @property
+    def _scales_offset(self) -> int:
+        return _round_up(self.part_bytes * len(self.part_names), _SCALE_ALIGNMENT)
+
+    @property
     def payload_bytes(self) -> int:
-        """Bytes of weights in a blob, without the alignment padding."""
-        return self.part_bytes * len(self.part_names)
+        """Bytes of weights (and int8 scales) in a blob, without the alignment padding."""
+        if not self.is_quantized:
+            return self.part_bytes * len(self.part_names)
+        return self._scales_offset + 4 * sum(rows for rows, _ in self._part_shapes)
 
     @property
     def nbytes(self) -> int:
@@ -95,27 +132,53 @@ class BlobLayout:
     def of(cls, config: ModelConfig, dtype: torch.dtype) -> BlobLayout:
         return cls(config.d_model, config.d_ff, config.is_gated_ffn, dtype)
 
+    def for_compute(self, dtype: torch.dtype) -> BlobLayout:
+        """The layout these experts take in memory to compute in `dtype`: float ones are converted
+        to it, int8 ones compute as they are stored."""
+        return self if self.is_quantized else BlobLayout(self.d_model, self.d_ff, self.is_gated, dtype)
+
     def pack(self, weights: ExpertWeights, out: torch.Tensor | None = None) -> torch.Tensor:
-        """The blob (uint8, `nbytes`) of an expert given in `nn.Linear` layout."""
+        """The blob (uint8, `nbytes`) of an expert given in `nn.Linear` layout (float parts are
+        quantised for an int8 layout; int8 parts are taken as they are)."""
         blob = torch.zeros(self.nbytes, dtype=torch.uint8) if out is None else out
         parts = [weights.wi_0, weights.wi_1, weights.wo] if self.is_gated else [weights.wi_0, weights.wo]
+        scale_at = self._scales_offset
         for i, part in enumerate(parts):
             if part is None:
                 raise CheckpointError("a gated expert needs wi_0, wi_1 and wo")
-            flat = part.detach().to(self.dtype).contiguous().view(-1).view(torch.uint8)
+            if self.is_quantized:
+                q = part if isinstance(part, Int8Weight) else quantize_int8(part)
+                values, scale = q.q, q.scale
+                rows = values.shape[0]
+                scale_bytes = scale.to(torch.float32).contiguous().view(torch.uint8)
+                blob[scale_at : scale_at + 4 * rows].copy_(scale_bytes)
+                scale_at += 4 * rows
+            else:
+                if isinstance(part, Int8Weight):
+                    raise CheckpointError("an int8 expert cannot be written to a float store; dequantize it first")
+                values = part.detach().to(self.dtype)
+            flat = values.contiguous().view(-1).view(torch.uint8)
             blob[i * self.part_bytes : (i + 1) * self.part_bytes].copy_(flat)
         return blob
 
     def unpack(self, blob: torch.Tensor) -> ExpertWeights:
         """Views (no copy) of the parts inside a uint8 blob, on whatever device the blob is."""
-        F, D, n = self.d_ff, self.d_model, self.part_bytes
+        n = self.part_bytes
+        shapes = self._part_shapes
+        scale_at = [self._scales_offset]
+        for rows, _ in shapes[:-1]:
+            scale_at.append(scale_at[-1] + 4 * rows)
 
-        def part(i: int, shape: tuple[int, int]) -> torch.Tensor:
-            return blob[i * n : (i + 1) * n].view(self.dtype).view(shape)
+        def part(i: int) -> torch.Tensor | Int8Weight:
+            values = blob[i * n : (i + 1) * n].view(self.dtype).view(shapes[i])
+            if not self.is_quantized:
+                return values
+            rows = shapes[i][0]
+            return Int8Weight(values, blob[scale_at[i] : scale_at[i] + 4 * rows].view(torch.float32))
 
         if self.is_gated:
-            return ExpertWeights(part(0, (F, D)), part(1, (F, D)), part(2, (D, F)))
-        return ExpertWeights(part(0, (F, D)), None, part(1, (D, F)))
+            return ExpertWeights(part(0), part(1), part(2))
+        return ExpertWeights(part(0), None, part(1))
 
 
 class ExpertStoreWriter:
@@ -134,13 +197,15 @@ class ExpertStoreWriter:
         self._layer: MoELayerKey | None = None
         self._file: BinaryIO | None = None
         self._written = 0
-        self._parts: dict[str, torch.Tensor] = {}
+        self._parts: dict[str, torch.Tensor | Int8Weight] = {}
         self._expert = -1
         self._blob = torch.zeros(self.layout.nbytes, dtype=torch.uint8)
         self.layers_written: list[MoELayerKey] = []
 
-    def add(self, key: str, tensor: torch.Tensor) -> bool:
-        """Take `tensor` if `key` is an expert weight (returns True), else leave it to the caller."""
+    def add(self, key: str, tensor: torch.Tensor | Int8Weight) -> bool:
+        """Take `tensor` if `key` is an expert weight (returns True), else leave it to the caller.
+
+        An int8 store quantises float tensors as it packs them, or takes them already quantised."""
         match = _EXPERT_KEY.fullmatch(key)
         if match is None:
             return False
@@ -180,6 +245,7 @@ class ExpertStoreWriter:
                 "version": VERSION,
                 "layer": str(key),
                 "dtype": _DTYPE_NAMES[self.layout.dtype],
+                **({"quantization": INT8_SCHEME, "scale_dtype": "float32"} if self.layout.is_quantized else {}),
                 "d_model": str(self.layout.d_model),
                 "d_ff": str(self.layout.d_ff),
                 "parts": ",".join(self.layout.part_names),
@@ -272,6 +338,8 @@ class ExpertStore:
                 raise CheckpointError(f"{path}: holds the experts of layer {meta.get('layer')}, not {key}")
             if meta.get("dtype") not in _DTYPES:
                 raise CheckpointError(f"{path}: unknown dtype {meta.get('dtype')!r}")
+            if meta["dtype"] == "int8" and meta.get("quantization") != INT8_SCHEME:
+                raise CheckpointError(f"{path}: int8 experts of an unknown scheme {meta.get('quantization')!r}")
             file_dtype = _DTYPES[meta["dtype"]]
             if dtype is not None and file_dtype != dtype:
                 raise CheckpointError(f"{path}: dtype {meta['dtype']} differs from the other layers'")
@@ -335,7 +403,8 @@ class ExpertStore:
         return self.layout.unpack(self.mapped_blob(key, expert))
 
     def iter_native_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """`(native state-dict key, mapped tensor)` for every expert weight, in model order."""
+        """`(native state-dict key, mapped tensor)` for every expert weight, in model order (an int8
+        store's dequantised to float32: what its bytes stand for)."""
         for key in self.keys:
             prefix = f"{key.stack}.blocks.{key.block}.mlp.experts"
             for e in range(self.num_experts):
@@ -344,7 +413,7 @@ class ExpertStore:
                 parts = [weights.wi_0, weights.wi_1, weights.wo] if self.layout.is_gated else [weights.wi_0, weights.wo]
                 for name, part in zip(names, parts, strict=True):
                     assert part is not None
-                    yield f"{prefix}.{e}.{name}.weight", part
+                    yield f"{prefix}.{e}.{name}.weight", part.dequantize() if isinstance(part, Int8Weight) else part
 
 
 def _read_header(path: Path) -> tuple[dict[str, str], int]:

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.model.linear import Linear, linear
+from engine.model.quant import Int8Weight
 
 
 def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
@@ -29,17 +30,21 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 
+#: A matrix as `linear` takes it: float (plain or packed for the CPU) or int8 (`engine.model.quant`).
+Weight = torch.Tensor | Int8Weight
+
+
 class ExpertWeights(NamedTuple):
-    """The three (or two) matrices of one feed-forward network, in `nn.Linear` layout (out, in)
-    or packed for the CPU (`engine.model.linear`).
+    """The three (or two) matrices of one feed-forward network, in `nn.Linear` layout (out, in),
+    packed for the CPU (`engine.model.linear`), or int8 with per-row scales (an int8 expert store).
 
     `wi_0` is the activation branch (`wi` of an ungated FFN), `wi_1` the linear gate branch (None
     when ungated), `wo` the output projection.
     """
 
-    wi_0: torch.Tensor  # (F, D)
-    wi_1: torch.Tensor | None  # (F, D)
-    wo: torch.Tensor  # (D, F)
+    wi_0: Weight  # (F, D)
+    wi_1: Weight | None  # (F, D)
+    wo: Weight  # (D, F)
 
 
 def feed_forward(x: torch.Tensor, weights: ExpertWeights, act: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
@@ -47,7 +52,9 @@ def feed_forward(x: torch.Tensor, weights: ExpertWeights, act: Callable[[torch.T
     h = act(linear(x, weights.wi_0))
     if weights.wi_1 is not None:
         h = h * linear(x, weights.wi_1)
-    return linear(h.to(weights.wo.dtype), weights.wo)
+    # A float `wo` takes its own dtype (bf16 weights under fp32 activations); an int8 one computes
+    # in the activations' dtype.
+    return linear(h.to(weights.wo.dtype) if isinstance(weights.wo, torch.Tensor) else h, weights.wo)
 
 
 class FeedForward(nn.Module):

@@ -14,13 +14,20 @@ must stay in the expert store's layout), `aten` (`F.linear`: MKL / ATen's own ke
 Every path computes the same product; results differ only by summation order.
 
 `KernelMode` `plain` forces `aten` for every dtype, so the fallback runs (and is tested) on every
-machine; `auto` takes the fastest path the CPU supports. Quantised weight formats (int8 / int4
-experts) are meant to enter here as further rows of the same table.
+machine; `auto` takes the fastest path the CPU supports.
+
+Int8 weights (`engine.model.quant`) get a path per activation dtype too (`Int8Path`), measured with
+`python -m bench.int8_kernels`: `int8pack-bf16` (torch's weight-only int8 matmul on bfloat16
+activations for a few rows, the weight cast to bfloat16 through oneDNN for more) where this CPU
+has native bfloat16 and oneDNN's bf16 matmul, else `dequant` (the int8 values cast to the
+activation dtype, that dtype's float path, the row scales applied to the output), which runs
+everywhere and is what `plain` forces.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import enum
 import logging
 from collections.abc import Iterator
@@ -42,6 +49,27 @@ class MatmulPath(enum.StrEnum):
     ATEN = "aten"
 
 
+class Int8Path(enum.StrEnum):
+    """How an int8 weight (`engine.model.quant`) multiplies activations of a dtype on this CPU."""
+
+    INT8PACK_BF16 = "int8pack-bf16"
+    """Up to `INT8PACK_MAX_ROWS` rows `torch._weight_int8pack_mm` on bfloat16 activations (it reads
+    one byte per weight: 1.7-2.7x faster than a float32 GEMV at one row here); more rows: the int8 values cast
+    (exactly) to bfloat16 and oneDNN's bf16 matmul (AMX). float32 activations are rounded to bf16."""
+    DEQUANT = "dequant"
+    """The int8 values cast (exactly) to the activation dtype, that dtype's float path
+    (`engine.model.linear`), the per-row scales applied to the (rows, out) result. Runs everywhere."""
+
+
+#: Row counts up to this take `_weight_int8pack_mm` on the `int8pack-bf16` path. Its kernel streams
+#: the weight once per 4 rows or so (time grows ~linearly with rows), so it loses to the cast +
+#: oneDNN bf16 matmul between 8 and 16 rows (measured, 2-core Xeon with AMX, `bench.int8_kernels`).
+INT8PACK_MAX_ROWS = 8
+#: `_weight_int8pack_mm` (torch 2.13, AVX512) returns garbage when `in` is not a multiple of 32, and
+#: may crash: such weights take the `dequant` path (`engine.model.quant`).
+INT8PACK_IN_MULTIPLE = 32
+
+
 @dataclass(frozen=True, kw_only=True)
 class DtypeKernels:
     """The matmul paths a dtype takes on this CPU, and why."""
@@ -53,13 +81,24 @@ class DtypeKernels:
     """Expert weights, which stay in the expert store's plain layout."""
     reason: str = ""
     """Why a faster path is not taken (empty when it is)."""
+    int8: Int8Path = Int8Path.DEQUANT
+    """Int8 weights under activations of this dtype."""
+    int8_reason: str = ""
+    """Why int8 weights take the `dequant` path, or what `int8pack-bf16` changes (float32 activations)."""
 
     @property
     def is_fastest(self) -> bool:
+        """Whether float weights take the fastest paths (int8 ones are reported beside, not here)."""
         return self.dense is MatmulPath.ONEDNN_PACKED and self.experts is MatmulPath.ONEDNN
 
     def to_dict(self) -> dict[str, str]:
-        return {"dense": str(self.dense), "experts": str(self.experts), "reason": self.reason}
+        return {
+            "dense": str(self.dense),
+            "experts": str(self.experts),
+            "reason": self.reason,
+            "int8": str(self.int8),
+            "int8_reason": self.int8_reason,
+        }
 
 
 def cpu_capability() -> str:
@@ -107,6 +146,55 @@ def _probe(dtype: torch.dtype, *, packed: bool) -> str | None:
     return None
 
 
+def _probe_int8pack() -> str | None:
+    """Run `_weight_int8pack_mm` once on bf16 activations; None if it ran and matched the dequantised
+    product."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 2 * INT8PACK_IN_MULTIPLE, generator=generator).to(torch.bfloat16)
+    q = torch.randint(-127, 128, (16, x.shape[1]), generator=generator, dtype=torch.int8)
+    scale = torch.rand(16, generator=generator) / 127 + 1e-3
+    try:
+        y = torch._weight_int8pack_mm(x, q, scale.to(torch.bfloat16))
+    except (RuntimeError, AttributeError) as error:
+        return f"torch._weight_int8pack_mm failed here: {error}"
+    reference = F.linear(x.float(), q.float() * scale.unsqueeze(1))
+    if not torch.allclose(y.float(), reference, rtol=5e-2, atol=5e-2):
+        return "torch._weight_int8pack_mm gave wrong results on this CPU"
+    return None
+
+
+def _int8_refusal(dtype: torch.dtype, bf16: DtypeKernels) -> str | None:
+    """Why int8 weights under `dtype` activations cannot take `int8pack-bf16` here, or None."""
+    if dtype not in (torch.float32, torch.bfloat16):
+        return f"int8 weights take the int8pack-bf16 path only under float32 or bfloat16 activations, not {dtype}"
+    if not cpu_capability().startswith("AVX512"):
+        # Measured only there; elsewhere the fallback is at least never slower than itself.
+        return f"int8pack-bf16 is measured faster only on AVX512 CPUs; this one reports {cpu_capability()}"
+    if bf16.experts is not MatmulPath.ONEDNN:
+        return f"int8pack-bf16 needs oneDNN's bfloat16 matmul for many rows: {bf16.reason}"
+    if dtype == torch.float32 and not torch.cpu._is_avx512_bf16_supported():
+        # Without native bf16 conversions the rounding of activations is emulated; not measured.
+        return "float32 activations take int8pack-bf16 only with native bfloat16 (AVX512-BF16)"
+    return _probe_int8pack()
+
+
+# float32 activations on `int8pack-bf16` are rounded to bfloat16 (and so is the product): measured
+# max |error| / max |y| <= 0.6 % over the expert shapes against x @ W_deq.T in float64, half what the
+# int8 weights themselves already cost against the float weight (1.2 %), for 1.3-5x less time than
+# the exact `dequant` path at every row count (`bench.int8_kernels`). `cpu_kernels=plain` keeps
+# float32 exact.
+FLOAT32_VIA_BF16 = "float32 activations are rounded to bfloat16 (error <= 0.6% of max |y|; the int8 weights' own: 1.2%)"
+
+
+def _choose_int8(dtype: torch.dtype, mode: KernelMode, bf16: DtypeKernels) -> tuple[Int8Path, str]:
+    if mode == "plain":
+        return Int8Path.DEQUANT, "CPU kernels forced to the plain path (cpu_kernels=plain)"
+    reason = _int8_refusal(dtype, bf16)
+    if reason is not None:
+        return Int8Path.DEQUANT, reason
+    return Int8Path.INT8PACK_BF16, FLOAT32_VIA_BF16 if dtype == torch.float32 else ""
+
+
 def _choose(dtype: torch.dtype, mode: KernelMode) -> DtypeKernels:
     if mode == "plain":
         return DtypeKernels(
@@ -136,7 +224,11 @@ class CpuKernels:
     def for_dtype(self, dtype: torch.dtype) -> DtypeKernels:
         kernels = self._table.get(dtype)
         if kernels is None:
-            kernels = self._table[dtype] = _choose(dtype, self.mode)
+            kernels = _choose(dtype, self.mode)
+            # The int8 path of any activation dtype runs on bfloat16's float kernels.
+            bf16 = kernels if dtype == torch.bfloat16 else self.for_dtype(torch.bfloat16)
+            int8, int8_reason = _choose_int8(dtype, self.mode, bf16)
+            kernels = self._table[dtype] = dataclasses.replace(kernels, int8=int8, int8_reason=int8_reason)
         return kernels
 
     def uses_onednn(self, dtype: torch.dtype) -> bool:
@@ -146,6 +238,10 @@ class CpuKernels:
     def can_pack(self, dtype: torch.dtype) -> bool:
         """Whether weights of `dtype` may be packed into oneDNN's blocked layout."""
         return self.for_dtype(dtype).dense is MatmulPath.ONEDNN_PACKED
+
+    def int8_path(self, dtype: torch.dtype) -> Int8Path:
+        """How int8 weights multiply activations of `dtype`."""
+        return self.for_dtype(dtype).int8
 
 
 _active = CpuKernels()
@@ -199,7 +295,8 @@ def announce(dtype: torch.dtype) -> DtypeKernels:
         if kernels.dense is kernels.experts
         else f"the {kernels.dense} path (dense weights) and {kernels.experts} (experts)"
     )
-    log.warning("%s matmuls take %s on this CPU: %s%s", name, paths, kernels.reason, hint)
+    int8 = f" (int8 weights: {kernels.int8}, {kernels.int8_reason})" if kernels.int8_reason else ""
+    log.warning("%s matmuls take %s on this CPU: %s%s%s", name, paths, kernels.reason, hint, int8)
     return kernels
 
 
@@ -210,5 +307,6 @@ def describe(dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16)) 
         kernels = _active.for_dtype(dtype)
         name = str(dtype).removeprefix("torch.")
         why = f" ({kernels.reason})" if kernels.reason else ""
-        lines.append(f"  {name}: dense {kernels.dense}, experts {kernels.experts}{why}")
+        int8_why = f" ({kernels.int8_reason})" if kernels.int8_reason else ""
+        lines.append(f"  {name}: dense {kernels.dense}, experts {kernels.experts}{why}, int8 {kernels.int8}{int8_why}")
     return "\n".join(lines)

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.model.kernels import active_kernels
+from engine.model.quant import Int8Weight, int8_linear
 
 #: Row counts up to this run unpadded: every decode batch size (the default batch limit is 32).
 EXACT_ROWS = 32
@@ -60,8 +61,12 @@ def _needs_grad(*tensors: torch.Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`x @ weight.T (+ bias)` for a plain (out, in) weight or one packed by `pack_weight`."""
+def linear(x: torch.Tensor, weight: torch.Tensor | Int8Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`x @ weight.T (+ bias)` for a plain (out, in) weight, one packed by `pack_weight`, or an int8
+    one (`engine.model.quant`, computed in `x`'s dtype)."""
+    if isinstance(weight, Int8Weight):
+        y = int8_linear(x, weight)
+        return y if bias is None else y + bias.to(y.dtype)
     if weight.is_mkldnn:
         return _onednn_linear(x, weight, bias)
     if (

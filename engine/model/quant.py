@@ -1,0 +1,118 @@
+"""Int8 weights: per-output-channel symmetric quantisation, and the one matmul that runs them.
+
+A weight `W` (out, in) is stored as `q` (out, in) int8 and `scale` (out,) float32 with
+`W ≈ q * scale[:, None]`, `scale = max|W_row| / 127` and `q = round(W / scale)` clamped to ±127 (the
+format CTranslate2 and torch's weight-only int8 matmul use). Activations stay in the compute dtype:
+only the weight bytes shrink, which is what bandwidth-bound decoding and expert transfers pay for.
+
+`int8_linear` is the kernel seam for such weights, as `engine.model.linear.linear` is for float
+ones: the CPU path is chosen by `engine.model.kernels` (`int8_path`), CUDA dequantises into the
+activation dtype and runs cuBLAS.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from engine.model.kernels import INT8PACK_IN_MULTIPLE, INT8PACK_MAX_ROWS, Int8Path, active_kernels
+
+#: Largest magnitude of a quantised value (symmetric: -127..127; -128 is never produced).
+QMAX = 127
+
+
+@dataclass(frozen=True)
+class Int8Weight:
+    """A (out, in) weight as int8 values and one float32 scale per output row."""
+
+    q: torch.Tensor
+    """(out, in) int8."""
+    scale: torch.Tensor
+    """(out,) float32."""
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.q.shape
+
+    @property
+    def device(self) -> torch.device:
+        return self.q.device
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The float weight these bytes stand for, in `dtype`."""
+        return (self.q.to(torch.float32) * self.scale.unsqueeze(1)).to(dtype)
+
+    def to(self, device: torch.device | str) -> Int8Weight:
+        return Int8Weight(self.q.to(device), self.scale.to(device))
+
+
+def quantize_int8(weight: torch.Tensor) -> Int8Weight:
+    """Per-output-channel symmetric int8 of a float (out, in) weight (computed in float32).
+
+    An all-zero row gets scale 1 (its values are 0 either way), so no scale is ever 0 or NaN.
+    """
+    w = weight.detach().to(torch.float32)
+    amax = w.abs().amax(dim=1)
+    scale = torch.where(amax > 0, amax / QMAX, torch.ones_like(amax))
+    q = torch.round(w / scale.unsqueeze(1)).clamp_(-QMAX, QMAX).to(torch.int8)
+    return Int8Weight(q.contiguous(), scale.contiguous())
+
+
+def _int8pack_bf16(x_MK: torch.Tensor, weight: Int8Weight) -> torch.Tensor:
+    """The `int8pack-bf16` path: (M, N) in bfloat16 (few rows) or float32 (many)."""
+    x_MK = x_MK.to(torch.bfloat16).contiguous()
+    if x_MK.shape[0] <= INT8PACK_MAX_ROWS:
+        return torch._weight_int8pack_mm(x_MK, weight.q, weight.scale.to(torch.bfloat16))
+    return _dequant(x_MK, weight)
+
+
+_scratch = threading.local()
+
+
+def _cast(q: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`q` cast to `dtype` into this thread's scratch buffer, valid until the next call.
+
+    A fresh 4-16 MiB tensor per call comes from new pages (glibc serves it by mmap), and faulting
+    them in cost as much as the cast and the matmul together: the path took 3.7 ms for a 4096x1024
+    float32 weight at one row, 1.7 ms with this buffer (`bench.int8_kernels`). The float matmul keeps
+    no reference to it.
+    """
+    buffers: dict[torch.dtype, torch.Tensor] = _scratch.__dict__.setdefault("buffers", {})
+    buffer = buffers.get(dtype)
+    if buffer is None or buffer.numel() < q.numel():
+        buffer = buffers[dtype] = torch.empty(q.numel(), dtype=dtype)
+    return buffer[: q.numel()].view(q.shape).copy_(q)
+
+
+def _dequant(x_MK: torch.Tensor, weight: Int8Weight) -> torch.Tensor:
+    """The `dequant` path: the int8 values cast (exactly) to `x`'s dtype through that dtype's float
+    matmul, the row scales applied to the (M, N) product (float32) rather than to the whole weight,
+    which would cost one more pass over it."""
+    # Imported here: `engine.model.linear` takes int8 weights through this module.
+    from engine.model.linear import linear
+
+    if torch.is_grad_enabled() and x_MK.requires_grad:
+        return linear(x_MK, weight.q.to(x_MK.dtype)) * weight.scale
+    return linear(x_MK, _cast(weight.q, x_MK.dtype)) * weight.scale
+
+
+def int8_linear(x: torch.Tensor, weight: Int8Weight) -> torch.Tensor:
+    """`x @ W.T` for an int8 weight, in `x`'s dtype, by the path this machine runs fastest
+    (`engine.model.kernels.Int8Path`); any leading dims, 0 rows included."""
+    in_features = weight.q.shape[1]
+    x_MK = x.reshape(-1, in_features)  # (M, K)
+    if weight.device.type != "cpu":
+        # CUDA: int8 -> activation dtype is exact; cuBLAS, then the row scales.
+        y_MN = F.linear(x_MK, weight.q.to(x.dtype)) * weight.scale
+    elif (
+        active_kernels().int8_path(x.dtype) is Int8Path.INT8PACK_BF16
+        and in_features % INT8PACK_IN_MULTIPLE == 0
+        and not (torch.is_grad_enabled() and x.requires_grad)
+    ):
+        y_MN = _int8pack_bf16(x_MK, weight)
+    else:
+        y_MN = _dequant(x_MK, weight)
+    return y_MN.to(x.dtype).reshape(*x.shape[:-1], weight.q.shape[0])

@@ -1,0 +1,187 @@
+"""`cpm2 quantize --experts int8`: quantise → load → generate, offloaded equal to resident.
+
+A quantised model's experts live only in its int8 store. Resident (they fit the budget) they are
+read into RAM once; offloaded they move through the pool as int8 blobs. Both compute the same
+kernel on the same bytes, so every budget and transfer mode gives the resident model's tokens and
+logits exactly, as for float experts (tests/test_offload.py). The budget counts int8 bytes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from test_offload import _drop_page_cache, _forward, _requests
+
+from cpm2.cli import main as cpm2_main
+from engine.errors import CheckpointError, ConfigError
+from engine.experts.store import ExpertStore, quantized_experts
+from engine.generation import Generator
+from engine.offload import InferenceModel, OffloadConfig, load_for_inference
+from engine.weights.loader import inspect_checkpoint, load_model
+from engine.weights.quantize import REPORT_FILE, quantize_model
+
+
+@pytest.fixture(scope="module", params=["tiny-cpm2", "switch-8e"])
+def source_dir(request, tiny_model_dir: Path, hf_model_dirs: dict[str, Path]) -> Path:
+    return tiny_model_dir if request.param == "tiny-cpm2" else hf_model_dirs["switch-8e-capacity"]
+
+
+@pytest.fixture(scope="module")
+def int8_dir(source_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("int8") / "model"
+    quantize_model(source_dir, out, experts="int8", check_inputs=2, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def resident(int8_dir: Path) -> tuple[list[list[int]], torch.Tensor, int]:
+    loaded = load_for_inference(int8_dir, progress=False)
+    assert not loaded.is_offloaded
+    vocab = min(loaded.model.config.vocab_size, 1000)
+    tokens = [r.token_ids for r in Generator(loaded.model).generate(_requests(vocab))]
+    return tokens, _forward(loaded.model, vocab), vocab
+
+
+def test_the_directory_records_int8_experts(source_dir: Path, int8_dir: Path) -> None:
+    info = inspect_checkpoint(int8_dir)
+    assert quantized_experts(info.config) == "int8"
+    store = ExpertStore.open(int8_dir, info.config)
+    assert store.dtype == torch.int8
+    source = inspect_checkpoint(source_dir)
+    layout = store.layout
+    per_expert_float = layout.part_bytes * len(layout.part_names) * source.stored_dtype.itemsize
+    # int8 values plus one float32 scale per row: about a quarter of float32.
+    assert layout.payload_bytes < 0.3 * per_expert_float
+    report = json.loads((int8_dir / REPORT_FILE).read_text())
+    num_parts = len(layout.part_names)
+    assert len(report["tensors"]) == len(store.keys) * store.num_experts * num_parts
+    assert 0 < report["mean_abs"] <= report["max_abs"]
+    assert 0 <= report["top1_agreement"] <= 1
+    assert report["logit_max_abs_diff"] >= 0
+    assert report["num_inputs"] == 2
+
+
+def test_int8_is_close_to_float(source_dir: Path, int8_dir: Path) -> None:
+    float_model, _ = load_model(source_dir)
+    quantized = load_for_inference(int8_dir, progress=False)
+    vocab = min(float_model.config.vocab_size, 1000)
+    expected, got = _forward(float_model, vocab), _forward(quantized.model, vocab)
+    # Random weights: the error is rounding noise, well under the logits' spread on average. A few
+    # positions can differ more: a learned router may send a token to another expert once its
+    # input moved by that noise (Switch).
+    assert (got - expected).abs().mean().item() < 0.1 * expected.std().item()
+    assert (got.argmax(-1) == expected.argmax(-1)).float().mean().item() >= 0.9
+
+
+def _offloaded(model_dir: Path, **options: object) -> InferenceModel:
+    loaded = load_for_inference(model_dir, offload=OffloadConfig(**options), progress=False)  # type: ignore[arg-type]
+    assert loaded.is_offloaded
+    return loaded
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"expert_memory": "40%", "direct_io": True},
+        {"expert_memory": "75%", "direct_io": True, "order": "index", "window": 1},
+        {"expert_memory": "40%"},  # page-cache mode: int8 blobs computed in place from the mapping
+    ],
+)
+def test_offloaded_int8_equals_resident_int8(int8_dir: Path, resident, options: dict[str, object]) -> None:
+    tokens, logits, vocab = resident
+    loaded = _offloaded(int8_dir, **options)
+    try:
+        provider = loaded.provider
+        assert provider is not None
+        assert [r.token_ids for r in Generator(loaded.model).generate(_requests(vocab))] == tokens
+        assert torch.equal(_forward(loaded.model, vocab), logits)
+        if options.get("direct_io"):
+            assert provider.stats.misses > 0
+            # What moves is int8: each transfer is one int8 blob's payload.
+            assert provider.bytes_per_expert == ExpertStore.open(int8_dir, loaded.info.config).layout.payload_bytes
+            assert provider.stats.bytes_moved == provider.stats.transfers * provider.bytes_per_expert
+    finally:
+        loaded.close()
+
+
+def test_cold_store_reads_int8_blobs(int8_dir: Path, resident, tmp_path: Path) -> None:
+    import shutil
+
+    tokens, _, vocab = resident
+    copy = Path(shutil.copytree(int8_dir, tmp_path / "copy"))
+    loaded = _offloaded(copy, expert_memory="40%")
+    _drop_page_cache(copy)
+    try:
+        assert [r.token_ids for r in Generator(loaded.model).generate(_requests(vocab))] == tokens
+        assert loaded.provider is not None
+        assert loaded.provider.stats.misses > 0
+    finally:
+        loaded.close()
+
+
+def test_bfloat16_compute_offloaded_equals_resident(int8_dir: Path) -> None:
+    resident = load_for_inference(int8_dir, dtype="bfloat16", progress=False)
+    loaded = load_for_inference(
+        int8_dir, dtype="bfloat16", offload=OffloadConfig(expert_memory="40%", direct_io=True), progress=False
+    )
+    try:
+        vocab = min(resident.model.config.vocab_size, 1000)
+        assert torch.equal(_forward(loaded.model, vocab), _forward(resident.model, vocab))
+    finally:
+        loaded.close()
+
+
+def test_the_budget_counts_int8_bytes(source_dir: Path, int8_dir: Path) -> None:
+    as_float = load_for_inference(source_dir, offload=OffloadConfig(expert_memory=2**20), progress=False)
+    as_int8 = load_for_inference(int8_dir, offload=OffloadConfig(expert_memory=2**20), progress=False)
+    try:
+        assert as_float.plan is not None
+        assert as_int8.plan is not None
+        assert as_int8.plan.bytes_per_expert < 0.3 * as_float.plan.bytes_per_expert
+        assert as_int8.plan.expert_bytes < 0.3 * as_float.plan.expert_bytes
+        if as_float.is_offloaded and as_int8.is_offloaded:
+            # The same bytes hold about four times the experts.
+            assert as_int8.plan.num_slots >= 3 * as_float.plan.num_slots
+    finally:
+        as_float.close()
+        as_int8.close()
+
+
+def test_refusals_write_nothing(source_dir: Path, int8_dir: Path, tmp_path: Path) -> None:
+    cases = [
+        ({"experts": "int3"}, ConfigError, "unknown format"),
+        ({"experts": "int8", "dense": "int8"}, ConfigError, "not supported yet"),
+    ]
+    for kwargs, error, message in cases:
+        with pytest.raises(error, match=message):
+            quantize_model(source_dir, tmp_path / "out", progress=False, **kwargs)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="already quantised"):
+        quantize_model(int8_dir, tmp_path / "out", progress=False)
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "file").write_text("x")
+    with pytest.raises(CheckpointError, match="not empty"):
+        quantize_model(source_dir, taken, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]  # no output, no temporary left
+
+
+def test_a_dense_model_is_refused(hf_model_dirs: dict[str, Path], tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no experts"):
+        quantize_model(hf_model_dirs["t5-v1.1"], tmp_path / "out", progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_quantize(tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "q"
+    assert (
+        cpm2_main(["quantize", "--model", str(tiny_model_dir), "--out", str(out), "--experts", "int8", "--quiet"]) == 0
+    )
+    printed = capsys.readouterr().out
+    assert "experts: int8" in printed
+    assert "top-1 agreement" in printed
+    assert (out / REPORT_FILE).exists()
+    assert cpm2_main(["quantize", "--model", str(out), "--out", str(tmp_path / "again"), "--experts", "int8"]) == 2
+    assert "already quantised" in capsys.readouterr().err
