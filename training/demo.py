@@ -30,6 +30,7 @@ import torch
 from pydantic import Field, model_validator
 
 from engine.model import Seq2SeqLM
+from engine.offload import load_for_inference
 from engine.prompts import SoftPrompt, parse_soft_prompt
 from engine.tokenizer import Tokenizer, load_tokenizer, train_sentencepiece
 from engine.weights.loader import load_model
@@ -143,9 +144,8 @@ def tokenizer_lines(num_documents: int) -> Iterator[str]:
 
 def load_served(model_dir: Path) -> tuple[Seq2SeqLM, Tokenizer]:
     """The model and tokenizer of a directory, loaded as the server loads them (packed CPU weights,
-    dtype as stored)."""
-    model, _ = load_model(model_dir, device="cpu")
-    return model, load_tokenizer(model_dir)
+    dtype as stored, int8 experts of a quantised model run by the int8 kernels)."""
+    return load_for_inference(model_dir, device="cpu", progress=False).model, load_tokenizer(model_dir)
 
 
 def score_tasks(
