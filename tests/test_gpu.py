@@ -68,3 +68,43 @@ def test_cuda_offloaded_matches_cuda_resident(host_tier: str, dtype: str, tiny_m
         assert loaded.provider.stats.transfers > 0
     finally:
         loaded.close()
+
+
+@pytest.mark.parametrize("host_tier", ["pinned", "disk"])
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_cuda_int8_offloaded_matches_cuda_int8_resident(
+    host_tier: str, dtype: str, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """Int8 experts on a GPU: int8 blobs over the link, the same kernel resident and offloaded, and
+    close to the CPU's int8 model."""
+    from engine.offload import OffloadConfig, load_for_inference
+    from engine.weights.quantize import quantize_model
+
+    int8_dir = tmp_path / "int8"
+    quantize_model(tiny_model_dir, int8_dir, check_inputs=0, progress=False)
+    resident = load_for_inference(int8_dir, dtype=dtype, device="cuda", progress=False)
+    loaded = load_for_inference(
+        int8_dir,
+        dtype=dtype,
+        device="cuda",
+        offload=OffloadConfig(expert_memory="40%", host_tier=host_tier),
+        progress=False,
+    )
+    cpu = load_for_inference(int8_dir, dtype="float32", progress=False)
+    try:
+        assert not resident.is_offloaded
+        assert loaded.is_offloaded
+        ids = torch.tensor([[5, 17, 30, 42, 1], [7, 8, 9, 1, 0]])
+        mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]])
+        dec = torch.tensor([[0, 8, 9, 10], [0, 3, 4, 5]])
+        with torch.no_grad():
+            expected = resident.model(ids.cuda(), mask.cuda(), dec.cuda()).float()
+            got = loaded.model(ids.cuda(), mask.cuda(), dec.cuda()).float()
+            reference = cpu.model(ids, mask, dec)
+        assert torch.equal(got, expected)
+        tolerance = 2e-2 if dtype == "float32" else 5e-2
+        assert (expected.cpu() - reference).abs().max().item() <= tolerance * max(1.0, reference.abs().max().item())
+        assert loaded.provider is not None
+        assert loaded.provider.stats.bytes_moved == loaded.provider.stats.transfers * loaded.provider.bytes_per_expert
+    finally:
+        loaded.close()

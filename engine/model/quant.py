@@ -105,8 +105,10 @@ def int8_linear(x: torch.Tensor, weight: Int8Weight) -> torch.Tensor:
     in_features = weight.q.shape[1]
     x_MK = x.reshape(-1, in_features)  # (M, K)
     if weight.device.type != "cpu":
-        # CUDA: int8 -> activation dtype is exact; cuBLAS, then the row scales.
-        y_MN = F.linear(x_MK, weight.q.to(x.dtype)) * weight.scale
+        # CUDA: the weight dequantised into the activation dtype, then cuBLAS. Scaling the weight
+        # first (not the product) keeps float16 in range: a row of +-127 values summed over
+        # thousands of inputs can pass float16's 65504 before its scale brings it back.
+        y_MN = F.linear(x_MK, weight.q.to(x.dtype) * weight.scale.to(x.dtype).unsqueeze(1))
     elif (
         active_kernels().int8_path(x.dtype) is Int8Path.INT8PACK_BF16
         and in_features % INT8PACK_IN_MULTIPLE == 0
