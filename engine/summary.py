@@ -23,6 +23,9 @@ class ModelSummary:
     num_experts_per_layer: int
     parameters_per_expert: int
     bytes_per_parameter: int
+    rows_per_expert: int = 0
+    """Output rows of an expert's matrices (d_ff per input projection, d_model for the output one):
+    a per-row quantised format stores one scale for each."""
 
     @property
     def bytes_per_expert(self) -> int:
@@ -62,6 +65,7 @@ def summarize(config: ModelConfig, dtype: torch.dtype = torch.float32) -> ModelS
         num_experts_per_layer=num_experts,
         parameters_per_expert=expert // (moe_layers * num_experts) if expert else 0,
         bytes_per_parameter=torch.empty((), dtype=dtype).element_size(),
+        rows_per_expert=(config.d_ff * (2 if config.is_gated_ffn else 1) + config.d_model) if expert else 0,
     )
 
 
@@ -75,17 +79,21 @@ class WeightFormat:
 
     name: str
     bits_per_weight: int
+    scale_bytes_per_row: int = 0
 
-    def nbytes(self, num_parameters: int) -> int:
-        return num_parameters * self.bits_per_weight // 8
+    def nbytes(self, num_parameters: int, num_rows: int = 0) -> int:
+        return num_parameters * self.bits_per_weight // 8 + num_rows * self.scale_bytes_per_row
 
 
-#: The formats the engine runs experts in, by name (float16 is left out: the T5 family overflows in it).
-RUN_FORMATS: dict[str, WeightFormat] = {f.name: f for f in (WeightFormat("float32", 32), WeightFormat("bfloat16", 16))}
+#: The formats the engine runs experts in, by name (float16 is left out: the T5 family overflows in
+#: it; int8 is `cpm2 quantize`'s, one float32 scale per output row).
+RUN_FORMATS: dict[str, WeightFormat] = {
+    f.name: f for f in (WeightFormat("float32", 32), WeightFormat("bfloat16", 16), WeightFormat("int8", 8, 4))
+}
 
 
 def expert_bytes_by_format(summary: ModelSummary) -> dict[str, int]:
     """Bytes of one expert in every format of `RUN_FORMATS` (empty for a dense model)."""
     if not summary.parameters_per_expert:
         return {}
-    return {name: f.nbytes(summary.parameters_per_expert) for name, f in RUN_FORMATS.items()}
+    return {name: f.nbytes(summary.parameters_per_expert, summary.rows_per_expert) for name, f in RUN_FORMATS.items()}

@@ -176,7 +176,11 @@ def test_info_on_a_config_alone(target: str, tmp_path: Path, capsys: pytest.Capt
     summary = info["summary"]
     assert summary["total_parameters"] == 619_339_008
     assert summary["parameters_per_expert"] == 2 * 768 * 3072
-    assert info["expert_bytes_by_format"] == {"float32": 4 * 2 * 768 * 3072, "bfloat16": 2 * 2 * 768 * 3072}
+    assert info["expert_bytes_by_format"] == {
+        "float32": 4 * 2 * 768 * 3072,
+        "bfloat16": 2 * 2 * 768 * 3072,
+        "int8": 2 * 768 * 3072 + 4 * (3072 + 768),  # values + a float32 scale per output row
+    }
     plan = info["memory_plan"]
     per_expert = 2 * 2 * 768 * 3072
     budget = int(summary["expert_bytes"] * 0.25)

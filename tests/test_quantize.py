@@ -185,3 +185,12 @@ def test_cli_quantize(tiny_model_dir: Path, tmp_path: Path, capsys: pytest.Captu
     assert (out / REPORT_FILE).exists()
     assert cpm2_main(["quantize", "--model", str(out), "--out", str(tmp_path / "again"), "--experts", "int8"]) == 2
     assert "already quantised" in capsys.readouterr().err
+
+
+def test_cpm2_info_counts_int8_bytes_as_the_store_does(int8_dir: Path) -> None:
+    from engine.summary import expert_bytes_by_format, summarize
+
+    config = inspect_checkpoint(int8_dir).config
+    layout = ExpertStore.open(int8_dir, config).layout
+    # The store aligns the scales to 16 bytes after the values; otherwise the same count.
+    assert 0 <= layout.payload_bytes - expert_bytes_by_format(summarize(config))["int8"] < 16
