@@ -17,6 +17,7 @@ BENCHMARKS: tuple[tuple[str, ...], ...] = (
     ("bench.decode_vs_hf", "--model", "nllb-200-distilled-600m"),
     ("bench.offload",),
     ("bench.offload_peers",),
+    ("bench.quant",),
     ("bench.serve_load",),
     ("bench.burst",),
     ("bench.abuse",),

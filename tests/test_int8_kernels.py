@@ -176,3 +176,15 @@ def test_quantize_round_trip_is_within_half_a_step(dtype: torch.dtype) -> None:
     # Half a step, plus float32's rounding of q * scale (a unit or two in the last place of |w|).
     assert torch.all(error <= weight.scale.unsqueeze(1) / 2 + w.float().abs() * 2**-22)
     assert weight.dequantize(torch.bfloat16).dtype == torch.bfloat16
+
+
+def test_the_dequant_path_works_in_and_out_of_inference_mode() -> None:
+    """Its scratch buffer, made under `torch.inference_mode()`, must not be written outside it
+    (loading calibrates outside inference mode after a decode ran inside it)."""
+    weight = quantize_int8(torch.randn(64, 64))
+    x = torch.randn(64, 64)  # 64 rows: more than the int8pack path takes, so `dequant` runs
+    with torch.inference_mode():
+        inside = int8_linear(x, weight)
+    with torch.no_grad():
+        outside = int8_linear(x, weight)
+    assert torch.equal(inside, outside)

@@ -80,10 +80,13 @@ def _cast(q: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     float32 weight at one row, 1.7 ms with this buffer (`bench.int8_kernels`). The float matmul keeps
     no reference to it.
     """
-    buffers: dict[torch.dtype, torch.Tensor] = _scratch.__dict__.setdefault("buffers", {})
-    buffer = buffers.get(dtype)
+    # One buffer per mode too: a tensor made under `torch.inference_mode()` cannot be written
+    # outside it (model loading calibrates outside inference mode, decoding runs inside it).
+    buffers: dict[tuple[torch.dtype, bool], torch.Tensor] = _scratch.__dict__.setdefault("buffers", {})
+    key = (dtype, torch.is_inference_mode_enabled())
+    buffer = buffers.get(key)
     if buffer is None or buffer.numel() < q.numel():
-        buffer = buffers[dtype] = torch.empty(q.numel(), dtype=dtype)
+        buffer = buffers[key] = torch.empty(q.numel(), dtype=dtype)
     return buffer[: q.numel()].view(q.shape).copy_(q)
 
 
