@@ -136,15 +136,15 @@ def measure_read_bandwidth(paths: Sequence[Path], *, readers: int, total_bytes: 
     return done / (time.perf_counter() - begin) / 1e9
 
 
-def block_device_read_bytes() -> int:
-    """Bytes read from all block devices so far (/sys/block/*/stat, sectors of 512 bytes)."""
-    total = 0
-    for stat in Path("/sys/block").glob("*/stat"):
-        if stat.parent.name.startswith(("loop", "ram", "zram")):
-            continue
-        fields = stat.read_text().split()
-        total += int(fields[2]) * 512
-    return total
+def storage_read_bytes() -> int:
+    """Bytes this process (its I/O threads included) has read from storage so far (`read_bytes` of
+    /proc/self/io). Per process, not per device: another process reading the same disk meanwhile
+    (a test run, a build) is not counted, which machine-wide /sys/block counters would do."""
+    for line in Path("/proc/self/io").read_text().splitlines():
+        name, _, value = line.partition(":")
+        if name == "read_bytes":
+            return int(value)
+    return 0
 
 
 class RoutingRecorder:
@@ -288,13 +288,13 @@ def decode_cpm2(
         for t in range(warmup, warmup + steps):
             if cold_files:
                 drop_page_cache(cold_files)
-            read_before = block_device_read_bytes()
+            read_before = storage_read_bytes()
             _sync(device)
             begin = time.perf_counter()
             model.logits(model.decode(model.embed(forced[t].unsqueeze(1)), state))
             _sync(device)
             elapsed += time.perf_counter() - begin
-            storage += block_device_read_bytes() - read_before
+            storage += storage_read_bytes() - read_before
         stats = (loaded.provider.stats - before) if loaded.provider and before else None
         return DecodeRun(
             batch * steps / elapsed,

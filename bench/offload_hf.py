@@ -23,10 +23,10 @@ import torch
 
 from bench.offload_common import (
     DecodeRun,
-    block_device_read_bytes,
     drop_page_cache,
     random_ids,
     routing_summary,
+    storage_read_bytes,
 )
 
 #: The HF systems, in the order they run within a repeat, and what each is.
@@ -226,11 +226,11 @@ def decode_hf(
         for t in range(warmup, warmup + steps):
             if cold_files:
                 drop_page_cache(cold_files)
-            read_before = block_device_read_bytes()
+            read_before = storage_read_bytes()
             begin = time.perf_counter()
             step(t)
             elapsed += time.perf_counter() - begin
-            storage += block_device_read_bytes() - read_before
+            storage += storage_read_bytes() - read_before
         routing = routing_summary(list(counter.counts.values()), counter.distinct)
         counts = {k: v.tolist() for k, v in counter.counts.items()}
         return DecodeRun(batch * steps / elapsed, elapsed, batch * steps, None, routing, storage, counts)

@@ -29,7 +29,7 @@ from engine.weights.convert import convert_cpm2, convert_hf
 from engine.weights.init import DEFAULT_MAX_SHARD_BYTES, plan_random_model, write_random_model
 from engine.weights.loader import load_model, parse_dtype
 from engine.weights.presets import PRESETS, get_preset
-from engine.weights.quantize import EXPERT_FORMATS, REPORT_FILE, quantize_model
+from engine.weights.quantize import DENSE_FORMATS, EXPERT_FORMATS, REPORT_FILE, quantize_model
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -186,11 +186,15 @@ def register(subparsers: Any) -> None:
     p.add_argument("--iteration", help="cpm2: iteration directory under SRC (default: the latest)")
     p.set_defaults(handler=cmd_convert)
 
-    p = subparsers.add_parser("quantize", help="write a copy of a model with its experts quantised (int8)")
+    p = subparsers.add_parser("quantize", help="write a copy of a model with int8 experts and/or dense matmuls")
     p.add_argument("--model", required=True, type=model_arg, help=MODEL_HELP)
     p.add_argument("--out", required=True, type=Path, help="new (empty) output directory")
-    p.add_argument("--experts", required=True, help=f"expert format: {', '.join(EXPERT_FORMATS)}")
-    p.add_argument("--dense", default=None, help="dense weight format (not supported yet)")
+    p.add_argument("--experts", default=None, help=f"expert format: {', '.join(EXPERT_FORMATS)}")
+    p.add_argument(
+        "--dense",
+        default=None,
+        help=f"dense matmul format: {', '.join(DENSE_FORMATS)} (quantised when loaded; shards stay float)",
+    )
     p.add_argument(
         "--check-inputs",
         type=int,

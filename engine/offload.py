@@ -23,7 +23,7 @@ from engine.experts.order import ORDER_POLICIES, OrderPolicy
 from engine.experts.pool import CACHE_POLICIES, CachePolicy, ExpertPool
 from engine.experts.provider import OffloadedExpertProvider, Transfers
 from engine.experts.resident import InMemoryExperts
-from engine.experts.store import ExpertStore, ExpertStoreWriter, quantized_experts
+from engine.experts.store import ExpertStore, ExpertStoreWriter, quantized_dense, quantized_experts
 from engine.memory_plan import MIN_SLOTS as MIN_SLOTS
 from engine.memory_plan import MachineMemory, MemoryPlan, plan_memory
 from engine.memory_plan import resolve_budget as resolve_budget
@@ -37,6 +37,7 @@ from engine.weights.loader import (
     inspect_checkpoint,
     load_model,
     native_tensors,
+    quantize_dense,
 )
 from engine.weights.loader import parse_dtype as parse_dtype
 
@@ -199,6 +200,8 @@ def load_for_inference(
         model_dir, info, target=target, device=device, offload=offload or OffloadConfig(), pack=pack, progress=progress
     )
     loaded.kernels = kernels
+    if quantized_dense(info.config) == "int8":
+        quantize_dense(loaded.model)
     return loaded
 
 

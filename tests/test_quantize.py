@@ -153,7 +153,8 @@ def test_the_budget_counts_int8_bytes(source_dir: Path, int8_dir: Path) -> None:
 def test_refusals_write_nothing(source_dir: Path, int8_dir: Path, tmp_path: Path) -> None:
     cases = [
         ({"experts": "int3"}, ConfigError, "unknown format"),
-        ({"experts": "int8", "dense": "int8"}, ConfigError, "not supported yet"),
+        ({"experts": "int8", "dense": "int4"}, ConfigError, "unknown format"),
+        ({"experts": None}, ConfigError, "nothing to quantise"),
     ]
     for kwargs, error, message in cases:
         with pytest.raises(error, match=message):
@@ -168,10 +169,52 @@ def test_refusals_write_nothing(source_dir: Path, int8_dir: Path, tmp_path: Path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]  # no output, no temporary left
 
 
-def test_a_dense_model_is_refused(hf_model_dirs: dict[str, Path], tmp_path: Path) -> None:
+def test_a_dense_model_has_no_experts_to_quantise(hf_model_dirs: dict[str, Path], tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="no experts"):
         quantize_model(hf_model_dirs["t5-v1.1"], tmp_path / "out", progress=False)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("name", ["t5-v1.0", "t5-v1.1", "switch-8e-capacity"])
+def test_dense_int8_runs_every_matmul_in_int8(name: str, hf_model_dirs: dict[str, Path], tmp_path: Path) -> None:
+    """`--dense int8`: every linear layer (and a tied output head) computes with int8 weights, close to
+    the float model; the experts of an MoE model stay as they were asked (here float)."""
+    out = tmp_path / "dense-int8"
+    report = quantize_model(hf_model_dirs[name], out, experts=None, dense="int8", check_inputs=0, progress=False)
+    assert report.tensors
+    assert all(".experts." not in t.name for t in report.tensors)
+    float_model, _ = load_model(hf_model_dirs[name])
+    loaded = load_for_inference(out, progress=False)
+    from engine.model.linear import Linear
+
+    linears = [m for n, m in loaded.model.named_modules() if isinstance(m, Linear) and ".experts." not in n]
+    assert linears
+    assert all(m.int8 is not None for m in linears)
+    assert loaded.model.lm_head is not None
+    assert loaded.model.lm_head.int8 is not None
+    vocab = min(float_model.config.vocab_size, 1000)
+    expected, got = _forward(float_model, vocab), _forward(loaded.model, vocab)
+    assert (got - expected).abs().mean().item() < 0.1 * expected.std().item()
+    assert (got.argmax(-1) == expected.argmax(-1)).float().mean().item() >= 0.85
+    tokens = [r.token_ids for r in Generator(loaded.model).generate(_requests(vocab))]
+    assert all(tokens)
+
+
+def test_dense_and_experts_int8_offloaded_equals_resident(tiny_model_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "all-int8"
+    quantize_model(tiny_model_dir, out, experts="int8", dense="int8", check_inputs=2, progress=False)
+    again = tmp_path / "again"
+    with pytest.raises(ConfigError, match="already quantised"):
+        quantize_model(out, again, experts=None, dense="int8", progress=False)
+    resident = load_for_inference(out, progress=False)
+    loaded = _offloaded(out, expert_memory="40%", direct_io=True)
+    try:
+        vocab = min(resident.model.config.vocab_size, 1000)
+        assert torch.equal(_forward(loaded.model, vocab), _forward(resident.model, vocab))
+        expected = [r.token_ids for r in Generator(resident.model).generate(_requests(vocab))]
+        assert [r.token_ids for r in Generator(loaded.model).generate(_requests(vocab))] == expected
+    finally:
+        loaded.close()
 
 
 def test_cli_quantize(tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -60,10 +60,19 @@ _EXPERT_KEY = re.compile(
 QUANTIZATION_KEY = "quantization"
 
 
+def _quantized(config: ModelConfig, part: str) -> str | None:
+    record = config.extra.get(QUANTIZATION_KEY)
+    return str(record.get(part)) if isinstance(record, dict) and record.get(part) else None
+
+
 def quantized_experts(config: ModelConfig) -> str | None:
     """The format a model's experts were quantised to (`"int8"`), None for float experts."""
-    record = config.extra.get(QUANTIZATION_KEY)
-    return str(record.get("experts")) if isinstance(record, dict) and record.get("experts") else None
+    return _quantized(config, "experts")
+
+
+def quantized_dense(config: ModelConfig) -> str | None:
+    """The format a model's dense weights run in (`"int8"`: quantised when loaded), None for float."""
+    return _quantized(config, "dense")
 
 
 def is_expert_key(key: str) -> bool:

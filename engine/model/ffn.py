@@ -76,8 +76,8 @@ class FeedForward(nn.Module):
         """The matrices as an `ExpertWeights` (views, no copies); an expert's FFN has no biases."""
         assert not self.has_bias, "ExpertWeights carries no biases"
         if self.is_gated:
-            return ExpertWeights(self.wi_0.weight, self.wi_1.weight, self.wo.weight)
-        return ExpertWeights(self.wi.weight, None, self.wo.weight)
+            return ExpertWeights(self.wi_0.matrix, self.wi_1.matrix, self.wo.matrix)
+        return ExpertWeights(self.wi.matrix, None, self.wo.matrix)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.has_bias:

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.model.kernels import active_kernels
-from engine.model.quant import Int8Weight, int8_linear
+from engine.model.quant import Int8Weight, int8_linear, quantize_int8
 
 #: Row counts up to this run unpadded: every decode batch size (the default batch limit is 32).
 EXACT_ROWS = 32
@@ -82,13 +82,43 @@ def linear(x: torch.Tensor, weight: torch.Tensor | Int8Weight, bias: torch.Tenso
 
 
 class Linear(nn.Linear):
-    """`nn.Linear`, bias-free unless `bias`, whose weight may be packed for the CPU."""
+    """`nn.Linear`, bias-free unless `bias`, whose weight may be packed for the CPU or quantised to
+    int8 (`quantize_linears`)."""
 
     def __init__(self, in_features: int, out_features: int, *, bias: bool = False) -> None:
         super().__init__(in_features, out_features, bias=bias)
+        self.int8: Int8Weight | None = None
+        """The weight as int8 once quantised; `weight` is then an empty placeholder of its dtype."""
+
+    @property
+    def matrix(self) -> torch.Tensor | Int8Weight:
+        """What this layer multiplies by: its int8 weight when quantised, else `weight`."""
+        return self.int8 if self.int8 is not None else self.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+        return linear(x, self.matrix, self.bias)
+
+
+def quantize_linear(module: Linear, weight: torch.Tensor | None = None) -> None:
+    """Make `module` compute with int8 (per-row, `engine.model.quant`) from `weight` (default: its own),
+    freeing its float weight; inference only (an int8 layer takes no gradients and is not saved)."""
+    source = unpack_weight(module.weight if weight is None else weight)
+    module.int8 = quantize_int8(source)
+    # An empty placeholder keeps the parameter's name and dtype (the dtype activations are cast to).
+    module.weight = nn.Parameter(torch.empty(0, dtype=source.dtype, device=source.device), requires_grad=False)
+
+
+def quantize_linears(model: nn.Module, *, skip: str | None = None) -> int:
+    """`quantize_linear` every `Linear` of `model` not yet quantised, except under names containing
+    `skip`; returns how many."""
+    count = 0
+    for name, module in model.named_modules():
+        if skip is not None and skip in name:
+            continue
+        if isinstance(module, Linear) and module.int8 is None:
+            quantize_linear(module)
+            count += 1
+    return count
 
 
 def can_pack(weight: torch.Tensor) -> bool:
@@ -126,7 +156,7 @@ def pack_for_cpu(model: nn.Module, *, skip: str | None = None) -> int:
     for name, module in model.named_modules():
         if skip is not None and skip in name:
             continue
-        if isinstance(module, Linear) and can_pack(module.weight):
+        if isinstance(module, Linear) and module.int8 is None and can_pack(module.weight):
             module.weight = nn.Parameter(pack_weight(module.weight), requires_grad=False)
             count += 1
     return count

@@ -238,7 +238,7 @@ class Seq2SeqLM(nn.Module):
         """Vocabulary logits (B, T, V) for final decoder states."""
         if self.config.scale_decoder_output:
             hidden_BTD = hidden_BTD * (self.config.d_model**-0.5)
-        weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
+        weight = self.embed.weight if self.lm_head is None else self.lm_head.matrix
         return linear(hidden_BTD, weight)
 
     def forward(

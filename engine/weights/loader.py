@@ -21,7 +21,7 @@ from engine.config import ModelConfig
 from engine.errors import CheckpointError, ConfigError, Cpm2Error
 from engine.experts.store import ExpertStore, is_expert_key
 from engine.model import Seq2SeqLM
-from engine.model.linear import Linear, can_pack, pack_for_cpu, pack_weight
+from engine.model.linear import Linear, can_pack, pack_for_cpu, pack_weight, quantize_linear, quantize_linears
 from engine.weights.files import INDEX_FILE, SINGLE_FILE, TensorFiles, TensorSource, open_tensor_source
 from engine.weights.hf import IGNORED_HF_KEYS, KeyPlan, hf_key_plan, hf_to_config, ignored_hf_keys, is_hf_config
 
@@ -246,6 +246,20 @@ def load_model(
     if pack:
         prepare_for_inference(model)
     return model, info
+
+
+def quantize_dense(model: Seq2SeqLM) -> int:
+    """The dense matmuls in int8 (`engine.model.quant`): every `Linear` but the experts' (an int8
+    store holds those); a tied output head gets its own int8 copy of the embedding, whose lookup
+    keeps the float matrix. Returns how many weights were quantised. Inference only."""
+    count = quantize_linears(model, skip=".experts.")
+    if model.lm_head is None:
+        with torch.device("meta"):
+            head = Linear(model.config.d_model, model.config.vocab_size)
+        quantize_linear(head, model.embed.weight)
+        model.lm_head = head
+        count += 1
+    return count
 
 
 def prepare_for_inference(model: Seq2SeqLM) -> int:

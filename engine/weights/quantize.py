@@ -1,10 +1,14 @@
-"""`cpm2 quantize --model DIR --out DIR --experts int8`: a model directory with int8 experts.
+"""`cpm2 quantize --model DIR --out DIR --experts int8 [--dense int8]`: a model with int8 weights.
 
 The source streams through one tensor at a time (`native_tensors`): dense tensors go unchanged into
 bounded shards, expert weights are quantised per output row (`engine.model.quant`) into an int8
 expert store (`engine.experts.store`), so memory holds one tensor and one blob, never a layer of
 experts more. The new directory is built under a temporary name beside `--out` and renamed into
 place only when it is complete and checked: a failure, or bad input, writes nothing.
+
+`--dense int8` records that the dense matmuls (every linear layer but the experts', and the output
+head) run in int8: they are quantised when the model is loaded (`quantize_dense`), as CTranslate2
+does for a float model asked for int8, so the shards stay float on disk.
 
 What the quantisation cost is reported, and kept as `quantization_report.json` in the directory:
 the max / mean absolute error of every expert tensor, and on a few inputs the largest logit
@@ -24,16 +28,27 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from engine.config import ModelConfig
 from engine.errors import CheckpointError, ConfigError
-from engine.experts.store import INT8_SCHEME, QUANTIZATION_KEY, ExpertStoreWriter, is_expert_key, quantized_experts
+from engine.experts.store import (
+    INT8_SCHEME,
+    QUANTIZATION_KEY,
+    ExpertStoreWriter,
+    is_expert_key,
+    quantized_dense,
+    quantized_experts,
+)
+from engine.model import Seq2SeqLM
+from engine.model.linear import Linear
 from engine.model.quant import quantize_int8
 from engine.weights.convert import CARRIED_FILES
 from engine.weights.files import ShardWriter, open_tensor_source
 from engine.weights.init import DEFAULT_MAX_SHARD_BYTES
 from engine.weights.loader import CONFIG_FILE, inspect_checkpoint, native_tensors
 
-#: Formats `--experts` takes.
+#: Formats `--experts` and `--dense` take.
 EXPERT_FORMATS = ("int8",)
+DENSE_FORMATS = ("int8",)
 REPORT_FILE = "quantization_report.json"
 #: Directories carried over unchanged (a model's bundled soft prompts are trained for its embeddings,
 #: which quantising the experts leaves as they are).
@@ -52,8 +67,9 @@ class TensorError:
 @dataclass
 class QuantizeReport:
     source: str
-    experts: str
+    experts: str | None
     scheme: str
+    dense: str | None = None
     expert_bytes_before: int = 0
     expert_bytes_after: int = 0
     tensors: list[TensorError] = field(default_factory=list)
@@ -73,8 +89,9 @@ class QuantizeReport:
     def lines(self) -> list[str]:
         worst = max(self.tensors, key=lambda t: t.max_abs, default=None)
         lines = [
-            f"experts: {self.experts} ({self.scheme}), {len(self.tensors)} tensors, "
-            f"{self.expert_bytes_before:,} -> {self.expert_bytes_after:,} bytes",
+            f"experts: {self.experts or 'as stored'}, dense: {self.dense or 'as stored'} ({self.scheme}), "
+            f"{len(self.tensors)} tensors quantised, experts {self.expert_bytes_before:,} -> "
+            f"{self.expert_bytes_after:,} bytes",
             f"weight error: max abs {self.max_abs:.3g}"
             + (f" ({worst.name})" if worst is not None else "")
             + f", mean abs {self.mean_abs:.3g}",
@@ -90,11 +107,13 @@ class QuantizeReport:
         return {**asdict(self), "max_abs": self.max_abs, "mean_abs": self.mean_abs}
 
 
-def _check_request(src: Path, dst: Path, experts: str, dense: str | None) -> None:
-    if experts not in EXPERT_FORMATS:
+def _check_request(src: Path, dst: Path, experts: str | None, dense: str | None) -> None:
+    if experts is None and dense is None:
+        raise ConfigError("nothing to quantise: give --experts int8, --dense int8 or both")
+    if experts is not None and experts not in EXPERT_FORMATS:
         raise ConfigError(f"--experts {experts}: unknown format; supported: {', '.join(EXPERT_FORMATS)}")
-    if dense is not None:
-        raise ConfigError(f"--dense {dense}: quantising the dense weights is not supported yet; leave --dense out")
+    if dense is not None and dense not in DENSE_FORMATS:
+        raise ConfigError(f"--dense {dense}: unknown format; supported: {', '.join(DENSE_FORMATS)}")
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
         raise CheckpointError(f"{dst}: exists and is not empty; choose a new --out directory")
     if dst.resolve() == src.resolve():
@@ -105,7 +124,7 @@ def quantize_model(
     src: Path | str,
     dst: Path | str,
     *,
-    experts: str = "int8",
+    experts: str | None = "int8",
     dense: str | None = None,
     check_inputs: int = 4,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
@@ -118,21 +137,34 @@ def quantize_model(
     try:
         info = inspect_checkpoint(src, files)
         config = info.config
-        if config.moe is None:
-            raise ConfigError(f"{src}: a dense model has no experts to quantise")
-        if quantized_experts(config) is not None:
+        if experts is not None and config.moe is None:
+            raise ConfigError(f"{src}: a dense model has no experts to quantise; leave --experts out")
+        if experts is not None and quantized_experts(config) is not None:
             raise ConfigError(f"{src}: its experts are already quantised ({quantized_experts(config)})")
+        if dense is not None and quantized_dense(config) is not None:
+            raise ConfigError(f"{src}: its dense weights are already quantised ({quantized_dense(config)})")
         dst.parent.mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
         try:
-            report = _write(info, files, work, max_shard_bytes=max_shard_bytes, progress=progress)
+            # Experts already int8 stay int8 (re-quantising their dequantised values gives the same bytes).
+            report = _write(
+                info,
+                files,
+                work,
+                experts=experts or quantized_experts(config),
+                dense=dense,
+                max_shard_bytes=max_shard_bytes,
+                progress=progress,
+            )
         except BaseException:
             shutil.rmtree(work, ignore_errors=True)
             raise
     finally:
         files.close()
     try:
-        record = {"experts": experts, "scheme": INT8_SCHEME, "source": str(src)}
+        previous = config.extra.get(QUANTIZATION_KEY)
+        record = {**(previous if isinstance(previous, dict) else {}), "scheme": INT8_SCHEME, "source": str(src)}
+        record.update({part: f for part, f in (("experts", experts), ("dense", dense)) if f is not None})
         config.replace(extra={**config.extra, QUANTIZATION_KEY: record}).save(work / CONFIG_FILE)
         _carry(src, work)
         if check_inputs > 0:
@@ -147,23 +179,41 @@ def quantize_model(
     return report
 
 
-def _write(info: Any, files: Any, out: Path, *, max_shard_bytes: int, progress: bool) -> QuantizeReport:
-    report = QuantizeReport(source=str(info.path), experts="int8", scheme=INT8_SCHEME)
+def _dense_linear_keys(config: ModelConfig) -> set[str]:
+    """The weights `--dense int8` runs in int8: every `Linear`'s but the experts'."""
+    with torch.device("meta"):
+        model = Seq2SeqLM(config)
+    return {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, Linear) and ".experts." not in name}
+
+
+def _write(
+    info: Any, files: Any, out: Path, *, experts: str | None, dense: str | None, max_shard_bytes: int, progress: bool
+) -> QuantizeReport:
+    report = QuantizeReport(source=str(info.path), experts=experts, dense=dense, scheme=INT8_SCHEME)
     shards = ShardWriter(out, max_shard_bytes=max_shard_bytes, metadata={"producer": "cpm2 quantize"})
-    store = ExpertStoreWriter(out, info.config, torch.int8)
+    # Experts kept as they are go into a float store as before.
+    store = (
+        ExpertStoreWriter(out, info.config, torch.int8 if experts else info.stored_dtype)
+        if info.config.moe is not None
+        else None
+    )
+    dense_keys = _dense_linear_keys(info.config) if dense else set()
     tensors = native_tensors(info, files, dtype=info.stored_dtype, device=torch.device("cpu"))
     for key, tensor in tqdm(tensors, desc="quantizing", unit="tensor", disable=not progress):
-        if not is_expert_key(key):
-            shards.add(key, tensor)
+        quantized = quantize_int8(tensor) if key in dense_keys or (experts and is_expert_key(key)) else None
+        if quantized is not None:
+            error = (quantized.dequantize() - tensor.to(torch.float32)).abs()
+            report.tensors.append(TensorError(key, error.max().item(), error.mean().item()))
+        if store is None or not is_expert_key(key):
+            shards.add(key, tensor)  # dense weights stay float on disk (quantised when loaded)
             continue
-        quantized = quantize_int8(tensor)
-        error = (quantized.dequantize() - tensor.to(torch.float32)).abs()
-        report.tensors.append(TensorError(key, error.max().item(), error.mean().item()))
-        report.expert_bytes_before += tensor.numel() * tensor.element_size()
-        report.expert_bytes_after += quantized.q.numel() + 4 * quantized.scale.numel()
-        store.add(key, quantized)
+        if quantized is not None:
+            report.expert_bytes_before += tensor.numel() * tensor.element_size()
+            report.expert_bytes_after += quantized.q.numel() + 4 * quantized.scale.numel()
+        store.add(key, quantized if quantized is not None else tensor)
     shards.close()
-    store.close()
+    if store is not None:
+        store.close()
     return report
 
 
