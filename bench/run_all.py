@@ -18,6 +18,7 @@ BENCHMARKS: tuple[tuple[str, ...], ...] = (
     ("bench.offload",),
     ("bench.offload_peers",),
     ("bench.quant",),
+    ("bench.decode_vs_ct2",),
     ("bench.serve_load",),
     ("bench.burst",),
     ("bench.abuse",),
