@@ -39,7 +39,7 @@ from rich.table import Table
 
 from bench.decode_models import BenchModel
 from bench.decode_vs_hf import CACHE_ROOT, Cpm2System, compare_tokens, ensure_checkpoint, make_prompts
-from bench.machine import CpuMeter, machine_info
+from bench.machine import CpuMeter, machine_info, publish
 from engine.errors import ConfigError
 from engine.offload import load_for_inference
 from engine.weights.quantize import quantize_model
@@ -412,16 +412,12 @@ def _parse_args(argv: Sequence[str] | None) -> tuple[Ct2BenchConfig, Path]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     cfg, out = _parse_args(argv)
-    console = Console(width=None if sys.stdout.isatty() else 140)
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
-    report = run(cfg, log=lambda msg: console.print(f"[dim]{msg}[/dim]"))
+    report = run(cfg, log=lambda msg: Console().print(f"[dim]{msg}[/dim]"))
     args = sys.argv[1:] if argv is None else list(argv)
     report = {"command": " ".join(["python -m bench.decode_vs_ct2", *args]), **report}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print_report(report, console)
-    console.print(f"JSON: {out}")
+    publish(report, out=out, plot=None, show=print_report, draw=lambda _report, _path: None, width=140)
     return 0
 
 
