@@ -237,3 +237,21 @@ def test_cpm2_info_counts_int8_bytes_as_the_store_does(int8_dir: Path) -> None:
     layout = ExpertStore.open(int8_dir, config).layout
     # The store aligns the scales to 16 bytes after the values; otherwise the same count.
     assert 0 <= layout.payload_bytes - expert_bytes_by_format(summarize(config))["int8"] < 16
+
+
+def test_the_server_says_what_was_quantised(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from server_fakes import local_client
+
+    from engine.serving.engine import AsyncEngine, EngineConfig
+    from server.app import create_app
+    from server.settings import Settings
+
+    out = tmp_path / "int8"
+    quantize_model(tiny_model_dir, out, experts="int8", dense="int8", check_inputs=0, progress=False)
+    settings = Settings(prompt_store=tmp_path / "prompts")
+    with local_client(create_app(settings, AsyncEngine.from_config(EngineConfig(model=out)))) as client:
+        assert client.get("/info").json()["quantization"] == {"experts": "int8", "dense": "int8"}
+        r = client.post("/generate", json={"inputs": "hello", "parameters": {"max_new_tokens": 4}})
+        assert r.status_code == 200, r.text
+    with local_client(create_app(settings, AsyncEngine.from_config(EngineConfig(model=tiny_model_dir)))) as client:
+        assert client.get("/info").json()["quantization"] == {}

@@ -19,6 +19,7 @@ import torch
 
 from engine.errors import ConfigError, InputError
 from engine.experts.provider import OffloadedExpertProvider
+from engine.experts.store import quantized_dense, quantized_experts
 from engine.generation import Generator, SamplingParams
 from engine.languages import Languages, encode_source, translation_tokenizer
 from engine.model.kernels import KernelMode, active_kernels, cpu_capability
@@ -172,7 +173,15 @@ class AsyncEngine:
             max_queue=self.config.max_queue,
             experts_offloaded=self.loaded.is_offloaded,
             expert_memory_bytes=self.loaded.budget_bytes,
-            extra={"total_expert_bytes": self.loaded.total_expert_bytes},
+            extra={
+                "total_expert_bytes": self.loaded.total_expert_bytes,
+                # What `cpm2 quantize` did to this model (`{"experts": "int8", "dense": "int8", ...}`).
+                "quantization": {
+                    part: fmt
+                    for part, fmt in (("experts", quantized_experts(config)), ("dense", quantized_dense(config)))
+                    if fmt is not None
+                },
+            },
             cpu_kernels=self._kernel_info(),
             languages=self.tokenizer.language_codes if isinstance(self.tokenizer, TranslationTokenizer) else (),
             max_token_chars=self._max_token_chars,

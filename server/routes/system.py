@@ -61,6 +61,7 @@ async def info(ctx: Ctx) -> dict[str, object]:
         "max_virtual_tokens": s.max_virtual_tokens,
         "max_prompt_upload_bytes": s.max_prompt_upload_bytes,
         "experts_offloaded": engine.experts_offloaded,
+        "quantization": engine.extra.get("quantization", {}),
         "expert_memory_bytes": engine.expert_memory_bytes,
         "cpu_kernels": engine.cpu_kernels or None,
         "languages": list(engine.languages),
