@@ -24,13 +24,12 @@ import gc
 import json
 import os
 import shutil
-import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 import transformers
@@ -38,8 +37,16 @@ from rich.console import Console
 from rich.table import Table
 
 from bench.decode_models import BenchModel
-from bench.decode_vs_hf import CACHE_ROOT, Cpm2System, compare_tokens, ensure_checkpoint, make_prompts
-from bench.machine import CpuMeter, machine_info, publish
+from bench.decode_vs_hf import (
+    CACHE_ROOT,
+    Cpm2System,
+    DecodeSystem,
+    compare_tokens,
+    ensure_checkpoint,
+    make_prompts,
+    measure_batch,
+)
+from bench.machine import machine_info, publish
 from engine.errors import ConfigError
 from engine.offload import load_for_inference
 from engine.weights.quantize import quantize_model
@@ -123,12 +130,6 @@ class Ct2BenchConfig:
             raise ConfigError(f"warmup must be >= 0, got {self.warmup}")
 
 
-class System(Protocol):
-    name: str
-
-    def generate(self, prompts: list[list[int]], num_tokens: int) -> list[list[int]]: ...
-
-
 def _token(i: int) -> str:
     return {PAD: "<pad>", EOS: "</s>", UNK: "<unk>"}.get(i, f"t{i}")
 
@@ -205,45 +206,6 @@ class NamedCpm2(Cpm2System):
         self.name = name
 
 
-def _summary(times_1: list[float], times_n: list[float], *, batch: int, n: int) -> dict[str, Any]:
-    rates = [batch * (n - 1) / (tn - t1) for t1, tn in zip(times_1, times_n, strict=True)]
-    median = statistics.median(rates)
-    return {"t_1_s": times_1, "t_n_s": times_n, "median_tokens_per_s": median, "best_tokens_per_s": max(rates)}
-
-
-def _timed(system: System, prompts: list[list[int]], num_tokens: int) -> float:
-    start = time.perf_counter()
-    system.generate(prompts, num_tokens)
-    return time.perf_counter() - start
-
-
-def measure_batch(systems: Sequence[System], prompts: list[list[int]], cfg: Ct2BenchConfig) -> dict[str, Any]:
-    """Warm up, then time every system's 1-token and N-token runs, order reversed every repetition;
-    repetitions with foreign CPU use above `cfg.max_foreign_cpu` are retried."""
-    n = cfg.new_tokens
-    for _ in range(cfg.warmup):
-        for system in systems:
-            system.generate(prompts, 1)
-            system.generate(prompts, n)
-    meter = CpuMeter()
-    attempts: list[dict[str, Any]] = []
-    while sum(a["is_clean"] for a in attempts) < cfg.repeats and len(attempts) < cfg.attempts_per_repeat * cfg.repeats:
-        order = list(systems) if len(attempts) % 2 == 0 else list(reversed(systems))
-        meter.start()
-        times = {s.name: {"t_1_s": _timed(s, prompts, 1), "t_n_s": _timed(s, prompts, n)} for s in order}
-        share = meter.foreign_share()
-        is_clean = share is None or share <= cfg.max_foreign_cpu
-        attempts.append({"order": [s.name for s in order], "foreign_cpu_share": share, "is_clean": is_clean, **times})
-    used = [a for a in attempts if a["is_clean"]] or attempts
-    out: dict[str, Any] = {
-        s.name: _summary(
-            [a[s.name]["t_1_s"] for a in used], [a[s.name]["t_n_s"] for a in used], batch=len(prompts), n=n
-        )
-        for s in systems
-    }
-    return {**out, "num_clean_repeats": sum(a["is_clean"] for a in attempts), "attempts": attempts}
-
-
 def _agreement(a: list[list[int]], b: list[list[int]]) -> dict[str, Any]:
     is_match, compared = compare_tokens(a, b, eos=EOS)
     same = sum(x == y for ra, rb in zip(a, b, strict=True) for x, y in zip(ra, rb, strict=False))
@@ -258,7 +220,7 @@ def measure_model(model: BenchModel, cfg: Ct2BenchConfig, note: Callable[[str], 
     ct2_dir = ensure_ct2(checkpoint, cfg.cache_root / f"{model.name}.ct2", vocab_size=vocab)
     int8_dir = ensure_int8(checkpoint, cfg.cache_root / f"{model.name}.int8")
     note(f"{model.name}: checkpoint, CTranslate2 conversion and int8 copy ready")
-    systems: list[System] = [
+    systems: list[DecodeSystem] = [
         Ct2System(ct2_dir, compute_type="float32", threads=cfg.threads, vocab_size=vocab),
         NamedCpm2(load_for_inference(checkpoint, progress=False).model, name="cpm2_float32"),
         Ct2System(ct2_dir, compute_type="int8", threads=cfg.threads, vocab_size=vocab),

@@ -38,7 +38,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import transformers
@@ -182,7 +182,30 @@ class Cpm2System:
         return [r.token_ids for r in results]
 
 
-def _timed(system: HFSystem | Cpm2System, prompts: list[list[int]], num_tokens: int) -> float:
+class DecodeSystem(Protocol):
+    """A system under test: greedy decoding of exactly `num_tokens` tokens per prompt."""
+
+    name: str
+
+    def generate(self, prompts: list[list[int]], num_tokens: int) -> list[list[int]]: ...
+
+
+class TimingConfig(Protocol):
+    """The fields `measure_batch` reads (every decode benchmark's config has them)."""
+
+    @property
+    def new_tokens(self) -> int: ...
+    @property
+    def warmup(self) -> int: ...
+    @property
+    def repeats(self) -> int: ...
+    @property
+    def attempts_per_repeat(self) -> int: ...
+    @property
+    def max_foreign_cpu(self) -> float: ...
+
+
+def _timed(system: DecodeSystem, prompts: list[list[int]], num_tokens: int) -> float:
     start = time.perf_counter()
     system.generate(prompts, num_tokens)
     return time.perf_counter() - start
@@ -214,9 +237,7 @@ def _summary(times_1: list[float], times_n: list[float], *, batch: int, n: int) 
     }
 
 
-def measure_batch(
-    systems: Sequence[HFSystem | Cpm2System], prompts: list[list[int]], cfg: DecodeBenchConfig
-) -> dict[str, Any]:
+def measure_batch(systems: Sequence[DecodeSystem], prompts: list[list[int]], cfg: TimingConfig) -> dict[str, Any]:
     """Warm up, then time every system's 1-token and N-token runs in alternating order.
 
     One repetition times every system once. A repetition during which other processes used more
