@@ -33,6 +33,7 @@ from rich.table import Table
 
 from bench.machine import machine_info, publish
 from bench.serve_load import ServerProcess, ensure_model
+from bench.soak import proc_status
 
 MIB = 2**20
 RESULTS = Path(__file__).parent / "results"
@@ -126,10 +127,7 @@ def _content_length(head: bytes) -> int:
 
 
 def _peak_rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+    return proc_status(Path(f"/proc/{pid}")).get("VmHWM", float("nan")) / 1024
 
 
 class HealthProbe:

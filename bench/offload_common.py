@@ -109,6 +109,14 @@ def drop_page_cache(paths: Iterable[Path]) -> None:
             os.close(fd)
 
 
+def read_through(paths: Iterable[Path]) -> None:
+    """Read `paths` once, so the page cache holds them (a warm run)."""
+    for path in paths:
+        with open(path, "rb") as f:
+            while f.read(64 << 20):
+                pass
+
+
 def measure_read_bandwidth(paths: Sequence[Path], *, readers: int, total_bytes: int = 512 << 20) -> float:
     """Cold sequential-chunk read bandwidth (GB/s) with `readers` threads of 8 MiB preads."""
     from concurrent.futures import ThreadPoolExecutor

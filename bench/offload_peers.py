@@ -61,6 +61,7 @@ from bench.offload_common import (
     load_cpm2,
     measure_read_bandwidth,
     model_files,
+    read_through,
 )
 from bench.offload_hf import (
     HF_SYSTEMS,
@@ -114,20 +115,13 @@ def _files(system: str, setup: _Setup) -> list[Path]:
     return model_files(setup.hf_dir, *([folder] if system != "hf-ram" and folder.exists() else []))
 
 
-def _read_through(paths: Sequence[Path]) -> None:
-    for path in paths:
-        with open(path, "rb") as f:
-            while f.read(64 << 20):
-                pass
-
-
 def _run_once(system: str, batch: int, page_cache: str, setup: _Setup, cfg: PeersBenchConfig) -> dict[str, Any]:
     """Load `system`, decode, unload; the run's numbers (expert counts under `_counts`)."""
     is_cold = page_cache == "cold"
     if is_cold:
         drop_page_cache(_files(system, setup))
     else:
-        _read_through(_files(system, setup))
+        read_through(_files(system, setup))
     begin = time.perf_counter()
     extra: dict[str, Any] = {}
     run: DecodeRun

@@ -47,7 +47,15 @@ from rich.console import Console
 from rich.table import Table
 
 from bench.machine import CpuMeter, machine_info, publish
-from bench.offload_common import CACHE_ROOT, decode_cpm2, drop_page_cache, measure_read_bandwidth, model_files
+from bench.offload_common import (
+    CACHE_ROOT,
+    decode_cpm2,
+    drop_page_cache,
+    measure_read_bandwidth,
+    model_files,
+    read_through,
+)
+from bench.soak import proc_status
 from engine.offload import OffloadConfig, load_for_inference
 from engine.summary import summarize
 from engine.weights.loader import inspect_checkpoint
@@ -119,24 +127,14 @@ def _reset_peak_rss() -> float:
 
 
 def _status_mib(key: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def _warm(paths: Sequence[Path]) -> None:
-    for path in paths:
-        with open(path, "rb") as f:
-            while f.read(64 << 20):
-                pass
+    return proc_status(Path("/proc/self")).get(key, float("nan")) / 1024
 
 
 def decode_once(model_dir: Path, mode: str, batch: int, budget: int, cfg: QuantBenchConfig) -> dict[str, Any]:
     """Load `model_dir` in `mode`, decode `cfg.steps` teacher-forced steps, return the run's figures."""
     files = model_files(model_dir)
     if mode == "warm":
-        _warm(files)
+        read_through(files)
     rss_start = _reset_peak_rss()
     options = {"direct_io": True} if mode == "cold" else {}
     offload = OffloadConfig(expert_memory="100%" if mode == "resident" else budget, **options)

@@ -63,22 +63,24 @@ def probe(pid: int) -> dict[str, float]:
         sample |= {"rss_mib": process.memory_info().rss / MIB, "fds": process.num_fds()}
         sample["threads"] = process.num_threads()
     except ImportError:
-        status = _proc_status(proc)
+        status = proc_status(proc)
         sample |= {"rss_mib": status["VmRSS"] / 1024, "threads": status["Threads"]}
         sample["fds"] = len(os.listdir(proc / "fd"))
     if proc.exists():
-        sample["rss_anon_mib"] = _proc_status(proc).get("RssAnon", float("nan")) / 1024
+        sample["rss_anon_mib"] = proc_status(proc).get("RssAnon", float("nan")) / 1024
         sample["sockets"] = _count_sockets(proc / "fd")
         sample["files"] = sample["fds"] - sample["sockets"]
     return sample
 
 
-def _proc_status(proc: Path) -> dict[str, float]:
+def proc_status(proc: Path) -> dict[str, float]:
+    """Memory (kB: resident `VmRSS`, its peak `VmHWM`, anonymous `RssAnon`) and `Threads` of the
+    process `proc` (`/proc/<pid>` or `/proc/self`)."""
     out = {}
     for line in (proc / "status").read_text().splitlines():
         name, _, value = line.partition(":")
-        if name in ("VmRSS", "RssAnon", "Threads"):
-            out[name] = float(value.split()[0])  # kB for the memory fields
+        if name in ("VmRSS", "VmHWM", "RssAnon", "Threads"):
+            out[name] = float(value.split()[0])
     return out
 
 

@@ -24,6 +24,7 @@ from server_process import serve_in_thread
 
 from bench import abuse
 from bench.abuse import send_chunked, send_sized_headers
+from bench.soak import proc_status
 from engine.prompts import SoftPrompt
 from server.app import create_app
 from server.prompt_store import PromptStore
@@ -69,10 +70,7 @@ def url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 def _rss_bytes() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS in /proc/self/status")
+    return int(proc_status(Path("/proc/self"))["VmRSS"]) * 1024
 
 
 @pytest.mark.parametrize(("method", "path", "content_type"), ROUTES)
