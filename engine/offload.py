@@ -23,7 +23,7 @@ from engine.experts.order import ORDER_POLICIES, OrderPolicy
 from engine.experts.pool import CACHE_POLICIES, CachePolicy, ExpertPool
 from engine.experts.provider import OffloadedExpertProvider, Transfers
 from engine.experts.resident import InMemoryExperts
-from engine.experts.store import ExpertStore, ExpertStoreWriter, quantized_dense, quantized_experts
+from engine.experts.store import ExpertStore, ExpertStoreWriter
 from engine.memory_plan import MIN_SLOTS as MIN_SLOTS
 from engine.memory_plan import MachineMemory, MemoryPlan, plan_memory
 from engine.memory_plan import resolve_budget as resolve_budget
@@ -40,6 +40,7 @@ from engine.weights.loader import (
     quantize_dense,
 )
 from engine.weights.loader import parse_dtype as parse_dtype
+from engine.weights.quantize import quantized_dense, quantized_experts
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -196,11 +197,19 @@ def load_for_inference(
     if cpu_kernels is not None:
         set_kernel_mode(cpu_kernels)
     kernels = announce(target) if device.type == "cpu" else None
+    # Int8 dense weights are quantised from the plain ones: packing them first would be undone.
+    dense_int8 = quantized_dense(info.config) == "int8"
     loaded = _load(
-        model_dir, info, target=target, device=device, offload=offload or OffloadConfig(), pack=pack, progress=progress
+        model_dir,
+        info,
+        target=target,
+        device=device,
+        offload=offload or OffloadConfig(),
+        pack=pack and not dense_int8,
+        progress=progress,
     )
     loaded.kernels = kernels
-    if quantized_dense(info.config) == "int8":
+    if dense_int8:
         quantize_dense(loaded.model)
     return loaded
 

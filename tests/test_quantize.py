@@ -17,11 +17,11 @@ from test_offload import _drop_page_cache, _forward, _requests
 
 from cpm2.cli import main as cpm2_main
 from engine.errors import CheckpointError, ConfigError
-from engine.experts.store import ExpertStore, quantized_experts
+from engine.experts.store import ExpertStore
 from engine.generation import Generator
 from engine.offload import InferenceModel, OffloadConfig, load_for_inference
 from engine.weights.loader import inspect_checkpoint, load_model
-from engine.weights.quantize import REPORT_FILE, quantize_model
+from engine.weights.quantize import REPORT_FILE, quantize_model, quantized_experts
 
 
 @pytest.fixture(scope="module", params=["tiny-cpm2", "switch-8e"])
@@ -135,16 +135,22 @@ def test_bfloat16_compute_offloaded_equals_resident(int8_dir: Path) -> None:
 
 
 def test_the_budget_counts_int8_bytes(source_dir: Path, int8_dir: Path) -> None:
-    as_float = load_for_inference(source_dir, offload=OffloadConfig(expert_memory=2**20), progress=False)
-    as_int8 = load_for_inference(int8_dir, offload=OffloadConfig(expert_memory=2**20), progress=False)
+    from engine.summary import summarize
+
+    float_expert = summarize(inspect_checkpoint(source_dir).config).bytes_per_expert
+    # Room for three float experts: both models must offload, the int8 one into about 4x the slots.
+    budget = OffloadConfig(expert_memory=3 * float_expert)
+    as_float = load_for_inference(source_dir, offload=budget, progress=False)
+    as_int8 = load_for_inference(int8_dir, offload=budget, progress=False)
     try:
         assert as_float.plan is not None
         assert as_int8.plan is not None
+        assert as_float.is_offloaded
+        assert as_int8.is_offloaded
         assert as_int8.plan.bytes_per_expert < 0.3 * as_float.plan.bytes_per_expert
         assert as_int8.plan.expert_bytes < 0.3 * as_float.plan.expert_bytes
-        if as_float.is_offloaded and as_int8.is_offloaded:
-            # The same bytes hold about four times the experts.
-            assert as_int8.plan.num_slots >= 3 * as_float.plan.num_slots
+        assert as_float.plan.num_slots == 3
+        assert as_int8.plan.num_slots >= 3 * as_float.plan.num_slots
     finally:
         as_float.close()
         as_int8.close()

@@ -56,25 +56,6 @@ _EXPERT_KEY = re.compile(
 )
 
 
-#: Where a model directory's config.json records that its experts were quantised (`cpm2 quantize`).
-QUANTIZATION_KEY = "quantization"
-
-
-def _quantized(config: ModelConfig, part: str) -> str | None:
-    record = config.extra.get(QUANTIZATION_KEY)
-    return str(record.get(part)) if isinstance(record, dict) and record.get(part) else None
-
-
-def quantized_experts(config: ModelConfig) -> str | None:
-    """The format a model's experts were quantised to (`"int8"`), None for float experts."""
-    return _quantized(config, "experts")
-
-
-def quantized_dense(config: ModelConfig) -> str | None:
-    """The format a model's dense weights run in (`"int8"`: quantised when loaded), None for float."""
-    return _quantized(config, "dense")
-
-
 def is_expert_key(key: str) -> bool:
     """Whether a native state-dict key names an expert weight."""
     return _EXPERT_KEY.fullmatch(key) is not None

@@ -19,7 +19,6 @@ import torch
 
 from engine.errors import ConfigError, InputError
 from engine.experts.provider import OffloadedExpertProvider
-from engine.experts.store import quantized_dense, quantized_experts
 from engine.generation import Generator, SamplingParams
 from engine.languages import Languages, encode_source, translation_tokenizer
 from engine.model.kernels import KernelMode, active_kernels, cpu_capability
@@ -41,6 +40,7 @@ from engine.tokenizer import (
     load_tokenizer,
     longest_token_chars,
 )
+from engine.weights.quantize import quantized_dense, quantized_experts
 
 
 @dataclass(frozen=True, kw_only=True)

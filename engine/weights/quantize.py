@@ -30,14 +30,7 @@ from tqdm import tqdm
 
 from engine.config import ModelConfig
 from engine.errors import CheckpointError, ConfigError
-from engine.experts.store import (
-    INT8_SCHEME,
-    QUANTIZATION_KEY,
-    ExpertStoreWriter,
-    is_expert_key,
-    quantized_dense,
-    quantized_experts,
-)
+from engine.experts.store import INT8_SCHEME, ExpertStoreWriter, is_expert_key
 from engine.model import Seq2SeqLM
 from engine.model.linear import Linear
 from engine.model.quant import quantize_int8
@@ -53,6 +46,25 @@ REPORT_FILE = "quantization_report.json"
 #: Directories carried over unchanged (a model's bundled soft prompts are trained for its embeddings,
 #: which quantising the experts leaves as they are).
 CARRIED_DIRS = ("prompts",)
+
+
+#: Where a model directory's config.json records what `cpm2 quantize` quantised.
+QUANTIZATION_KEY = "quantization"
+
+
+def _quantized(config: ModelConfig, part: str) -> str | None:
+    record = config.extra.get(QUANTIZATION_KEY)
+    return str(record.get(part)) if isinstance(record, dict) and record.get(part) else None
+
+
+def quantized_experts(config: ModelConfig) -> str | None:
+    """The format a model's experts were quantised to (`"int8"`), None for float experts."""
+    return _quantized(config, "experts")
+
+
+def quantized_dense(config: ModelConfig) -> str | None:
+    """The format a model's dense weights run in (`"int8"`: quantised when loaded), None for float."""
+    return _quantized(config, "dense")
 
 
 @dataclass(frozen=True)
