@@ -12,7 +12,9 @@ Method (as `bench.decode_vs_hf`): one random checkpoint per shape, written by HF
 Every system generates exactly N tokens greedily (CTranslate2 `min_decoding_length` =
 `max_decoding_length` = N, cpm2 `ignore_eos`) and 1 token from the same prompts; decode throughput
 is `B·(N-1) / (t_N - t_1)`. Systems alternate order across repetitions; a repetition during which
-other processes took CPU time is retried (`bench.machine.CpuMeter`).
+other processes took CPU time is retried (`bench.machine.CpuMeter`). CTranslate2 runs in a process of
+its own (`bench.ct2_worker`: inside torch's process it slows every later torch kernel), whose CPU time
+counts as the benchmark's own.
 
 Run: `python -m bench.decode_vs_ct2 [--quick]`.
 """
@@ -20,10 +22,12 @@ Run: `python -m bench.decode_vs_ct2 [--quick]`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
 import shutil
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -36,6 +40,7 @@ import transformers
 from rich.console import Console
 from rich.table import Table
 
+from bench.ct2_worker import EOS, PAD, token_string
 from bench.decode_models import BenchModel
 from bench.decode_vs_hf import (
     CACHE_ROOT,
@@ -54,8 +59,6 @@ from engine.weights.quantize import quantize_model
 RESULTS_DIR = Path("bench/results")
 TARGET_RATIO = 1.0
 NOISY_SPREAD = 1.15
-#: T5's special ids: pad (also the decoder start), end of sequence, unknown.
-PAD, EOS, UNK = 0, 1, 2
 SPEC_FILE = "ct2_spec.json"
 
 
@@ -130,18 +133,14 @@ class Ct2BenchConfig:
             raise ConfigError(f"warmup must be >= 0, got {self.warmup}")
 
 
-def _token(i: int) -> str:
-    return {PAD: "<pad>", EOS: "</s>", UNK: "<unk>"}.get(i, f"t{i}")
-
-
 def word_tokenizer(vocab_size: int) -> Any:
-    """A word-level HF tokenizer whose token i is `_token(i)`: CTranslate2's converter reads the
+    """A word-level HF tokenizer whose token i is `token_string(i)`: CTranslate2's converter reads the
     vocabulary and the special tokens from it."""
     from tokenizers import Tokenizer
     from tokenizers.models import WordLevel
     from tokenizers.pre_tokenizers import WhitespaceSplit
 
-    tok = Tokenizer(WordLevel({_token(i): i for i in range(vocab_size)}, unk_token="<unk>"))
+    tok = Tokenizer(WordLevel({token_string(i): i for i in range(vocab_size)}, unk_token="<unk>"))
     tok.pre_tokenizer = WhitespaceSplit()
     return transformers.PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>"
@@ -178,26 +177,49 @@ def ensure_int8(checkpoint: Path, out: Path) -> Path:
 
 
 class Ct2System:
-    """CTranslate2's `Translator.translate_batch`, greedy, exactly `num_tokens` new tokens."""
+    """CTranslate2's `Translator.translate_batch`, greedy, exactly `num_tokens` new tokens, in its own
+    process (`bench.ct2_worker` says why); a context manager that stops the process on exit."""
 
     def __init__(self, path: Path, *, compute_type: str, threads: int, vocab_size: int) -> None:
-        import ctranslate2
-
         self.name = f"ct2_{compute_type}"
-        self.translator = ctranslate2.Translator(
-            str(path), device="cpu", compute_type=compute_type, inter_threads=1, intra_threads=threads
+        model = str(path.resolve())
+        command = [sys.executable, "-m", "bench.ct2_worker", model, compute_type, str(threads), str(vocab_size)]
+        self.process = subprocess.Popen(
+            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1]
         )
-        self.ids = {_token(i): i for i in range(vocab_size)}
+        self._reply()  # the model is loaded
+
+    def _reply(self) -> dict[str, Any]:
+        assert self.process.stdout is not None
+        line = self.process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"{self.name}: the CTranslate2 worker exited (code {self.process.wait()})")
+        reply: dict[str, Any] = json.loads(line)
+        if "error" in reply:
+            raise RuntimeError(f"{self.name}: {reply['error']}")
+        return reply
 
     def generate(self, prompts: list[list[int]], num_tokens: int) -> list[list[int]]:
-        results = self.translator.translate_batch(
-            [[_token(i) for i in p] for p in prompts],
-            beam_size=1,
-            max_decoding_length=num_tokens,
-            min_decoding_length=num_tokens,
-            max_batch_size=0,
-        )
-        return [[self.ids[t] for t in r.hypotheses[0]] for r in results]
+        assert self.process.stdin is not None
+        self.process.stdin.write(json.dumps({"prompts": prompts, "num_tokens": num_tokens}) + "\n")
+        self.process.stdin.flush()
+        tokens: list[list[int]] = self._reply()["tokens"]
+        return tokens
+
+    def close(self) -> None:
+        if self.process.stdin is not None:
+            self.process.stdin.close()
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+    def __enter__(self) -> Ct2System:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 class NamedCpm2(Cpm2System):
@@ -212,6 +234,44 @@ def _agreement(a: list[list[int]], b: list[list[int]]) -> dict[str, Any]:
     return {"is_match": is_match, "num_compared": compared, "same_position_fraction": same / max(1, sum(map(len, a)))}
 
 
+def _measure_batch(
+    model: BenchModel, systems: list[DecodeSystem], batch: int, cfg: Ct2BenchConfig, note: Callable[[str], None]
+) -> dict[str, Any]:
+    """One (model, batch) row: every system's timings, the ratios and the token agreement."""
+    vocab = int(model.config["vocab_size"])
+    prompts = make_prompts(batch, length=cfg.prompt_length, vocab_size=vocab, seed=cfg.seed, low=model.min_prompt_id)
+    tokens = {s.name: s.generate(prompts, cfg.new_tokens) for s in systems}
+    lengths = {name: sorted({len(r) for r in rows}) for name, rows in tokens.items()}
+    note(f"{model.name} batch {batch}: timing {cfg.repeats} repeats of N={cfg.new_tokens} ...")
+    timings = measure_batch(systems, prompts, cfg)
+    note(f"{model.name} batch {batch}: {timings['num_clean_repeats']} of {len(timings['attempts'])} repeats clean")
+    ratios = {
+        p: timings[f"cpm2_{p}"]["median_tokens_per_s"] / timings[f"ct2_{p}"]["median_tokens_per_s"]
+        for p in ("float32", "int8")
+    }
+    return {
+        "model": model.name,
+        "batch_size": batch,
+        **timings,
+        "ratio_median": ratios,
+        "ratio_best": {
+            p: timings[f"cpm2_{p}"]["best_tokens_per_s"] / timings[f"ct2_{p}"]["best_tokens_per_s"]
+            for p in ("float32", "int8")
+        },
+        "is_noisy": timings["num_clean_repeats"] < cfg.repeats
+        or any(
+            timings[s.name]["best_tokens_per_s"] / timings[s.name]["median_tokens_per_s"] > NOISY_SPREAD
+            for s in systems
+        ),
+        "generated_lengths": lengths,
+        # Random weights leave near-ties in the logits: summation order may flip one.
+        "agreement": {
+            "float32": _agreement(tokens["ct2_float32"], tokens["cpm2_float32"]),
+            "int8": _agreement(tokens["ct2_int8"], tokens["cpm2_int8"]),
+        },
+    }
+
+
 def measure_model(model: BenchModel, cfg: Ct2BenchConfig, note: Callable[[str], None]) -> list[dict[str, Any]]:
     """Every (batch, precision) of one model."""
     vocab = int(model.config["vocab_size"])
@@ -220,49 +280,14 @@ def measure_model(model: BenchModel, cfg: Ct2BenchConfig, note: Callable[[str], 
     ct2_dir = ensure_ct2(checkpoint, cfg.cache_root / f"{model.name}.ct2", vocab_size=vocab)
     int8_dir = ensure_int8(checkpoint, cfg.cache_root / f"{model.name}.int8")
     note(f"{model.name}: checkpoint, CTranslate2 conversion and int8 copy ready")
-    systems: list[DecodeSystem] = [
-        Ct2System(ct2_dir, compute_type="float32", threads=cfg.threads, vocab_size=vocab),
-        NamedCpm2(load_for_inference(checkpoint, progress=False).model, name="cpm2_float32"),
-        Ct2System(ct2_dir, compute_type="int8", threads=cfg.threads, vocab_size=vocab),
-        NamedCpm2(load_for_inference(int8_dir, progress=False).model, name="cpm2_int8"),
-    ]
-    results = []
-    for batch in cfg.batch_sizes:
-        prompts = make_prompts(
-            batch, length=cfg.prompt_length, vocab_size=vocab, seed=cfg.seed, low=model.min_prompt_id
-        )
-        tokens = {s.name: s.generate(prompts, cfg.new_tokens) for s in systems}
-        lengths = {name: sorted({len(r) for r in rows}) for name, rows in tokens.items()}
-        note(f"{model.name} batch {batch}: timing {cfg.repeats} repeats of N={cfg.new_tokens} ...")
-        timings = measure_batch(systems, prompts, cfg)
-        note(f"{model.name} batch {batch}: {timings['num_clean_repeats']} of {len(timings['attempts'])} repeats clean")
-        ratios = {
-            p: timings[f"cpm2_{p}"]["median_tokens_per_s"] / timings[f"ct2_{p}"]["median_tokens_per_s"]
-            for p in ("float32", "int8")
-        }
-        results.append(
-            {
-                "model": model.name,
-                "batch_size": batch,
-                **timings,
-                "ratio_median": ratios,
-                "ratio_best": {
-                    p: timings[f"cpm2_{p}"]["best_tokens_per_s"] / timings[f"ct2_{p}"]["best_tokens_per_s"]
-                    for p in ("float32", "int8")
-                },
-                "is_noisy": timings["num_clean_repeats"] < cfg.repeats
-                or any(
-                    timings[s.name]["best_tokens_per_s"] / timings[s.name]["median_tokens_per_s"] > NOISY_SPREAD
-                    for s in systems
-                ),
-                "generated_lengths": lengths,
-                # Random weights leave near-ties in the logits: summation order may flip one.
-                "agreement": {
-                    "float32": _agreement(tokens["ct2_float32"], tokens["cpm2_float32"]),
-                    "int8": _agreement(tokens["ct2_int8"], tokens["cpm2_int8"]),
-                },
-            }
-        )
+    with contextlib.ExitStack() as stack:
+        systems: list[DecodeSystem] = [
+            stack.enter_context(Ct2System(ct2_dir, compute_type="float32", threads=cfg.threads, vocab_size=vocab)),
+            NamedCpm2(load_for_inference(checkpoint, progress=False).model, name="cpm2_float32"),
+            stack.enter_context(Ct2System(ct2_dir, compute_type="int8", threads=cfg.threads, vocab_size=vocab)),
+            NamedCpm2(load_for_inference(int8_dir, progress=False).model, name="cpm2_int8"),
+        ]
+        results = [_measure_batch(model, systems, batch, cfg, note) for batch in cfg.batch_sizes]
     del systems
     gc.collect()
     return results

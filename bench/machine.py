@@ -100,10 +100,26 @@ class CpuMeter:
         ticks = [int(v) for v in first[1:9]]
         return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
 
+    @staticmethod
+    def _own_cpu_s() -> float:
+        """CPU time of this process and its children (live ones from `/proc`, reaped ones from
+        `os.times`): a system under test may run in a child process (`bench.ct2_worker`)."""
+        own = os.times()
+        total = own.user + own.system + own.children_user + own.children_system
+        tick = os.sysconf("SC_CLK_TCK")
+        for children in Path("/proc/self/task").glob("*/children"):
+            for pid in children.read_text().split():
+                try:
+                    # Fields after the command name (which may hold spaces): utime, stime are 12th, 13th.
+                    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                except (OSError, IndexError):
+                    continue  # exited meanwhile: its time moves to children_* once reaped
+                total += (int(fields[11]) + int(fields[12])) / tick
+        return total
+
     def start(self) -> None:
         busy = self._machine_busy_s()
-        own = os.times()
-        self._start = None if busy is None else (time.perf_counter(), busy, own.user + own.system)
+        self._start = None if busy is None else (time.perf_counter(), busy, self._own_cpu_s())
 
     def foreign_share(self) -> float | None:
         """Other processes' CPU time since `start()` over the machine's capacity (0..1); None if unknown."""
@@ -111,9 +127,8 @@ class CpuMeter:
         if self._start is None or busy is None:
             return None
         wall0, busy0, own0 = self._start
-        own = os.times()
         capacity = (time.perf_counter() - wall0) * (os.cpu_count() or 1)
-        foreign = (busy - busy0) - (own.user + own.system - own0)
+        foreign = (busy - busy0) - (self._own_cpu_s() - own0)
         return max(0.0, foreign / capacity) if capacity > 0 else None
 
 
