@@ -333,7 +333,7 @@ def print_report(report: dict[str, Any], console: Console) -> None:
         title=f"Decode tokens/s (median), cpm2 vs CTranslate2 {m['ctranslate2']} (N={cfg['new_tokens']}, "
         f"{cfg['repeats']} repeats, {cfg['threads']} threads)",
         caption=f"{m['cpu_model']} ({m['cpu_capability']}), {m['usable_cpus']} cores, torch {m['torch']}, "
-        f"cpm2 int8 kernel {m['cpu_kernels']['float32'].get('int8')}",
+        "cpm2 int8 kernels {int8} / {int8_many} (few / many rows)".format_map(m["cpu_kernels"]["float32"]),
     )
     columns = ("model", "batch", "CT2 fp32", "cpm2 fp32", "fp32 ratio", "CT2 int8", "cpm2 int8", "int8 ratio")
     for column in columns:

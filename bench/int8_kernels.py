@@ -14,8 +14,8 @@ activations. Candidates:
   to bfloat16 first. Reads one byte per weight.
 - `bf16-onednn` (float32 `x`): `x` and `q` cast to bfloat16, oneDNN's bf16 matmul (AMX), scales after.
 - `chunked`: `q` cast to bfloat16 in blocks of 512 output rows (kept in cache), one oneDNN call each.
-- `int_mm`: activations quantised per row to int8, `torch._int_mm` (int32), both scales after.
-  Changes the numerics more (int8 activations; T5's activation outliers make it worse).
+- `w8a8`: cpm2's `w8a8` path: activations quantised per row to int8, `torch._int_mm` (int32),
+  both scales after. Changes the numerics more (int8 activations; outliers in a row cost that row).
 - `dyn-x86`: `quantized::linear_dynamic` (fbgemm/x86, uint8 activations per tensor). Needs a prepack
   per weight (`prepack_ms`), i.e. per expert load from the store.
 - `qlinear`: `onednn::qlinear_pointwise` (uint8 activations per tensor) on a `qlinear_prepack`ed
@@ -51,7 +51,7 @@ from rich.table import Table
 from bench.machine import CpuMeter, machine_info, publish
 from engine.model import kernels
 from engine.model.linear import linear
-from engine.model.quant import _dequant, int8_linear, quantize_int8
+from engine.model.quant import _dequant, _w8a8, int8_linear, quantize_int8
 
 RESULTS = Path("bench/results/int8_kernels.json")
 SHAPES: tuple[tuple[int, int], ...] = ((2048, 512), (512, 2048), (4096, 1024), (1024, 4096))
@@ -73,13 +73,6 @@ def _chunked(x: torch.Tensor, w: dict[str, Any]) -> torch.Tensor:
     x16 = x.to(torch.bfloat16)
     parts = [_onednn(x16, q[i : i + CHUNK_ROWS].to(torch.bfloat16)) for i in range(0, q.shape[0], CHUNK_ROWS)]
     return (torch.cat(parts, dim=1) * scale).to(x.dtype)
-
-
-def _int_mm(x: torch.Tensor, w: dict[str, Any]) -> torch.Tensor:
-    x32 = x.float()
-    x_scale = x32.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / 127
-    xq = torch.round(x32 / x_scale).to(torch.int8)
-    return (torch._int_mm(xq, w["int8"].q.t()) * (x_scale * w["int8"].scale)).to(x.dtype)
 
 
 def _dynamic(x: torch.Tensor, w: dict[str, Any]) -> torch.Tensor:
@@ -114,7 +107,7 @@ def candidates(dtype: torch.dtype) -> dict[str, Kernel]:
             _onednn(x.to(torch.bfloat16), w["int8"].q.to(torch.bfloat16)) * w["int8"].scale
         ).to(x.dtype)
     found["chunked"] = _chunked
-    found["int_mm"] = _int_mm
+    found["w8a8"] = lambda x, w: _w8a8(x, w["int8"]).to(x.dtype)
     found["dyn-x86"] = _dynamic
     found["qlinear"] = _qlinear
     found["engine"] = lambda x, w: int8_linear(x, w["int8"])
@@ -200,7 +193,7 @@ def measure(
                         "shape": list(shape),
                         "dtype": name,
                         "rows": num_rows,
-                        "engine_path": str(kernels.active_kernels().int8_path(dtype)),
+                        "engine_path": str(kernels.active_kernels().int8_path(dtype, num_rows)),
                         "int8_vs_float_error": _error(ref, float_ref),
                         "prepack_ms": prepack_ms,
                         "foreign_cpu_share": meter.foreign_share(),

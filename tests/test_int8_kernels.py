@@ -4,6 +4,8 @@ Every path is compared with the float reference `x @ W_deq.T` (float64), as max 
 - `dequant` in float32: exact up to summation order (1e-5);
 - `dequant` in bfloat16, and `int8pack-bf16` under either dtype: bfloat16 activations, weights
   (exact: int8 values) and product, so a few units of bf16's 2^-8 precision (2e-2);
+- `w8a8` under either dtype: activations rounded to int8 per row (half a step of max |x_row| / 127
+  each), the product exact (3e-2);
 and the same on the AVX2-only imitation of `test_cpu_kernels` (which must pick `dequant`) and under
 `cpu_kernels=plain`. No timing is checked here (STYLE.md §14): `python -m bench.int8_kernels` measures.
 """
@@ -16,7 +18,7 @@ from test_cpu_kernels import _like_avx2
 
 from engine.model import kernels
 from engine.model.kernels import INT8PACK_IN_MULTIPLE, INT8PACK_MAX_ROWS, Int8Path, kernel_mode
-from engine.model.quant import Int8Weight, _dequant, _int8pack_bf16, int8_linear, quantize_int8
+from engine.model.quant import Int8Weight, _dequant, _int8pack_bf16, _w8a8, int8_linear, quantize_int8
 
 DTYPES = [torch.float32, torch.bfloat16]
 ROWS = [0, 1, INT8PACK_MAX_ROWS, INT8PACK_MAX_ROWS + 1, 70]
@@ -26,8 +28,10 @@ TOLERANCE = {
     (Int8Path.DEQUANT, torch.bfloat16): 2e-2,
     (Int8Path.INT8PACK_BF16, torch.float32): 2e-2,
     (Int8Path.INT8PACK_BF16, torch.bfloat16): 2e-2,
+    (Int8Path.W8A8, torch.float32): 3e-2,
+    (Int8Path.W8A8, torch.bfloat16): 3e-2,
 }
-PATHS = {Int8Path.DEQUANT: _dequant, Int8Path.INT8PACK_BF16: _int8pack_bf16}
+PATHS = {Int8Path.DEQUANT: _dequant, Int8Path.INT8PACK_BF16: _int8pack_bf16, Int8Path.W8A8: _w8a8}
 
 
 def _weight(out_features: int = 96, in_features: int = 2 * INT8PACK_IN_MULTIPLE, seed: int = 0) -> Int8Weight:
@@ -52,8 +56,13 @@ def _check(y: torch.Tensor, x: torch.Tensor, weight: Int8Weight, tolerance: floa
     assert _relative_error(y, x, weight) <= tolerance
 
 
-def _taken(dtype: torch.dtype) -> Int8Path:
-    return kernels.active_kernels().int8_path(dtype)
+def _taken(dtype: torch.dtype, rows: int = 1) -> Int8Path:
+    return kernels.active_kernels().int8_path(dtype, rows)
+
+
+def _tolerance(dtype: torch.dtype, rows: int) -> float:
+    """The tolerance of the path `int8_linear` takes for `rows` rows here."""
+    return TOLERANCE[_taken(dtype, rows), dtype]
 
 
 @pytest.mark.parametrize("path", list(PATHS))
@@ -64,6 +73,8 @@ def test_every_path_matches_the_dequantised_reference(path: Int8Path, dtype: tor
         with kernel_mode("auto") as table:
             if table.int8_path(dtype) is not path:
                 pytest.skip(f"{path} is not available on this CPU: {table.for_dtype(dtype).int8_reason}")
+    if path is Int8Path.W8A8 and (refusal := kernels._probe_int_mm()) is not None:
+        pytest.skip(refusal)
     weight, x = _weight(), _x(rows, 2 * INT8PACK_IN_MULTIPLE, dtype=dtype)
     y_MN = PATHS[path](x, weight).to(dtype)
     _check(y_MN, x, weight, TOLERANCE[path, dtype])
@@ -76,7 +87,7 @@ def test_int8_linear_takes_any_leading_dims(mode: str, dtype: torch.dtype, shape
     weight = _weight()
     x = _x(*shape, weight.shape[1], dtype=dtype)
     with kernel_mode(mode):  # type: ignore[arg-type]
-        _check(int8_linear(x, weight), x, weight, TOLERANCE[_taken(dtype), dtype])
+        _check(int8_linear(x, weight), x, weight, _tolerance(dtype, x.numel() // x.shape[-1]))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -85,7 +96,34 @@ def test_in_features_int8pack_gets_wrong_take_dequant(dtype: torch.dtype) -> Non
     weight = _weight(out_features=7, in_features=INT8PACK_IN_MULTIPLE + 1)
     x = _x(3, weight.shape[1], dtype=dtype)
     with kernel_mode("auto"):
-        _check(int8_linear(x, weight), x, weight, TOLERANCE[Int8Path.DEQUANT, dtype])
+        _check(int8_linear(x, weight), x, weight, _tolerance(dtype, 3))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_rows_beyond_the_few_rows_path_take_the_many_rows_path(dtype: torch.dtype) -> None:
+    weight = _weight()
+    with kernel_mode("auto") as table:
+        choice = table.for_dtype(dtype)
+        assert table.int8_path(dtype, INT8PACK_MAX_ROWS) is choice.int8
+        assert table.int8_path(dtype, INT8PACK_MAX_ROWS + 1) is choice.int8_many
+        for rows in (INT8PACK_MAX_ROWS, INT8PACK_MAX_ROWS + 1):
+            x = _x(rows, weight.shape[1], dtype=dtype)
+            y = int8_linear(x, weight)
+            # The very function of the path chosen, bit for bit.
+            assert torch.equal(y, PATHS[table.int8_path(dtype, rows)](x, weight).to(dtype))
+
+
+def test_w8a8_rows_do_not_depend_on_each_other() -> None:
+    """Each row is quantised by its own scale: a row with a 1000x larger activation beside it gets
+    exactly the result it gets alone (a per-tensor scale would crush it)."""
+    if (refusal := kernels._probe_int_mm()) is not None:
+        pytest.skip(refusal)
+    weight, x = _weight(), _x(6, 2 * INT8PACK_IN_MULTIPLE, dtype=torch.float32)
+    x[0] *= 1000
+    together = _w8a8(x, weight)
+    for row in range(1, 6):
+        assert torch.equal(together[row], _w8a8(x[row : row + 1], weight)[0])
+    _check(together[1:], x[1:], weight, TOLERANCE[Int8Path.W8A8, torch.float32])
 
 
 def test_successive_weights_through_the_scratch_buffer() -> None:
@@ -115,11 +153,17 @@ def test_choice_on_this_machine() -> None:
         for dtype in DTYPES:
             choice = table.for_dtype(dtype)
             assert choice.to_dict()["int8"] == str(choice.int8)
+            assert choice.to_dict()["int8_many"] == str(choice.int8_many)
             if fast:
                 assert choice.int8 is Int8Path.INT8PACK_BF16, choice.int8_reason
             else:
                 assert choice.int8 is Int8Path.DEQUANT
                 assert choice.int8_reason
+            if torch.backends.cpu.get_cpu_capability().startswith("AVX512") and kernels._probe_int_mm() is None:
+                assert choice.int8_many is Int8Path.W8A8
+                assert "quantised per row" in choice.int8_reason
+            else:
+                assert choice.int8_many is Int8Path.DEQUANT
         if fast:
             assert "bfloat16" in table.for_dtype(torch.float32).int8_reason
         assert "int8" in kernels.describe().splitlines()[1]
@@ -129,6 +173,7 @@ def test_plain_mode_takes_dequant() -> None:
     with kernel_mode("plain") as table:
         for dtype in DTYPES:
             assert table.int8_path(dtype) is Int8Path.DEQUANT
+            assert table.int8_path(dtype, 100) is Int8Path.DEQUANT
             assert "cpu_kernels=plain" in table.for_dtype(dtype).int8_reason
 
 
@@ -141,7 +186,8 @@ def test_cpu_without_bf16_kernels_takes_dequant_and_computes(
     with kernel_mode("auto") as table:
         for dtype in DTYPES:
             assert table.int8_path(dtype) is Int8Path.DEQUANT
-            assert "bfloat16" in table.for_dtype(dtype).int8_reason
+            assert table.int8_path(dtype, 70) is Int8Path.DEQUANT
+            assert "reports AVX2" in table.for_dtype(dtype).int8_reason
             for rows in (0, 1, 70):
                 x = _x(2, rows, weight.shape[1], dtype=dtype)
                 # bf16 runs F.linear here (oneDNN refuses it), float32 keeps oneDNN.

@@ -16,12 +16,13 @@ Every path computes the same product; results differ only by summation order.
 `KernelMode` `plain` forces `aten` for every dtype, so the fallback runs (and is tested) on every
 machine; `auto` takes the fastest path the CPU supports.
 
-Int8 weights (`engine.model.quant`) get a path per activation dtype too (`Int8Path`), measured with
-`python -m bench.int8_kernels`: `int8pack-bf16` (torch's weight-only int8 matmul on bfloat16
-activations for a few rows, the weight cast to bfloat16 through oneDNN for more) where this CPU
-has native bfloat16 and oneDNN's bf16 matmul, else `dequant` (the int8 values cast to the
-activation dtype, that dtype's float path, the row scales applied to the output), which runs
-everywhere and is what `plain` forces.
+Int8 weights (`engine.model.quant`) get two paths per activation dtype (`Int8Path`), one for up to
+`INT8PACK_MAX_ROWS` rows and one for more, measured with `python -m bench.int8_kernels`:
+`int8pack-bf16` (torch's weight-only int8 matmul on bfloat16 activations) for few rows where this
+CPU has native bfloat16, `w8a8` (activations quantised per row to int8, torch's int8 x int8 matmul)
+for more rows on AVX512 CPUs; elsewhere `dequant` (the int8 values cast to the activation dtype,
+that dtype's float path, the row scales applied to the output), which runs everywhere, is exact up
+to summation order, and is what `plain` forces.
 """
 
 from __future__ import annotations
@@ -53,18 +54,24 @@ class Int8Path(enum.StrEnum):
     """How an int8 weight (`engine.model.quant`) multiplies activations of a dtype on this CPU."""
 
     INT8PACK_BF16 = "int8pack-bf16"
-    """Up to `INT8PACK_MAX_ROWS` rows `torch._weight_int8pack_mm` on bfloat16 activations (it reads
-    one byte per weight: 1.7-2.7x faster than a float32 GEMV at one row here); more rows: the int8 values cast
-    (exactly) to bfloat16 and oneDNN's bf16 matmul (AMX). float32 activations are rounded to bf16."""
+    """`torch._weight_int8pack_mm` on bfloat16 activations (it reads one byte per weight: 1.7-2.7x
+    faster than a float32 GEMV at one row here); float32 activations are rounded to bf16. Few rows
+    only: its kernel streams the weight again every few rows."""
+    W8A8 = "w8a8"
+    """Activations quantised per row to int8 (symmetric, as CTranslate2's int8 does), `torch._int_mm`'s
+    exact int32 product, both scales applied to it. Rows stay independent of each other. Many rows
+    only: quantising the activations costs more than it saves at one row."""
     DEQUANT = "dequant"
     """The int8 values cast (exactly) to the activation dtype, that dtype's float path
     (`engine.model.linear`), the per-row scales applied to the (rows, out) result. Runs everywhere."""
 
 
-#: Row counts up to this take `_weight_int8pack_mm` on the `int8pack-bf16` path. Its kernel streams
-#: the weight once per 4 rows or so (time grows ~linearly with rows), so it loses to the cast +
-#: oneDNN bf16 matmul between 8 and 16 rows (measured, 2-core Xeon with AMX, `bench.int8_kernels`).
-INT8PACK_MAX_ROWS = 8
+#: Row counts up to this take the few-rows int8 path (`DtypeKernels.int8`), more the many-rows one
+#: (`int8_many`). `_weight_int8pack_mm` streams the weight again every few rows (time grows ~linearly
+#: with rows) while `w8a8` pays a fixed cost to quantise the activations: they tie at 4 rows (768x768
+#: to 4096x1024 weights), int8pack is 10-40 % faster at 1-2, w8a8 2-4x faster from 8 (2-core Xeon
+#: with AMX, `bench.int8_kernels`).
+INT8PACK_MAX_ROWS = 3
 #: `_weight_int8pack_mm` (torch 2.13, AVX512) returns garbage when `in` is not a multiple of 32, and
 #: may crash: such weights take the `dequant` path (`engine.model.quant`).
 INT8PACK_IN_MULTIPLE = 32
@@ -82,9 +89,11 @@ class DtypeKernels:
     reason: str = ""
     """Why a faster path is not taken (empty when it is)."""
     int8: Int8Path = Int8Path.DEQUANT
-    """Int8 weights under activations of this dtype."""
+    """Int8 weights under activations of this dtype, up to `INT8PACK_MAX_ROWS` rows."""
+    int8_many: Int8Path = Int8Path.DEQUANT
+    """Int8 weights under activations of this dtype, more rows."""
     int8_reason: str = ""
-    """Why int8 weights take the `dequant` path, or what `int8pack-bf16` changes (float32 activations)."""
+    """Why int8 weights take the `dequant` path, or how the faster paths round (not exact)."""
 
     @property
     def is_fastest(self) -> bool:
@@ -97,6 +106,7 @@ class DtypeKernels:
             "experts": str(self.experts),
             "reason": self.reason,
             "int8": str(self.int8),
+            "int8_many": str(self.int8_many),
             "int8_reason": self.int8_reason,
         }
 
@@ -163,6 +173,29 @@ def _probe_int8pack() -> str | None:
     return None
 
 
+def _probe_int_mm() -> str | None:
+    """Run `torch._int_mm` once; None if it ran and matched the exact integer product."""
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randint(-127, 128, (5, 40), generator=generator, dtype=torch.int8)
+    b = torch.randint(-127, 128, (24, 40), generator=generator, dtype=torch.int8)
+    try:
+        y = torch._int_mm(a, b.t())
+    except (RuntimeError, AttributeError) as error:
+        return f"torch._int_mm failed here: {error}"
+    if not torch.equal(y.long(), a.long() @ b.long().t()):
+        return "torch._int_mm gave wrong results on this CPU"
+    return None
+
+
+def _w8a8_refusal(dtype: torch.dtype) -> str | None:
+    """Why int8 weights under `dtype` activations cannot take `w8a8` for many rows here, or None."""
+    if dtype not in (torch.float32, torch.bfloat16):
+        return f"int8 weights take the w8a8 path only under float32 or bfloat16 activations, not {dtype}"
+    if not cpu_capability().startswith("AVX512"):
+        return f"w8a8 is measured faster only on AVX512 CPUs; this one reports {cpu_capability()}"
+    return _probe_int_mm()
+
+
 def _int8_refusal(dtype: torch.dtype, bf16: DtypeKernels) -> str | None:
     """Why int8 weights under `dtype` activations cannot take `int8pack-bf16` here, or None."""
     if dtype not in (torch.float32, torch.bfloat16):
@@ -171,7 +204,7 @@ def _int8_refusal(dtype: torch.dtype, bf16: DtypeKernels) -> str | None:
         # Measured only there; elsewhere the fallback is at least never slower than itself.
         return f"int8pack-bf16 is measured faster only on AVX512 CPUs; this one reports {cpu_capability()}"
     if bf16.experts is not MatmulPath.ONEDNN:
-        return f"int8pack-bf16 needs oneDNN's bfloat16 matmul for many rows: {bf16.reason}"
+        return f"int8pack-bf16 needs oneDNN's bfloat16 kernels: {bf16.reason}"
     if dtype == torch.float32 and not torch.cpu._is_avx512_bf16_supported():
         # Without native bf16 conversions the rounding of activations is emulated; not measured.
         return "float32 activations take int8pack-bf16 only with native bfloat16 (AVX512-BF16)"
@@ -181,18 +214,24 @@ def _int8_refusal(dtype: torch.dtype, bf16: DtypeKernels) -> str | None:
 # float32 activations on `int8pack-bf16` are rounded to bfloat16 (and so is the product): measured
 # max |error| / max |y| <= 0.6 % over the expert shapes against x @ W_deq.T in float64, half what the
 # int8 weights themselves already cost against the float weight (1.2 %), for 1.3-5x less time than
-# the exact `dequant` path at every row count (`bench.int8_kernels`). `cpu_kernels=plain` keeps
-# float32 exact.
+# the exact `dequant` path (`bench.int8_kernels`). `w8a8`'s int8 activations cost 0.7-1.0 % there.
+# `cpu_kernels=plain` keeps both exact.
 FLOAT32_VIA_BF16 = "float32 activations are rounded to bfloat16 (error <= 0.6% of max |y|; the int8 weights' own: 1.2%)"
+W8A8_ROUNDING = f"over {INT8PACK_MAX_ROWS} rows activations are quantised per row to int8 (error <= 1% of max |y|)"
 
 
-def _choose_int8(dtype: torch.dtype, mode: KernelMode, bf16: DtypeKernels) -> tuple[Int8Path, str]:
+def _choose_int8(dtype: torch.dtype, mode: KernelMode, bf16: DtypeKernels) -> tuple[Int8Path, Int8Path, str]:
+    """The few-rows and many-rows int8 paths of `dtype` activations, and what they change or why not."""
     if mode == "plain":
-        return Int8Path.DEQUANT, "CPU kernels forced to the plain path (cpu_kernels=plain)"
-    reason = _int8_refusal(dtype, bf16)
-    if reason is not None:
-        return Int8Path.DEQUANT, reason
-    return Int8Path.INT8PACK_BF16, FLOAT32_VIA_BF16 if dtype == torch.float32 else ""
+        return Int8Path.DEQUANT, Int8Path.DEQUANT, "CPU kernels forced to the plain path (cpu_kernels=plain)"
+    few_refusal, many_refusal = _int8_refusal(dtype, bf16), _w8a8_refusal(dtype)
+    few = Int8Path.DEQUANT if few_refusal is not None else Int8Path.INT8PACK_BF16
+    many = Int8Path.DEQUANT if many_refusal is not None else Int8Path.W8A8
+    notes = [
+        few_refusal or (FLOAT32_VIA_BF16 if dtype == torch.float32 else ""),
+        many_refusal or W8A8_ROUNDING,
+    ]
+    return few, many, "; ".join(note for note in notes if note)
 
 
 def _choose(dtype: torch.dtype, mode: KernelMode) -> DtypeKernels:
@@ -227,8 +266,10 @@ class CpuKernels:
             kernels = _choose(dtype, self.mode)
             # The int8 path of any activation dtype runs on bfloat16's float kernels.
             bf16 = kernels if dtype == torch.bfloat16 else self.for_dtype(torch.bfloat16)
-            int8, int8_reason = _choose_int8(dtype, self.mode, bf16)
-            kernels = self._table[dtype] = dataclasses.replace(kernels, int8=int8, int8_reason=int8_reason)
+            int8, int8_many, int8_reason = _choose_int8(dtype, self.mode, bf16)
+            kernels = self._table[dtype] = dataclasses.replace(
+                kernels, int8=int8, int8_many=int8_many, int8_reason=int8_reason
+            )
         return kernels
 
     def uses_onednn(self, dtype: torch.dtype) -> bool:
@@ -239,9 +280,10 @@ class CpuKernels:
         """Whether weights of `dtype` may be packed into oneDNN's blocked layout."""
         return self.for_dtype(dtype).dense is MatmulPath.ONEDNN_PACKED
 
-    def int8_path(self, dtype: torch.dtype) -> Int8Path:
-        """How int8 weights multiply activations of `dtype`."""
-        return self.for_dtype(dtype).int8
+    def int8_path(self, dtype: torch.dtype, rows: int = 1) -> Int8Path:
+        """How int8 weights multiply `rows` rows of activations of `dtype`."""
+        kernels = self.for_dtype(dtype)
+        return kernels.int8 if rows <= INT8PACK_MAX_ROWS else kernels.int8_many
 
 
 _active = CpuKernels()
@@ -295,7 +337,9 @@ def announce(dtype: torch.dtype) -> DtypeKernels:
         if kernels.dense is kernels.experts
         else f"the {kernels.dense} path (dense weights) and {kernels.experts} (experts)"
     )
-    int8 = f" (int8 weights: {kernels.int8}, {kernels.int8_reason})" if kernels.int8_reason else ""
+    int8 = (
+        f" (int8 weights: {kernels.int8} / {kernels.int8_many}, {kernels.int8_reason})" if kernels.int8_reason else ""
+    )
     log.warning("%s matmuls take %s on this CPU: %s%s%s", name, paths, kernels.reason, hint, int8)
     return kernels
 
@@ -308,5 +352,6 @@ def describe(dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16)) 
         name = str(dtype).removeprefix("torch.")
         why = f" ({kernels.reason})" if kernels.reason else ""
         int8_why = f" ({kernels.int8_reason})" if kernels.int8_reason else ""
-        lines.append(f"  {name}: dense {kernels.dense}, experts {kernels.experts}{why}, int8 {kernels.int8}{int8_why}")
+        int8 = f"int8 {kernels.int8} (<= {INT8PACK_MAX_ROWS} rows) / {kernels.int8_many}{int8_why}"
+        lines.append(f"  {name}: dense {kernels.dense}, experts {kernels.experts}{why}, {int8}")
     return "\n".join(lines)

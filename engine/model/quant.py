@@ -2,8 +2,9 @@
 
 A weight `W` (out, in) is stored as `q` (out, in) int8 and `scale` (out,) float32 with
 `W ≈ q * scale[:, None]`, `scale = max|W_row| / 127` and `q = round(W / scale)` clamped to ±127 (the
-format CTranslate2 and torch's weight-only int8 matmul use). Activations stay in the compute dtype:
-only the weight bytes shrink, which is what bandwidth-bound decoding and expert transfers pay for.
+format CTranslate2 and torch's weight-only int8 matmul use). Only the weight bytes shrink, which is
+what bandwidth-bound decoding and expert transfers pay for; activations stay in the compute dtype,
+except on the `w8a8` path for many rows, which quantises them per row for torch's int8 matmul.
 
 `int8_linear` is the kernel seam for such weights, as `engine.model.linear.linear` is for float
 ones: the CPU path is chosen by `engine.model.kernels` (`int8_path`), CUDA dequantises into the
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from engine.model.kernels import INT8PACK_IN_MULTIPLE, INT8PACK_MAX_ROWS, Int8Path, active_kernels
+from engine.model.kernels import INT8PACK_IN_MULTIPLE, Int8Path, active_kernels
 
 #: Largest magnitude of a quantised value (symmetric: -127..127; -128 is never produced).
 QMAX = 127
@@ -62,11 +63,20 @@ def quantize_int8(weight: torch.Tensor) -> Int8Weight:
 
 
 def _int8pack_bf16(x_MK: torch.Tensor, weight: Int8Weight) -> torch.Tensor:
-    """The `int8pack-bf16` path: (M, N) in bfloat16 (few rows) or float32 (many)."""
+    """The `int8pack-bf16` path: (M, N) in bfloat16."""
     x_MK = x_MK.to(torch.bfloat16).contiguous()
-    if x_MK.shape[0] <= INT8PACK_MAX_ROWS:
-        return torch._weight_int8pack_mm(x_MK, weight.q, weight.scale.to(torch.bfloat16))
-    return _dequant(x_MK, weight)
+    return torch._weight_int8pack_mm(x_MK, weight.q, weight.scale.to(torch.bfloat16))
+
+
+def _w8a8(x_MK: torch.Tensor, weight: Int8Weight) -> torch.Tensor:
+    """The `w8a8` path: each row of `x` quantised to int8 by its own scale (max |x_row| / 127), the
+    exact int32 product with `q` (`torch._int_mm`, reading `q` transposed in place), both scales
+    applied to it; (M, N) float32."""
+    x_MK = x_MK.to(torch.float32)
+    x_scale_M1 = x_MK.abs().amax(dim=1, keepdim=True).clamp_min_(torch.finfo(torch.float32).tiny) / QMAX
+    # |x / scale| <= 127 up to float rounding, which `round` takes back to 127: no clamp needed.
+    xq_MK = torch.round(x_MK / x_scale_M1).to(torch.int8)
+    return torch._int_mm(xq_MK, weight.q.t()) * (x_scale_M1 * weight.scale)
 
 
 _scratch = threading.local()
@@ -112,12 +122,14 @@ def int8_linear(x: torch.Tensor, weight: Int8Weight) -> torch.Tensor:
         # first (not the product) keeps float16 in range: a row of +-127 values summed over
         # thousands of inputs can pass float16's 65504 before its scale brings it back.
         y_MN = F.linear(x_MK, weight.q.to(x.dtype) * weight.scale.to(x.dtype).unsqueeze(1))
-    elif (
-        active_kernels().int8_path(x.dtype) is Int8Path.INT8PACK_BF16
-        and in_features % INT8PACK_IN_MULTIPLE == 0
-        and not (torch.is_grad_enabled() and x.requires_grad)
-    ):
-        y_MN = _int8pack_bf16(x_MK, weight)
+    elif torch.is_grad_enabled() and x.requires_grad:
+        y_MN = _dequant(x_MK, weight)  # the only path autograd runs through
     else:
-        y_MN = _dequant(x_MK, weight)
+        path = active_kernels().int8_path(x.dtype, x_MK.shape[0])
+        if path is Int8Path.W8A8:
+            y_MN = _w8a8(x_MK, weight)
+        elif path is Int8Path.INT8PACK_BF16 and in_features % INT8PACK_IN_MULTIPLE == 0:
+            y_MN = _int8pack_bf16(x_MK, weight)
+        else:
+            y_MN = _dequant(x_MK, weight)
     return y_MN.to(x.dtype).reshape(*x.shape[:-1], weight.q.shape[0])
