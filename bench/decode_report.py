@@ -53,11 +53,24 @@ def print_report(report: dict[str, Any], console: Console) -> None:
         ),
         caption=_machine_line(report),
     )
+    int8 = "target_int8" in report
     for column in ("batch", "HF med", "HF best", "cpm2 med", "cpm2 best", "ratio med", "ratio best"):
         table.add_column(column, justify="right")
     table.add_column("same tokens", justify="right")
+    if int8:
+        for column in ("cpm2 int8 med", "int8 ratio med", "int8 same tokens"):
+            table.add_column(column, justify="right")
     for r in report["results"]:
         hf, cpm2 = r["hf"], r["cpm2"]
+        int8_cells = (
+            (
+                f"{r['cpm2_int8']['median_tokens_per_s']:.1f}",
+                f"[bold]{r['ratio_int8_median']:.2f}×[/bold]",
+                f"{r['int8_tokens']['same_position_fraction']:.0%}",
+            )
+            if int8
+            else ()
+        )
         table.add_row(
             str(r["batch_size"]),
             f"{hf['median_tokens_per_s']:.1f}",
@@ -67,6 +80,7 @@ def print_report(report: dict[str, Any], console: Console) -> None:
             f"[bold]{r['ratio_median']:.2f}×[/bold]",
             f"{r['ratio_best']:.2f}×",
             f"{'yes' if r['tokens_match'] else 'NO'} ({r['num_compared_tokens']})",
+            *int8_cells,
         )
     console.print(table)
     for r in report["results"]:
@@ -109,12 +123,17 @@ def print_report(report: dict[str, Any], console: Console) -> None:
             f"small-matrix overhead) and all other ops (norms, attention, {routing}token choice, Python) "
             f"{b1['other_ops_ms']:.2f} ms."
         )
-    target = report["target"]
-    if target["is_met"] is not None:
+    dtype = report["config"]["dtype"]
+    for key, label in (("target", f"cpm2 {dtype}"), ("target_int8", "cpm2 --dense int8")):
+        target = report.get(key)
+        if target is None or target["is_met"] is None:
+            continue
         verdict = "[green]met[/green]" if target["is_met"] else "[red]not met[/red]"
         batches = " and ".join(str(b) for b in target["batch_sizes"])
         ratios = ", ".join(f"batch {b}: {ratio:.2f}×" for b, ratio in target["ratio_median"].items())
-        console.print(f"Target ≥ {target['ratio_min']}× HF at batch {batches}: {verdict} (medians: {ratios})")
+        console.print(
+            f"Target {label} ≥ {target['ratio_min']}× HF {dtype} at batch {batches}: {verdict} (medians: {ratios})"
+        )
 
 
 def write_plot(report: dict[str, Any], path: Path) -> Path | None:
@@ -129,10 +148,11 @@ def write_plot(report: dict[str, Any], path: Path) -> Path | None:
     results = report["results"]
     fig, axes = plt.subplots(1, len(results), figsize=(3.2 * len(results) + 1, 3.8), squeeze=False)
     for ax, r in zip(axes[0], results, strict=True):
-        names = ["HF", "cpm2"]
-        medians = [r["hf"]["median_tokens_per_s"], r["cpm2"]["median_tokens_per_s"]]
-        bests = [r["hf"]["best_tokens_per_s"], r["cpm2"]["best_tokens_per_s"]]
-        ax.bar(names, medians, color=["#9e9e9e", "#1f77b4"])
+        systems = {"HF": "hf", "cpm2": "cpm2", **({"cpm2 int8": "cpm2_int8"} if "cpm2_int8" in r else {})}
+        names = list(systems)
+        medians = [r[key]["median_tokens_per_s"] for key in systems.values()]
+        bests = [r[key]["best_tokens_per_s"] for key in systems.values()]
+        ax.bar(names, medians, color=["#9e9e9e", "#1f77b4", "#2ca02c"][: len(names)])
         ax.scatter(names, bests, marker="_", s=400, color="black", label="best", zorder=3)
         ax.set_title(f"batch {r['batch_size']}: cpm2 {r['ratio_median']:.2f}× HF (median)", fontsize=10)
         ax.set_ylim(0, max(bests) * 1.15)

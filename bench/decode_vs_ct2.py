@@ -26,7 +26,6 @@ import contextlib
 import gc
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -48,13 +47,13 @@ from bench.decode_vs_hf import (
     DecodeSystem,
     compare_tokens,
     ensure_checkpoint,
+    ensure_int8,
     make_prompts,
     measure_batch,
 )
 from bench.machine import machine_info, publish
 from engine.errors import ConfigError
 from engine.offload import load_for_inference
-from engine.weights.quantize import quantize_model
 
 RESULTS_DIR = Path("bench/results")
 TARGET_RATIO = 1.0
@@ -165,17 +164,6 @@ def ensure_ct2(checkpoint: Path, out: Path, *, vocab_size: int) -> Path:
     return out
 
 
-def ensure_int8(checkpoint: Path, out: Path) -> Path:
-    """`checkpoint`'s copy with every dense matmul in int8 (`quantize_model(dense="int8")`)."""
-    spec = {"source": str(checkpoint), "mtime": (checkpoint / "bench_spec.json").stat().st_mtime}
-    if (out / SPEC_FILE).exists() and json.loads((out / SPEC_FILE).read_text()) == spec:
-        return out
-    shutil.rmtree(out, ignore_errors=True)
-    quantize_model(checkpoint, out, experts=None, dense="int8", check_inputs=0, progress=False)
-    (out / SPEC_FILE).write_text(json.dumps(spec))
-    return out
-
-
 class Ct2System:
     """CTranslate2's `Translator.translate_batch`, greedy, exactly `num_tokens` new tokens, in its own
     process (`bench.ct2_worker` says why); a context manager that stops the process on exit."""
@@ -220,12 +208,6 @@ class Ct2System:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-class NamedCpm2(Cpm2System):
-    def __init__(self, model: Any, *, name: str) -> None:
-        super().__init__(model)
-        self.name = name
 
 
 def _agreement(a: list[list[int]], b: list[list[int]]) -> dict[str, Any]:
@@ -283,9 +265,9 @@ def measure_model(model: BenchModel, cfg: Ct2BenchConfig, note: Callable[[str], 
     with contextlib.ExitStack() as stack:
         systems: list[DecodeSystem] = [
             stack.enter_context(Ct2System(ct2_dir, compute_type="float32", threads=cfg.threads, vocab_size=vocab)),
-            NamedCpm2(load_for_inference(checkpoint, progress=False).model, name="cpm2_float32"),
+            Cpm2System(load_for_inference(checkpoint, progress=False).model, name="cpm2_float32"),
             stack.enter_context(Ct2System(ct2_dir, compute_type="int8", threads=cfg.threads, vocab_size=vocab)),
-            NamedCpm2(load_for_inference(int8_dir, progress=False).model, name="cpm2_int8"),
+            Cpm2System(load_for_inference(int8_dir, progress=False).model, name="cpm2_int8"),
         ]
         results = [_measure_batch(model, systems, batch, cfg, note) for batch in cfg.batch_sizes]
     del systems

@@ -3,7 +3,11 @@
 Requirement: both systems in RAM, the same random checkpoint, batch 1 and 16, reported as a ratio
 from one run; target ≥ 1.5× HF (Switch d_model 512 with 64 experts, 6+6 layers: at batch 1;
 NLLB-200-distilled-600M's shape: at batch 1 and 16), and say what limits it. The models are
-`bench.decode_models.BENCH_MODELS`.
+`bench.decode_models.BENCH_MODELS`. With `--int8` (as `make bench` runs the NLLB shape) a third
+system is timed in the same repetitions: cpm2 serving the `cpm2 quantize --dense int8` copy of the
+same checkpoint, against the same HF run. In one dtype a batch-1 step of a dense model reads the same
+weight bytes in both systems, so the ratio is bounded by HF's distance from the bandwidth floor that
+the report prints; int8 moves a quarter of float32's bytes.
 
 Method: the checkpoint is written once by HF's `save_pretrained` and both systems load that
 directory (cpm2 with `load_model`, packed weights). Each system generates exactly N tokens
@@ -31,6 +35,7 @@ import argparse
 import gc
 import json
 import os
+import shutil
 import statistics
 import sys
 import time
@@ -51,7 +56,9 @@ from bench.machine import CpuMeter, machine_info, measure_gemv_bandwidth
 from engine.errors import ConfigError
 from engine.generation import GenerationRequest, Generator, SamplingParams
 from engine.model import Seq2SeqLM
+from engine.offload import load_for_inference
 from engine.weights.loader import load_model, parse_dtype
+from engine.weights.quantize import quantize_model
 
 CACHE_ROOT = Path(".cache/bench")
 RESULTS_DIR = Path("bench/results")
@@ -59,6 +66,7 @@ TARGET_RATIO = 1.5
 #: Best repeat more than this much faster than the median: other processes interfered.
 NOISY_SPREAD = 1.15
 SPEC_FILE = "bench_spec.json"
+INT8_SPEC_FILE = "int8_spec.json"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -91,6 +99,9 @@ class DecodeBenchConfig:
     """Give up retrying after this many attempts per wanted repetition."""
     gemv_bytes: int = 256 * 2**20
     """Weight size of the bandwidth-reference GEMV; far larger than the caches."""
+    int8: bool = False
+    """Also time cpm2 with every dense matmul in int8 (`cpm2 quantize --dense int8` of the same
+    checkpoint) against the same HF run: what a user who serves the model in int8 gets."""
 
     def __post_init__(self) -> None:
         if parse_dtype(self.dtype) not in (torch.float32, torch.bfloat16):
@@ -135,6 +146,19 @@ def ensure_checkpoint(path: Path, model: BenchModel, *, seed: int) -> Path:
     return path
 
 
+def ensure_int8(checkpoint: Path, out: Path) -> Path:
+    """`checkpoint`'s copy with every dense matmul in int8 (`quantize_model(dense="int8")`) at `out`,
+    unless one made from the same checkpoint is already there."""
+    spec = {"source": str(checkpoint), "mtime": (checkpoint / SPEC_FILE).stat().st_mtime}
+    spec_path = out / INT8_SPEC_FILE
+    if spec_path.exists() and json.loads(spec_path.read_text()) == spec:
+        return out
+    shutil.rmtree(out, ignore_errors=True)
+    quantize_model(checkpoint, out, experts=None, dense="int8", check_inputs=0, progress=False)
+    spec_path.write_text(json.dumps(spec))
+    return out
+
+
 def make_prompts(batch_size: int, *, length: int, vocab_size: int, seed: int, low: int = 2) -> list[list[int]]:
     """`batch_size` rows of random ids in [low, vocab_size) (above the special ids); row i is the same
     for every batch size."""
@@ -170,9 +194,8 @@ class Cpm2System:
     """cpm2's `Generator`, greedy, generating past the end token (the first one `forced_first_token`
     when set)."""
 
-    name = "cpm2"
-
-    def __init__(self, model: Seq2SeqLM, *, forced_first_token: int | None = None) -> None:
+    def __init__(self, model: Seq2SeqLM, *, forced_first_token: int | None = None, name: str = "cpm2") -> None:
+        self.name = name
         self.generator = Generator(model)
         self.forced = () if forced_first_token is None else (forced_first_token,)
 
@@ -288,7 +311,12 @@ def run(cfg: DecodeBenchConfig, *, log: Callable[[str], object] = print) -> dict
     is_moe = info.config.moe is not None
     forced = cfg.model.forced_first_token
     hf, cpm2 = HFSystem(hf_model, forced_first_token=forced), Cpm2System(model, forced_first_token=forced)
-    note("loaded both models")
+    systems: list[DecodeSystem] = [hf, cpm2]
+    if cfg.int8:
+        int8_dir = ensure_int8(path, cfg.checkpoint_dir.parent / f"{cfg.checkpoint_dir.name}.int8")
+        int8_model = load_for_inference(int8_dir, dtype=cfg.torch_dtype, progress=False).model
+        systems.append(Cpm2System(int8_model, forced_first_token=forced, name="cpm2_int8"))
+    note(f"loaded {', '.join(s.name for s in systems)}")
     results = []
     for batch in cfg.batch_sizes:
         prompts = make_prompts(
@@ -298,15 +326,14 @@ def run(cfg: DecodeBenchConfig, *, log: Callable[[str], object] = print) -> dict
             seed=cfg.seed,
             low=cfg.model.min_prompt_id,
         )
+        hf_tokens = hf.generate(prompts, cfg.new_tokens)
         is_match, compared = compare_tokens(
-            hf.generate(prompts, cfg.new_tokens),
-            cpm2.generate(prompts, cfg.new_tokens),
-            eos=info.config.eos_token_id,
+            hf_tokens, cpm2.generate(prompts, cfg.new_tokens), eos=info.config.eos_token_id
         )
         # A dense model has no experts to count (and no untimed counting run to spend).
         experts = experts_per_decode_step(model, partial(cpm2.generate, prompts, cfg.new_tokens)) if is_moe else None
         note(f"batch {batch}: timing {cfg.repeats} repeats of N={cfg.new_tokens} ...")
-        timings = measure_batch([hf, cpm2], prompts, cfg)
+        timings = measure_batch(systems, prompts, cfg)
         note(f"batch {batch}: {timings['num_clean_repeats']} of {len(timings['attempts'])} repeats clean")
         step_bytes = decode_weight_bytes(info.config, dtype=cfg.torch_dtype, experts_per_layer=experts or 0.0)
         results.append(
@@ -325,11 +352,16 @@ def run(cfg: DecodeBenchConfig, *, log: Callable[[str], object] = print) -> dict
                     name: step_bytes["total"] * timings[name]["median_tokens_per_s"] / batch / 1e9
                     for name in ("hf", "cpm2")
                 },
+                **(
+                    _int8_row(timings, hf_tokens, systems[-1], prompts, cfg, eos=info.config.eos_token_id)
+                    if cfg.int8
+                    else {}
+                ),
             }
         )
     note("timing the decode step's GEMVs alone, and a large GEMV ...")
     chain = time_gemv_chain(model, num_steps=cfg.new_tokens) if 1 in cfg.batch_sizes else None
-    del hf_model, model, hf, cpm2
+    del hf_model, model, hf, cpm2, systems
     gc.collect()
     bandwidth = _bandwidth_summary(results, cfg, chain)
     machine["load_average_1_5_15_after"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
@@ -342,6 +374,34 @@ def run(cfg: DecodeBenchConfig, *, log: Callable[[str], object] = print) -> dict
         "results": results,
         "bandwidth": bandwidth,
         "target": _target(results, cfg.model.target_batch_sizes),
+        **(
+            {"target_int8": _target(results, cfg.model.target_batch_sizes, key="ratio_int8_median")} if cfg.int8 else {}
+        ),
+    }
+
+
+def _int8_row(
+    timings: dict[str, Any],
+    hf_tokens: list[list[int]],
+    system: DecodeSystem,
+    prompts: list[list[int]],
+    cfg: DecodeBenchConfig,
+    *,
+    eos: int,
+) -> dict[str, Any]:
+    """cpm2 int8's ratios to HF and how many of HF's greedy tokens it reproduces (int8 rounding
+    changes some: random weights leave near-ties that it flips)."""
+    tokens = system.generate(prompts, cfg.new_tokens)
+    same = sum(a == b for ra, rb in zip(hf_tokens, tokens, strict=True) for a, b in zip(ra, rb, strict=False))
+    is_match, compared = compare_tokens(hf_tokens, tokens, eos=eos)
+    return {
+        "ratio_int8_median": timings["cpm2_int8"]["median_tokens_per_s"] / timings["hf"]["median_tokens_per_s"],
+        "ratio_int8_best": timings["cpm2_int8"]["best_tokens_per_s"] / timings["hf"]["best_tokens_per_s"],
+        "int8_tokens": {
+            "is_match": is_match,
+            "num_compared": compared,
+            "same_position_fraction": same / max(1, sum(map(len, hf_tokens))),
+        },
     }
 
 
@@ -379,9 +439,9 @@ def _bandwidth_summary(
     return summary
 
 
-def _target(results: list[dict[str, Any]], batch_sizes: Sequence[int]) -> dict[str, Any]:
+def _target(results: list[dict[str, Any]], batch_sizes: Sequence[int], *, key: str = "ratio_median") -> dict[str, Any]:
     """The target ratio at the model's target batch sizes that were measured (None: none was)."""
-    ratios = {str(r["batch_size"]): r["ratio_median"] for r in results if r["batch_size"] in batch_sizes}
+    ratios = {str(r["batch_size"]): r[key] for r in results if r["batch_size"] in batch_sizes}
     return {
         "ratio_min": TARGET_RATIO,
         "batch_sizes": list(batch_sizes),
@@ -421,6 +481,11 @@ def _parse_args(argv: Sequence[str] | None) -> tuple[DecodeBenchConfig, Path, bo
         f"no _MODEL for {DEFAULT_MODEL})",
     )
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    parser.add_argument(
+        "--int8",
+        action="store_true",
+        help="also time cpm2 with every dense matmul in int8 (cpm2 quantize --dense int8)",
+    )
     parser.add_argument("--quick", action="store_true", help="N=16 and 2 repeats (< 1 min for the default model)")
     args = parser.parse_args(argv)
     try:
@@ -436,6 +501,7 @@ def _parse_args(argv: Sequence[str] | None) -> tuple[DecodeBenchConfig, Path, bo
             batch_sizes=batch_sizes,
             new_tokens=args.new_tokens or (16 if args.quick else 64),
             repeats=args.repeats or (2 if args.quick else 5),
+            int8=args.int8,
         )
     except ConfigError as exc:
         parser.error(str(exc))

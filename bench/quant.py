@@ -11,8 +11,11 @@ its dense weights (the int8 model in float32 through the int8 kernels, see bench
 Every offloaded run gets the same budget in bytes: `--budget-share` (10 %) of the bfloat16 experts,
 so the float32 experts are 20x, the bfloat16 10x and the int8 5x the pool (at 25 % the int8 pool
 holds almost every decoder expert and a cold run barely reads: results/quant_budget25.json). Modes:
-- `cold`: strict (O_DIRECT reads, RAM holds only the pool) with every model file evicted from the
-  page cache before each decode step, so each miss is a real disk read;
+- `cold`: strict (O_DIRECT reads, RAM holds only the pool) with the expert store evicted from the
+  page cache before each decode step, so each miss is a real disk read. The dense weights stay as
+  loaded (in RAM, as in any deployment): evicting their file too made every step fault the memory-
+  mapped embedding back in through the kernel's readahead (8 MiB here), 5.4 MB per token that
+  measured the VM's readahead setting, not the expert format;
 - `warm`: page-cache mode, the store read into the page cache before the run (misses are memcpys
   or computed in place from the mapped store);
 - `resident`: a budget of 100 % (all experts in RAM).
@@ -56,6 +59,7 @@ from bench.offload_common import (
     read_through,
 )
 from bench.soak import proc_status
+from engine.experts.store import STORE_DIR
 from engine.offload import OffloadConfig, load_for_inference
 from engine.summary import summarize
 from engine.weights.loader import inspect_checkpoint
@@ -149,7 +153,8 @@ def decode_once(model_dir: Path, mode: str, batch: int, budget: int, cfg: QuantB
         assert plan is not None  # every MoE model gets a plan
         if mode != "resident" and not loaded.is_offloaded:
             raise RuntimeError(f"{model_dir}: budget {budget} holds every expert; lower --budget-share")
-        run = decode_cpm2(loaded, batch=batch, steps=cfg.steps, cold_files=files if mode == "cold" else ())
+        cold_files = model_files(model_dir / STORE_DIR) if mode == "cold" else ()
+        run = decode_cpm2(loaded, batch=batch, steps=cfg.steps, cold_files=cold_files)
     finally:
         loaded.close()
     row = run.to_dict()

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 #: `main` and accepts `--quick`.
 BENCHMARKS: tuple[tuple[str, ...], ...] = (
     ("bench.decode_vs_hf",),
-    ("bench.decode_vs_hf", "--model", "nllb-200-distilled-600m"),
+    ("bench.decode_vs_hf", "--model", "nllb-200-distilled-600m", "--int8"),
     ("bench.offload",),
     ("bench.offload_peers",),
     ("bench.quant",),

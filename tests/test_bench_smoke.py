@@ -80,6 +80,7 @@ def test_decode_benchmark_writes_report(tmp_path: Path, name: str) -> None:
         repeats=1,
         warmup=0,
         gemv_bytes=2**20,
+        int8=name == "nllb",  # the dense translation model, as `make bench` runs it
     )
     report = json.loads(json.dumps(run(cfg, log=lambda _: None)))
 
@@ -117,10 +118,21 @@ def test_decode_benchmark_writes_report(tmp_path: Path, name: str) -> None:
     assert target["ratio_min"] == 1.5
     assert list(target["ratio_median"]) == [str(b) for b in model.target_batch_sizes if b in cfg.batch_sizes]
     assert report["config"]["model"]["name"] == model.name
+    if cfg.int8:
+        for result in report["results"]:
+            # Timed like the others (no timing is checked: 3 tokens at warm-up 0 can even come out negative).
+            assert {"t_1_s", "t_n_s", "median_tokens_per_s"} <= result["cpm2_int8"].keys()
+            assert isinstance(result["ratio_int8_median"], float)
+            assert 0 <= result["int8_tokens"]["same_position_fraction"] <= 1
+        assert list(report["target_int8"]["ratio_median"]) == list(target["ratio_median"])
+        assert (tmp_path / "ckpt.int8" / "config.json").exists()
+    else:
+        assert "target_int8" not in report
 
     console = Console(file=io.StringIO(), width=120)
     print_report(report, console)
     assert "cpm2" in console.file.getvalue()
+    assert ("cpm2 --dense int8" in console.file.getvalue()) == cfg.int8
     pytest.importorskip("matplotlib")
     assert write_plot(report, tmp_path / "plot.png") == tmp_path / "plot.png"
 
