@@ -62,6 +62,27 @@ class MoEConfig:
     `router: learned`)."""
     aux_loss_coef: float = 0.01
     """Weight of the Switch load-balancing loss added to the training loss (`train_routing: top1`)."""
+    top_k: int = 1
+    """Experts per token: 1 (CPM-2, Switch) or 2 (NLLB-MoE, fairseq's `Top2Gate`; needs `router:
+    learned`): the argmax of the router probabilities and the argmax of the logits without it, their
+    probabilities renormalised to sum to 1 as the two gates (`engine.model.top2`). The fields below
+    are top-2 only."""
+    normalize_gates_before_capacity: bool = False
+    """Top-2: renormalise the two gates before capacity drops an expert (a token that keeps one
+    expert keeps its share), not after (it gets gate 1). HF `normalize_router_prob_before_dropping`."""
+    batch_prioritized_routing: bool = False
+    """Top-2: fill each expert's capacity in order of the tokens' top router probability over the
+    whole forward pass, not in token order. HF `batch_prioritized_routing`."""
+    eval_capacity_fraction: float | None = 1.0
+    """Top-2: at inference each expert takes at most ceil(fraction x tokens in the forward pass)
+    first-choice plus second-choice tokens (1.0: nothing is ever dropped); None or <= 0: the
+    `expert_capacity` (or 2 x ceil(tokens / experts) without one). HF `moe_eval_capacity_token_fraction`."""
+    route_padding: bool = False
+    """Top-2: padding tokens take part in routing and take capacity too (their outputs are discarded
+    either way). HF `router_ignore_padding_tokens`."""
+    expert_output_scale: float = 1.0
+    """Factor on every expert's output at inference: 1 - `moe_token_dropout` for NLLB-MoE, as
+    transformers computes it (expert output masking is training-only noise, scaled out at eval)."""
 
     def __post_init__(self) -> None:
         if self.num_experts < 1:
@@ -79,6 +100,7 @@ class MoEConfig:
             )
         if not self.aux_loss_coef >= 0:
             raise ConfigError(f"moe.aux_loss_coef must be >= 0, got {self.aux_loss_coef}")
+        self._check_top_k()
         if self.expert_capacity is not None and self.expert_capacity < 0:
             raise ConfigError(f"moe.expert_capacity must be >= 0 or null (no limit), got {self.expert_capacity}")
         for name in ("encoder_layers", "decoder_layers"):
@@ -87,6 +109,29 @@ class MoEConfig:
                 raise ConfigError(
                     f"moe.{name} must be strictly increasing non-negative block indices, got {list(layers)}"
                 )
+
+    def _check_top_k(self) -> None:
+        if self.top_k not in (1, 2) or isinstance(self.top_k, bool):
+            raise ConfigError(f"moe.top_k must be 1 or 2, got {self.top_k!r}")
+        if not self.expert_output_scale > 0:
+            raise ConfigError(f"moe.expert_output_scale must be > 0, got {self.expert_output_scale}")
+        if self.top_k == 1:
+            top2_only = {
+                "normalize_gates_before_capacity": self.normalize_gates_before_capacity is not False,
+                "batch_prioritized_routing": self.batch_prioritized_routing is not False,
+                "route_padding": self.route_padding is not False,
+            }
+            if any(top2_only.values()):
+                names = ", ".join(name for name, is_set in top2_only.items() if is_set)
+                raise ConfigError(f"moe.{names} applies to top-2 routing only; set moe.top_k 2 or leave it false")
+            return
+        if self.router != "learned":
+            raise ConfigError("moe.top_k 2 needs router: learned (the centroid router picks one expert)")
+        if self.train_routing != "inference":
+            raise ConfigError(
+                f"moe.train_routing {self.train_routing!r} is top-1 routing; top-2 models train with "
+                "train_routing: inference"
+            )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -139,8 +184,8 @@ class ModelConfig:
     (M2M-100, NLLB-200). The biases are fused as the weights are: `attn.qkv.bias` = [q; k; v],
     `cross.kv.bias` = [k; v]."""
     has_ffn_bias: bool = False
-    """Whether the dense feed-forward projections (`wi`/`wi_0`/`wi_1`, `wo`) have biases (M2M-100's
-    `fc1`, `fc2`). Not available with `moe`: experts have no biases."""
+    """Whether the feed-forward projections (`wi`/`wi_0`/`wi_1`, `wo`) have biases (M2M-100's `fc1`,
+    `fc2`), the experts' too (NLLB-MoE)."""
     scale_attention_scores: bool = False
     """Multiply attention scores by 1/sqrt(d_kv) before the softmax (Vaswani et al. 2017; M2M-100,
     NLLB-200). T5 and CPM-2 fold that factor into the initialisation and leave the scores unscaled."""
@@ -214,11 +259,6 @@ class ModelConfig:
             raise ConfigError(
                 f"position_embedding 'sinusoidal' needs d_model >= 4 (its frequencies divide by "
                 f"d_model // 2 - 1), got d_model {self.d_model}; use a wider model or 'relative'"
-            )
-        if self.has_ffn_bias and self.moe is not None:
-            raise ConfigError(
-                "has_ffn_bias is not available for MoE models (experts have no biases); set has_ffn_bias "
-                "false or moe null"
             )
 
     @property

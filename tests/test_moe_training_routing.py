@@ -95,8 +95,9 @@ def test_balanced_training_forward_splits_valid_tokens_evenly() -> None:
     x = torch.randn(3, 8, 16)
     valid = torch.ones(3, 8, dtype=torch.bool)
     valid[2, 4:] = False  # 20 valid tokens over 4 experts: 5 each
-    expert, gate, keep = layer.route(x, valid)
+    expert_BSK, gate, keep_BSK = layer.route(x, valid)
     assert gate is None
+    expert, keep = expert_BSK[..., 0], keep_BSK[..., 0]  # top-1: one choice per token
     assert torch.equal(keep, valid)
     assert torch.bincount(expert[valid], minlength=4).tolist() == [5, 5, 5, 5]
     out = layer(x, valid)

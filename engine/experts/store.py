@@ -37,7 +37,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from engine.config import ModelConfig
-from engine.errors import CheckpointError
+from engine.errors import CheckpointError, UnsupportedModelError
 from engine.model import ExpertWeights, MoELayerKey
 from engine.model.quant import Int8Weight, quantize_int8
 
@@ -171,6 +171,17 @@ class BlobLayout:
         return ExpertWeights(part(0), None, part(1))
 
 
+def check_storable(config: ModelConfig) -> None:
+    """Refuse a model whose experts this store format cannot hold: blobs carry expert matrices, and
+    NLLB-MoE's experts also have biases."""
+    if config.moe is not None and config.has_ffn_bias:
+        raise UnsupportedModelError(
+            "this model's experts have biases (NLLB-MoE), which the expert store cannot hold yet, so its "
+            "experts cannot be offloaded, quantised or converted to a native directory; load the HF "
+            "directory itself with every expert resident (--expert-memory 100%)"
+        )
+
+
 class ExpertStoreWriter:
     """Writes a store from native `(key, tensor)` pairs arriving in model order, one blob at a time.
 
@@ -179,6 +190,7 @@ class ExpertStoreWriter:
     """
 
     def __init__(self, model_dir: Path, config: ModelConfig, dtype: torch.dtype) -> None:
+        check_storable(config)
         self.root = model_dir / STORE_DIR
         self.config = config
         self.layout = BlobLayout.of(config, dtype)

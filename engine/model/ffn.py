@@ -2,7 +2,8 @@
 
 T5 v1.0 and Switch use `wo(act(wi x))`; CPM-2 and T5 v1.1 the gated form `wo(act(wi_0 x) * wi_1 x)`
 with the tanh-approximated GELU (SEED.md); M2M-100 and NLLB-200 `fc2(relu(fc1 x))` with biases,
-which is the ungated form with `has_bias`. An expert is exactly one such network (without biases).
+which is the ungated form with `has_bias`. An expert is exactly one such network (NLLB-MoE's experts
+have biases too).
 """
 
 from __future__ import annotations
@@ -39,22 +40,25 @@ class ExpertWeights(NamedTuple):
     packed for the CPU (`engine.model.linear`), or int8 with per-row scales (an int8 expert store).
 
     `wi_0` is the activation branch (`wi` of an ungated FFN), `wi_1` the linear gate branch (None
-    when ungated), `wo` the output projection.
+    when ungated), `wo` the output projection; their biases where the network has them (NLLB-MoE).
     """
 
     wi_0: Weight  # (F, D)
     wi_1: Weight | None  # (F, D)
     wo: Weight  # (D, F)
+    bi_0: torch.Tensor | None = None  # (F,)
+    bi_1: torch.Tensor | None = None  # (F,)
+    bo: torch.Tensor | None = None  # (D,)
 
 
 def feed_forward(x: torch.Tensor, weights: ExpertWeights, act: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """Apply one FFN to `x` (..., D) and return (..., D)."""
-    h = act(linear(x, weights.wi_0))
+    h = act(linear(x, weights.wi_0, weights.bi_0))
     if weights.wi_1 is not None:
-        h = h * linear(x, weights.wi_1)
+        h = h * linear(x, weights.wi_1, weights.bi_1)
     # A float `wo` takes its own dtype (bf16 weights under fp32 activations); an int8 one computes
     # in the activations' dtype.
-    return linear(h.to(weights.wo.dtype) if isinstance(weights.wo, torch.Tensor) else h, weights.wo)
+    return linear(h.to(weights.wo.dtype) if isinstance(weights.wo, torch.Tensor) else h, weights.wo, weights.bo)
 
 
 class FeedForward(nn.Module):
@@ -73,18 +77,17 @@ class FeedForward(nn.Module):
         self.wo = Linear(d_ff, d_model, bias=has_bias)
 
     def weights(self) -> ExpertWeights:
-        """The matrices as an `ExpertWeights` (views, no copies); an expert's FFN has no biases."""
-        assert not self.has_bias, "ExpertWeights carries no biases"
-        if self.is_gated:
-            return ExpertWeights(self.wi_0.matrix, self.wi_1.matrix, self.wo.matrix)
-        return ExpertWeights(self.wi.matrix, None, self.wo.matrix)
+        """The matrices (and biases) as an `ExpertWeights` (views, no copies)."""
+        wi = self.wi_0 if self.is_gated else self.wi
+        wi_1 = self.wi_1 if self.is_gated else None
+        return ExpertWeights(
+            wi.matrix,
+            None if wi_1 is None else wi_1.matrix,
+            self.wo.matrix,
+            bi_0=wi.bias,
+            bi_1=None if wi_1 is None else wi_1.bias,
+            bo=self.wo.bias,
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.has_bias:
-            return feed_forward(x, self.weights(), self.act)
-        # The same arithmetic as `feed_forward`, each projection adding its bias.
-        wi = self.wi_0 if self.is_gated else self.wi
-        h = self.act(wi(x))
-        if self.is_gated:
-            h = h * self.wi_1(x)
-        return self.wo(h.to(self.wo.weight.dtype))
+        return feed_forward(x, self.weights(), self.act)

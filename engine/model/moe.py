@@ -1,7 +1,7 @@
 """Mixture-of-Experts feed-forward layer: route, group tokens by expert, run each expert once.
 
-Shape legend: B batch rows, S positions, N routed tokens (padding removed), D model width,
-E experts.
+Shape legend: B batch rows, S positions, K experts per token (`top_k`), N routed (token, choice)
+pairs (padding and dropped choices removed), D model width, E experts.
 
 Routers (SEED.md):
 - CPM-2 / BASE layers: score = RMSNorm(x) @ centroids^T with frozen random orthogonal centroids;
@@ -11,6 +11,8 @@ Routers (SEED.md):
   expert capacity, only the first `capacity` tokens of a sequence routed to an expert reach it and
   the others get a zero MoE output (HF transformers 5.x semantics). Capacity counts the tokens of
   one forward pass, so teacher forcing and one-token decode steps can differ when it binds.
+- NLLB-MoE (fairseq `Top2Gate`): the same learned router, two experts per token, each output scaled
+  by its renormalised gate and the two summed (`engine.model.top2`), times `expert_output_scale`.
 
 Training-mode routing (`MoEConfig.train_routing`, only while `module.training`):
 - `balanced`: CPM-2 / BASE layers (Lewis et al. 2021): the valid tokens of the batch are assigned
@@ -39,6 +41,7 @@ from torch import nn
 from engine.config import MoEConfig
 from engine.model.assignment import balanced_assignment
 from engine.model.ffn import ACTIVATIONS, ExpertWeights, FeedForward, feed_forward
+from engine.model.top2 import route_top2
 
 
 @dataclass(frozen=True, order=True)
@@ -156,10 +159,19 @@ class MoEFeedForward(nn.Module):
     """An MoE feed-forward sublayer (the pre-norm lives in the block and is shared by the experts)."""
 
     def __init__(
-        self, key: MoELayerKey, moe: MoEConfig, *, d_model: int, d_ff: int, activation: str, is_gated: bool
+        self,
+        key: MoELayerKey,
+        moe: MoEConfig,
+        *,
+        d_model: int,
+        d_ff: int,
+        activation: str,
+        is_gated: bool,
+        has_bias: bool = False,
     ) -> None:
         super().__init__()
         self.key = key
+        self.moe = moe
         self.num_experts = moe.num_experts
         self.capacity = moe.expert_capacity
         self.train_routing = moe.train_routing
@@ -175,11 +187,35 @@ class MoEFeedForward(nn.Module):
                 d_model, moe.num_experts, bias=moe.router_bias, dtype=getattr(torch, moe.router_dtype)
             )
         self.experts = nn.ModuleList(
-            FeedForward(d_model, d_ff, activation=activation, is_gated=is_gated) for _ in range(moe.num_experts)
+            FeedForward(d_model, d_ff, activation=activation, is_gated=is_gated, has_bias=has_bias)
+            for _ in range(moe.num_experts)
         )
         self.expert_provider: ExpertProvider = ResidentExpertProvider(self.experts)
 
     def route(
+        self, x_BSD: torch.Tensor, valid_BS: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """Expert (B, S, K), gate (B, S, K) or None, and which choices reach their expert (B, S, K)."""
+        if self.moe.top_k == 2:
+            return self._route_top2(x_BSD, valid_BS)
+        expert_BS, gate_BS, keep_BS = self._route_top1(x_BSD, valid_BS)
+        return expert_BS.unsqueeze(-1), None if gate_BS is None else gate_BS.unsqueeze(-1), keep_BS.unsqueeze(-1)
+
+    def _route_top2(
+        self, x_BSD: torch.Tensor, valid_BS: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        self.aux_loss = None
+        assert isinstance(self.router, LearnedRouter)  # MoEConfig guarantees it
+        B, S, _ = x_BSD.shape
+        logits_NE = self.router.scores(x_BSD).reshape(B * S, self.num_experts)
+        probs_NE = torch.softmax(logits_NE, dim=-1, dtype=self.router.router_dtype).to(x_BSD.dtype)
+        routed_N = None if valid_BS is None or self.moe.route_padding else valid_BS.reshape(-1)
+        # Routed padding (`route_padding`) gets its experts' output, as in HF: it decides where that
+        # padding goes in the next MoE layer, and so whose capacity it takes there.
+        expert_N2, gate_N2, keep_N2 = route_top2(logits_NE, probs_NE, routed_N, self.moe, training=self.training)
+        return expert_N2.view(B, S, 2), gate_N2.view(B, S, 2), keep_N2.view(B, S, 2)
+
+    def _route_top1(
         self, x_BSD: torch.Tensor, valid_BS: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """Expert (B, S), gate (B, S) or None, and which tokens reach their expert (B, S)."""
@@ -222,13 +258,15 @@ class MoEFeedForward(nn.Module):
     def forward(self, x_BSD: torch.Tensor, valid_BS: torch.Tensor | None = None) -> torch.Tensor:
         """MoE output for normed input `x_BSD`; `valid_BS` marks real (non-padding) tokens."""
         B, S, D = x_BSD.shape
-        expert_BS, gate_BS, keep_BS = self.route(x_BSD, valid_BS)
-        x_ND = x_BSD.reshape(B * S, D)
-        token_N = keep_BS.reshape(-1).nonzero().squeeze(-1)
-        expert_N = expert_BS.reshape(-1)[token_N]
-        # Sort the kept tokens by expert so each expert reads one contiguous slice.
+        expert_BSK, gate_BSK, keep_BSK = self.route(x_BSD, valid_BS)
+        K = expert_BSK.shape[-1]
+        x_MD = x_BSD.reshape(B * S, D)  # M = B * S tokens
+        pair_N = keep_BSK.reshape(-1).nonzero().squeeze(-1)  # kept (token, choice) pairs, flat
+        expert_N = expert_BSK.reshape(-1)[pair_N]
+        # Sort the kept pairs by expert so each expert reads one contiguous slice.
         order_N = torch.argsort(expert_N, stable=True)
-        token_N = token_N[order_N]
+        pair_N = pair_N[order_N]
+        token_N = pair_N // K
         counts = torch.bincount(expert_N, minlength=self.num_experts).tolist()
         starts = [0] * self.num_experts
         total = 0
@@ -237,13 +275,20 @@ class MoEFeedForward(nn.Module):
             total += count
         demand = [ExpertDemand(e, n) for e, n in enumerate(counts) if n > 0]
 
-        routed_ND = x_ND.index_select(0, token_N)
+        routed_ND = x_MD.index_select(0, token_N)
         out_ND = torch.empty_like(routed_ND)
         for e, weights in self.expert_provider.fetch(self.key, demand, routed_ND):
             rows = slice(starts[e], starts[e] + counts[e])
             out_ND[rows] = feed_forward(routed_ND[rows], weights, self.act)
-        if gate_BS is not None:
-            out_ND = out_ND * gate_BS.reshape(-1)[token_N].unsqueeze(-1)
-        # Tokens that were dropped (over capacity) or are padding get a zero MoE output.
-        y_ND = torch.zeros_like(x_ND).index_copy_(0, token_N, out_ND.to(x_ND.dtype))
-        return y_ND.view(B, S, D)
+        if self.moe.expert_output_scale != 1.0:
+            out_ND = out_ND * self.moe.expert_output_scale
+        if gate_BSK is not None:
+            out_ND = out_ND * gate_BSK.reshape(-1)[pair_N].unsqueeze(-1)
+        # Tokens that were dropped (over capacity) or are padding get a zero MoE output; a token's two
+        # experts are summed (two terms: the same sum in any order).
+        y_MD = torch.zeros_like(x_MD)
+        if K == 1:
+            y_MD.index_copy_(0, token_N, out_ND.to(x_MD.dtype))
+        else:
+            y_MD.index_add_(0, token_N, out_ND.to(x_MD.dtype))
+        return y_MD.view(B, S, D)

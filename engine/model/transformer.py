@@ -51,6 +51,7 @@ def build_mlp(config: ModelConfig, key: MoELayerKey) -> FeedForward | MoEFeedFor
             d_ff=config.d_ff,
             activation=config.activation,
             is_gated=config.is_gated_ffn,
+            has_bias=config.has_ffn_bias,
         )
     return FeedForward(
         config.d_model,

@@ -76,8 +76,9 @@ def _write_native(
     total: int | None,
     progress: bool,
 ) -> None:
-    writer = ShardWriter(dst, max_shard_bytes=max_shard_bytes, metadata={"producer": producer})
+    # The expert writer first: it refuses experts it cannot store before anything is written.
     experts = ExpertStoreWriter(dst, config, dtype) if config.moe is not None else None
+    writer = ShardWriter(dst, max_shard_bytes=max_shard_bytes, metadata={"producer": producer})
     for key, tensor in tqdm(tensors, desc="converting", unit="tensor", total=total, disable=not progress):
         if experts is None or not experts.add(key, tensor):
             writer.add(key, tensor)

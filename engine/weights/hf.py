@@ -5,7 +5,8 @@ Config: `hf_to_config` turns an HF `config.json` into a `ModelConfig`. Weights: 
 for every native parameter, which HF tensors it is made of (several when cpm2 fuses projections:
 `qkv` = [q; k; v], `kv` = [k; v], biases alike), and `ignored_hf_keys` which stored tensors are
 aliases to skip. Model code never sees an HF name. M2M-100 (and NLLB-200, `model_type: m2m_100`) has
-its own translation in `engine.weights.hf_m2m100`; this module dispatches to it.
+its own translation in `engine.weights.hf_m2m100`, NLLB-MoE (`nllb-moe`) in `engine.weights.hf_nllb_moe`;
+this module dispatches to them.
 
 Facts this follows (HF transformers 5.x modeling files, checked by the parity tests):
 - Switch places MoE in block i of a stack when `step > 0 and (i % step == 1 or step == 1)`
@@ -35,10 +36,10 @@ from typing import Any
 
 from engine.config import Activation, ModelConfig, MoEConfig
 from engine.errors import CheckpointError, UnsupportedModelError
-from engine.weights import hf_m2m100
+from engine.weights import hf_m2m100, hf_nllb_moe
 from engine.weights.keys import split_block_key
 
-SUPPORTED_MODEL_TYPES = ("t5", "mt5", "switch_transformers", hf_m2m100.MODEL_TYPE)
+SUPPORTED_MODEL_TYPES = ("t5", "mt5", "switch_transformers", hf_m2m100.MODEL_TYPE, hf_nllb_moe.MODEL_TYPE)
 
 _ACTIVATIONS: dict[str, Activation] = {"relu": "relu", "gelu_new": "gelu_new", "gelu": "gelu", "silu": "silu"}
 
@@ -52,7 +53,7 @@ IGNORED_HF_KEYS = re.compile(
 
 def ignored_hf_keys(config: ModelConfig) -> re.Pattern[str]:
     """The stored tensors of `config`'s HF layout that are aliases or unused (skipped when loading)."""
-    if config.family == hf_m2m100.MODEL_TYPE:
+    if config.family in (hf_m2m100.MODEL_TYPE, hf_nllb_moe.MODEL_TYPE):
         return hf_m2m100.ignored_keys(config)
     return IGNORED_HF_KEYS
 
@@ -119,6 +120,8 @@ def hf_to_config(data: dict[str, Any], *, has_lm_head: bool, source: str) -> Mod
         )
     if model_type == hf_m2m100.MODEL_TYPE:
         return hf_m2m100.m2m100_to_config(data, source=source)
+    if model_type == hf_nllb_moe.MODEL_TYPE:
+        return hf_nllb_moe.nllb_moe_to_config(data, source=source)
     num_layers = int(data.get("num_layers", 12))
     num_decoder_layers = int(data.get("num_decoder_layers") or num_layers)
     proj = str(data.get("feed_forward_proj", ""))
@@ -250,4 +253,6 @@ def hf_key_plan(config: ModelConfig, native_keys: Iterable[str]) -> list[KeyPlan
     """For every native key, the HF tensors it is built from."""
     if config.family == hf_m2m100.MODEL_TYPE:
         return [KeyPlan(key, hf_m2m100.m2m100_sources(key)) for key in native_keys]
+    if config.family == hf_nllb_moe.MODEL_TYPE:
+        return [KeyPlan(key, hf_nllb_moe.nllb_moe_sources(key)) for key in native_keys]
     return [KeyPlan(key, _hf_sources(config, key)) for key in native_keys]

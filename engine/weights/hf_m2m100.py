@@ -24,6 +24,7 @@ fairseq's pre-norm Transformer. Facts this follows (HF transformers 5.x `modelin
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Any
 
 from engine.config import Activation, ModelConfig
@@ -128,7 +129,21 @@ def m2m100_to_config(data: dict[str, Any], *, source: str) -> ModelConfig:
     )
 
 
-def m2m100_sources(native: str) -> tuple[str, ...]:
+@dataclass(frozen=True)
+class LayerNames:
+    """What HF calls a block's modules (NLLB-MoE renames some of M2M-100's)."""
+
+    cross: str = "encoder_attn"
+    cross_norm: str = "encoder_attn_layer_norm"
+    ff_norm: str = "final_layer_norm"
+    ffn: str = ""
+    """Prefix of the dense FFN's `fc1` / `fc2` (empty: they sit in the layer itself)."""
+
+
+M2M100_NAMES = LayerNames()
+
+
+def m2m100_sources(native: str, names: LayerNames = M2M100_NAMES) -> tuple[str, ...]:
     """HF tensor names making up native tensor `native` (raises KeyError for an unmapped name)."""
     fixed = {
         "embed.weight": ("model.shared.weight",),
@@ -142,7 +157,8 @@ def m2m100_sources(native: str) -> tuple[str, ...]:
         return fixed[native]
     stack, block, rest = split_block_key(native)
     layer = f"model.{stack}.layers.{block}"
-    attn, cross = f"{layer}.self_attn", f"{layer}.encoder_attn"
+    attn, cross = f"{layer}.self_attn", f"{layer}.{names.cross}"
+    ffn = f"{layer}.{names.ffn}." if names.ffn else f"{layer}."
     module, _, kind = rest.rpartition(".")
     if kind not in ("weight", "bias"):
         raise KeyError(native)
@@ -150,13 +166,13 @@ def m2m100_sources(native: str) -> tuple[str, ...]:
         "attn_norm": (f"{layer}.self_attn_layer_norm.{kind}",),
         "attn.qkv": (f"{attn}.q_proj.{kind}", f"{attn}.k_proj.{kind}", f"{attn}.v_proj.{kind}"),
         "attn.o": (f"{attn}.out_proj.{kind}",),
-        "cross_norm": (f"{layer}.encoder_attn_layer_norm.{kind}",),
+        "cross_norm": (f"{layer}.{names.cross_norm}.{kind}",),
         "cross.q": (f"{cross}.q_proj.{kind}",),
         "cross.kv": (f"{cross}.k_proj.{kind}", f"{cross}.v_proj.{kind}"),
         "cross.o": (f"{cross}.out_proj.{kind}",),
-        "ff_norm": (f"{layer}.final_layer_norm.{kind}",),
-        "mlp.wi": (f"{layer}.fc1.{kind}",),
-        "mlp.wo": (f"{layer}.fc2.{kind}",),
+        "ff_norm": (f"{layer}.{names.ff_norm}.{kind}",),
+        "mlp.wi": (f"{ffn}fc1.{kind}",),
+        "mlp.wo": (f"{ffn}fc2.{kind}",),
     }
     if module not in table:
         raise KeyError(native)
