@@ -2,9 +2,9 @@
 
 Parity of the routing and of whole NLLB-MoE models with transformers is in
 tests/test_parity_nllb_moe.py; here: `MoEConfig` refuses top-2 settings that cannot work, with a
-message that says what to change; `capacity` follows HF's rules; a model whose experts have biases
-is refused by every path that would put them in the expert store (offloading, `cpm2 convert hf`),
-before anything is written.
+message that says what to change; `capacity` follows HF's rules; NLLB-MoE's biased experts go
+through the expert store (offloaded = resident, bit for bit, at 25 % and 10 % in both modes),
+`cpm2 convert hf` and `cpm2 quantize --experts int8`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ import torch
 
 from cpm2.cli import main
 from engine.config import MoEConfig
-from engine.errors import ConfigError, UnsupportedModelError
+from engine.errors import ConfigError
+from engine.generation import GenerationRequest, Generator, SamplingParams
 from engine.model.top2 import capacity, route_top2
 from engine.offload import OffloadConfig, load_for_inference
 
@@ -91,13 +92,13 @@ def nllb_moe_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     config = transformers.NllbMoeConfig(
         vocab_size=64,
         d_model=16,
-        encoder_layers=2,
-        decoder_layers=2,
+        encoder_layers=4,
+        decoder_layers=4,
         encoder_attention_heads=2,
         decoder_attention_heads=2,
         encoder_ffn_dim=32,
         decoder_ffn_dim=32,
-        num_experts=4,
+        num_experts=16,
         encoder_sparse_step=2,
         decoder_sparse_step=2,
         max_position_embeddings=64,
@@ -108,13 +109,70 @@ def nllb_moe_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def test_biased_experts_load_resident_and_refuse_the_store(nllb_moe_dir: Path, tmp_path: Path) -> None:
-    loaded = load_for_inference(nllb_moe_dir, progress=False)
-    assert not loaded.is_offloaded
-    assert loaded.model.config.moe is not None
-    assert loaded.model.config.moe.top_k == 2
-    with pytest.raises(UnsupportedModelError, match="experts have biases"):
-        load_for_inference(nllb_moe_dir, offload=OffloadConfig(expert_memory="25%"), progress=False)
-    out = tmp_path / "native"
-    assert main(["convert", "hf", str(nllb_moe_dir), str(out)]) != 0
-    assert not out.exists() or not any(out.iterdir()), "a refused conversion writes nothing"
+def _forward(model: torch.nn.Module) -> torch.Tensor:
+    """Teacher-forced logits of a fixed ragged batch (the second row padded)."""
+    generator = torch.Generator().manual_seed(3)
+    ids = torch.randint(4, 64, (2, 9), generator=generator)
+    ids[1, 6:] = 1
+    decoder = torch.randint(4, 64, (2, 5), generator=generator)
+    decoder[:, 0] = 2
+    with torch.inference_mode():
+        return model(ids, (ids != 1).long(), decoder)
+
+
+def _greedy(model: torch.nn.Module) -> list[list[int]]:
+    requests = [
+        GenerationRequest((5, 9, 17, 2), SamplingParams(max_new_tokens=6)),
+        GenerationRequest((33, 2), SamplingParams(max_new_tokens=6)),
+    ]
+    return [r.token_ids for r in Generator(model).generate(requests)]
+
+
+@pytest.mark.parametrize(
+    "options", [{"expert_memory": "25%"}, {"expert_memory": "10%", "direct_io": True}], ids=["25%", "10%-strict"]
+)
+def test_offloaded_nllb_moe_equals_resident(nllb_moe_dir: Path, tmp_path: Path, options: dict[str, object]) -> None:
+    """Biased experts go through the store, pool and provider like any other: same bits as resident."""
+    resident = load_for_inference(nllb_moe_dir, progress=False)
+    assert not resident.is_offloaded
+    offloaded = load_for_inference(
+        nllb_moe_dir,
+        offload=OffloadConfig(store_dir=tmp_path, **options),
+        progress=False,  # type: ignore[arg-type]
+    )
+    try:
+        assert offloaded.is_offloaded
+        assert torch.equal(_forward(offloaded.model), _forward(resident.model))
+        assert _greedy(offloaded.model) == _greedy(resident.model)
+        assert offloaded.provider is not None
+        stats = offloaded.provider.stats
+        assert stats.experts_run > 0
+        # Strict mode reads every miss from the store (page-cache mode may compute from the mapping).
+        assert stats.transfers > 0 or not options.get("direct_io")
+    finally:
+        offloaded.close()
+
+
+def test_nllb_moe_converts_and_quantises(nllb_moe_dir: Path, tmp_path: Path) -> None:
+    """`cpm2 convert hf` keeps the experts' biases (same logits); `cpm2 quantize --experts int8` keeps
+    them float beside the int8 values, and the int8 model offloaded equals it resident."""
+    native = tmp_path / "native"
+    assert main(["convert", "hf", str(nllb_moe_dir), str(native)]) == 0
+    resident = load_for_inference(nllb_moe_dir, progress=False)
+    converted = load_for_inference(native, progress=False)
+    assert torch.equal(_forward(converted.model), _forward(resident.model))
+    int8 = tmp_path / "int8"
+    assert (
+        main(["quantize", "--model", str(native), "--out", str(int8), "--experts", "int8", "--check-inputs", "2"]) == 0
+    )
+    int8_resident = load_for_inference(int8, progress=False)
+    int8_offloaded = load_for_inference(
+        int8, offload=OffloadConfig(expert_memory="25%", direct_io=True), progress=False
+    )
+    try:
+        assert int8_offloaded.is_offloaded
+        logits = _forward(int8_offloaded.model)
+        assert torch.equal(logits, _forward(int8_resident.model))
+        assert (logits - _forward(resident.model)).abs().max() < 0.1 * _forward(resident.model).abs().max()
+    finally:
+        int8_offloaded.close()

@@ -355,11 +355,18 @@ class CpuTransfers:
     def _convert(self, weights: ExpertWeights) -> ExpertWeights:
         """Copies of staged (float) weights in the compute dtype."""
 
-        def own(part: Weight) -> torch.Tensor:
+        def own(part: Weight | None) -> torch.Tensor | None:
+            if part is None:
+                return None
             assert isinstance(part, torch.Tensor)  # an int8 store computes as stored, never staged
             return part.to(self.dtype)
 
-        return ExpertWeights(own(weights.wi_0), None if weights.wi_1 is None else own(weights.wi_1), own(weights.wo))
+        wi_0, wo = own(weights.wi_0), own(weights.wo)
+        assert wi_0 is not None
+        assert wo is not None
+        return ExpertWeights(
+            wi_0, own(weights.wi_1), wo, bi_0=own(weights.bi_0), bi_1=own(weights.bi_1), bo=own(weights.bo)
+        )
 
     def wait(self, entry: PoolEntry) -> ExpertWeights:
         """The loaded weights (blocks until the load is done)."""

@@ -13,6 +13,9 @@ in the model's storage dtype, row-major, the `nn.Linear` layout. An int8 store (
     blob = q(wi_0) | q(wi_1) | q(wo) | scales(wi_0) (F) | scales(wi_1) (F) | scales(wo) (D) | padding
 
 and runs as it is stored whatever the compute dtype: the pool, the link and the budget carry int8.
+Experts with biases (NLLB-MoE) carry them last, in the store dtype (float32 in an int8 store):
+
+    blob = ... | bias(wi_0) (F) | bias(wi_1) (F) | bias(wo) (D) | padding
 
 Each file is a valid safetensors file (one U8 tensor per expert, named by its index) whose header is
 padded with spaces so the data, and therefore every blob, starts on a 4096-byte boundary: a transfer
@@ -37,7 +40,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from engine.config import ModelConfig
-from engine.errors import CheckpointError, UnsupportedModelError
+from engine.errors import CheckpointError
 from engine.model import ExpertWeights, MoELayerKey
 from engine.model.quant import Int8Weight, quantize_int8
 
@@ -52,12 +55,13 @@ INT8_SCHEME = "int8-rowwise-symmetric"
 _SCALE_ALIGNMENT = 16
 _DTYPES = {name: dtype for dtype, name in _DTYPE_NAMES.items()}
 _EXPERT_KEY = re.compile(
-    r"(?P<stack>encoder|decoder)\.blocks\.(?P<block>\d+)\.mlp\.experts\.(?P<expert>\d+)\.(?P<name>\w+)\.weight"
+    r"(?P<stack>encoder|decoder)\.blocks\.(?P<block>\d+)\.mlp\.experts\.(?P<expert>\d+)\.(?P<name>\w+)"
+    r"\.(?P<kind>weight|bias)"
 )
 
 
 def is_expert_key(key: str) -> bool:
-    """Whether a native state-dict key names an expert weight."""
+    """Whether a native state-dict key names an expert weight (or bias)."""
     return _EXPERT_KEY.fullmatch(key) is not None
 
 
@@ -84,10 +88,16 @@ class BlobLayout:
     d_ff: int
     is_gated: bool
     dtype: torch.dtype
+    has_bias: bool = False
 
     @property
     def part_names(self) -> tuple[str, ...]:
         return ("wi_0", "wi_1", "wo") if self.is_gated else ("wi_0", "wo")
+
+    @property
+    def bias_dtype(self) -> torch.dtype:
+        """Biases stay float (float32 beside int8 values, like the scales)."""
+        return torch.float32 if self.is_quantized else self.dtype
 
     @property
     def is_quantized(self) -> bool:
@@ -107,11 +117,23 @@ class BlobLayout:
         return _round_up(self.part_bytes * len(self.part_names), _SCALE_ALIGNMENT)
 
     @property
-    def payload_bytes(self) -> int:
-        """Bytes of weights (and int8 scales) in a blob, without the alignment padding."""
+    def _matrices_end(self) -> int:
+        """Where the weights (and int8 scales) end."""
         if not self.is_quantized:
             return self.part_bytes * len(self.part_names)
         return self._scales_offset + 4 * sum(rows for rows, _ in self._part_shapes)
+
+    @property
+    def _bias_offset(self) -> int:
+        return _round_up(self._matrices_end, _SCALE_ALIGNMENT)
+
+    @property
+    def payload_bytes(self) -> int:
+        """Bytes of weights (and int8 scales, and biases) in a blob, without the alignment padding."""
+        if not self.has_bias:
+            return self._matrices_end
+        element = torch.empty((), dtype=self.bias_dtype).element_size()
+        return self._bias_offset + element * sum(rows for rows, _ in self._part_shapes)
 
     @property
     def nbytes(self) -> int:
@@ -120,12 +142,23 @@ class BlobLayout:
 
     @classmethod
     def of(cls, config: ModelConfig, dtype: torch.dtype) -> BlobLayout:
-        return cls(config.d_model, config.d_ff, config.is_gated_ffn, dtype)
+        return cls(config.d_model, config.d_ff, config.is_gated_ffn, dtype, has_bias=config.has_ffn_bias)
 
     def for_compute(self, dtype: torch.dtype) -> BlobLayout:
         """The layout these experts take in memory to compute in `dtype`: float ones are converted
         to it, int8 ones compute as they are stored."""
-        return self if self.is_quantized else BlobLayout(self.d_model, self.d_ff, self.is_gated, dtype)
+        if self.is_quantized:
+            return self
+        return BlobLayout(self.d_model, self.d_ff, self.is_gated, dtype, has_bias=self.has_bias)
+
+    def _bias_spans(self) -> list[tuple[int, int]]:
+        """(byte offset, elements) of each part's bias."""
+        element = torch.empty((), dtype=self.bias_dtype).element_size()
+        spans, at = [], self._bias_offset
+        for rows, _ in self._part_shapes:
+            spans.append((at, rows))
+            at += element * rows
+        return spans
 
     def pack(self, weights: ExpertWeights, out: torch.Tensor | None = None) -> torch.Tensor:
         """The blob (uint8, `nbytes`) of an expert given in `nn.Linear` layout (float parts are
@@ -149,6 +182,13 @@ class BlobLayout:
                 values = part.detach().to(self.dtype)
             flat = values.contiguous().view(-1).view(torch.uint8)
             blob[i * self.part_bytes : (i + 1) * self.part_bytes].copy_(flat)
+        if self.has_bias:
+            biases = [weights.bi_0, weights.bi_1, weights.bo] if self.is_gated else [weights.bi_0, weights.bo]
+            for bias, (at, _) in zip(biases, self._bias_spans(), strict=True):
+                if bias is None:
+                    raise CheckpointError("an expert of a model with biases needs a bias for every part")
+                data = bias.detach().to(self.bias_dtype).contiguous().view(torch.uint8)
+                blob[at : at + data.numel()].copy_(data)
         return blob
 
     def unpack(self, blob: torch.Tensor) -> ExpertWeights:
@@ -166,20 +206,16 @@ class BlobLayout:
             rows = shapes[i][0]
             return Int8Weight(values, blob[scale_at[i] : scale_at[i] + 4 * rows].view(torch.float32))
 
+        biases: list[torch.Tensor | None] = [None, None, None]
+        if self.has_bias:
+            element = torch.empty((), dtype=self.bias_dtype).element_size()
+            found: list[torch.Tensor | None] = [
+                blob[at : at + element * rows].view(self.bias_dtype) for at, rows in self._bias_spans()
+            ]
+            biases = found if self.is_gated else [found[0], None, found[1]]
         if self.is_gated:
-            return ExpertWeights(part(0), part(1), part(2))
-        return ExpertWeights(part(0), None, part(1))
-
-
-def check_storable(config: ModelConfig) -> None:
-    """Refuse a model whose experts this store format cannot hold: blobs carry expert matrices, and
-    NLLB-MoE's experts also have biases."""
-    if config.moe is not None and config.has_ffn_bias:
-        raise UnsupportedModelError(
-            "this model's experts have biases (NLLB-MoE), which the expert store cannot hold yet, so its "
-            "experts cannot be offloaded, quantised or converted to a native directory; load the HF "
-            "directory itself with every expert resident (--expert-memory 100%)"
-        )
+            return ExpertWeights(part(0), part(1), part(2), bi_0=biases[0], bi_1=biases[1], bo=biases[2])
+        return ExpertWeights(part(0), None, part(1), bi_0=biases[0], bo=biases[2])
 
 
 class ExpertStoreWriter:
@@ -190,12 +226,13 @@ class ExpertStoreWriter:
     """
 
     def __init__(self, model_dir: Path, config: ModelConfig, dtype: torch.dtype) -> None:
-        check_storable(config)
         self.root = model_dir / STORE_DIR
         self.config = config
         self.layout = BlobLayout.of(config, dtype)
         self.num_experts = config.moe.num_experts if config.moe else 0
-        self._names = ("wi_0", "wi_1", "wo") if config.is_gated_ffn else ("wi", "wo")
+        names = ("wi_0", "wi_1", "wo") if config.is_gated_ffn else ("wi", "wo")
+        kinds = ("weight", "bias") if self.layout.has_bias else ("weight",)
+        self._names = tuple(f"{name}.{kind}" for kind in kinds for name in names)
         self._layer: MoELayerKey | None = None
         self._file: BinaryIO | None = None
         self._written = 0
@@ -212,7 +249,7 @@ class ExpertStoreWriter:
         if match is None:
             return False
         layer = MoELayerKey(match["stack"], int(match["block"]))  # type: ignore[arg-type]
-        expert, name = int(match["expert"]), match["name"]
+        expert, name = int(match["expert"]), f"{match['name']}.{match['kind']}"
         if layer != self._layer:
             self._finish_layer()
             self._start_layer(layer)
@@ -226,18 +263,28 @@ class ExpertStoreWriter:
             raise CheckpointError(f"{layer}: expert {expert} arrived out of order (expected {self._written})")
         self._parts[name] = tensor
         if len(self._parts) == len(self._names):
-            parts = [self._parts[n] for n in self._names]
-            weights = (
-                ExpertWeights(parts[0], parts[1], parts[2])
-                if len(parts) == 3
-                else ExpertWeights(parts[0], None, parts[1])
-            )
+            weights = self._weights()
             self._blob.zero_()
             assert self._file is not None
             self._file.write(self.layout.pack(weights, out=self._blob).numpy().data)
             self._written += 1
             self._parts = {}
         return True
+
+    def _weights(self) -> ExpertWeights:
+        """The collected parts of one expert."""
+        got = self._parts
+        bias = {n: t for n, t in got.items() if n.endswith(".bias") and isinstance(t, torch.Tensor)}
+        if self.layout.is_gated:
+            return ExpertWeights(
+                got["wi_0.weight"],
+                got["wi_1.weight"],
+                got["wo.weight"],
+                bi_0=bias.get("wi_0.bias"),
+                bi_1=bias.get("wi_1.bias"),
+                bo=bias.get("wo.bias"),
+            )
+        return ExpertWeights(got["wi.weight"], None, got["wo.weight"], bi_0=bias.get("wi.bias"), bo=bias.get("wo.bias"))
 
     def _start_layer(self, key: MoELayerKey) -> None:
         size = self.layout.nbytes
@@ -251,6 +298,7 @@ class ExpertStoreWriter:
                 "d_model": str(self.layout.d_model),
                 "d_ff": str(self.layout.d_ff),
                 "parts": ",".join(self.layout.part_names),
+                **({"biases": "true"} if self.layout.has_bias else {}),
                 "alignment": str(ALIGNMENT),
             }
         }
@@ -350,6 +398,12 @@ class ExpertStore:
                 dims = (int(meta.get("d_model", -1)), int(meta.get("d_ff", -1)))
             except ValueError:
                 raise CheckpointError(f"{path}: d_model / d_ff metadata is not an integer") from None
+            if (meta.get("biases") == "true") != config.has_ffn_bias:
+                raise CheckpointError(
+                    f"{path}: experts {'with' if meta.get('biases') == 'true' else 'without'} biases, but "
+                    f"config.json says has_ffn_bias {str(config.has_ffn_bias).lower()}; rewrite the store "
+                    "(remove the experts folder)"
+                )
             if dims != (config.d_model, config.d_ff):
                 raise CheckpointError(
                     f"{path}: experts are d_model {meta.get('d_model')} x d_ff {meta.get('d_ff')} but "
@@ -413,9 +467,15 @@ class ExpertStore:
                 weights = self.mapped(key, e)
                 names = ("wi_0", "wi_1", "wo") if self.layout.is_gated else ("wi", "wo")
                 parts = [weights.wi_0, weights.wi_1, weights.wo] if self.layout.is_gated else [weights.wi_0, weights.wo]
+                biases = (
+                    [weights.bi_0, weights.bi_1, weights.bo] if self.layout.is_gated else [weights.bi_0, weights.bo]
+                )
                 for name, part in zip(names, parts, strict=True):
                     assert part is not None
                     yield f"{prefix}.{e}.{name}.weight", part.dequantize() if isinstance(part, Int8Weight) else part
+                for name, bias in zip(names, biases, strict=True):
+                    if bias is not None:
+                        yield f"{prefix}.{e}.{name}.bias", bias
 
 
 def _read_header(path: Path) -> tuple[dict[str, str], int]:

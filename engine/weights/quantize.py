@@ -212,7 +212,9 @@ def _write(
     dense_keys = _dense_linear_keys(info.config) if dense else set()
     tensors = native_tensors(info, files, dtype=info.stored_dtype, device=torch.device("cpu"))
     for key, tensor in tqdm(tensors, desc="quantizing", unit="tensor", disable=not progress):
-        quantized = quantize_int8(tensor) if key in dense_keys or (experts and is_expert_key(key)) else None
+        # Expert biases (NLLB-MoE) stay float beside the int8 values, as the store keeps them.
+        is_matrix = key in dense_keys or (experts and is_expert_key(key) and key.endswith(".weight"))
+        quantized = quantize_int8(tensor) if is_matrix else None
         if quantized is not None:
             error = (quantized.dequantize() - tensor.to(torch.float32)).abs()
             report.tensors.append(TensorError(key, error.max().item(), error.mean().item()))
