@@ -140,6 +140,15 @@ def test_offloaded_nllb_moe_equals_resident(nllb_moe_dir: Path, tmp_path: Path, 
         offload=OffloadConfig(store_dir=tmp_path, **options),
         progress=False,  # type: ignore[arg-type]
     )
+    predictions: list[set[int]] = []
+
+    class Recording(dict):  # type: ignore[type-arg]
+        def __setitem__(self, key: object, value: set[int]) -> None:
+            predictions.append(value)
+            super().__setitem__(key, value)
+
+    assert offloaded.provider is not None
+    offloaded.provider._predicted = Recording()
     try:
         assert offloaded.is_offloaded
         assert torch.equal(_forward(offloaded.model), _forward(resident.model))
@@ -149,6 +158,9 @@ def test_offloaded_nllb_moe_equals_resident(nllb_moe_dir: Path, tmp_path: Path, 
         assert stats.experts_run > 0
         # Strict mode reads every miss from the store (page-cache mode may compute from the mapping).
         assert stats.transfers > 0 or not options.get("direct_io")
+        # Prefetch predicts both of a token's choices: every prediction holds at least two experts.
+        assert predictions
+        assert all(len(experts) >= 2 for experts in predictions)
     finally:
         offloaded.close()
 

@@ -84,8 +84,9 @@ class OffloadedExpertProvider:
         self.window = max(1, min(window, pool.num_slots - 1))
         self.prefetch = prefetch
         self.stats = ExpertStats()
-        # For each MoE layer, the next `PREFETCH_DEPTH` MoE layers of the same stack and their routers.
-        self._next_routers: dict[MoELayerKey, list[tuple[MoELayerKey, CentroidRouter | LearnedRouter]]] = {}
+        # For each MoE layer, the next `PREFETCH_DEPTH` MoE layers of the same stack, their routers and
+        # how many experts each sends a token to.
+        self._next_routers: dict[MoELayerKey, list[tuple[MoELayerKey, CentroidRouter | LearnedRouter, int]]] = {}
         self._predicted: dict[MoELayerKey, set[int]] = {}
         self._precision = 1.0  # running precision of next-layer predictions
         # Loads before this provider existed (calibration) are not its traffic.
@@ -100,7 +101,7 @@ class OffloadedExpertProvider:
             layer.expert_provider = self
         for i, current in enumerate(layers):
             ahead = [m for m in layers[i + 1 : i + 1 + PREFETCH_DEPTH] if m.key.stack == current.key.stack]
-            self._next_routers[current.key] = [(m.key, m.router) for m in ahead]
+            self._next_routers[current.key] = [(m.key, m.router, m.moe.top_k) for m in ahead]
 
     # ---- the per-layer schedule --------------------------------------------------------------
 
@@ -214,7 +215,8 @@ class OffloadedExpertProvider:
         """Start loads for the experts the next MoE layers will probably need (never evicting `protect`).
 
         The routers of the next `PREFETCH_DEPTH` layers are applied to this layer's input. Their
-        argmax experts are the predictions (the next layer's are scored for precision and recall);
+        top-k experts (k = the layer's `top_k`: the second choice of a top-2 router is the runner-up
+        of its logits) are the predictions (the next layer's are scored for precision and recall);
         loads go to the next layer's predictions, then further layers' predictions, then the next
         layer's runners-up by probability mass (at small batches one missed expert stalls a whole
         layer). Looking two layers ahead measured no better than one on the benchmark models
@@ -225,10 +227,11 @@ class OffloadedExpertProvider:
             return
         candidates: list[tuple[ExpertId, bool]] = []
         runners_up: list[tuple[ExpertId, bool]] = []
-        for depth, (next_key, router) in enumerate(following):
+        for depth, (next_key, router, top_k) in enumerate(following):
             with torch.no_grad():
                 scores_NE = router.scores(hidden_ND.unsqueeze(0))[0].float()
-            votes = torch.bincount(scores_NE.argmax(dim=-1), minlength=scores_NE.shape[-1])
+            chosen = scores_NE.topk(top_k, dim=-1).indices.reshape(-1)
+            votes = torch.bincount(chosen, minlength=scores_NE.shape[-1])
             predicted = votes.nonzero().flatten()
             if depth == 0:
                 self._predicted[next_key] = set(predicted.tolist())
