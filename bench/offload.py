@@ -2,8 +2,9 @@
 
     python -m bench.offload            # full run (~20 min on 2 cores); --quick for a smoke run
 
-Three measurements, each on a Switch-like model (64 experts, d_model 512, 6 + 6 MoE layers) and a
-CPM-2-architecture model of similar size, bf16, teacher-forced random tokens (bench/offload_common):
+Three measurements, each on a Switch-like model (64 experts, d_model 512, 6 + 6 MoE layers), a
+CPM-2-architecture model of similar size and an NLLB-MoE-shaped one (top-2 over 128 experts with
+biases in every 4th of 12 + 12 blocks), bf16, teacher-forced random tokens (bench/offload_common):
 
 1. **Budgets** — resident vs offloaded at 50 / 25 / 10 % of the experts, batch 1 and 16, in the two
    CPU modes: `page cache` (default: the store is memory-mapped; experts the OS holds in RAM are
@@ -39,6 +40,7 @@ from bench.offload_common import (
     decode_cpm2,
     drop_page_cache,
     ensure_cpm2_checkpoint,
+    ensure_nllb_moe_checkpoints,
     ensure_switch_checkpoints,
     load_cpm2,
     measure_read_bandwidth,
@@ -49,11 +51,17 @@ from engine.summary import summarize
 from engine.weights.loader import inspect_checkpoint
 
 MODES = {"page-cache": {}, "strict": {"direct_io": True}}
+#: The benchmark models by name: each builder returns the native directory (built once, cached).
+MODELS: dict[str, Callable[[], Path]] = {
+    "switch": lambda: ensure_switch_checkpoints()[1],
+    "cpm2": ensure_cpm2_checkpoint,
+    "nllb-moe": lambda: ensure_nllb_moe_checkpoints()[1],
+}
 
 
 @dataclass
 class OffloadBenchConfig:
-    models: tuple[str, ...] = ("switch", "cpm2")
+    models: tuple[str, ...] = ("switch", "cpm2", "nllb-moe")
     batches: tuple[int, ...] = (1, 16)
     budgets: tuple[str, ...] = ("50%", "25%", "10%")
     orders: tuple[str, ...] = ("infmoe", "cached-first", "index")
@@ -194,7 +202,7 @@ def run(cfg: OffloadBenchConfig) -> dict[str, Any]:
         "models": {},
     }
     for name in cfg.models:
-        model_dir = ensure_switch_checkpoints()[1] if name == "switch" else ensure_cpm2_checkpoint()
+        model_dir = MODELS[name]()
         info = inspect_checkpoint(model_dir)
         summary = summarize(info.config, info.stored_dtype)
         files = model_files(model_dir / "experts")
@@ -325,12 +333,17 @@ def write_plot(report: dict[str, Any], path: Path) -> Path | None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="one model, 1 repeat, 8 steps")
-    parser.add_argument("--models", default="switch,cpm2")
+    parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, of {', '.join(MODELS)}")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--out", type=Path, default=OffloadBenchConfig.out)
     args = parser.parse_args(argv)
-    cfg = OffloadBenchConfig(models=tuple(args.models.split(",")), repeats=args.repeats, steps=args.steps, out=args.out)
+    models = tuple(args.models.split(","))
+    if unknown := [m for m in models if m not in MODELS]:
+        parser.error(f"--models: unknown {', '.join(unknown)}; choose from {', '.join(MODELS)}")
+    # A run written elsewhere (e.g. one model) draws its plot beside its JSON, not over docs/offload.png.
+    plot = OffloadBenchConfig.plot if args.out == OffloadBenchConfig.out else args.out.with_suffix(".png")
+    cfg = OffloadBenchConfig(models=models, repeats=args.repeats, steps=args.steps, out=args.out, plot=plot)
     if args.quick:
         cfg = OffloadBenchConfig(
             models=("switch",),

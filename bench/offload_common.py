@@ -47,6 +47,27 @@ SWITCH_CONFIG: dict[str, Any] = {
     "eos_token_id": 1,
 }
 
+#: NLLB-MoE's architecture at a small width (HF `NllbMoeConfig`): top-2 routing over 128 experts with
+#: biases in every 4th block of 12 + 12, d_model 512, experts of d_ff 1024 (2.1 MB in bf16), 1.6 GB
+#: of experts in 6 MoE layers.
+NLLB_MOE_CONFIG: dict[str, Any] = {
+    "vocab_size": 8192,
+    "d_model": 512,
+    "encoder_layers": 12,
+    "decoder_layers": 12,
+    "encoder_attention_heads": 8,
+    "decoder_attention_heads": 8,
+    "encoder_ffn_dim": 1024,
+    "decoder_ffn_dim": 1024,
+    "num_experts": 128,
+    "encoder_sparse_step": 4,
+    "decoder_sparse_step": 4,
+    "max_position_embeddings": 256,
+    "pad_token_id": 1,
+    "eos_token_id": 2,
+    "decoder_start_token_id": 2,
+}
+
 #: `cpm2 init --preset small` overrides for the CPM-2-architecture model of similar size: gated
 #: GELU experts (d_ff 1024 x 3 matrices = 3.1 MB in bf16), 64 experts in all 12 blocks, 2.4 GB.
 CPM2_OVERRIDES = ["moe.num_experts=64", "vocab_size=8192"]
@@ -66,6 +87,21 @@ def ensure_switch_checkpoints(root: Path = CACHE_ROOT, *, seed: int = 0) -> tupl
 
         torch.manual_seed(seed)
         model = SwitchTransformersForConditionalGeneration(SwitchTransformersConfig(**SWITCH_CONFIG))
+        model.to(torch.bfloat16).save_pretrained(hf_dir, max_shard_size="500MB")
+        del model
+    if not (native_dir / "config.json").exists():
+        _run(["cpm2", "convert", "hf", str(hf_dir), str(native_dir)])
+    return hf_dir, native_dir
+
+
+def ensure_nllb_moe_checkpoints(root: Path = CACHE_ROOT, *, seed: int = 0) -> tuple[Path, Path]:
+    """(HF directory, native cpm2 directory) of the NLLB-MoE-shaped model in bf16, built once."""
+    hf_dir, native_dir = root / "nllb-moe-offload-hf", root / "nllb-moe-offload-cpm2"
+    if not (hf_dir / "config.json").exists():
+        from transformers import NllbMoeConfig, NllbMoeForConditionalGeneration
+
+        torch.manual_seed(seed)
+        model = NllbMoeForConditionalGeneration(NllbMoeConfig(**NLLB_MOE_CONFIG))
         model.to(torch.bfloat16).save_pretrained(hf_dir, max_shard_size="500MB")
         del model
     if not (native_dir / "config.json").exists():
