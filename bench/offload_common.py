@@ -79,34 +79,33 @@ def _run(cmd: Sequence[str]) -> None:
     subprocess.run([sys.executable, "-m", *cmd], check=True)
 
 
-def ensure_switch_checkpoints(root: Path = CACHE_ROOT, *, seed: int = 0) -> tuple[Path, Path]:
-    """(HF directory, native cpm2 directory) of the Switch-like model in bf16, built once."""
-    hf_dir, native_dir = root / "switch-offload-hf", root / "switch-offload-cpm2"
+def _ensure_hf_checkpoints(
+    name: str, model_class: str, config: dict[str, Any], root: Path, seed: int
+) -> tuple[Path, Path]:
+    """(HF directory, native cpm2 directory) of a random transformers `model_class` (its config
+    class named alike) in bf16, each built once."""
+    hf_dir, native_dir = root / f"{name}-offload-hf", root / f"{name}-offload-cpm2"
     if not (hf_dir / "config.json").exists():
-        from transformers import SwitchTransformersConfig, SwitchTransformersForConditionalGeneration
+        import transformers
 
+        model_cls = getattr(transformers, model_class)
         torch.manual_seed(seed)
-        model = SwitchTransformersForConditionalGeneration(SwitchTransformersConfig(**SWITCH_CONFIG))
+        model = model_cls(model_cls.config_class(**config))
         model.to(torch.bfloat16).save_pretrained(hf_dir, max_shard_size="500MB")
         del model
     if not (native_dir / "config.json").exists():
         _run(["cpm2", "convert", "hf", str(hf_dir), str(native_dir)])
     return hf_dir, native_dir
+
+
+def ensure_switch_checkpoints(root: Path = CACHE_ROOT, *, seed: int = 0) -> tuple[Path, Path]:
+    """(HF directory, native cpm2 directory) of the Switch-like model in bf16, built once."""
+    return _ensure_hf_checkpoints("switch", "SwitchTransformersForConditionalGeneration", SWITCH_CONFIG, root, seed)
 
 
 def ensure_nllb_moe_checkpoints(root: Path = CACHE_ROOT, *, seed: int = 0) -> tuple[Path, Path]:
     """(HF directory, native cpm2 directory) of the NLLB-MoE-shaped model in bf16, built once."""
-    hf_dir, native_dir = root / "nllb-moe-offload-hf", root / "nllb-moe-offload-cpm2"
-    if not (hf_dir / "config.json").exists():
-        from transformers import NllbMoeConfig, NllbMoeForConditionalGeneration
-
-        torch.manual_seed(seed)
-        model = NllbMoeForConditionalGeneration(NllbMoeConfig(**NLLB_MOE_CONFIG))
-        model.to(torch.bfloat16).save_pretrained(hf_dir, max_shard_size="500MB")
-        del model
-    if not (native_dir / "config.json").exists():
-        _run(["cpm2", "convert", "hf", str(hf_dir), str(native_dir)])
-    return hf_dir, native_dir
+    return _ensure_hf_checkpoints("nllb-moe", "NllbMoeForConditionalGeneration", NLLB_MOE_CONFIG, root, seed)
 
 
 def ensure_cpm2_checkpoint(root: Path = CACHE_ROOT, *, seed: int = 0) -> Path:
