@@ -88,7 +88,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
             else:
                 print(text if text is not None else ",".join(map(str, result.token_ids)))
         if provider is not None and args.details:
-            print(json.dumps({"expert_stats": provider.stats.to_dict()}), file=sys.stderr)
+            memory = {"budget_bytes": loaded.budget_bytes, **provider.memory()}
+            print(json.dumps({"expert_stats": provider.stats.to_dict(), "expert_memory": memory}), file=sys.stderr)
     finally:
         loaded.close()
     return 0

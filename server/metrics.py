@@ -157,6 +157,15 @@ class _StateCollector(Collector):
                 "most bytes the expert pool has held at once (high-water mark; <= the budget)",
                 stats.experts.get("pool_used_bytes_peak", 0.0),
             ),
+            "cpm2_expert_resident_bytes": (
+                "expert bytes in RAM now: the pool plus the mapped store's pages in the page cache",
+                stats.experts.get("resident_bytes", 0.0),
+            ),
+            "cpm2_expert_mapped_resident_bytes": (
+                "bytes of the memory-mapped expert store in the page cache (page-cache mode computes from "
+                "them in place; the budget does not bound them)",
+                stats.experts.get("mapped_resident_bytes", 0.0),
+            ),
         }
         for name, (doc, value) in gauges.items():
             yield GaugeMetricFamily(name, doc, value=float(value))

@@ -199,6 +199,22 @@ def test_generate_max_new_tokens(tiny_model_dir: Path, capsys: pytest.CaptureFix
     assert len(result["logprobs"]) == 5
 
 
+def test_generate_details_report_expert_memory(
+    tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Offloaded, `--details` prints the provider's counters and the expert bytes in RAM against the
+    budget (pool + mapped store pages in the page cache) on stderr."""
+    argv = ["generate", "--model", tiny_model_dir, "--json", "--details", "--max-new-tokens", "3", TEXTS[0]]
+    flags = ["--expert-memory", "25%", "--expert-store-dir", tmp_path]
+    code, _, err = _run(capsys, *argv, *flags)
+    assert code == 0
+    report = json.loads(err.strip().splitlines()[-1])
+    memory = report["expert_memory"]
+    assert report["expert_stats"]["experts_run"] > 0
+    assert memory["resident_bytes"] == memory["pool_bytes"] + memory["mapped_resident_bytes"]
+    assert 0 < memory["pool_bytes"] <= memory["budget_bytes"]
+
+
 # ---- generate from token ids ------------------------------------------------------------------------
 
 

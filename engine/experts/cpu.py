@@ -81,6 +81,15 @@ class PageCache:
             return False
         return bool((vec & 1).all())
 
+    def resident_bytes(self, address: int, length: int) -> int:
+        """Bytes of the page-aligned mapped range [address, address + length) that are in RAM."""
+        if self._libc is None or length == 0:
+            return 0
+        vec = np.zeros(-(-length // self.page), dtype=np.uint8)
+        if self._libc.mincore(address, length, vec.ctypes.data) != 0:
+            return 0
+        return int((vec & 1).sum()) * self.page
+
     def will_need(self, tensor: torch.Tensor) -> None:
         """Start asynchronous readahead of `tensor`'s pages (a hint; never blocks)."""
         if self._libc is not None:
@@ -270,6 +279,11 @@ class CpuTransfers:
     @property
     def staging_bytes(self) -> int:
         return 0 if self.slots is not None else self.window * self.layout.nbytes
+
+    def mapped_resident_bytes(self) -> int:
+        """Bytes of the memory-mapped store in RAM (`mincore`): experts the page cache holds, which
+        page-cache mode computes from in place."""
+        return sum(self.page_cache.resident_bytes(a, n) for a, n in self.store.mapped_ranges())
 
     def in_place(self, expert: tuple[MoELayerKey, int]) -> ExpertWeights | None:
         """The expert's weights straight from the mapped store, if all its pages are in RAM.

@@ -93,6 +93,19 @@ class OffloadedExpertProvider:
         self._loads_seen = transfers.loads_done
         self._busy_seen = transfers.busy_seconds
 
+    def memory(self) -> dict[str, int]:
+        """Expert bytes in RAM now: the pool (its slots, or staging buffers plus the converted experts
+        it holds) and the memory-mapped store's pages the page cache holds (`mincore`), which
+        page-cache mode computes from in place and no budget bounds yet."""
+        slots = getattr(self.transfers, "slots", None)
+        if slots is not None:
+            pool = int(slots.numel())
+        else:
+            pool = int(getattr(self.transfers, "staging_bytes", 0)) + len(self.pool.entries) * self.bytes_per_expert
+        mapped_bytes = getattr(self.transfers, "mapped_resident_bytes", None)
+        mapped = int(mapped_bytes()) if mapped_bytes is not None else 0
+        return {"pool_bytes": pool, "mapped_resident_bytes": mapped, "resident_bytes": pool + mapped}
+
     # ---- wiring ------------------------------------------------------------------------------
 
     def attach(self, layers: Sequence[MoEFeedForward]) -> None:

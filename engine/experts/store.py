@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 
@@ -438,6 +439,15 @@ class ExpertStore:
     def location(self, key: MoELayerKey, expert: int) -> BlobLocation:
         size = self.layout.nbytes
         return BlobLocation(self.path(key), self._data_start[key] + expert * size, size)
+
+    def mapped_ranges(self) -> list[tuple[int, int]]:
+        """(address, length) of every layer file mapped so far (page-aligned: mmap's own)."""
+        ranges = []
+        for mapping in list(self._maps.values()):  # a snapshot: the engine thread may map more
+            view = np.frombuffer(mapping, dtype=np.uint8)  # an export, released below
+            ranges.append((int(view.ctypes.data), len(mapping)))
+            del view
+        return ranges
 
     def mapped_blob(self, key: MoELayerKey, expert: int) -> torch.Tensor:
         """The blob as a memory-mapped uint8 tensor (copy-on-write; nothing is read until touched).

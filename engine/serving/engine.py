@@ -69,11 +69,13 @@ class EngineConfig:
 
 
 def _expert_stats(provider: OffloadedExpertProvider) -> dict[str, float]:
-    """The provider's counters plus the pool's high-water mark in bytes (slots x one expert, plus any
-    staging buffers), the figure to hold against the `--expert-memory` budget."""
+    """The provider's counters, the pool's high-water mark in bytes (slots x one expert, plus any
+    staging buffers), and the expert bytes in RAM now (pool + mapped store pages in the page cache),
+    the figures to hold against the `--expert-memory` budget."""
     stats = provider.stats.to_dict()
     staging = getattr(provider.transfers, "staging_bytes", 0)
     stats["pool_used_bytes_peak"] = provider.pool.peak_used * provider.bytes_per_expert + staging
+    stats.update(provider.memory())
     return stats
 
 
