@@ -50,7 +50,7 @@ from bench.offload_common import (
 from engine.summary import summarize
 from engine.weights.loader import inspect_checkpoint
 
-MODES = {"page-cache": {}, "strict": {"direct_io": True}}
+MODES = {"page-cache": {"direct_io": False}, "strict": {"direct_io": True}}
 #: The benchmark models by name: each builder returns the native directory (built once, cached).
 MODELS: dict[str, Callable[[], Path]] = {
     "switch": lambda: ensure_switch_checkpoints()[1],

@@ -73,7 +73,7 @@ from bench.offload_hf import (
     routing_agreement,
 )
 
-CPM2_SYSTEMS: dict[str, dict[str, Any]] = {"cpm2-strict": {"direct_io": True}, "cpm2-page-cache": {}}
+CPM2_SYSTEMS: dict[str, dict[str, Any]] = {"cpm2-strict": {"direct_io": True}, "cpm2-page-cache": {"direct_io": False}}
 SYSTEMS: tuple[str, ...] = (*HF_SYSTEMS, *CPM2_SYSTEMS)
 TARGET_PEER, TARGET_RATIO = "accelerate-expert", 3.0
 

@@ -11,7 +11,7 @@ from engine.errors import ConfigError
 from engine.experts.order import ORDER_POLICIES
 from engine.experts.pool import CACHE_POLICIES
 from engine.model.kernels import KERNEL_MODES
-from engine.offload import OffloadConfig
+from engine.offload import EXPERT_IO, OffloadConfig, direct_io
 from engine.weights.builtin import resolve_model
 
 MODEL_HELP = "native cpm2 or HF T5/mT5/Switch/M2M-100/NLLB directory, or builtin:<preset> (e.g. builtin:tiny)"
@@ -43,7 +43,15 @@ def add_offload_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--expert-order", default="infmoe", choices=ORDER_POLICIES)
     group.add_argument("--expert-cache", default="lru", choices=CACHE_POLICIES)
     group.add_argument("--expert-io-threads", type=int, default=4)
-    group.add_argument("--expert-direct-io", action="store_true", help="read the disk tier with O_DIRECT")
+    group.add_argument(
+        "--expert-io",
+        default="auto",
+        choices=EXPERT_IO,
+        help="strict: O_DIRECT reads, RAM holds only the pool (--expert-memory bounds expert memory); "
+        "page-cache: experts the kernel caches are used in place (faster, bounded only by the kernel); "
+        "auto (default): strict when --expert-memory is given",
+    )
+    group.add_argument("--expert-direct-io", action="store_true", help="the same as --expert-io strict")
     group.add_argument("--no-expert-prefetch", action="store_true", help="no next-layer prefetch")
     group.add_argument("--expert-store-dir", type=Path, help="where to write an expert store if the model has none")
 
@@ -69,7 +77,7 @@ def offload_config(args: argparse.Namespace) -> OffloadConfig:
         cache=args.expert_cache,
         window=args.expert_window,
         io_threads=args.expert_io_threads,
-        direct_io=args.expert_direct_io,
+        direct_io=direct_io(args.expert_io, force_direct=args.expert_direct_io),
         prefetch=not args.no_expert_prefetch,
         host_tier=args.expert_host_tier,
         store_dir=args.expert_store_dir,

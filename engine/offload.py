@@ -42,6 +42,18 @@ from engine.weights.loader import (
 from engine.weights.loader import parse_dtype as parse_dtype
 from engine.weights.quantize import quantized_dense, quantized_experts
 
+#: `--expert-io` modes: `auto` (strict when a budget is given), `strict` (O_DIRECT), `page-cache`.
+EXPERT_IO: tuple[str, ...] = ("auto", "strict", "page-cache")
+
+
+def direct_io(mode: str, *, force_direct: bool = False) -> bool | None:
+    """`OffloadConfig.direct_io` for an `--expert-io` mode (None: decided by the budget)."""
+    if mode not in EXPERT_IO:
+        raise ConfigError(f"expert io must be one of {', '.join(EXPERT_IO)}, got {mode!r}")
+    if force_direct or mode == "strict":
+        return True
+    return False if mode == "page-cache" else None
+
 
 @dataclass(frozen=True, kw_only=True)
 class OffloadConfig:
@@ -60,8 +72,11 @@ class OffloadConfig:
     """Loads kept in flight ahead of compute (InfMoE's K slots)."""
     io_threads: int = 4
     """Threads reading the disk tier (several reads in flight)."""
-    direct_io: bool = False
-    """Read the disk tier with O_DIRECT (bypass the page cache)."""
+    direct_io: bool | None = None
+    """Read the disk tier with O_DIRECT (strict mode: RAM holds only the pool, so the budget bounds
+    expert memory) or through the page cache (page-cache mode: experts the kernel holds are used in
+    place, fast but bounded only by the kernel, not by the budget). None: strict whenever
+    `expert_memory` is given, page-cache mode under the automatic budget."""
     host_tier: str = "auto"
     """CUDA only: `pinned` (all experts in pinned host RAM), `disk`, or `auto` (pinned when they fit)."""
     store_dir: Path | None = None
@@ -76,6 +91,11 @@ class OffloadConfig:
             raise ConfigError("expert window and io threads must be at least 1")
         if self.host_tier not in ("auto", "pinned", "disk"):
             raise ConfigError(f"host tier must be auto, pinned or disk, got {self.host_tier!r}")
+
+    @property
+    def is_direct(self) -> bool:
+        """Whether the disk tier is read with O_DIRECT (see `direct_io`)."""
+        return self.direct_io if self.direct_io is not None else self.expert_memory is not None
 
 
 def _available_ram() -> int:
@@ -274,7 +294,7 @@ def _load(
             dtype=target,
             host_tier=plan.host_tier,
             io_threads=offload.io_threads,
-            direct=offload.direct_io,
+            direct=offload.is_direct,
             progress=progress,
         )
     else:
@@ -284,7 +304,7 @@ def _load(
             window=window,
             dtype=target,
             io_threads=offload.io_threads,
-            direct=offload.direct_io,
+            direct=offload.is_direct,
         )
     cost = calibrate(transfers, store, activation=config.activation, device=device, dtype=target)
     provider = OffloadedExpertProvider(

@@ -13,7 +13,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from engine.model.kernels import KernelMode
-from engine.offload import OffloadConfig
+from engine.offload import OffloadConfig, direct_io
 from engine.serving.engine import EngineConfig
 
 DEFAULT_MODEL = "builtin:tiny"
@@ -40,7 +40,13 @@ class Settings(BaseSettings):
     )
     expert_memory: str | None = Field(None, description="expert pool budget: 512MiB or 25%% (default: auto)")
     expert_order: Literal["infmoe", "cached-first", "index"] = Field("infmoe", description="expert order")
-    expert_direct_io: bool = Field(False, description="read offloaded experts with O_DIRECT")
+    expert_io: Literal["auto", "strict", "page-cache"] = Field(
+        "auto",
+        description="strict: O_DIRECT, RAM holds only the pool (the budget bounds expert memory); page-cache: "
+        "experts the kernel caches are used in place (bounded only by the kernel); auto: strict when "
+        "expert_memory is set",
+    )
+    expert_direct_io: bool = Field(False, description="the same as expert_io strict")
     prompt_store: Path = Field(Path("data/prompts"), description="directory of uploaded soft prompts")
     bundled_prompts: Path | None = Field(
         None, description="dir of <id>.safetensors prompts served read-only (default: the model's prompts/)"
@@ -96,7 +102,9 @@ class Settings(BaseSettings):
             device=self.device,
             cpu_kernels=self.cpu_kernels,
             offload=OffloadConfig(
-                expert_memory=self.expert_memory, order=self.expert_order, direct_io=self.expert_direct_io
+                expert_memory=self.expert_memory,
+                order=self.expert_order,
+                direct_io=direct_io(self.expert_io, force_direct=self.expert_direct_io),
             ),
             max_batch_size=self.max_batch_size,
             max_queue=self.max_queue_requests,

@@ -217,7 +217,7 @@ def test_page_cache_mode_shows_the_expert_memory_the_budget_does_not_bound(
     count as resident expert memory beside the pool, reported by /metrics and /info (issue: budgets
     that hold; until they do, the excess is visible)."""
     store = tmp_path / "experts-store"
-    offload = OffloadConfig(expert_memory="25%", store_dir=store)
+    offload = OffloadConfig(expert_memory="25%", store_dir=store, direct_io=False)  # page-cache mode, asked for
     with _client(tiny_model_dir, tmp_path / "store", offload=offload) as client:
         for path in (store / "experts").glob("*.safetensors"):
             path.read_bytes()  # the page cache holds every expert now

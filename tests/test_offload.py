@@ -17,7 +17,7 @@ from engine.errors import ConfigError
 from engine.experts.order import ORDER_POLICIES
 from engine.experts.pool import CACHE_POLICIES, ExpertPool
 from engine.generation import GenerationRequest, Generator, SamplingParams
-from engine.offload import InferenceModel, OffloadConfig, load_for_inference, resolve_budget
+from engine.offload import InferenceModel, OffloadConfig, direct_io, load_for_inference, resolve_budget
 from engine.weights.loader import load_model
 
 
@@ -129,8 +129,9 @@ TRANSFER_OPTIONS = [
     {"prefetch": False, "direct_io": True},
     {"window": 1, "direct_io": True},
     {"io_threads": 1, "direct_io": True},
-    {"cold": True},  # page-cache mode, store evicted: reads into the pool, then in place once cached
-    {},  # page-cache mode, store cached: every expert in place
+    {"cold": True, "direct_io": False},  # page-cache mode, store evicted: reads into the pool, then in place
+    {"direct_io": False},  # page-cache mode, store cached: every expert in place
+    {},  # a budget given: strict by default, so the budget bounds expert memory
 ]
 
 
@@ -145,9 +146,12 @@ def test_transfer_options_stay_lossless(model_dir: Path, reference, tmp_path: Pa
         assert stats.hits + stats.in_place + stats.misses == stats.experts_run
         if options.get("prefetch") is False:
             assert stats.prefetches == 0
-        if options == {}:
+        if options == {"direct_io": False}:
             assert stats.in_place == stats.experts_run, "a cached store is used in place"
             assert stats.transfers == 0
+        if options == {}:
+            assert stats.in_place == 0, "strict mode never computes from the page cache"
+            assert stats.transfers > 0
         if options.get("cold"):
             assert stats.misses > 0
             assert stats.in_place > 0
@@ -215,3 +219,19 @@ def test_resolve_budget_rejects(spec: str) -> None:
 def test_bad_offload_options(options) -> None:
     with pytest.raises(ConfigError):
         OffloadConfig(**options)
+
+
+@pytest.mark.parametrize(
+    ("mode", "budget", "direct"),
+    [
+        ("auto", "25%", True),  # a budget given: strict, so it bounds expert memory
+        ("auto", None, False),  # the automatic budget: page-cache mode
+        ("strict", None, True),
+        ("page-cache", "25%", False),  # asked for: unbounded by the budget, faster
+    ],
+)
+def test_expert_io_mode_decides_direct_reads(mode: str, budget: str | None, direct: bool) -> None:
+    assert OffloadConfig(expert_memory=budget, direct_io=direct_io(mode)).is_direct is direct
+    assert direct_io("page-cache", force_direct=True) is True  # --expert-direct-io wins
+    with pytest.raises(ConfigError, match="expert io must be one of auto, strict, page-cache"):
+        direct_io("mmap")
