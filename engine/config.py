@@ -44,11 +44,11 @@ class MoEConfig:
     decoder_layers: tuple[int, ...]
     """Indices of the decoder blocks whose feed-forward is an MoE layer (others are dense)."""
     expert_capacity: int | None = None
-    """Switch only: at most this many tokens of one sequence go to one expert, in token order; the
+    """Switch: at most this many tokens of one sequence go to one expert, in token order; the
     rest skip the expert (their MoE output is zero), exactly as HF transformers applies it. `None`
     means no limit (CPM-2 inference, SEED.md)."""
     router_bias: bool = False
-    """Switch only: whether the learned router has a bias."""
+    """Learned routers (Switch, NLLB-MoE): whether the router has a bias."""
     router_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Precision the learned router runs in (Switch's "selective precision": float32)."""
     centroid_gain: float = 0.01

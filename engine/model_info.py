@@ -62,9 +62,13 @@ class ModelInfo:
         out.append(f"  feed-forward      {('gated ' if c.is_gated_ffn else '') + c.activation}")
         if c.moe is not None:
             m = c.moe
+            if m.top_k == 2 and m.eval_capacity_fraction is not None and m.eval_capacity_fraction > 0:
+                capacity = f"capacity {m.eval_capacity_fraction:g} x tokens at inference"
+            else:
+                capacity = f"capacity {m.expert_capacity}"
             out.append(
-                f"  MoE               {m.num_experts} experts, {m.router} router, "
-                f"layers enc {list(m.encoder_layers)} dec {list(m.decoder_layers)}, capacity {m.expert_capacity}"
+                f"  MoE               {m.num_experts} experts, {m.router} router, top-{m.top_k}, "
+                f"layers enc {list(m.encoder_layers)} dec {list(m.decoder_layers)}, {capacity}"
             )
         out.append(f"  parameters        {s.total_parameters:,} ({format_bytes(s.total_bytes)})")
         out.append(f"    dense           {s.dense_parameters:,}")

@@ -9,6 +9,7 @@ through the expert store (offloaded = resident, bit for bit, at 25 % and 10 % in
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -188,3 +189,36 @@ def test_nllb_moe_converts_and_quantises(nllb_moe_dir: Path, tmp_path: Path) -> 
         assert (logits - _forward(resident.model)).abs().max() < 0.1 * _forward(resident.model).abs().max()
     finally:
         int8_offloaded.close()
+
+
+def test_nllb_moe_54b_architecture_counts_as_published(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """NLLB-MoE 54B's architecture (NLLB Team 2022 and its model card: d_model 2048, 24 + 24 layers, FFN
+    8192, 16 heads, 128 experts in every 4th layer, vocabulary 256206) through `cpm2 info`: the count
+    equals transformers' own model built on the meta device from the same config.json, and the
+    published 54.5B to its last digit. (Not the released config.json file, which is not at hand here.)"""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.NllbMoeConfig(
+        d_model=2048,
+        encoder_layers=24,
+        decoder_layers=24,
+        encoder_attention_heads=16,
+        decoder_attention_heads=16,
+        encoder_ffn_dim=8192,
+        decoder_ffn_dim=8192,
+        vocab_size=256206,
+        num_experts=128,
+        encoder_sparse_step=4,
+        decoder_sparse_step=4,
+    )
+    path = tmp_path / "config.json"
+    path.write_text(config.to_json_string())
+    with torch.device("meta"):
+        reference = transformers.NllbMoeForConditionalGeneration(config)
+    expected = sum(p.numel() for p in reference.parameters())  # the tied head counted once
+    capsys.readouterr()
+    assert main(["info", "--model", str(path), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["summary"]["total_parameters"] == expected
+    assert abs(expected - 54.5e9) <= 0.05e9
+    assert main(["info", "--model", str(path)]) == 0
+    assert "top-2" in capsys.readouterr().out
