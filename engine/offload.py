@@ -25,7 +25,7 @@ from engine.experts.provider import OffloadedExpertProvider, Transfers
 from engine.experts.resident import InMemoryExperts
 from engine.experts.store import ExpertStore, ExpertStoreWriter
 from engine.memory_plan import MIN_SLOTS as MIN_SLOTS
-from engine.memory_plan import MachineMemory, MemoryPlan, plan_memory
+from engine.memory_plan import MachineMemory, MemoryPlan, is_auto, plan_memory
 from engine.memory_plan import resolve_budget as resolve_budget
 from engine.model import Seq2SeqLM
 from engine.model.kernels import DtypeKernels, KernelMode, announce, set_kernel_mode
@@ -76,7 +76,7 @@ class OffloadConfig:
     """Read the disk tier with O_DIRECT (strict mode: RAM holds only the pool, so the budget bounds
     expert memory) or through the page cache (page-cache mode: experts the kernel holds are used in
     place, fast but bounded only by the kernel, not by the budget). None: strict whenever
-    `expert_memory` is given, page-cache mode under the automatic budget."""
+    `expert_memory` is given, page-cache mode under the automatic budget (unset or `auto`)."""
     host_tier: str = "auto"
     """CUDA only: `pinned` (all experts in pinned host RAM), `disk`, or `auto` (pinned when they fit)."""
     store_dir: Path | None = None
@@ -95,7 +95,7 @@ class OffloadConfig:
     @property
     def is_direct(self) -> bool:
         """Whether the disk tier is read with O_DIRECT (see `direct_io`)."""
-        return self.direct_io if self.direct_io is not None else self.expert_memory is not None
+        return self.direct_io if self.direct_io is not None else not is_auto(self.expert_memory)
 
 
 def _available_ram() -> int:

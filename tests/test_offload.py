@@ -229,6 +229,7 @@ def test_bad_offload_options(options) -> None:
     [
         ("auto", "25%", True),  # a budget given: strict, so it bounds expert memory
         ("auto", None, False),  # the automatic budget: page-cache mode
+        ("auto", "auto", False),  # the same, spelt out (deploy/k8s/configmap.yaml)
         ("strict", None, True),
         ("page-cache", "25%", False),  # asked for: unbounded by the budget, faster
     ],
