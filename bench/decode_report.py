@@ -8,6 +8,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from bench.plots import pyplot, save
+
 
 def _machine_line(report: dict[str, Any]) -> str:
     m = report["machine"]
@@ -138,12 +140,8 @@ def print_report(report: dict[str, Any], console: Console) -> None:
 
 def write_plot(report: dict[str, Any], path: Path) -> Path | None:
     """Grouped bars of median tokens/s per batch size (best as a tick); None without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     results = report["results"]
     fig, axes = plt.subplots(1, len(results), figsize=(3.2 * len(results) + 1, 3.8), squeeze=False)
@@ -164,8 +162,4 @@ def write_plot(report: dict[str, Any], path: Path) -> Path | None:
         f"({machine['cpu_model']}, {machine['torch_num_threads']} threads)",
         fontsize=9,
     )
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save(fig, path, dpi=120)

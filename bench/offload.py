@@ -47,6 +47,7 @@ from bench.offload_common import (
     model_files,
     time_loads,
 )
+from bench.plots import pyplot, save
 from engine.summary import summarize
 from engine.weights.loader import inspect_checkpoint
 
@@ -299,12 +300,8 @@ def print_report(report: dict[str, Any], console: Console) -> None:
 
 
 def write_plot(report: dict[str, Any], path: Path) -> Path | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     models = list(report["models"])
     fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4), squeeze=False)
@@ -323,11 +320,7 @@ def write_plot(report: dict[str, Any], path: Path) -> Path | None:
         ax.set_title(name)
         ax.legend(fontsize=8)
     fig.suptitle("cpm2 offloaded decode vs resident (2-core CPU, bf16, teacher-forced random tokens)")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -72,6 +72,7 @@ from bench.offload_hf import (
     offload_folder,
     routing_agreement,
 )
+from bench.plots import pyplot, save
 
 CPM2_SYSTEMS: dict[str, dict[str, Any]] = {"cpm2-strict": {"direct_io": True}, "cpm2-page-cache": {"direct_io": False}}
 SYSTEMS: tuple[str, ...] = (*HF_SYSTEMS, *CPM2_SYSTEMS)
@@ -303,14 +304,11 @@ def print_report(report: dict[str, Any], console: Console) -> None:
 
 def write_plot(report: dict[str, Any], path: Path, *, page_cache: str = "cold") -> Path | None:
     """Bar chart of median tok/s per system, one bar per batch size (log scale)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        import matplotlib.ticker
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
+    import matplotlib.ticker
+
     rows = [r for r in report["results"] if r["page_cache"] == page_cache]
     systems = [s for s in SYSTEMS if any(r["system"] == s for r in rows)]
     batches = sorted({r["batch"] for r in rows})
@@ -340,11 +338,7 @@ def write_plot(report: dict[str, Any], path: Path, *, page_cache: str = "cold") 
         fontsize=10,
     )
     ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

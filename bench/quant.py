@@ -58,6 +58,7 @@ from bench.offload_common import (
     model_files,
     read_through,
 )
+from bench.plots import pyplot, save
 from bench.soak import proc_status
 from engine.experts.store import STORE_DIR
 from engine.offload import OffloadConfig, load_for_inference
@@ -369,12 +370,8 @@ def print_report(report: dict[str, Any], console: Console) -> None:
 
 
 def write_plot(report: dict[str, Any], path: Path) -> Path | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     rows = report["decode"]
     batches = sorted({r["batch"] for r in rows})
@@ -389,11 +386,7 @@ def write_plot(report: dict[str, Any], path: Path) -> Path | None:
         ax.set_title(f"batch {batch}")
         ax.legend(fontsize=8)
     fig.suptitle(f"cpm2 float vs int8 experts, same budget ({report['budget_rule']}), 2-core CPU")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

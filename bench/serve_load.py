@@ -54,6 +54,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bench.machine import machine_info
+from bench.plots import save
 from engine.prompts import SoftPrompt
 
 CACHE = Path(".cache/bench")
@@ -378,9 +379,7 @@ def _plot(results: list[LoadResult], path: Path) -> None:
     right.set_ylabel("ms")
     right.set_yscale("log")
     fig.suptitle("cpm2 serve under load (loopback, closed loop)")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    save(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,6 +13,7 @@ from typing import Any
 
 from rich.table import Table
 
+from bench.plots import save
 from bench.soak_mix import Outcome
 
 WARM_WINDOW = (0.10, 0.15)  # fraction of the run whose samples give the warm values
@@ -181,7 +182,4 @@ def plot(samples: list[dict[str, float]], wall: float, path: Path, title: str) -
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="lower right")
     fig.suptitle(title)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path)
