@@ -45,11 +45,11 @@ from bench.decode_vs_hf import (
     CACHE_ROOT,
     Cpm2System,
     DecodeSystem,
-    compare_tokens,
     ensure_checkpoint,
     ensure_int8,
     make_prompts,
     measure_batch,
+    token_agreement,
 )
 from bench.machine import machine_info, publish
 from engine.errors import ConfigError
@@ -210,12 +210,6 @@ class Ct2System:
         self.close()
 
 
-def _agreement(a: list[list[int]], b: list[list[int]]) -> dict[str, Any]:
-    is_match, compared = compare_tokens(a, b, eos=EOS)
-    same = sum(x == y for ra, rb in zip(a, b, strict=True) for x, y in zip(ra, rb, strict=False))
-    return {"is_match": is_match, "num_compared": compared, "same_position_fraction": same / max(1, sum(map(len, a)))}
-
-
 def _measure_batch(
     model: BenchModel, systems: list[DecodeSystem], batch: int, cfg: Ct2BenchConfig, note: Callable[[str], None]
 ) -> dict[str, Any]:
@@ -248,8 +242,8 @@ def _measure_batch(
         "generated_lengths": lengths,
         # Random weights leave near-ties in the logits: summation order may flip one.
         "agreement": {
-            "float32": _agreement(tokens["ct2_float32"], tokens["cpm2_float32"]),
-            "int8": _agreement(tokens["ct2_int8"], tokens["cpm2_int8"]),
+            "float32": token_agreement(tokens["ct2_float32"], tokens["cpm2_float32"], eos=EOS),
+            "int8": token_agreement(tokens["ct2_int8"], tokens["cpm2_int8"], eos=EOS),
         },
     }
 

@@ -248,6 +248,18 @@ def compare_tokens(hf: list[list[int]], cpm2: list[list[int]], *, eos: int) -> t
     return is_match, compared
 
 
+def token_agreement(reference: list[list[int]], other: list[list[int]], *, eos: int) -> dict[str, Any]:
+    """`compare_tokens` of two systems' greedy tokens, and the share of `reference`'s positions where
+    `other` has the same token (a rounding change flips near-ties of random weights)."""
+    is_match, compared = compare_tokens(reference, other, eos=eos)
+    same = sum(a == b for ra, rb in zip(reference, other, strict=True) for a, b in zip(ra, rb, strict=False))
+    return {
+        "is_match": is_match,
+        "num_compared": compared,
+        "same_position_fraction": same / max(1, sum(map(len, reference))),
+    }
+
+
 def _summary(times_1: list[float], times_n: list[float], *, batch: int, n: int) -> dict[str, Any]:
     rates = [batch * (n - 1) / (tn - t1) for t1, tn in zip(times_1, times_n, strict=True)]
     return {
@@ -391,17 +403,10 @@ def _int8_row(
 ) -> dict[str, Any]:
     """cpm2 int8's ratios to HF and how many of HF's greedy tokens it reproduces (int8 rounding
     changes some: random weights leave near-ties that it flips)."""
-    tokens = system.generate(prompts, cfg.new_tokens)
-    same = sum(a == b for ra, rb in zip(hf_tokens, tokens, strict=True) for a, b in zip(ra, rb, strict=False))
-    is_match, compared = compare_tokens(hf_tokens, tokens, eos=eos)
     return {
         "ratio_int8_median": timings["cpm2_int8"]["median_tokens_per_s"] / timings["hf"]["median_tokens_per_s"],
         "ratio_int8_best": timings["cpm2_int8"]["best_tokens_per_s"] / timings["hf"]["best_tokens_per_s"],
-        "int8_tokens": {
-            "is_match": is_match,
-            "num_compared": compared,
-            "same_position_fraction": same / max(1, sum(map(len, hf_tokens))),
-        },
+        "int8_tokens": token_agreement(hf_tokens, system.generate(prompts, cfg.new_tokens), eos=eos),
     }
 
 

@@ -124,6 +124,7 @@ def test_decode_benchmark_writes_report(tmp_path: Path, name: str) -> None:
             assert {"t_1_s", "t_n_s", "median_tokens_per_s"} <= result["cpm2_int8"].keys()
             assert isinstance(result["ratio_int8_median"], float)
             assert 0 <= result["int8_tokens"]["same_position_fraction"] <= 1
+            assert result["int8_tokens"]["num_compared"] > 0  # the int8 system's tokens were really compared
         assert list(report["target_int8"]["ratio_median"]) == list(target["ratio_median"])
         assert (tmp_path / "ckpt.int8" / "config.json").exists()
     else:
