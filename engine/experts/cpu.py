@@ -280,10 +280,12 @@ class CpuTransfers:
     def staging_bytes(self) -> int:
         return 0 if self.slots is not None else self.window * self.layout.nbytes
 
-    def mapped_resident_bytes(self) -> int:
-        """Bytes of the memory-mapped store in RAM (`mincore`): experts the page cache holds, which
+    def memory(self, held_bytes: int) -> tuple[int, int]:
+        """(pool bytes, mapped-store bytes in RAM): the slots, or the staging buffers plus the
+        converted experts held; and the store's mapped pages the page cache holds (`mincore`), which
         page-cache mode computes from in place."""
-        return sum(self.page_cache.resident_bytes(a, n) for a, n in self.store.mapped_ranges())
+        pool = self.slots.numel() if self.slots is not None else self.staging_bytes + held_bytes
+        return pool, sum(self.page_cache.resident_bytes(a, n) for a, n in self.store.mapped_ranges())
 
     def in_place(self, expert: tuple[MoELayerKey, int]) -> ExpertWeights | None:
         """The expert's weights straight from the mapped store, if all its pages are in RAM.

@@ -106,6 +106,10 @@ class CudaTransfers:
         else:
             self.layout.pack(self.store.layout.unpack(blob), out=out)
 
+    def memory(self, held_bytes: int) -> tuple[int, int]:
+        """(device slot bytes, 0): the pool is the preallocated device buffer; nothing is mapped."""
+        return self.slots.numel(), 0
+
     @property
     def busy_seconds(self) -> float:
         """Copy-stream time of finished copies (CUDA event timing)."""

@@ -52,6 +52,11 @@ class Transfers(Protocol):
         """Ask the lower tier to stage `expert` on its own; True if that is all prefetch needs."""
         ...
 
+    def memory(self, held_bytes: int) -> tuple[int, int]:
+        """(pool bytes, mapped-store bytes in RAM) now; `held_bytes` are the experts the pool holds in
+        memory of their own (converted ones), which preallocated slots already count."""
+        ...
+
     def start(self, entry: PoolEntry, *, prefetch: bool = False) -> object:
         """Begin moving `entry.expert` into `entry.slot` (prefetches may yield to demand loads)."""
         ...
@@ -97,13 +102,7 @@ class OffloadedExpertProvider:
         """Expert bytes in RAM now: the pool (its slots, or staging buffers plus the converted experts
         it holds) and the memory-mapped store's pages the page cache holds (`mincore`), which
         page-cache mode computes from in place and no budget bounds yet."""
-        slots = getattr(self.transfers, "slots", None)
-        if slots is not None:
-            pool = int(slots.numel())
-        else:
-            pool = int(getattr(self.transfers, "staging_bytes", 0)) + len(self.pool.entries) * self.bytes_per_expert
-        mapped_bytes = getattr(self.transfers, "mapped_resident_bytes", None)
-        mapped = int(mapped_bytes()) if mapped_bytes is not None else 0
+        pool, mapped = self.transfers.memory(len(self.pool.entries) * self.bytes_per_expert)
         return {"pool_bytes": pool, "mapped_resident_bytes": mapped, "resident_bytes": pool + mapped}
 
     # ---- wiring ------------------------------------------------------------------------------
