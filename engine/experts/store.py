@@ -101,6 +101,10 @@ class BlobLayout:
         return torch.float32 if self.is_quantized else self.dtype
 
     @property
+    def _bias_element(self) -> int:
+        return torch.empty((), dtype=self.bias_dtype).element_size()
+
+    @property
     def is_quantized(self) -> bool:
         return self.dtype == torch.int8
 
@@ -133,8 +137,7 @@ class BlobLayout:
         """Bytes of weights (and int8 scales, and biases) in a blob, without the alignment padding."""
         if not self.has_bias:
             return self._matrices_end
-        element = torch.empty((), dtype=self.bias_dtype).element_size()
-        return self._bias_offset + element * sum(rows for rows, _ in self._part_shapes)
+        return self._bias_offset + self._bias_element * sum(rows for rows, _ in self._part_shapes)
 
     @property
     def nbytes(self) -> int:
@@ -153,12 +156,11 @@ class BlobLayout:
         return BlobLayout(self.d_model, self.d_ff, self.is_gated, dtype, has_bias=self.has_bias)
 
     def _bias_spans(self) -> list[tuple[int, int]]:
-        """(byte offset, elements) of each part's bias."""
-        element = torch.empty((), dtype=self.bias_dtype).element_size()
+        """(byte offset, bytes) of each part's bias."""
         spans, at = [], self._bias_offset
         for rows, _ in self._part_shapes:
-            spans.append((at, rows))
-            at += element * rows
+            spans.append((at, self._bias_element * rows))
+            at += self._bias_element * rows
         return spans
 
     def pack(self, weights: ExpertWeights, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -209,9 +211,8 @@ class BlobLayout:
 
         biases: list[torch.Tensor | None] = [None, None, None]
         if self.has_bias:
-            element = torch.empty((), dtype=self.bias_dtype).element_size()
             found: list[torch.Tensor | None] = [
-                blob[at : at + element * rows].view(self.bias_dtype) for at, rows in self._bias_spans()
+                blob[at : at + nbytes].view(self.bias_dtype) for at, nbytes in self._bias_spans()
             ]
             biases = found if self.is_gated else [found[0], None, found[1]]
         if self.is_gated:

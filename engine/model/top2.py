@@ -37,14 +37,15 @@ def _normalized(probs_NE: torch.Tensor, mask1_NE: torch.Tensor, mask2_NE: torch.
     return torch.stack((p1_N / denom_N, p2_N / denom_N), dim=1)
 
 
-def _locations(mask_NE: torch.Tensor, order_N: torch.Tensor | None) -> torch.Tensor:
+def _locations(mask_NE: torch.Tensor, order: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
     """Each token's place (N, E) in the queue of its chosen expert (0-based; 0 where not chosen),
-    counting in `order_N` (None: token order)."""
-    if order_N is None:
+    counting in the permutation `order` = (order_N, its inverse) (None: token order)."""
+    if order is None:
         return torch.cumsum(mask_NE, dim=0) - 1
+    order_N, inverse_N = order
     sorted_NE = mask_NE[order_N]
     places_NE = (torch.cumsum(sorted_NE, dim=0) - 1) * sorted_NE
-    return places_NE[torch.argsort(order_N)]
+    return places_NE[inverse_N]
 
 
 def capacity(moe: MoEConfig, num_tokens: int, *, training: bool) -> int:
@@ -77,12 +78,13 @@ def route_top2(
     if routed_N is not None:
         mask1_NE = mask1_NE * routed_N.unsqueeze(-1)
         mask2_NE = mask2_NE * routed_N.unsqueeze(-1)
-    order_N = None
+    order = None
     if moe.batch_prioritized_routing:
         order_N = torch.argsort(-probs_NE.max(dim=1).values, stable=True)
+        order = (order_N, torch.argsort(order_N))
     # Second choices queue behind every first choice of their expert.
-    places1_NE = _locations(mask1_NE, order_N)
-    places2_NE = _locations(mask2_NE, order_N) + mask1_NE.sum(dim=0, keepdim=True)
+    places1_NE = _locations(mask1_NE, order)
+    places2_NE = _locations(mask2_NE, order) + mask1_NE.sum(dim=0, keepdim=True)
     limit = capacity(moe, N, training=training)
     mask1_NE = mask1_NE * (places1_NE < limit)
     mask2_NE = mask2_NE * (places2_NE < limit)
