@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -87,22 +88,34 @@ def test_capacity_drops_second_choices_first_and_padding_is_not_routed() -> None
     torch.testing.assert_close(gate_N2[lone, 0], torch.ones(int(lone.sum())))
 
 
+def _nllb_moe_config(
+    *, vocab_size: int, d_model: int, layers: int, heads: int, ffn: int, experts: int, sparse_step: int, **rest: Any
+) -> Any:
+    """transformers' `NllbMoeConfig` with the same shape in encoder and decoder."""
+    transformers = pytest.importorskip("transformers")
+    return transformers.NllbMoeConfig(
+        vocab_size=vocab_size,
+        d_model=d_model,
+        num_experts=experts,
+        **{
+            f"{stack}_{name}": value
+            for stack in ("encoder", "decoder")
+            for name, value in (
+                ("layers", layers),
+                ("attention_heads", heads),
+                ("ffn_dim", ffn),
+                ("sparse_step", sparse_step),
+            )
+        },
+        **rest,
+    )
+
+
 @pytest.fixture(scope="module")
 def nllb_moe_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     transformers = pytest.importorskip("transformers")
-    config = transformers.NllbMoeConfig(
-        vocab_size=64,
-        d_model=16,
-        encoder_layers=4,
-        decoder_layers=4,
-        encoder_attention_heads=2,
-        decoder_attention_heads=2,
-        encoder_ffn_dim=32,
-        decoder_ffn_dim=32,
-        num_experts=16,
-        encoder_sparse_step=2,
-        decoder_sparse_step=2,
-        max_position_embeddings=64,
+    config = _nllb_moe_config(
+        vocab_size=64, d_model=16, layers=4, heads=2, ffn=32, experts=16, sparse_step=2, max_position_embeddings=64
     )
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("nllb-moe")
@@ -197,18 +210,8 @@ def test_nllb_moe_54b_architecture_counts_as_published(tmp_path: Path, capsys: p
     equals transformers' own model built on the meta device from the same config.json, and the
     published 54.5B to its last digit. (Not the released config.json file, which is not at hand here.)"""
     transformers = pytest.importorskip("transformers")
-    config = transformers.NllbMoeConfig(
-        d_model=2048,
-        encoder_layers=24,
-        decoder_layers=24,
-        encoder_attention_heads=16,
-        decoder_attention_heads=16,
-        encoder_ffn_dim=8192,
-        decoder_ffn_dim=8192,
-        vocab_size=256206,
-        num_experts=128,
-        encoder_sparse_step=4,
-        decoder_sparse_step=4,
+    config = _nllb_moe_config(
+        vocab_size=256206, d_model=2048, layers=24, heads=16, ffn=8192, experts=128, sparse_step=4
     )
     path = tmp_path / "config.json"
     path.write_text(config.to_json_string())
