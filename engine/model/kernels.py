@@ -69,8 +69,8 @@ class Int8Path(enum.StrEnum):
 #: Row counts up to this take the few-rows int8 path (`DtypeKernels.int8`), more the many-rows one
 #: (`int8_many`). `_weight_int8pack_mm` streams the weight again every few rows (time grows ~linearly
 #: with rows) while `w8a8` pays a fixed cost to quantise the activations: they tie at 4 rows (768x768
-#: to 4096x1024 weights), int8pack is 10-40 % faster at 1-2, w8a8 2-4x faster from 8 (2-core Xeon
-#: with AMX, `bench.int8_kernels`).
+#: to 4096x1024 weights); at one row int8pack is 1.14-1.66x faster there (but 1.3x slower on a
+#: 32128x768 output head), from 8 rows w8a8 is 1.8-3.9x faster (2-core Xeon with AMX, 2026-12-06).
 INT8PACK_MAX_ROWS = 3
 #: `_weight_int8pack_mm` (torch 2.13, AVX512) returns garbage when `in` is not a multiple of 32, and
 #: may crash: such weights take the `dequant` path (`engine.model.quant`).
@@ -214,10 +214,10 @@ def _int8_refusal(dtype: torch.dtype, bf16: DtypeKernels) -> str | None:
 # float32 activations on `int8pack-bf16` are rounded to bfloat16 (and so is the product): measured
 # max |error| / max |y| <= 0.6 % over the expert shapes against x @ W_deq.T in float64, half what the
 # int8 weights themselves already cost against the float weight (1.2 %), for 1.3-5x less time than
-# the exact `dequant` path (`bench.int8_kernels`). `w8a8`'s int8 activations cost 0.7-1.0 % there.
+# the exact `dequant` path (`bench.int8_kernels`). `w8a8`'s int8 activations cost up to 1.1 % there.
 # `cpu_kernels=plain` keeps both exact.
 FLOAT32_VIA_BF16 = "float32 activations are rounded to bfloat16 (error <= 0.6% of max |y|; the int8 weights' own: 1.2%)"
-W8A8_ROUNDING = f"over {INT8PACK_MAX_ROWS} rows activations are quantised per row to int8 (error <= 1% of max |y|)"
+W8A8_ROUNDING = f"over {INT8PACK_MAX_ROWS} rows activations are quantised per row to int8 (error <= 1.1% of max |y|)"
 
 
 def _choose_int8(dtype: torch.dtype, mode: KernelMode, bf16: DtypeKernels) -> tuple[Int8Path, Int8Path, str]:
