@@ -63,19 +63,19 @@ async def info(ctx: Ctx) -> dict[str, object]:
         "experts_offloaded": engine.experts_offloaded,
         "quantization": engine.extra.get("quantization", {}),
         "expert_memory_bytes": engine.expert_memory_bytes,
-        "expert_memory": _expert_memory(ctx) if engine.experts_offloaded else None,
+        "expert_memory": _expert_memory(ctx, engine.expert_memory_bytes) if engine.experts_offloaded else None,
         "cpu_kernels": engine.cpu_kernels or None,
         "languages": list(engine.languages),
         "version": version(),
     }
 
 
-def _expert_memory(ctx: Ctx) -> dict[str, float]:
+def _expert_memory(ctx: Ctx, budget_bytes: int) -> dict[str, float]:
     """Expert bytes in RAM now (the pool, and the mapped store's pages in the page cache) beside the
     budget: read from the engine's stats, as /metrics does (a `mincore` pass, not per request)."""
     experts = ctx.engine.stats().experts
     keys = ("pool_bytes", "mapped_resident_bytes", "resident_bytes")
-    return {"budget_bytes": ctx.engine.info().expert_memory_bytes, **{k: experts.get(k, 0.0) for k in keys}}
+    return {"budget_bytes": budget_bytes, **{k: experts.get(k, 0.0) for k in keys}}
 
 
 @router.get("/metrics")
