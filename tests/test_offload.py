@@ -187,6 +187,46 @@ def test_prefetch_predicts_next_layers(tiny_model_dir: Path, tmp_path: Path) -> 
         loaded.close()
 
 
+def test_guesses_are_made_only_where_they_pay(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Guessed loads fill the link's idle time before the next layer (the gap), plus one more only
+    when it is likelier to save time than to delay the next demand load."""
+    loaded = _offloaded(tiny_model_dir, tmp_path, expert_memory="60%", direct_io=True)
+    try:
+        provider = loaded.provider
+        assert provider is not None
+        beta = 2.3e-3
+        provider.cost = dataclasses.replace(provider.cost, beta=beta)
+        provider._precision = 0.4
+        assert provider._guesses_that_pay(1.3e-3) == 0  # batch 1 on one disk: 0.4 x 1.3 < 0.6 x 1.0
+        assert provider._guesses_that_pay(2 * beta + 0.2e-3) == 2  # two fit; a third would mostly delay
+        provider._precision = 0.9
+        assert provider._guesses_that_pay(1.3e-3) == 1  # 0.9 x 1.3 > 0.1 x 1.0
+        assert provider._guesses_that_pay(0.0) == 0
+    finally:
+        loaded.close()
+
+
+def test_link_time_counts_concurrent_loads_once(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Busy time is the time at least one load was in flight: per load, one expert's link time."""
+    loaded = _offloaded(tiny_model_dir, tmp_path, expert_memory="60%", direct_io=True)
+    try:
+        provider = loaded.provider
+        assert provider is not None
+        transfers = provider.transfers
+        busy, done = transfers.busy_seconds, transfers.loads_done
+        clock = iter([10.0, 10.5, 11.0, 12.0])  # two loads overlap from 10.5 to 11.0
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr("engine.experts.cpu.time.perf_counter", lambda: next(clock))
+            transfers._link_event(+1)
+            transfers._link_event(+1)
+            transfers._link_event(-1)
+            transfers._link_event(-1)
+        assert transfers.busy_seconds - busy == pytest.approx(2.0)  # not 1.0 + 1.5
+        assert transfers.loads_done - done == 2
+    finally:
+        loaded.close()
+
+
 def test_budget_that_holds_every_expert_stays_resident(tiny_model_dir: Path) -> None:
     loaded = load_for_inference(tiny_model_dir, offload=OffloadConfig(expert_memory="100%"), progress=False)
     assert not loaded.is_offloaded

@@ -272,8 +272,13 @@ class CpuTransfers:
             self._staging = [aligned_empty(nbytes) for _ in range(max(1, window))]
         else:
             self.slots = aligned_empty(num_slots * nbytes).view(num_slots, nbytes)
+        # Link time, as on CUDA's copy stream: the time at least one read was in flight. Per-load
+        # wall times would count a load's wait behind the others sharing the disk, several times
+        # over when `window` loads are in flight, and make a transfer look that much slower.
         self.busy_seconds = 0.0
         self.loads_done = 0
+        self._in_flight = 0
+        self._busy_mark = 0.0
         self._busy_lock = threading.Lock()
 
     @property
@@ -332,8 +337,19 @@ class CpuTransfers:
                 self._submit(load, staging)
         return load.future
 
+    def _link_event(self, change: int) -> None:
+        """A read was submitted (+1) or finished (-1): bank the link time since the last event."""
+        now = time.perf_counter()
+        with self._busy_lock:
+            if self._in_flight > 0:
+                self.busy_seconds += now - self._busy_mark
+            self._busy_mark = now
+            self._in_flight += change
+            if change < 0:
+                self.loads_done += 1
+
     def _submit(self, load: _Load, buffer: torch.Tensor) -> None:
-        load.began = time.perf_counter()
+        self._link_event(+1)
 
         def done(error: BaseException | None) -> None:
             self._finish(load, buffer, error)
@@ -351,9 +367,7 @@ class CpuTransfers:
             error = exc
         if self.slots is None:
             self._release_staging(buffer)
-        with self._busy_lock:
-            self.busy_seconds += time.perf_counter() - load.began
-            self.loads_done += 1
+        self._link_event(-1)
         if error is not None:
             load.future.set_exception(error)
         else:
@@ -403,5 +417,4 @@ class _Load:
     location: BlobLocation
     slot: int
     priority: int
-    began: float = 0.0
     future: Future[ExpertWeights] = field(default_factory=Future)
