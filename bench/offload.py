@@ -295,8 +295,32 @@ def print_report(report: dict[str, Any], console: Console) -> None:
                 f"{r['read_bandwidth_gb_s']:.2f}",
             )
         console.print(table)
+        print_layer_table(entry["disk_tier"], f"disk tier per decoder layer (strict, 25%) — {name}", console)
         routing = entry["budgets"][-1]["routing"]
         console.print(f"routing at batch {entry['budgets'][-1]['batch']}: {routing}")
+
+
+def print_layer_table(rows: Sequence[dict[str, Any]], title: str, console: Console) -> None:
+    """Per decoder layer and batch: the pool's hit rate and the prefetch prediction's precision and
+    recall (a layer with no prediction, the first of its stack, shows "-")."""
+    table = Table(title=title)
+    table.add_column("layer", justify="right")
+    for r in rows:
+        for col in ("hit", "prec", "rec"):
+            table.add_column(f"b{r['batch']} {col}", justify="right")
+    layers = [name for name in rows[0].get("experts_per_layer", {}) if name.startswith("decoder")] if rows else []
+    for layer in layers:
+        cells = [layer]
+        for r in rows:
+            counts = r.get("experts_per_layer", {}).get(layer, {})
+            scored = counts.get("predicted", 0) > 0
+            cells += [
+                f"{counts.get('hit_rate', 1.0):.2f}",
+                f"{counts['prefetch_precision']:.2f}" if scored else "-",
+                f"{counts['prefetch_recall']:.2f}" if scored else "-",
+            ]
+        table.add_row(*cells)
+    console.print(table)
 
 
 def write_plot(report: dict[str, Any], path: Path) -> Path | None:

@@ -279,6 +279,7 @@ class DecodeRun:
         }
         if self.stats is not None:
             out["experts"] = self.stats.to_dict()
+            out["experts_per_layer"] = self.stats.layers_to_dict()
             out["bytes_moved_per_token"] = self.stats.bytes_moved / max(1, self.tokens)
         return out
 

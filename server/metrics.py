@@ -192,6 +192,13 @@ class _StateCollector(Collector):
             "cpm2_expert_in_place": ("experts used from the page cache in place", "in_place"),
             "cpm2_expert_cache_misses": ("experts loaded on demand", "misses"),
             "cpm2_expert_prefetches": ("experts loaded by prediction", "prefetches"),
+            "cpm2_expert_predicted": ("experts predicted for a layer before it ran", "predicted"),
+            "cpm2_expert_predicted_used": ("predicted experts the layer then needed", "predicted_used"),
+            "cpm2_expert_needed_after_prediction": (
+                "experts needed by layers that had a prediction (precision = predicted_used / predicted, "
+                "recall = predicted_used / needed_after_prediction)",
+                "needed_after_prediction",
+            ),
             "cpm2_expert_stall_seconds": ("time compute waited for expert transfers", "stall_seconds"),
             "cpm2_expert_transfer_seconds": ("time spent moving experts", "transfer_seconds"),
         }
@@ -199,3 +206,29 @@ class _StateCollector(Collector):
             counters[name] = (doc, experts.get(key, 0.0))
         for name, (doc, value) in counters.items():
             yield CounterMetricFamily(name, doc, value=float(value))
+        yield from _per_layer(stats.expert_layers)
+
+
+#: Per-MoE-layer counters (label `layer`, e.g. "decoder.3"): the hit rate and the prediction's
+#: precision and recall of each layer follow from them, as for the totals.
+LAYER_COUNTERS = {
+    "cpm2_expert_layer_hits": ("experts found in the pool, per MoE layer", "hits"),
+    "cpm2_expert_layer_in_place": ("experts used from the page cache in place, per MoE layer", "in_place"),
+    "cpm2_expert_layer_misses": ("experts loaded on demand, per MoE layer", "misses"),
+    "cpm2_expert_layer_predicted": ("experts predicted for the layer before it ran", "predicted"),
+    "cpm2_expert_layer_predicted_used": ("predicted experts the layer then needed", "predicted_used"),
+    "cpm2_expert_layer_needed_after_prediction": (
+        "experts the layer needed when it had a prediction",
+        "needed_after_prediction",
+    ),
+}
+
+
+def _per_layer(layers: dict[str, dict[str, float]]) -> Iterator[CounterMetricFamily]:
+    if not layers:
+        return
+    for name, (doc, key) in LAYER_COUNTERS.items():
+        family = CounterMetricFamily(name, doc, labels=["layer"])
+        for layer, counts in layers.items():
+            family.add_metric([layer], float(counts.get(key, 0.0)))
+        yield family

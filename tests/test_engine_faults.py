@@ -208,6 +208,27 @@ def test_expert_pool_stays_within_its_budget(tiny_model_dir: Path, tmp_path: Pat
     # mapped store the page cache holds.
     pool_bytes = _gauge(metrics, "cpm2_expert_resident_bytes") - _gauge(metrics, "cpm2_expert_mapped_resident_bytes")
     assert used <= pool_bytes <= budget
+    # Per MoE layer: the counters add up to the totals, and each layer's prediction is scored.
+    for total, per_layer in (
+        ("cpm2_expert_cache_misses_total", "cpm2_expert_layer_misses_total"),
+        ("cpm2_expert_cache_hits_total", "cpm2_expert_layer_hits_total"),
+        ("cpm2_expert_predicted_total", "cpm2_expert_layer_predicted_total"),
+        ("cpm2_expert_predicted_used_total", "cpm2_expert_layer_predicted_used_total"),
+    ):
+        layers = _labelled(metrics, per_layer)
+        assert set(layers) == {"encoder.0", "encoder.1", "decoder.0", "decoder.1"}
+        assert sum(layers.values()) == _gauge(metrics, total)
+    predicted = _labelled(metrics, "cpm2_expert_layer_predicted_total")
+    used_ = _labelled(metrics, "cpm2_expert_layer_predicted_used_total")
+    needed = _labelled(metrics, "cpm2_expert_layer_needed_after_prediction_total")
+    assert predicted["decoder.1"] > 0
+    assert predicted["decoder.0"] == 0  # the first MoE layer of a stack has no predictor
+    assert all(used_[layer] <= min(predicted[layer], needed[layer]) for layer in predicted)
+
+
+def _labelled(metrics: str, name: str) -> dict[str, float]:
+    """A per-layer counter's values by layer label."""
+    return {m[0]: float(m[1]) for m in re.findall(rf'^{name}{{layer="([^"]+)"}} (\S+)$', metrics, re.MULTILINE)}
 
 
 def test_page_cache_mode_shows_the_expert_memory_the_budget_does_not_bound(

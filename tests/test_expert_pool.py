@@ -283,6 +283,28 @@ def test_stats_arithmetic_and_derived_rates() -> None:
     assert after.overlap == pytest.approx(1 - 1.5 / 5.0)
 
 
+def test_stats_per_layer() -> None:
+    """Per-layer counters subtract and add per layer (a layer seen only later counts from zero) and
+    a snapshot does not share them with the live counters."""
+    live = ExpertStats()
+    live.layer("encoder.1").hits += 2
+    before = live.snapshot()
+    live.layer("encoder.1").hits += 1
+    decoder = live.layer("decoder.1")
+    decoder.misses, decoder.predicted, decoder.predicted_used, decoder.needed_after_prediction = 3, 4, 3, 6
+    assert before.layers["encoder.1"].hits == 2
+    delta = live - before
+    assert delta.layers["encoder.1"].hits == 1
+    assert delta.layers["decoder.1"].prefetch_precision == pytest.approx(0.75)
+    assert delta.layers["decoder.1"].prefetch_recall == pytest.approx(0.5)
+    assert delta.layers["decoder.1"].hit_rate == 0.0
+    assert delta + before == live
+    table = live.layers_to_dict()
+    assert list(table) == ["encoder.1", "decoder.1"]  # model order
+    assert table["decoder.1"]["prefetch_precision"] == pytest.approx(0.75)
+    assert "layers" not in live.to_dict()
+
+
 def test_stats_edge_cases() -> None:
     empty = ExpertStats()
     assert empty.hit_rate == 1.0  # nothing looked up: nothing missed
@@ -296,7 +318,7 @@ def test_stats_edge_cases() -> None:
 def test_stats_to_dict() -> None:
     stats = ExpertStats(hits=3, misses=1, transfer_seconds=2.0, stall_seconds=0.5)
     data = stats.to_dict()
-    fields = {f.name for f in dataclasses.fields(ExpertStats)}
+    fields = {f.name for f in dataclasses.fields(ExpertStats)} - {"layers"}
     assert set(data) == fields | {"hit_rate", "prefetch_precision", "prefetch_recall", "overlap"}
     assert data["hits"] == 3
     assert data["hit_rate"] == pytest.approx(0.75)

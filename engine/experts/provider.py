@@ -45,6 +45,12 @@ class Transfers(Protocol):
         """Loads finished so far."""
         ...
 
+    @property
+    def shares_compute(self) -> bool:
+        """Whether moving an expert takes the compute units' own time (a CPU memcpy out of the page
+        cache or tmpfs), so that a load is never free, not even while the link would idle."""
+        ...
+
     def in_place(self, expert: ExpertId) -> ExpertWeights | None:
         """Weights usable where they already are (no transfer), or None."""
         ...
@@ -127,6 +133,7 @@ class OffloadedExpertProvider:
     ) -> Iterator[tuple[int, ExpertWeights]]:
         stats = self.stats
         stats.layer_calls += 1
+        counts = stats.layer(str(layer))
         self._note_gap()
         self._score_prediction(layer, demand)
         cached = set()
@@ -137,12 +144,15 @@ class OffloadedExpertProvider:
             if key in self.pool:
                 cached.add(item.expert)
                 stats.hits += 1
+                counts.hits += 1
             elif (mapped := self.transfers.in_place(key)) is not None:
                 cached.add(item.expert)
                 in_place[key] = mapped
                 stats.in_place += 1
+                counts.in_place += 1
             else:
                 stats.misses += 1
+                counts.misses += 1
         jobs = order_jobs(
             jobs_for([(d.expert, d.num_tokens) for d in demand], cached, self.cost),
             self.order,
@@ -286,7 +296,12 @@ class OffloadedExpertProvider:
         # Loads are spent on guesses only while they keep paying off, and only as many as pay.
         if self._precision < PREFETCH_MIN_PRECISION:
             return
-        guesses = self._guesses_that_pay(self._gap.get(layer, 0.0))
+        if self.transfers.shares_compute:
+            # Every guess costs compute time: only the loads the window had spare, as measured
+            # best there (RAM tier, batch 16: gap-filling guesses made steps 30 % slower).
+            guesses = self.window - demand_loads
+        else:
+            guesses = self._guesses_that_pay(self._gap.get(layer, 0.0))
         budget = max(0, min(guesses, self.pool.num_slots - 1 - len(self.pool.loading())))
         for key, is_prediction in candidates + runners_up:
             if key in self.pool or self.transfers.in_place(key) is not None:
@@ -328,9 +343,11 @@ class OffloadedExpertProvider:
         if predicted is None:
             return
         needed = {d.expert for d in demand}
-        self.stats.predicted += len(predicted)
-        self.stats.predicted_used += len(predicted & needed)
-        self.stats.needed_after_prediction += len(needed)
+        used = len(predicted & needed)
+        for counts in (self.stats, self.stats.layer(str(layer))):
+            counts.predicted += len(predicted)
+            counts.predicted_used += used
+            counts.needed_after_prediction += len(needed)
         if predicted:
             self._precision = 0.9 * self._precision + 0.1 * len(predicted & needed) / len(predicted)
 

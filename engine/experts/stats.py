@@ -6,12 +6,64 @@ Cumulative since start-up; `snapshot()` and subtraction give the figures of one 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 
+class _Rates:
+    """Hit rate, prefetch precision and recall from the lookup and prediction counters."""
+
+    hits: int
+    in_place: int
+    misses: int
+    predicted: int
+    predicted_used: int
+    needed_after_prediction: int
+
+    @property
+    def hit_rate(self) -> float:
+        """Share of needed experts that did not have to be transferred (pool hits and in place)."""
+        looked_up = self.hits + self.in_place + self.misses
+        return (self.hits + self.in_place) / looked_up if looked_up else 1.0
+
+    @property
+    def prefetch_precision(self) -> float:
+        return self.predicted_used / self.predicted if self.predicted else 0.0
+
+    @property
+    def prefetch_recall(self) -> float:
+        return self.predicted_used / self.needed_after_prediction if self.needed_after_prediction else 0.0
+
+
 @dataclass
-class ExpertStats:
+class LayerCounts(_Rates):
+    """One MoE layer's share of the lookup and prediction counters (`ExpertStats.layers`)."""
+
+    hits: int = 0
+    in_place: int = 0
+    misses: int = 0
+    predicted: int = 0
+    predicted_used: int = 0
+    needed_after_prediction: int = 0
+
+    def _combine(self, other: LayerCounts, sign: int) -> LayerCounts:
+        values = {f.name: getattr(self, f.name) + sign * getattr(other, f.name) for f in dataclasses.fields(self)}
+        return LayerCounts(**values)
+
+    def to_dict(self) -> dict[str, float]:
+        data: dict[str, float] = dataclasses.asdict(self)
+        data.update(
+            hit_rate=self.hit_rate, prefetch_precision=self.prefetch_precision, prefetch_recall=self.prefetch_recall
+        )
+        return data
+
+
+def _combine_layers(a: dict[str, LayerCounts], b: dict[str, LayerCounts], sign: int) -> dict[str, LayerCounts]:
+    return {name: a.get(name, LayerCounts())._combine(b.get(name, LayerCounts()), sign) for name in a | b}
+
+
+@dataclass
+class ExpertStats(_Rates):
     """What the expert provider did: hits, transfers, prefetch accuracy, time spent waiting."""
 
     layer_calls: int = 0
@@ -43,31 +95,33 @@ class ExpertStats:
     """Time the I/O workers (or copy stream) spent moving experts."""
     compute_seconds: float = 0.0
     """Time spent computing experts (CPU; wall time between handing out weights and the next request)."""
+    layers: dict[str, LayerCounts] = field(default_factory=dict)
+    """The lookup and prediction counters per MoE layer ("decoder.3"), for per-layer precision,
+    recall and hit rate."""
+
+    def layer(self, name: str) -> LayerCounts:
+        """`name`'s counters, created on first use."""
+        counts = self.layers.get(name)
+        if counts is None:
+            counts = self.layers[name] = LayerCounts()
+        return counts
 
     def snapshot(self) -> ExpertStats:
-        return dataclasses.replace(self)
+        return dataclasses.replace(self, layers={k: dataclasses.replace(v) for k, v in self.layers.items()})
+
+    def _combine(self, other: ExpertStats, sign: int) -> ExpertStats:
+        values: dict[str, Any] = {
+            f.name: getattr(self, f.name) + sign * getattr(other, f.name)
+            for f in dataclasses.fields(self)
+            if f.name != "layers"
+        }
+        return ExpertStats(**values, layers=_combine_layers(self.layers, other.layers, sign))
 
     def __sub__(self, other: ExpertStats) -> ExpertStats:
-        values = {f.name: getattr(self, f.name) - getattr(other, f.name) for f in dataclasses.fields(self)}
-        return ExpertStats(**values)
+        return self._combine(other, -1)
 
     def __add__(self, other: ExpertStats) -> ExpertStats:
-        values = {f.name: getattr(self, f.name) + getattr(other, f.name) for f in dataclasses.fields(self)}
-        return ExpertStats(**values)
-
-    @property
-    def hit_rate(self) -> float:
-        """Share of needed experts that did not have to be transferred (pool hits and in place)."""
-        looked_up = self.hits + self.in_place + self.misses
-        return (self.hits + self.in_place) / looked_up if looked_up else 1.0
-
-    @property
-    def prefetch_precision(self) -> float:
-        return self.predicted_used / self.predicted if self.predicted else 0.0
-
-    @property
-    def prefetch_recall(self) -> float:
-        return self.predicted_used / self.needed_after_prediction if self.needed_after_prediction else 0.0
+        return self._combine(other, +1)
 
     @property
     def overlap(self) -> float:
@@ -76,8 +130,18 @@ class ExpertStats:
             return 1.0
         return max(0.0, 1.0 - self.stall_seconds / self.transfer_seconds)
 
+    def layers_to_dict(self) -> dict[str, dict[str, float]]:
+        """Per-layer counters and rates, layers in model order (encoder first, then by block)."""
+
+        def order(name: str) -> tuple[bool, int]:
+            stack, _, block = name.partition(".")
+            return (stack != "encoder", int(block) if block.isdigit() else 0)
+
+        return {name: self.layers[name].to_dict() for name in sorted(self.layers, key=order)}
+
     def to_dict(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
+        """The totals and rates (per-layer figures: `layers_to_dict`)."""
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "layers"}
         data.update(
             hit_rate=self.hit_rate,
             prefetch_precision=self.prefetch_precision,

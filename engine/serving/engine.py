@@ -68,15 +68,16 @@ class EngineConfig:
     warmup: bool = True
 
 
-def _expert_stats(provider: OffloadedExpertProvider) -> dict[str, float]:
+def _expert_stats(provider: OffloadedExpertProvider) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
     """The provider's counters, the pool's high-water mark in bytes (slots x one expert, plus any
     staging buffers), and the expert bytes in RAM now (pool + mapped store pages in the page cache),
-    the figures to hold against the `--expert-memory` budget."""
-    stats = provider.stats.to_dict()
+    the figures to hold against the `--expert-memory` budget; and the per-layer counters."""
+    snapshot = provider.stats.snapshot()
+    stats = snapshot.to_dict()
     staging = getattr(provider.transfers, "staging_bytes", 0)
     stats["pool_used_bytes_peak"] = provider.pool.peak_used * provider.bytes_per_expert + staging
     stats.update(provider.memory())
-    return stats
+    return stats, snapshot.layers_to_dict()
 
 
 class AsyncEngine:

@@ -54,7 +54,7 @@ class EngineLoop(threading.Thread):
         waiting_served_ratio: float = 0.0,
         max_waiting_steps: int = 20,
         special_ids: frozenset[int],
-        expert_stats: Callable[[], dict[str, float]] | None = None,
+        expert_stats: Callable[[], tuple[dict[str, float], dict[str, dict[str, float]]]] | None = None,
     ) -> None:
         super().__init__(name="cpm2-engine", daemon=True)
         self.generator = generator
@@ -114,7 +114,7 @@ class EngineLoop(threading.Thread):
         with self._lock:
             stats = EngineStats(**self.stats.__dict__)
         if self.expert_stats is not None:
-            stats.experts = self.expert_stats()
+            stats.experts, stats.expert_layers = self.expert_stats()
         return stats
 
     # ---- the thread ----------------------------------------------------------------------------

@@ -154,6 +154,8 @@ class EngineStats:
     virtual_tokens_total: int = 0
     experts: dict[str, float] = field(default_factory=dict)
     """Cumulative expert-offloading counters (empty when experts are resident)."""
+    expert_layers: dict[str, dict[str, float]] = field(default_factory=dict)
+    """The same lookups and prediction scores per MoE layer ("decoder.3": hits, misses, predicted, ...)."""
 
 
 StepListener = Callable[[StepRecord], None]
