@@ -41,7 +41,7 @@ def add_offload_args(parser: argparse.ArgumentParser) -> None:
     """The `--expert-*` options (shared with `cpm2 serve`)."""
     group = add_placement_args(parser)
     group.add_argument("--expert-order", default="infmoe", choices=ORDER_POLICIES)
-    group.add_argument("--expert-cache", default="lru", choices=CACHE_POLICIES)
+    group.add_argument("--expert-cache", default="lrfu", choices=CACHE_POLICIES)
     group.add_argument("--expert-io-threads", type=int, default=4)
     group.add_argument(
         "--expert-io",

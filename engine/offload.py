@@ -64,7 +64,7 @@ class OffloadConfig:
     (half of the free RAM on CPU, 80 % of free GPU memory less the dense weights on CUDA)."""
     order: OrderPolicy = "infmoe"
     """Expert order within a layer: `infmoe` (transfers hidden behind compute), `cached-first`, `index`."""
-    cache: CachePolicy = "lru"
+    cache: CachePolicy = "lrfu"
     """Eviction policy of the pool across layers and steps."""
     prefetch: bool = True
     """Predict the next layer's experts with its router and load them early."""

@@ -14,7 +14,7 @@ import random
 import pytest
 import torch
 
-from engine.experts.pool import CACHE_POLICIES, ExpertId, ExpertPool, PoolEntry
+from engine.experts.pool import CACHE_POLICIES, LRFU_HALF_LIFE, ExpertId, ExpertPool, PoolEntry
 from engine.experts.stats import ExpertStats
 from engine.model import ExpertWeights, MoELayerKey
 
@@ -103,6 +103,31 @@ def test_lfu_evicts_the_least_used_ties_by_recency() -> None:
     assert pool.victim() is b
     pool.touch(b)  # a: 3, b: 3 but more recent, c: 4
     assert pool.victim() is a
+
+
+def test_lrfu_weighs_uses_by_their_age() -> None:
+    """Frequent experts outlast a burst of one-off ones (unlike LRU), but old frequency fades
+    (unlike LFU): a use `LRFU_HALF_LIFE` ticks ago counts half."""
+    pool = ExpertPool(3, "lrfu")
+    a, b, c = (_resident(pool, _eid(e)) for e in range(3))
+    for _ in range(4):
+        pool.touch(a)
+    pool.touch(b)
+    pool.touch(c)
+    assert pool.victim() is b  # a: ~5, b and c: ~2, b older
+    assert a.weight_at(pool._clock) == pytest.approx(
+        sum(0.5 ** ((pool._clock - t) / LRFU_HALF_LIFE) for t in (1, 4, 5, 6, 7))
+    )
+    # Long after a's burst, recent single uses of b and c outweigh it.
+    for _ in range(3 * int(LRFU_HALF_LIFE)):
+        pool.touch(b)
+        pool.touch(c)
+    assert pool.victim() is a
+    # An admitted expert not used yet (a prefetch) is not the cheapest victim right away.
+    pool.remove(a.expert)
+    fresh = _resident(pool, _eid(7))
+    assert fresh.weight_at(pool._clock) > 0
+    assert ExpertPool(1).policy == "lrfu"  # the default
 
 
 @pytest.mark.parametrize("policy", CACHE_POLICIES)

@@ -1,0 +1,296 @@
+"""Expert cache policies replayed on recorded routing traces, against Belady's offline optimum.
+
+    python -m bench.cache_policies          # ~2 min on 2 cores; --quick for a smoke run
+
+A trace is the sequence of MoE layer calls a model makes, each with the experts it needs, recorded
+from the model itself (`TraceRecorder` wraps its expert providers; the experts stay resident, only
+the routing is kept). Each trace is replayed through a pool of `slots` experts shared by all layers,
+as the offloading provider's pool is: every expert a call needs is looked up (hit) or brought in
+(miss), and while a call runs its own experts are never evicted (the provider pins them). Policies:
+
+- `lru`, `lfu` (ties by recency): the pool's two policies (`engine/experts/pool.py`);
+- `lrfu`: each use adds weight 1 that halves every `half_life` expert uses (Lee et al.'s LRFU;
+  between LRU, half-life 0, and LFU, infinite), a cache that remembers what a request used;
+- `belady`: evict the expert whose next use is farthest away, the offline optimum no online policy
+  can beat; its gap to each policy is what a better policy could still win.
+
+Traces: the benchmark models of `bench.offload` (random weights, teacher-forced random tokens, as
+their decode benchmarks run; batch 1 and 16), and the shipped demo model serving its four tasks
+(its own trained routers, real prompts, greedy decoding, requests back to back at batch 1 and 16).
+Budgets are shares of all the model's experts. Hit rates only: no timing is involved, so the result
+is exact and repeatable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from bench.machine import machine_info, publish
+from bench.offload_common import load_cpm2, random_ids
+from engine.experts.pool import LRFU_HALF_LIFE
+from engine.model import ExpertWeights, MoELayerKey
+from engine.model.moe import ExpertDemand, MoEFeedForward
+
+#: One MoE layer call: its layer ("decoder.3") and the experts it needed.
+Call = tuple[str, tuple[int, ...]]
+POLICIES = ("lru", "lfu", "lrfu", "belady")
+
+
+@dataclass
+class TraceRecorder:
+    """Wraps every MoE layer's provider and appends each call's (layer, experts) to `calls`."""
+
+    layers: Sequence[MoEFeedForward]
+    calls: list[Call] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        for layer in self.layers:
+            layer.expert_provider = _Recording(self, layer.expert_provider)
+
+    def close(self) -> None:
+        for layer in self.layers:
+            provider = layer.expert_provider
+            if isinstance(provider, _Recording):
+                layer.expert_provider = provider.inner
+
+
+@dataclass
+class _Recording:
+    recorder: TraceRecorder
+    inner: Any
+
+    def fetch(
+        self, layer: MoELayerKey, demand: Sequence[ExpertDemand], hidden_ND: torch.Tensor
+    ) -> Iterator[tuple[int, ExpertWeights]]:
+        self.recorder.calls.append((str(layer), tuple(sorted(d.expert for d in demand))))
+        yield from self.inner.fetch(layer, demand, hidden_ND)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+def replay(calls: Sequence[Call], slots: int, policy: str, *, half_life: float = LRFU_HALF_LIFE) -> float:
+    """The hit rate of `policy` with `slots` experts on `calls` (every needed expert is one lookup)."""
+    next_use = _next_uses(calls) if policy == "belady" else []
+    # key -> (score, time of the score): LFU counts uses, LRFU's weight halves every `half_life`
+    # calls; Belady's "score" is the key's next use. The dict's order is recency (LRU first).
+    cache: OrderedDict[tuple[str, int], tuple[float, int]] = OrderedDict()
+    hits = lookups = 0
+    for t, (layer, experts) in enumerate(calls):
+        now = {(layer, e) for e in experts}
+        for i, key in enumerate((layer, e) for e in experts):
+            lookups += 1  # the pool's clock: one tick per expert use
+            if key in cache:
+                hits += 1
+            elif len(cache) >= slots:
+                victims = [k for k in cache if k not in now]
+                if not victims:
+                    continue  # every slot holds an expert of this call: computed without caching
+                del cache[_victim(cache, victims, policy, lookups, half_life)]
+            score, at = cache.get(key, (0.0, lookups))
+            if policy == "lfu":
+                score += 1
+            elif policy == "lrfu":
+                score = score * 0.5 ** ((lookups - at) / half_life) + 1
+            elif policy == "belady":
+                score = next_use[t][i]
+            cache[key] = (score, lookups)
+            cache.move_to_end(key)
+    return hits / lookups if lookups else 1.0
+
+
+def _victim(
+    cache: OrderedDict[tuple[str, int], tuple[float, int]],
+    victims: list[tuple[str, int]],
+    policy: str,
+    t: int,
+    half_life: float,
+) -> tuple[str, int]:
+    """`victims` are in recency order, so ties go to the least recently used."""
+    if policy == "lru":
+        return victims[0]
+    if policy == "belady":
+        return max(victims, key=lambda k: cache[k][0])  # needed again farthest in the future
+    if policy == "lrfu":
+        return min(victims, key=lambda k: cache[k][0] * 0.5 ** ((t - cache[k][1]) / half_life))
+    return min(victims, key=lambda k: cache[k][0])
+
+
+def _next_uses(calls: Sequence[Call]) -> list[list[float]]:
+    """For each call and each of its experts, the index of the next call needing it (inf: never)."""
+    following: dict[tuple[str, int], float] = {}
+    out: list[list[float]] = [[] for _ in calls]
+    for t in range(len(calls) - 1, -1, -1):
+        layer, experts = calls[t]
+        out[t] = [following.get((layer, e), math.inf) for e in experts]
+        for e in experts:
+            following[(layer, e)] = t
+    return out
+
+
+# ---- traces ----------------------------------------------------------------------------------------
+
+
+@torch.inference_mode()
+def random_model_trace(model_dir: Path, *, batch: int, steps: int, source_len: int = 32, seed: int = 0) -> list[Call]:
+    """A bench model's encoder pass and `steps` teacher-forced decode steps on seeded random ids."""
+    loaded = load_cpm2(model_dir, budget=None)
+    model = loaded.model
+    recorder = TraceRecorder(model.moe_layers())
+    try:
+        vocab = model.config.vocab_size
+        ids = random_ids((batch, source_len), vocab=vocab, seed=seed)
+        valid = torch.ones_like(ids, dtype=torch.bool)
+        state = model.start_decoding(model.encode(model.embed(ids), valid), valid, capacity=steps)
+        forced = random_ids((steps, batch), vocab=vocab, seed=seed + 1)
+        for t in range(steps):
+            model.logits(model.decode(model.embed(forced[t].unsqueeze(1)), state))
+        return recorder.calls
+    finally:
+        recorder.close()
+
+
+def demo_trace(demo_dir: Path, *, batch: int, examples_per_task: int) -> list[Call]:
+    """The demo model serving its tasks with their prompts, `batch` requests at a time, greedy."""
+    from engine.prompts import parse_soft_prompt
+    from training.demo import load_served
+    from training.evaluate import evaluate_tasks
+    from training.tasks import generate_task
+
+    model, tokenizer = load_served(demo_dir)
+    recorder = TraceRecorder(model.moe_layers())
+    try:
+        for prompt_path in sorted((demo_dir / "prompts").glob("*.safetensors")):
+            soft = parse_soft_prompt(
+                prompt_path.read_bytes(),
+                d_model=model.config.d_model,
+                dtype=model.embed.weight.dtype,
+                max_virtual_tokens=512,
+            )
+            examples = generate_task(prompt_path.stem, "test", num_examples=examples_per_task)
+            evaluate_tasks(model, tokenizer, examples, prompt=soft, batch_size=batch, max_new_tokens=24)
+        return recorder.calls
+    finally:
+        recorder.close()
+
+
+# ---- the benchmark --------------------------------------------------------------------------------
+
+
+@dataclass
+class CachePolicyBenchConfig:
+    models: tuple[str, ...] = ("switch", "cpm2", "nllb-moe", "demo")
+    batches: tuple[int, ...] = (1, 16)
+    budgets: tuple[float, ...] = (0.10, 0.25, 0.50)
+    steps: int = 64
+    demo_dir: Path = Path("models/demo")
+    demo_examples: int = 24
+    half_life: float = LRFU_HALF_LIFE
+    out: Path = Path("bench/results/cache_policies.json")
+    log: Callable[[str], None] = print
+
+
+def run(cfg: CachePolicyBenchConfig) -> dict[str, Any]:
+    from bench.offload import MODELS
+
+    report: dict[str, Any] = {
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items() if k != "log"},
+        "machine": machine_info(),
+        "rows": [],
+    }
+    for name in cfg.models:
+        for batch in cfg.batches:
+            cfg.log(f"{name}: recording a batch-{batch} trace")
+            if name == "demo":
+                calls = demo_trace(cfg.demo_dir, batch=batch, examples_per_task=cfg.demo_examples)
+            else:
+                calls = random_model_trace(MODELS[name](), batch=batch, steps=cfg.steps)
+            experts = {(layer, e) for layer, needed in calls for e in needed}
+            num_layers = len({layer for layer, _ in calls})
+            total = num_layers * _experts_per_layer(name, calls)
+            for share in cfg.budgets:
+                slots = max(1, round(share * total))
+                rates = {p: replay(calls, slots, p, half_life=cfg.half_life) for p in POLICIES}
+                report["rows"].append(
+                    {
+                        "model": name,
+                        "batch": batch,
+                        "budget": share,
+                        "slots": slots,
+                        "experts": total,
+                        "distinct_experts_used": len(experts),
+                        "calls": len(calls),
+                        "lookups": sum(len(e) for _, e in calls),
+                        "hit_rate": rates,
+                        "gap_to_belady": {p: rates["belady"] - rates[p] for p in POLICIES if p != "belady"},
+                    }
+                )
+    return report
+
+
+def _experts_per_layer(name: str, calls: Sequence[Call]) -> int:
+    """Experts per layer: from the model's config (a trace may not touch every expert)."""
+    del calls
+    if name == "demo":
+        from engine.weights.loader import inspect_checkpoint
+
+        config = inspect_checkpoint(Path("models/demo")).config
+    else:
+        from bench.offload import MODELS
+        from engine.weights.loader import inspect_checkpoint
+
+        config = inspect_checkpoint(MODELS[name]()).config
+    assert config.moe is not None
+    return config.moe.num_experts
+
+
+def print_report(report: dict[str, Any], console: Console) -> None:
+    table = Table(title="expert cache hit rate by policy (gap to Belady's optimum)")
+    for col in ("model", "batch", "budget", "slots", *POLICIES, "best online"):
+        table.add_column(col, justify="right")
+    for r in report["rows"]:
+        rates, gaps = r["hit_rate"], r["gap_to_belady"]
+        online = {p: rates[p] for p in POLICIES if p != "belady"}
+        best = max(online, key=lambda p: online[p])
+        table.add_row(
+            r["model"],
+            str(r["batch"]),
+            f"{r['budget']:.0%}",
+            str(r["slots"]),
+            *[f"{rates[p]:.3f} ({-gaps[p]:+.3f})" for p in online],
+            f"{rates['belady']:.3f}",
+            best,
+        )
+    console.print(table)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=list(CachePolicyBenchConfig.models))
+    parser.add_argument("--steps", type=int, default=CachePolicyBenchConfig.steps)
+    parser.add_argument("--half-life", type=float, default=CachePolicyBenchConfig.half_life)
+    parser.add_argument("--quick", action="store_true", help="short traces of the CPM-2 model only")
+    parser.add_argument("--out", type=Path, default=CachePolicyBenchConfig.out)
+    args = parser.parse_args(argv)
+    cfg = CachePolicyBenchConfig(models=tuple(args.models), steps=args.steps, half_life=args.half_life, out=args.out)
+    if args.quick:
+        cfg = CachePolicyBenchConfig(
+            models=("cpm2",), steps=8, demo_examples=4, out=args.out.with_suffix(".quick.json")
+        )
+    report = run(cfg)
+    publish(report, out=cfg.out, plot=None, show=print_report, draw=lambda r, p: None, width=140)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
