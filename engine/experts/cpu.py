@@ -282,12 +282,6 @@ class CpuTransfers:
         self._busy_lock = threading.Lock()
 
     @property
-    def shares_compute(self) -> bool:
-        """Buffered reads (no O_DIRECT: page-cache mode, or a store on tmpfs) are memcpys by the CPU
-        that also computes; direct reads are the disk's DMA."""
-        return not self.reader.direct
-
-    @property
     def staging_bytes(self) -> int:
         return 0 if self.slots is not None else self.window * self.layout.nbytes
 

@@ -111,11 +111,6 @@ class CudaTransfers:
         return self.slots.numel(), 0
 
     @property
-    def shares_compute(self) -> bool:
-        """Copies run on the copy engine, beside the compute stream."""
-        return False
-
-    @property
     def busy_seconds(self) -> float:
         """Copy-stream time of finished copies (CUDA event timing)."""
         with self._lock:

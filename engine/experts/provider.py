@@ -45,12 +45,6 @@ class Transfers(Protocol):
         """Loads finished so far."""
         ...
 
-    @property
-    def shares_compute(self) -> bool:
-        """Whether moving an expert takes the compute units' own time (a CPU memcpy out of the page
-        cache or tmpfs), so that a load is never free, not even while the link would idle."""
-        ...
-
     def in_place(self, expert: ExpertId) -> ExpertWeights | None:
         """Weights usable where they already are (no transfer), or None."""
         ...
@@ -296,12 +290,7 @@ class OffloadedExpertProvider:
         # Loads are spent on guesses only while they keep paying off, and only as many as pay.
         if self._precision < PREFETCH_MIN_PRECISION:
             return
-        if self.transfers.shares_compute:
-            # Every guess costs compute time: only the loads the window had spare, as measured
-            # best there (RAM tier, batch 16: gap-filling guesses made steps 30 % slower).
-            guesses = self.window - demand_loads
-        else:
-            guesses = self._guesses_that_pay(self._gap.get(layer, 0.0))
+        guesses = self._guesses_that_pay(self._gap.get(layer, 0.0))
         budget = max(0, min(guesses, self.pool.num_slots - 1 - len(self.pool.loading())))
         for key, is_prediction in candidates + runners_up:
             if key in self.pool or self.transfers.in_place(key) is not None:
