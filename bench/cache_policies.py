@@ -3,10 +3,11 @@
     python -m bench.cache_policies          # ~2 min on 2 cores; --quick for a smoke run
 
 A trace is the sequence of MoE layer calls a model makes, each with the experts it needs, recorded
-from the model itself (`TraceRecorder` wraps its expert providers; the experts stay resident, only
-the routing is kept). Each trace is replayed through a pool of `slots` experts shared by all layers,
-as the offloading provider's pool is: every expert a call needs is looked up (hit) or brought in
-(miss), and while a call runs its own experts are never evicted (the provider pins them). Policies:
+from the model itself (`bench.offload_common.RoutingRecorder` wraps its expert providers; the
+experts stay resident, only the routing is kept). Each trace is replayed through a pool of `slots`
+experts shared by all layers, as the offloading provider's pool is: every expert a call needs is
+looked up (hit) or brought in (miss), and while a call runs its own experts are never evicted (the
+provider pins them). Policies:
 
 - `lru`, `lfu` (ties by recency): the pool's two policies (`engine/experts/pool.py`);
 - `lrfu`: each use adds weight 1 that halves every `half_life` expert uses (Lee et al.'s LRFU;
@@ -26,8 +27,8 @@ from __future__ import annotations
 import argparse
 import math
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,47 +37,10 @@ from rich.console import Console
 from rich.table import Table
 
 from bench.machine import machine_info, publish
-from bench.offload_common import load_cpm2, random_ids
+from bench.offload_common import Call, RoutingRecorder, load_cpm2, random_ids
 from engine.experts.pool import LRFU_HALF_LIFE
-from engine.model import ExpertWeights, MoELayerKey
-from engine.model.moe import ExpertDemand, MoEFeedForward
 
-#: One MoE layer call: its layer ("decoder.3") and the experts it needed.
-Call = tuple[str, tuple[int, ...]]
 POLICIES = ("lru", "lfu", "lrfu", "belady")
-
-
-@dataclass
-class TraceRecorder:
-    """Wraps every MoE layer's provider and appends each call's (layer, experts) to `calls`."""
-
-    layers: Sequence[MoEFeedForward]
-    calls: list[Call] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        for layer in self.layers:
-            layer.expert_provider = _Recording(self, layer.expert_provider)
-
-    def close(self) -> None:
-        for layer in self.layers:
-            provider = layer.expert_provider
-            if isinstance(provider, _Recording):
-                layer.expert_provider = provider.inner
-
-
-@dataclass
-class _Recording:
-    recorder: TraceRecorder
-    inner: Any
-
-    def fetch(
-        self, layer: MoELayerKey, demand: Sequence[ExpertDemand], hidden_ND: torch.Tensor
-    ) -> Iterator[tuple[int, ExpertWeights]]:
-        self.recorder.calls.append((str(layer), tuple(sorted(d.expert for d in demand))))
-        yield from self.inner.fetch(layer, demand, hidden_ND)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
 
 
 def replay(calls: Sequence[Call], slots: int, policy: str, *, half_life: float = LRFU_HALF_LIFE) -> float:
@@ -146,7 +110,7 @@ def random_model_trace(model_dir: Path, *, batch: int, steps: int, source_len: i
     """A bench model's encoder pass and `steps` teacher-forced decode steps on seeded random ids."""
     loaded = load_cpm2(model_dir, budget=None)
     model = loaded.model
-    recorder = TraceRecorder(model.moe_layers())
+    recorder = RoutingRecorder(model.moe_layers())
     try:
         vocab = model.config.vocab_size
         ids = random_ids((batch, source_len), vocab=vocab, seed=seed)
@@ -168,7 +132,7 @@ def demo_trace(demo_dir: Path, *, batch: int, examples_per_task: int) -> list[Ca
     from training.tasks import generate_task
 
     model, tokenizer = load_served(demo_dir)
-    recorder = TraceRecorder(model.moe_layers())
+    recorder = RoutingRecorder(model.moe_layers())
     try:
         for prompt_path in sorted((demo_dir / "prompts").glob("*.safetensors")):
             soft = parse_soft_prompt(

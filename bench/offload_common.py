@@ -190,15 +190,26 @@ def storage_read_bytes() -> int:
     return 0
 
 
+#: One MoE layer call: its layer ("decoder.3") and the experts it needed (bench/cache_policies.py).
+Call = tuple[str, tuple[int, ...]]
+
+
 class RoutingRecorder:
-    """Wraps a model's expert providers to count, per layer, how many tokens each expert got."""
+    """Wraps a model's expert providers to count, per layer, how many tokens each expert got, and to
+    keep the trace of calls (each layer call and the experts it needed, in order)."""
 
     def __init__(self, layers: Sequence[MoEFeedForward]) -> None:
+        self.layers = list(layers)
         self.counts: dict[MoELayerKey, torch.Tensor] = {}
         self.distinct: list[int] = []
+        self.calls: list[Call] = []
         for layer in layers:
             self.counts[layer.key] = torch.zeros(layer.num_experts, dtype=torch.long)
             layer.expert_provider = _Recording(self, layer.expert_provider)
+
+    def close(self) -> None:
+        """Hand the layers their own providers back."""
+        _unwrap(self.layers)
 
     def summary(self, stack: str = "decoder") -> dict[str, Any]:
         """Load balance of the recorded routing (see `routing_summary`)."""
@@ -235,6 +246,7 @@ class _Recording:
     def fetch(self, layer: MoELayerKey, demand: Sequence[ExpertDemand], hidden_ND: torch.Tensor) -> Any:
         for item in demand:
             self.recorder.counts[layer][item.expert] += item.num_tokens
+        self.recorder.calls.append((str(layer), tuple(sorted(d.expert for d in demand))))
         if layer.stack == "decoder":
             self.recorder.distinct.append(len(demand))
         yield from self.inner.fetch(layer, demand, hidden_ND)

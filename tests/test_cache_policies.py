@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from bench.cache_policies import POLICIES, TraceRecorder, replay
+from bench.cache_policies import POLICIES, replay
+from bench.offload_common import RoutingRecorder
 from engine.experts.pool import ExpertPool
 from engine.generation import GenerationRequest, Generator, SamplingParams
 from engine.offload import OffloadConfig, load_for_inference
@@ -60,7 +61,7 @@ def test_the_recorder_sees_every_lookup_of_a_generation(tiny_model_dir: Path) ->
         provider = loaded.provider
         assert provider is not None
         assert isinstance(provider.pool, ExpertPool)
-        recorder = TraceRecorder(loaded.model.moe_layers())
+        recorder = RoutingRecorder(loaded.model.moe_layers())
         before = provider.stats.snapshot()
         request = GenerationRequest(input_ids=(5, 6, 7, 8), params=SamplingParams(max_new_tokens=6, ignore_eos=True))
         Generator(loaded.model).generate([request])
