@@ -71,7 +71,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             )
         provider = loaded.provider
         generator = Generator(
-            loaded.model, tokenizer, expert_stats=provider.stats.snapshot if provider is not None else None
+            loaded.model, tokenizer, expert_stats=provider.stats.totals if provider is not None else None
         )
         prompt = _read_prompt(args.prompt, loaded.model) if args.prompt else None
         requests = [_request(tokenizer, t, args.text_pair, params, prompt) for t in sources]

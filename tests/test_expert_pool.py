@@ -328,6 +328,9 @@ def test_stats_per_layer() -> None:
     assert list(table) == ["encoder.1", "decoder.1"]  # model order
     assert table["decoder.1"]["prefetch_precision"] == pytest.approx(0.75)
     assert "layers" not in live.to_dict()
+    totals = live.totals()  # the generator's per-step snapshot: the scalar counters, no table
+    assert totals.layers == {}
+    assert totals.to_dict() == live.to_dict()
 
 
 def test_stats_edge_cases() -> None:

@@ -34,6 +34,22 @@ class _Rates:
     def prefetch_recall(self) -> float:
         return self.predicted_used / self.needed_after_prediction if self.needed_after_prediction else 0.0
 
+    def rates(self) -> dict[str, float]:
+        return {
+            "hit_rate": self.hit_rate,
+            "prefetch_precision": self.prefetch_precision,
+            "prefetch_recall": self.prefetch_recall,
+        }
+
+
+def _fields(a: Any, b: Any | None = None, sign: int = 0) -> dict[str, Any]:
+    """The dataclass fields of `a` (plus `sign` times `b`'s), the `layers` table left out."""
+    return {
+        f.name: getattr(a, f.name) + (sign * getattr(b, f.name) if b is not None else 0)
+        for f in dataclasses.fields(a)
+        if f.name != "layers"
+    }
+
 
 @dataclass
 class LayerCounts(_Rates):
@@ -46,20 +62,14 @@ class LayerCounts(_Rates):
     predicted_used: int = 0
     needed_after_prediction: int = 0
 
-    def _combine(self, other: LayerCounts, sign: int) -> LayerCounts:
-        values = {f.name: getattr(self, f.name) + sign * getattr(other, f.name) for f in dataclasses.fields(self)}
-        return LayerCounts(**values)
-
     def to_dict(self) -> dict[str, float]:
-        data: dict[str, float] = dataclasses.asdict(self)
-        data.update(
-            hit_rate=self.hit_rate, prefetch_precision=self.prefetch_precision, prefetch_recall=self.prefetch_recall
-        )
-        return data
+        return {**_fields(self), **self.rates()}
 
 
 def _combine_layers(a: dict[str, LayerCounts], b: dict[str, LayerCounts], sign: int) -> dict[str, LayerCounts]:
-    return {name: a.get(name, LayerCounts())._combine(b.get(name, LayerCounts()), sign) for name in a | b}
+    return {
+        name: LayerCounts(**_fields(a.get(name, LayerCounts()), b.get(name, LayerCounts()), sign)) for name in a | b
+    }
 
 
 @dataclass
@@ -109,13 +119,13 @@ class ExpertStats(_Rates):
     def snapshot(self) -> ExpertStats:
         return dataclasses.replace(self, layers={k: dataclasses.replace(v) for k, v in self.layers.items()})
 
+    def totals(self) -> ExpertStats:
+        """A snapshot without the per-layer table: what a step's or a request's share needs, at the
+        cost of the scalar fields alone (the generator takes two per step)."""
+        return ExpertStats(**_fields(self))
+
     def _combine(self, other: ExpertStats, sign: int) -> ExpertStats:
-        values: dict[str, Any] = {
-            f.name: getattr(self, f.name) + sign * getattr(other, f.name)
-            for f in dataclasses.fields(self)
-            if f.name != "layers"
-        }
-        return ExpertStats(**values, layers=_combine_layers(self.layers, other.layers, sign))
+        return ExpertStats(**_fields(self, other, sign), layers=_combine_layers(self.layers, other.layers, sign))
 
     def __sub__(self, other: ExpertStats) -> ExpertStats:
         return self._combine(other, -1)
@@ -141,11 +151,4 @@ class ExpertStats(_Rates):
 
     def to_dict(self) -> dict[str, Any]:
         """The totals and rates (per-layer figures: `layers_to_dict`)."""
-        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "layers"}
-        data.update(
-            hit_rate=self.hit_rate,
-            prefetch_precision=self.prefetch_precision,
-            prefetch_recall=self.prefetch_recall,
-            overlap=self.overlap,
-        )
-        return data
+        return {**_fields(self), **self.rates(), "overlap": self.overlap}

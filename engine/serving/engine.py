@@ -89,7 +89,7 @@ class AsyncEngine:
         self.tokenizer = tokenizer
         provider = loaded.provider
         self.generator = Generator(
-            loaded.model, tokenizer, expert_stats=provider.stats.snapshot if provider is not None else None
+            loaded.model, tokenizer, expert_stats=provider.stats.totals if provider is not None else None
         )
         specials = frozenset(i for i in range(tokenizer.vocab_size) if tokenizer.is_special(i))
         self._max_token_chars = longest_token_chars(tokenizer)
