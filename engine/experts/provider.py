@@ -21,7 +21,7 @@ import torch
 
 from engine.experts.order import CostModel, OrderPolicy, jobs_for, order_jobs
 from engine.experts.pool import ExpertId, ExpertPool, PoolEntry
-from engine.experts.stats import ExpertStats
+from engine.experts.stats import ExpertStats, LayerCounts
 from engine.model import ExpertWeights, MoELayerKey
 from engine.model.moe import CentroidRouter, ExpertDemand, LearnedRouter, MoEFeedForward
 
@@ -129,7 +129,7 @@ class OffloadedExpertProvider:
         stats.layer_calls += 1
         counts = stats.layer(str(layer))
         self._note_gap()
-        self._score_prediction(layer, demand)
+        self._score_prediction(layer, demand, counts)
         cached = set()
         # Experts whose pages the OS already holds are used where they are (CPU; see cpu.py).
         in_place: dict[ExpertId, ExpertWeights] = {}
@@ -315,9 +315,10 @@ class OffloadedExpertProvider:
         one more is made only if it is likely to save more than it delays the next layer: with
         precision p it saves the part of a transfer that fits (r) and, when wrong, makes the next
         demand load wait for the rest (beta - r). Measured on the benchmark's Switch-like model in
-        strict mode (one disk, 2.3 ms per expert): at batch 1 (a 1.3 ms gap, p 0.4) the old rule's
-        up to `window` guesses per layer read 2x the bytes and made decoding 12 % slower than no
-        prefetch at all, while at batch 16 the disk idled through every gap.
+        strict mode (one disk, beta 2.3-3.9 ms per 4 MiB expert depending on the hour): at batch 1
+        (gaps 1.1 ms, p 0.4) no guess pays, and the old rule's up to `window` guesses per layer read
+        2x the bytes and decoded 10-12 % slower than no prefetch at all; at batch 16 (gaps 1.9 ms,
+        p 0.52) one guess per layer pays, where the old rule made none and the disk idled.
         """
         beta = self.cost.beta
         if beta <= 0:
@@ -327,18 +328,19 @@ class OffloadedExpertProvider:
         p = self._precision
         return free + (1 if p * rest > (1 - p) * (beta - rest) else 0)
 
-    def _score_prediction(self, layer: MoELayerKey, demand: Sequence[ExpertDemand]) -> None:
+    def _score_prediction(self, layer: MoELayerKey, demand: Sequence[ExpertDemand], layer_counts: LayerCounts) -> None:
+        """Score the prediction made for `layer`, in the totals and in the layer's own counters."""
         predicted = self._predicted.pop(layer, None)
         if predicted is None:
             return
         needed = {d.expert for d in demand}
         used = len(predicted & needed)
-        for counts in (self.stats, self.stats.layer(str(layer))):
+        for counts in (self.stats, layer_counts):
             counts.predicted += len(predicted)
             counts.predicted_used += used
             counts.needed_after_prediction += len(needed)
         if predicted:
-            self._precision = 0.9 * self._precision + 0.1 * len(predicted & needed) / len(predicted)
+            self._precision = 0.9 * self._precision + 0.1 * used / len(predicted)
 
     # ---- calibration -------------------------------------------------------------------------
 
