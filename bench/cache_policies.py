@@ -39,6 +39,8 @@ from rich.table import Table
 from bench.machine import machine_info, publish
 from bench.offload_common import Call, RoutingRecorder, load_cpm2, random_ids
 from engine.experts.pool import LRFU_HALF_LIFE
+from engine.summary import summarize
+from engine.weights.loader import inspect_checkpoint
 
 POLICIES = ("lru", "lfu", "lrfu", "belady")
 
@@ -173,15 +175,18 @@ def run(cfg: CachePolicyBenchConfig) -> dict[str, Any]:
         "rows": [],
     }
     for name in cfg.models:
+        model_dir = cfg.demo_dir if name == "demo" else MODELS[name]()
+        info = inspect_checkpoint(model_dir)
+        # Budgets are shares of all the model's experts (a trace may not touch every one).
+        summary = summarize(info.config, info.stored_dtype)
+        total = summary.num_moe_layers * summary.num_experts_per_layer
         for batch in cfg.batches:
             cfg.log(f"{name}: recording a batch-{batch} trace")
             if name == "demo":
-                calls = demo_trace(cfg.demo_dir, batch=batch, examples_per_task=cfg.demo_examples)
+                calls = demo_trace(model_dir, batch=batch, examples_per_task=cfg.demo_examples)
             else:
-                calls = random_model_trace(MODELS[name](), batch=batch, steps=cfg.steps)
+                calls = random_model_trace(model_dir, batch=batch, steps=cfg.steps)
             experts = {(layer, e) for layer, needed in calls for e in needed}
-            num_layers = len({layer for layer, _ in calls})
-            total = num_layers * _experts_per_layer(name, calls)
             for share in cfg.budgets:
                 slots = max(1, round(share * total))
                 rates = {p: replay(calls, slots, p, half_life=cfg.half_life) for p in POLICIES}
@@ -200,22 +205,6 @@ def run(cfg: CachePolicyBenchConfig) -> dict[str, Any]:
                     }
                 )
     return report
-
-
-def _experts_per_layer(name: str, calls: Sequence[Call]) -> int:
-    """Experts per layer: from the model's config (a trace may not touch every expert)."""
-    del calls
-    if name == "demo":
-        from engine.weights.loader import inspect_checkpoint
-
-        config = inspect_checkpoint(Path("models/demo")).config
-    else:
-        from bench.offload import MODELS
-        from engine.weights.loader import inspect_checkpoint
-
-        config = inspect_checkpoint(MODELS[name]()).config
-    assert config.moe is not None
-    return config.moe.num_experts
 
 
 def print_report(report: dict[str, Any], console: Console) -> None:
