@@ -1,16 +1,18 @@
-"""Float experts (as stored) against int8 experts: one model, one expert budget, one run.
+"""Float experts (as stored) against int8 and int4 experts: one model, one expert budget, one run.
 
-    python -m bench.quant            # full run (~2 min on 2 cores); --quick writes quant.quick.json
+    python -m bench.quant            # full run (~4 min on 2 cores); --quick writes quant.quick.json
 
 The model is `cpm2 init --preset small` (6 + 6 MoE blocks of 16 gated-GELU experts, d_model 512,
 d_ff 1024), written in float32 and in bfloat16 from the same seed, and the float32 copy quantised
-with `cpm2 quantize --experts int8` (per-row int8, `engine.model.quant`). All three live in a
-temporary directory under `.cache/bench/` that is deleted at the end. Each decodes in the dtype of
-its dense weights (the int8 model in float32 through the int8 kernels, see bench/int8_kernels.py).
+with `cpm2 quantize --experts int8` (per-row int8, `engine.model.quant`) and `--experts int4`
+(groups of 64 inputs, packed for this machine's int4 kernel, `engine.model.int4`). All four live in
+a temporary directory under `.cache/bench/` that is deleted at the end. Each decodes in the dtype of
+its dense weights (the quantised models in float32 through their kernels, see bench/int8_kernels.py).
 
 Every offloaded run gets the same budget in bytes: `--budget-share` (10 %) of the bfloat16 experts,
-so the float32 experts are 20x, the bfloat16 10x and the int8 5x the pool (at 25 % the int8 pool
-holds almost every decoder expert and a cold run barely reads: results/quant_budget25.json). Modes:
+so the float32 experts are 20x, the bfloat16 10x, the int8 5x and the int4 2.8x the pool (at 25 %
+the int8 pool holds almost every decoder expert and a cold run barely reads:
+results/quant_budget25.json). Modes:
 - `cold`: strict (O_DIRECT reads, RAM holds only the pool) with the expert store evicted from the
   page cache before each decode step, so each miss is a real disk read. The dense weights stay as
   loaded (in RAM, as in any deployment): evicting their file too made every step fault the memory-
@@ -24,9 +26,9 @@ Decoding is teacher-forced on seeded random ids (`bench.offload_common.decode_cp
 decoding of a random-weight model repeats one token and hence one expert set, which would let any
 cache look perfect. Only decode steps are timed, after 4 untimed ones (`B*steps / t`). The systems
 being compared alternate within each repeat; medians of `repeats`, each repeat's foreign CPU share
-recorded. Quality: held-out exact match of the shipped demo model (float32) against its int8 copy,
-scored as the server loads them (`training.demo.evaluate_model_dir`), and the random model's logit
-error from the quantize report.
+recorded. Quality: held-out exact match of the shipped demo model (float32) against its int8 copy
+and int4 copies at every group size, scored as the server loads them
+(`training.demo.evaluate_model_dir`), and the random model's logit error from the quantize reports.
 """
 
 from __future__ import annotations
@@ -46,8 +48,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from rich.console import Console
-from rich.table import Table
 
 from bench.machine import CpuMeter, machine_info, publish
 from bench.offload_common import (
@@ -58,31 +58,26 @@ from bench.offload_common import (
     model_files,
     read_through,
 )
-from bench.plots import pyplot, save
+from bench.quant_report import print_report, tok_s, write_plot
 from bench.soak import proc_status
 from engine.experts.store import STORE_DIR
+from engine.model.int4 import DEFAULT_GROUP_SIZE, GROUP_SIZES
 from engine.offload import OffloadConfig, load_for_inference
 from engine.summary import summarize
 from engine.weights.loader import inspect_checkpoint
 from engine.weights.quantize import quantize_model
 
-#: Stored formats, in table order; `int8` is the float32 model quantised.
-FORMATS = ("fp32", "bf16", "int8")
+#: Stored formats, in table order; `int8` and `int4` are the float32 model quantised.
+FORMATS = ("fp32", "bf16", "int8", "int4")
+QUANTIZED = ("int8", "int4")
 #: (format, mode) pairs each batch size runs, alternated within a repeat.
-SYSTEMS = (
-    ("fp32", "resident"),
-    ("bf16", "resident"),
-    ("int8", "resident"),
-    ("fp32", "cold"),
-    ("bf16", "cold"),
-    ("int8", "cold"),
-    ("fp32", "warm"),
-    ("bf16", "warm"),
-    ("int8", "warm"),
-)
-COLD_TARGET = 1.7  # int8 / bf16 tok/s, offloaded, cold disk tier
-RESIDENT_TARGET = 1.0  # int8 / fp32 tok/s, resident
-DROP_TARGET = 1.0  # max drop of demo exact match, points
+SYSTEMS = tuple((fmt, mode) for mode in ("resident", "cold", "warm") for fmt in FORMATS)
+#: Quantised / baseline tok/s: offloaded from a cold disk tier against the 16-bit run, and resident
+#: against float32 (not slower).
+COLD_TARGETS = {"int8": 1.7, "int4": 2.5}
+RESIDENT_TARGET = 1.0
+#: Max drop of the demo model's held-out exact match, points (int4 at the default group size).
+DROP_TARGETS = {"int8": 1.0, "int4": 3.0}
 NOISY_SHARE = 0.10  # other processes' share of the CPU above which a repeat is flagged
 
 
@@ -108,16 +103,22 @@ def _cpm2(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "cpm2", *args], check=True)
 
 
-def build_models(cfg: QuantBenchConfig, work: Path) -> tuple[dict[str, Path], dict[str, Any]]:
-    """The fp32, bf16 and int8 (from fp32) models under `work`, and the int8 quantize report."""
+def _quantize(src: Path, dst: Path, fmt: str, check_inputs: int, group_size: int = DEFAULT_GROUP_SIZE) -> Any:
+    """`cpm2 quantize --experts int8|int4` (int4 packed for this machine's kernel); the report."""
+    group = {"group_size": group_size} if fmt == "int4" else {}
+    return quantize_model(src, dst, experts=fmt, check_inputs=check_inputs, progress=False, **group)
+
+
+def build_models(cfg: QuantBenchConfig, work: Path) -> tuple[dict[str, Path], dict[str, dict[str, Any]]]:
+    """The fp32, bf16, int8 and int4 (from fp32) models under `work`, and the quantize reports."""
     paths = {name: work / name for name in FORMATS}
     for name, dtype in (("fp32", "float32"), ("bf16", "bfloat16")):
         args = ["init", "--preset", cfg.preset, "--out", str(paths[name]), "--dtype", dtype, "--seed", "0", "--quiet"]
         for override in cfg.overrides:
             args += ["--set", override]
         _cpm2(*args)
-    report = quantize_model(paths["fp32"], paths["int8"], experts="int8", check_inputs=cfg.check_inputs, progress=False)
-    return paths, report.to_dict()
+    reports = {fmt: _quantize(paths["fp32"], paths[fmt], fmt, cfg.check_inputs).to_dict() for fmt in QUANTIZED}
+    return paths, reports
 
 
 def _reset_peak_rss() -> float:
@@ -197,54 +198,62 @@ def measure_decode(paths: dict[str, Path], budget: int, cfg: QuantBenchConfig) -
     return rows
 
 
-def _tok_s(rows: list[dict[str, Any]], fmt: str, mode: str, batch: int) -> float:
-    return next(r["tokens_per_second"] for r in rows if (r["format"], r["mode"], r["batch"]) == (fmt, mode, batch))
-
-
 def targets(rows: list[dict[str, Any]], demo: dict[str, Any] | None, batches: Sequence[int]) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for name, (base, mode, target) in {
-        "int8_over_bf16_cold": ("bf16", "cold", COLD_TARGET),
-        "int8_over_fp32_resident": ("fp32", "resident", RESIDENT_TARGET),
-    }.items():
-        for batch in batches:
-            ratio = _tok_s(rows, "int8", mode, batch) / _tok_s(rows, base, mode, batch)
-            out[f"{name}_batch{batch}"] = {"ratio": ratio, "target": target, "is_met": ratio >= target}
+    for fmt in QUANTIZED:
+        for name, (base, mode, target) in {
+            f"{fmt}_over_bf16_cold": ("bf16", "cold", COLD_TARGETS[fmt]),
+            f"{fmt}_over_fp32_resident": ("fp32", "resident", RESIDENT_TARGET),
+        }.items():
+            for batch in batches:
+                ratio = tok_s(rows, fmt, mode, batch) / tok_s(rows, base, mode, batch)
+                out[f"{name}_batch{batch}"] = {"ratio": ratio, "target": target, "is_met": ratio >= target}
     if demo is not None:
-        drop = demo["max_drop_points"]
-        out["demo_max_drop_points"] = {"drop": drop, "target": DROP_TARGET, "is_met": drop <= DROP_TARGET}
+        for fmt, variant in (("int8", "int8"), ("int4", f"int4-g{DEFAULT_GROUP_SIZE}")):
+            drop = demo["max_drop_points"][variant]
+            target = DROP_TARGETS[fmt]
+            out[f"demo_{fmt}_max_drop_points"] = {"drop": drop, "target": target, "is_met": drop <= target}
     return out
 
 
+#: The demo model's quantised copies: int8, and int4 at every group size (which one recovers what).
+DEMO_VARIANTS = {"int8": ("int8", 0), **{f"int4-g{g}": ("int4", g) for g in GROUP_SIZES}}
+
+
 def measure_demo(cfg: QuantBenchConfig, work: Path) -> dict[str, Any]:
-    """Held-out exact match per task (each task's prompt) of the demo model and its int8 copy."""
+    """Held-out exact match per task (each task's prompt) of the demo model and its quantised copies."""
     from training.demo import evaluate_model_dir
 
-    int8_dir = work / "demo-int8"
-    report = quantize_model(cfg.demo_dir, int8_dir, experts="int8", check_inputs=cfg.check_inputs, progress=False)
+    dirs = {"fp32": cfg.demo_dir}
+    reports = {}
+    for variant, (fmt, group_size) in DEMO_VARIANTS.items():
+        dirs[variant] = work / f"demo-{variant}"
+        report = _quantize(cfg.demo_dir, dirs[variant], fmt, cfg.check_inputs, group_size or DEFAULT_GROUP_SIZE)
+        reports[variant] = {
+            "logit_max_abs_diff": report.logit_max_abs_diff,
+            "top1_agreement": report.top1_agreement,
+            "expert_bytes": report.expert_bytes_after,
+        }
     shipped_path = cfg.demo_dir / "eval.json"
     shipped = json.loads(shipped_path.read_text()) if shipped_path.exists() else {}
     tasks = list(shipped.get("exact_match_with_prompt", {})) or sorted(
         p.stem for p in (cfg.demo_dir / "prompts").glob("*.safetensors")
     )
     scores = {}
-    for name, model_dir in (("fp32", cfg.demo_dir), ("int8", int8_dir)):
+    for name, model_dir in dirs.items():
         prompts: dict[str, Path | None] = {t: model_dir / "prompts" / f"{t}.safetensors" for t in tasks}
         cfg.log(f"  demo: scoring {name} on {cfg.demo_examples} examples per task")
         scores[name] = evaluate_model_dir(model_dir, prompts, num_examples=cfg.demo_examples)
-    drops = {t: 100 * (scores["fp32"][t] - scores["int8"][t]) for t in tasks}
+    drops = {v: {t: 100 * (scores["fp32"][t] - scores[v][t]) for t in tasks} for v in DEMO_VARIANTS}
     return {
         "path": str(cfg.demo_dir),
         "num_examples_per_task": cfg.demo_examples,
         "metric": "exact_match_with_prompt",
-        "fp32": scores["fp32"],
-        "int8": scores["int8"],
+        "scores": scores,
         "drop_points": drops,
-        "max_drop_points": max(drops.values()),
+        "max_drop_points": {v: max(d.values()) for v, d in drops.items()},
         "shipped_fp32": shipped.get("exact_match_with_prompt"),
-        "logit_max_abs_diff": report.logit_max_abs_diff,
-        "top1_agreement": report.top1_agreement,
-        "num_check_inputs": report.num_inputs,
+        "check_inputs": {"num_inputs": cfg.check_inputs, **reports},
     }
 
 
@@ -261,8 +270,8 @@ def run(cfg: QuantBenchConfig) -> dict[str, Any]:
         "work_dir": str(work),
     }
     try:
-        cfg.log(f"building {cfg.preset} in fp32 and bf16, quantising fp32 to int8 under {work}")
-        paths, quant_report = build_models(cfg, work)
+        cfg.log(f"building {cfg.preset} in fp32 and bf16, quantising fp32 to int8 and int4 under {work}")
+        paths, quant_reports = build_models(cfg, work)
         models = {}
         for name, path in paths.items():
             info = inspect_checkpoint(path)
@@ -281,12 +290,15 @@ def run(cfg: QuantBenchConfig) -> dict[str, Any]:
         report["decode"] = measure_decode(paths, budget, cfg)
         report["quality"] = {
             "random": {
-                "model": cfg.preset,
-                "num_inputs": quant_report["num_inputs"],
-                "logit_max_abs_diff": quant_report["logit_max_abs_diff"],
-                "top1_agreement": quant_report["top1_agreement"],
-                "weight_max_abs": quant_report["max_abs"],
-                "weight_mean_abs": quant_report["mean_abs"],
+                fmt: {
+                    "model": cfg.preset,
+                    "num_inputs": r["num_inputs"],
+                    "logit_max_abs_diff": r["logit_max_abs_diff"],
+                    "top1_agreement": r["top1_agreement"],
+                    "weight_max_abs": r["max_abs"],
+                    "weight_mean_abs": r["mean_abs"],
+                }
+                for fmt, r in quant_reports.items()
             }
         }
         demo = measure_demo(cfg, work) if cfg.demo_examples > 0 else None
@@ -298,95 +310,6 @@ def run(cfg: QuantBenchConfig) -> dict[str, Any]:
         shutil.rmtree(work, ignore_errors=True)
         report["work_dir_deleted"] = not work.exists()
     return report
-
-
-def print_report(report: dict[str, Any], console: Console) -> None:
-    budget = report["budget_bytes"]
-    table = Table(title="stored formats (the budget of every offloaded run: " + report["budget_rule"] + ")")
-    for col in ("format", "stored as", "MiB/expert", "expert MiB", "store MiB", "experts / budget"):
-        table.add_column(col, justify="right")
-    by_format = {r["format"]: r for r in report["decode"] if r["mode"] == "cold"}
-    for name, m in report["models"].items():
-        per_expert = by_format[name]["bytes_per_expert"] if name in by_format else m["summary"]["bytes_per_expert"]
-        num_experts = m["summary"]["expert_bytes"] / m["summary"]["bytes_per_expert"]
-        table.add_row(
-            name,
-            m["stored_dtype"] + (" + int8 experts" if name == "int8" else ""),
-            f"{per_expert / 2**20:.2f}",
-            f"{per_expert * num_experts / 2**20:.0f}",
-            f"{m['expert_store_bytes'] / 2**20:.0f}",
-            f"{per_expert * num_experts / budget:.1f}x",
-        )
-    console.print(table)
-    table = Table(title=f"decode tok/s (teacher-forced, budget {budget / 2**20:.1f} MiB; median of repeats)")
-    columns = ("batch", "mode", "format", "tok/s", "all repeats", "MB read/tok", "disk MB/tok", "hit", "slots")
-    for col in (*columns, "peak RSS MiB", "noisy"):
-        table.add_column(col, justify="right")
-    for r in report["decode"]:
-        table.add_row(
-            str(r["batch"]),
-            r["mode"],
-            r["format"],
-            f"{r['tokens_per_second']:.1f}",
-            " ".join(f"{v:.0f}" for v in r["tokens_per_second_all"]),
-            f"{r['bytes_read_per_token'] / 1e6:.2f}",
-            f"{r['storage_bytes_per_token'] / 1e6:.2f}",
-            f"{r['hit_rate']:.2f}",
-            str(r["num_slots"]) if r["mode"] != "resident" else "all",
-            f"{r['peak_rss_mib']:.0f}",
-            f"{r['foreign_cpu_share_max']:.0%}" + (" !" if r["is_noisy"] else ""),
-        )
-    console.print(table)
-    quality = report["quality"]
-    rnd = quality["random"]
-    console.print(
-        f"random {rnd['model']} model, int8 vs fp32 on {rnd['num_inputs']} inputs: logits max abs diff "
-        f"{rnd['logit_max_abs_diff']:.3g}, top-1 agreement {100 * rnd['top1_agreement']:.1f} %; "
-        f"weights max abs error {rnd['weight_max_abs']:.3g}, mean {rnd['weight_mean_abs']:.3g}"
-    )
-    demo = quality.get("demo")
-    if demo:
-        table = Table(title=f"demo model, held-out exact match ({demo['num_examples_per_task']} per task, prompts)")
-        for col in ("task", "fp32", "int8", "drop (points)", "shipped fp32"):
-            table.add_column(col, justify="right")
-        for task, fp in demo["fp32"].items():
-            shipped = (demo["shipped_fp32"] or {}).get(task)
-            table.add_row(
-                task,
-                f"{100 * fp:.1f}",
-                f"{100 * demo['int8'][task]:.1f}",
-                f"{demo['drop_points'][task]:+.1f}",
-                "" if shipped is None else f"{100 * shipped:.1f}",
-            )
-        console.print(table)
-    table = Table(title="targets")
-    for col in ("target", "value", "needs", "met"):
-        table.add_column(col, justify="right")
-    for name, t in report["targets"].items():
-        value = t.get("ratio", t.get("drop"))
-        needs = f"<= {t['target']:.1f} points" if "drop" in t else f">= {t['target']:.2f}x"
-        table.add_row(name, f"{value:.2f}", needs, "met" if t["is_met"] else "NOT met")
-    console.print(table)
-
-
-def write_plot(report: dict[str, Any], path: Path) -> Path | None:
-    plt = pyplot()
-    if plt is None:
-        return None
-    rows = report["decode"]
-    batches = sorted({r["batch"] for r in rows})
-    fig, axes = plt.subplots(1, len(batches), figsize=(5.5 * len(batches), 4), squeeze=False)
-    modes = ("resident", "warm", "cold")
-    for ax, batch in zip(axes[0], batches, strict=True):
-        for i, fmt in enumerate(FORMATS):
-            ys = [_tok_s(rows, fmt, mode, batch) for mode in modes]
-            ax.bar([m + (i - 1) * 0.27 for m in range(len(modes))], ys, width=0.27, label=fmt)
-        ax.set_xticks(range(len(modes)), list(modes))
-        ax.set_ylabel("decode tok/s")
-        ax.set_title(f"batch {batch}")
-        ax.legend(fontsize=8)
-    fig.suptitle(f"cpm2 float vs int8 experts, same budget ({report['budget_rule']}), 2-core CPU")
-    return save(fig, path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -19,6 +19,7 @@ from engine.cli_args import MODEL_HELP, add_placement_args, model_arg
 from engine.cli_generate import add_generate_parser
 from engine.config import ModelConfig
 from engine.errors import ConfigError
+from engine.model.int4 import DEFAULT_GROUP_SIZE, GROUP_SIZES
 from engine.model_info import describe_model
 from engine.offload import OffloadConfig
 from engine.prompts import PROMPT_KEYS, prompt_from_text
@@ -29,7 +30,7 @@ from engine.weights.convert import convert_cpm2, convert_hf
 from engine.weights.init import DEFAULT_MAX_SHARD_BYTES, plan_random_model, write_random_model
 from engine.weights.loader import load_model, parse_dtype
 from engine.weights.presets import PRESETS, get_preset
-from engine.weights.quantize import DENSE_FORMATS, EXPERT_FORMATS, REPORT_FILE, quantize_model
+from engine.weights.quantize import DENSE_FORMATS, EXPERT_FORMATS, PACKING_CHOICES, REPORT_FILE, quantize_model
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -84,6 +85,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         args.out,
         experts=args.experts,
         dense=args.dense,
+        group_size=args.group_size,
+        packing=args.packing,
         check_inputs=args.check_inputs,
         max_shard_bytes=parse_bytes(args.max_shard_size, name="--max-shard-size"),
         progress=not args.quiet,
@@ -186,10 +189,25 @@ def register(subparsers: Any) -> None:
     p.add_argument("--iteration", help="cpm2: iteration directory under SRC (default: the latest)")
     p.set_defaults(handler=cmd_convert)
 
-    p = subparsers.add_parser("quantize", help="write a copy of a model with int8 experts and/or dense matmuls")
+    p = subparsers.add_parser(
+        "quantize", help="write a copy of a model with int8/int4 experts and/or int8 dense matmuls"
+    )
     p.add_argument("--model", required=True, type=model_arg, help=MODEL_HELP)
     p.add_argument("--out", required=True, type=Path, help="new (empty) output directory")
     p.add_argument("--experts", default=None, help=f"expert format: {', '.join(EXPERT_FORMATS)}")
+    p.add_argument(
+        "--group-size",
+        type=int,
+        default=None,
+        help=f"int4: inputs per scale and zero, one of {', '.join(map(str, GROUP_SIZES))} "
+        f"(default {DEFAULT_GROUP_SIZE})",
+    )
+    p.add_argument(
+        "--packing",
+        default="auto",
+        help=f"int4: how values sit in bytes, one of {', '.join(PACKING_CHOICES)} "
+        "(auto: the layout this machine's int4 kernel reads; other machines run it by the slower dequant path)",
+    )
     p.add_argument(
         "--dense",
         default=None,

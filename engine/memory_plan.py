@@ -22,7 +22,7 @@ import torch
 
 from engine.config import ModelConfig
 from engine.errors import ConfigError
-from engine.experts.store import BlobLayout
+from engine.experts.blob import BlobLayout
 from engine.sizes import format_bytes, parse_bytes
 from engine.summary import ModelSummary, summarize
 

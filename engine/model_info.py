@@ -46,7 +46,12 @@ class ModelInfo:
             "summary": self.summary.to_dict(),
             "expert_bytes_by_format": expert_bytes_by_format(self.summary),
             "memory_plan": self.plan.to_dict(),
-            "cpu_kernels": {"cpu_capability": cpu_capability(), **kernels.to_dict()},
+            "cpu_kernels": {
+                "cpu_capability": cpu_capability(),
+                **kernels.to_dict(),
+                # The int4 layout this machine's kernel reads ("" when int4 experts run by dequant).
+                "int4_packing": active_kernels().int4_packing or "",
+            },
         }
 
     def lines(self) -> list[str]:

@@ -40,7 +40,7 @@ from engine.weights.loader import (
     quantize_dense,
 )
 from engine.weights.loader import parse_dtype as parse_dtype
-from engine.weights.quantize import quantized_dense, quantized_experts
+from engine.weights.quantize import expert_store_dtype, quantized_dense
 
 #: `--expert-io` modes: `auto` (strict when a budget is given), `strict` (O_DIRECT), `page-cache`.
 EXPERT_IO: tuple[str, ...] = ("auto", "strict", "page-cache")
@@ -266,8 +266,9 @@ def _load(
 
     # Whether experts stay resident does not depend on the store, so a resident load of float
     # experts never opens one. Quantised experts exist only in their store, which holds them in RAM.
-    quantized = quantized_experts(config) is not None
-    plan = plan_for(torch.int8 if quantized else info.stored_dtype)
+    quantized_dtype = expert_store_dtype(config)
+    quantized = quantized_dtype is not None
+    plan = plan_for(quantized_dtype or info.stored_dtype)
     if not plan.is_offloaded:
         model, info = load_model(model_dir, dtype=target, device=device, pack=pack, load_experts=not quantized)
         if quantized:

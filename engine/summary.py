@@ -73,22 +73,37 @@ def summarize(config: ModelConfig, dtype: torch.dtype = torch.float32) -> ModelS
 class WeightFormat:
     """A way expert weights can be stored and run, and what it costs in bytes.
 
-    Quantized formats (int8, int4 with per-group scales) fit here as more rows whose `nbytes` adds
-    their scales; `cpm2 info` reports per-format expert sizes from this table alone.
+    Quantized formats (int8 with a scale per row, int4 with a scale and zero per group of inputs)
+    are rows whose `nbytes` adds their scales; `cpm2 info` reports per-format expert sizes from this
+    table alone.
     """
 
     name: str
     bits_per_weight: int
     scale_bytes_per_row: int = 0
+    group_size: int = 0
+    scale_bytes_per_group: int = 0
 
     def nbytes(self, num_parameters: int, num_rows: int = 0) -> int:
-        return num_parameters * self.bits_per_weight // 8 + num_rows * self.scale_bytes_per_row
+        groups = num_parameters // self.group_size if self.group_size else 0
+        return (
+            num_parameters * self.bits_per_weight // 8
+            + num_rows * self.scale_bytes_per_row
+            + groups * self.scale_bytes_per_group
+        )
 
 
 #: The formats the engine runs experts in, by name (float16 is left out: the T5 family overflows in
-#: it; int8 is `cpm2 quantize`'s, one float32 scale per output row).
+#: it; int8 and int4 are `cpm2 quantize`'s: one float32 scale per output row; a bfloat16 scale and
+#: zero per 64 inputs, its default group size).
 RUN_FORMATS: dict[str, WeightFormat] = {
-    f.name: f for f in (WeightFormat("float32", 32), WeightFormat("bfloat16", 16), WeightFormat("int8", 8, 4))
+    f.name: f
+    for f in (
+        WeightFormat("float32", 32),
+        WeightFormat("bfloat16", 16),
+        WeightFormat("int8", 8, 4),
+        WeightFormat("int4", 4, group_size=64, scale_bytes_per_group=4),
+    )
 }
 
 

@@ -192,7 +192,8 @@ def test_info_reports_kernel_paths(tiny_model_dir: Path, capsys: pytest.CaptureF
     # What .ci/run prints at the top of its log.
     lines = kernels.describe().splitlines()
     assert f"CPU capability {torch.backends.cpu.get_cpu_capability()}" in lines[0]
-    assert [line.split(":")[0].strip() for line in lines[1:]] == ["float32", "bfloat16"]
+    assert [line.split(":")[0].strip() for line in lines[1:]] == ["float32", "bfloat16", "int4"]
+    assert reported["int4_packing"] == (active_kernels().int4_packing or "")
 
 
 def test_cli_generate_plain_equals_auto(tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -24,11 +24,10 @@ from safetensors.torch import load_file
 import engine.experts.cpu
 from engine.config import ModelConfig, MoEConfig
 from engine.errors import CheckpointError
+from engine.experts.blob import ALIGNMENT, BlobLayout
 from engine.experts.cpu import BlobReader, aligned_empty
 from engine.experts.store import (
-    ALIGNMENT,
     STORE_DIR,
-    BlobLayout,
     ExpertStore,
     ExpertStoreWriter,
     is_expert_key,
@@ -205,6 +204,66 @@ def test_aligned_empty(nbytes: int, alignment: int) -> None:
 
 
 # ---- blob layout ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("packing", ["plain", "torch-avx512", "torch-avx2"])
+@pytest.mark.parametrize("gated", [True, False], ids=["gated", "ungated"])
+def test_int4_blob_layout_round_trip(gated: bool, packing: str) -> None:
+    """An int4 blob: packed values, then each part's (groups, rows, 2) bfloat16 scales and zeros,
+    then float32 biases; unpacking gives views that dequantise to what packing quantised."""
+    from engine.experts.blob import INT4
+    from engine.model.int4 import Int4Weight, quantize_int4
+
+    D, F, G = 64, 128, 32
+    layout = BlobLayout(D, F, gated, INT4, has_bias=True, group_size=G, packing=packing)  # type: ignore[arg-type]
+    gen = torch.Generator().manual_seed(0)
+    matrices = [torch.randn(F, D, generator=gen), torch.randn(F, D, generator=gen), torch.randn(D, F, generator=gen)]
+    biases = [torch.randn(F, generator=gen), torch.randn(F, generator=gen), torch.randn(D, generator=gen)]
+    if not gated:
+        matrices, biases = [matrices[0], matrices[2]], [biases[0], biases[2]]
+    weights = ExpertWeights(
+        matrices[0],
+        matrices[1] if gated else None,
+        matrices[-1],
+        bi_0=biases[0],
+        bi_1=biases[1] if gated else None,
+        bo=biases[-1],
+    )
+    num_parts = len(matrices)
+    scale_bytes = num_parts * 4 * D * F // G
+    assert layout.part_bytes == D * F // 2
+    assert num_parts * D * F // 2 + scale_bytes <= layout.payload_bytes
+    blob = layout.pack(weights)
+    assert not bool(blob[layout.payload_bytes :].any()), "padding must be zero"
+    unpacked = layout.unpack(blob)
+    got_matrices = [m for m in (unpacked.wi_0, unpacked.wi_1, unpacked.wo) if m is not None]
+    for got, want in zip(got_matrices, matrices, strict=True):
+        assert isinstance(got, Int4Weight)
+        assert (got.group_size, got.packing, got.shape) == (G, packing, want.shape)
+        assert torch.equal(got.dequantize(), quantize_int4(want, group_size=G, packing="plain").dequantize())
+        assert blob.data_ptr() <= got.packed.data_ptr() < blob.data_ptr() + layout.payload_bytes
+    got_biases = [b for b in (unpacked.bi_0, unpacked.bi_1, unpacked.bo) if b is not None]
+    for got_bias, want_bias in zip(got_biases, biases, strict=True):
+        assert torch.equal(got_bias, want_bias)
+
+
+def test_int4_layouts_refuse_what_they_cannot_hold() -> None:
+    from engine.errors import CheckpointError
+    from engine.experts.blob import INT4
+
+    with pytest.raises(CheckpointError, match="group size"):
+        BlobLayout(64, 128, True, INT4, group_size=48)
+    with pytest.raises(CheckpointError, match="cannot take group size 64"):
+        BlobLayout(32, 96, True, INT4, group_size=64)  # 64 does not divide d_model 32
+    with pytest.raises(CheckpointError, match="packing torch-avx512"):
+        BlobLayout(32, 128, True, INT4, group_size=32, packing="torch-avx512")  # 32 rows: half a block
+    from engine.model.int4 import quantize_int4
+
+    int8 = BlobLayout(64, 128, True, torch.int8)
+    w = quantize_int4(torch.randn(128, 64), group_size=32, packing="plain")
+    weights = ExpertWeights(w, w, quantize_int4(torch.randn(64, 128), group_size=32, packing="plain"))
+    with pytest.raises(CheckpointError, match="int4 expert cannot be written to an int8 store"):
+        int8.pack(weights)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -182,6 +182,7 @@ def test_info_on_a_config_alone(target: str, tmp_path: Path, capsys: pytest.Capt
         "float32": 4 * 2 * 768 * 3072,
         "bfloat16": 2 * 2 * 768 * 3072,
         "int8": 2 * 768 * 3072 + 4 * (3072 + 768),  # values + a float32 scale per output row
+        "int4": 768 * 3072 + 4 * (2 * 768 * 3072 // 64),  # half a byte + a bf16 scale and zero per 64
     }
     plan = info["memory_plan"]
     per_expert = 2 * 2 * 768 * 3072

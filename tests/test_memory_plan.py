@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from engine.errors import ConfigError
-from engine.experts.store import BlobLayout
+from engine.experts.blob import BlobLayout
 from engine.memory_plan import MIN_SLOTS, MachineMemory, MemoryPlan, plan_memory
 from engine.model_info import describe_model
 from engine.offload import OffloadConfig, load_for_inference

@@ -43,13 +43,18 @@ def test_quant_benchmark_writes_report(tmp_path: Path) -> None:
         # Every offloaded run got the same budget and had to offload.
         assert (row["num_slots"] > 0) == (row["mode"] != "resident")
     quality = report["quality"]
-    assert {"logit_max_abs_diff", "top1_agreement"} <= quality["random"].keys()
+    assert set(quality["random"]) == {"int8", "int4"}
+    for fmt in ("int8", "int4"):
+        assert {"logit_max_abs_diff", "top1_agreement"} <= quality["random"][fmt].keys()
     demo = quality["demo"]
     assert demo["num_examples_per_task"] == 2
-    assert demo["fp32"]
-    assert set(demo["fp32"]) == set(demo["int8"]) == set(demo["drop_points"])
-    assert {f"int8_over_bf16_cold_batch{b}" for b in (1, 4)} <= report["targets"].keys()
-    assert "demo_max_drop_points" in report["targets"]
+    variants = {"int8", "int4-g32", "int4-g64", "int4-g128"}
+    assert set(demo["scores"]) == {"fp32"} | variants
+    assert set(demo["drop_points"]) == set(demo["max_drop_points"]) == variants
+    assert all(set(demo["scores"][v]) == set(demo["scores"]["fp32"]) for v in variants)
+    for fmt in ("int8", "int4"):
+        assert {f"{fmt}_over_bf16_cold_batch{b}" for b in (1, 4)} <= report["targets"].keys()
+        assert f"demo_{fmt}_max_drop_points" in report["targets"]
     # The temporary models are gone; the plot was drawn when matplotlib is installed.
     assert report["work_dir_deleted"]
     assert not any(work.iterdir())

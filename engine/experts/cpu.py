@@ -36,8 +36,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from engine.experts.blob import ALIGNMENT
 from engine.experts.pool import PoolEntry
-from engine.experts.store import ALIGNMENT, BlobLocation, ExpertStore
+from engine.experts.store import BlobLocation, ExpertStore
 from engine.model import ExpertWeights, MoELayerKey
 from engine.model.ffn import Weight
 
@@ -255,7 +256,7 @@ class CpuTransfers:
         self.window = max(1, window)
         self.reader = BlobReader(threads=io_threads, direct=direct)
         self.page_cache = PageCache()
-        # Blobs compute as stored when the compute dtype is the stored one, or the store is int8.
+        # Blobs compute as stored when the compute dtype is the stored one, or the store is quantised.
         self.as_stored = store.layout.for_compute(dtype) == store.layout
         # In place only when the page cache is allowed and the blobs compute as stored.
         self.allows_in_place = not direct and self.as_stored and self.page_cache.available
@@ -388,7 +389,7 @@ class CpuTransfers:
         def own(part: Weight | None) -> torch.Tensor | None:
             if part is None:
                 return None
-            assert isinstance(part, torch.Tensor)  # an int8 store computes as stored, never staged
+            assert isinstance(part, torch.Tensor)  # a quantised store computes as stored, never staged
             return part.to(self.dtype)
 
         wi_0, wo = own(weights.wi_0), own(weights.wo)

@@ -1,9 +1,9 @@
-"""Experts resident in memory in their store layout: how an int8 model runs when its experts fit.
+"""Experts resident in memory in their store layout: how a quantised model runs when its experts fit.
 
-A quantised model's experts exist only in its (int8) expert store, never as float parameters of the
+A quantised model's experts exist only in its (int8 or int4) expert store, never as float parameters of the
 layers, so "resident" means every blob read from the store into RAM (or device memory) once, at
 load. The layers then compute from views of those blobs: the same bytes and the same kernel as the
-offloaded pool uses, so offloading an int8 model changes no result.
+offloaded pool uses, so offloading a quantised model changes no result.
 """
 
 from __future__ import annotations

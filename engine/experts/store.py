@@ -2,26 +2,15 @@
 
 InfMoE (SEED.md) and every fast offloader (mixtral-offloading's one-storage-per-expert, see
 research/offload-anchors.md §5) move experts as single units. Here expert `e` of MoE layer
-`encoder.3` is bytes `[offset, offset + nbytes)` of `experts/encoder-003.safetensors`:
-
-    blob = wi_0 (F, D) | wi_1 (F, D) (gated FFNs only) | wo (D, F) | zero padding to 4096
-
-in the model's storage dtype, row-major, the `nn.Linear` layout. An int8 store (`cpm2 quantize
---experts int8`) keeps each part as int8 values with one float32 scale per output row
-(`engine.model.quant`), the scales after the parts:
-
-    blob = q(wi_0) | q(wi_1) | q(wo) | scales(wi_0) (F) | scales(wi_1) (F) | scales(wo) (D) | padding
-
-and runs as it is stored whatever the compute dtype: the pool, the link and the budget carry int8.
-Experts with biases (NLLB-MoE) carry them last, in the store dtype (float32 in an int8 store):
-
-    blob = ... | bias(wi_0) (F) | bias(wi_1) (F) | bias(wo) (D) | padding
+`encoder.3` is bytes `[offset, offset + nbytes)` of `experts/encoder-003.safetensors`, in the layout
+of its format (`engine.experts.blob`: float, int8 or int4).
 
 Each file is a valid safetensors file (one U8 tensor per expert, named by its index) whose header is
 padded with spaces so the data, and therefore every blob, starts on a 4096-byte boundary: a transfer
 is one `pread` (O_DIRECT-able) or one host-to-device copy, and a memory map hands out page-aligned
-views. The safetensors library
-cannot place data at chosen offsets, so the header is written here; reading goes through it.
+views. The safetensors library cannot place data at chosen offsets, so the header is written here;
+reading goes through it. The header records the format (dtype, quantisation scheme, int4 group size
+and packing), checked against config.json when the store is opened.
 """
 
 from __future__ import annotations
@@ -42,19 +31,26 @@ from safetensors import SafetensorError, safe_open
 
 from engine.config import ModelConfig
 from engine.errors import CheckpointError
+from engine.experts.blob import (
+    ALIGNMENT,
+    DTYPE_NAMES,
+    INT4,
+    INT4_SCHEME,
+    INT8_SCHEME,
+    BlobLayout,
+    round_up,
+)
 from engine.model import ExpertWeights, MoELayerKey
-from engine.model.quant import Int8Weight, quantize_int8
+from engine.model.int4 import Int4Weight
+from engine.model.nibbles import PACKINGS
+from engine.model.quant import Int8Weight
 
 STORE_DIR = "experts"
-ALIGNMENT = 4096
 FORMAT = "cpm2-experts"
 VERSION = "1"
 
-_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16", torch.int8: "int8"}
-#: An int8 store's quantisation (recorded in every layer file).
-INT8_SCHEME = "int8-rowwise-symmetric"
-_SCALE_ALIGNMENT = 16
-_DTYPES = {name: dtype for dtype, name in _DTYPE_NAMES.items()}
+_SCHEMES = {"int8": INT8_SCHEME, "int4": INT4_SCHEME}
+_DTYPES = {name: dtype for dtype, name in DTYPE_NAMES.items()}
 _EXPERT_KEY = re.compile(
     r"(?P<stack>encoder|decoder)\.blocks\.(?P<block>\d+)\.mlp\.experts\.(?P<expert>\d+)\.(?P<name>\w+)"
     r"\.(?P<kind>weight|bias)"
@@ -64,10 +60,6 @@ _EXPERT_KEY = re.compile(
 def is_expert_key(key: str) -> bool:
     """Whether a native state-dict key names an expert weight (or bias)."""
     return _EXPERT_KEY.fullmatch(key) is not None
-
-
-def _round_up(n: int, multiple: int) -> int:
-    return (n + multiple - 1) // multiple * multiple
 
 
 def layer_file_name(key: MoELayerKey) -> str:
@@ -81,145 +73,6 @@ def moe_layer_keys(config: ModelConfig) -> list[MoELayerKey]:
     ]
 
 
-@dataclass(frozen=True)
-class BlobLayout:
-    """Where the parts of one expert lie inside its blob (`dtype` int8: an int8 store)."""
-
-    d_model: int
-    d_ff: int
-    is_gated: bool
-    dtype: torch.dtype
-    has_bias: bool = False
-
-    @property
-    def part_names(self) -> tuple[str, ...]:
-        return ("wi_0", "wi_1", "wo") if self.is_gated else ("wi_0", "wo")
-
-    @property
-    def bias_dtype(self) -> torch.dtype:
-        """Biases stay float (float32 beside int8 values, like the scales)."""
-        return torch.float32 if self.is_quantized else self.dtype
-
-    @property
-    def _bias_element(self) -> int:
-        return torch.empty((), dtype=self.bias_dtype).element_size()
-
-    @property
-    def is_quantized(self) -> bool:
-        return self.dtype == torch.int8
-
-    @property
-    def part_bytes(self) -> int:
-        return self.d_model * self.d_ff * torch.empty((), dtype=self.dtype).element_size()
-
-    @property
-    def _part_shapes(self) -> list[tuple[int, int]]:
-        F, D = self.d_ff, self.d_model
-        return [(F, D), (F, D), (D, F)] if self.is_gated else [(F, D), (D, F)]
-
-    @property
-    def _scales_offset(self) -> int:
-        return _round_up(self.part_bytes * len(self.part_names), _SCALE_ALIGNMENT)
-
-    @property
-    def _matrices_end(self) -> int:
-        """Where the weights (and int8 scales) end."""
-        if not self.is_quantized:
-            return self.part_bytes * len(self.part_names)
-        return self._scales_offset + 4 * sum(rows for rows, _ in self._part_shapes)
-
-    @property
-    def _bias_offset(self) -> int:
-        return _round_up(self._matrices_end, _SCALE_ALIGNMENT)
-
-    @property
-    def payload_bytes(self) -> int:
-        """Bytes of weights (and int8 scales, and biases) in a blob, without the alignment padding."""
-        if not self.has_bias:
-            return self._matrices_end
-        return self._bias_offset + self._bias_element * sum(rows for rows, _ in self._part_shapes)
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of a blob, padding included (a multiple of ALIGNMENT)."""
-        return _round_up(self.payload_bytes, ALIGNMENT)
-
-    @classmethod
-    def of(cls, config: ModelConfig, dtype: torch.dtype) -> BlobLayout:
-        return cls(config.d_model, config.d_ff, config.is_gated_ffn, dtype, has_bias=config.has_ffn_bias)
-
-    def for_compute(self, dtype: torch.dtype) -> BlobLayout:
-        """The layout these experts take in memory to compute in `dtype`: float ones are converted
-        to it, int8 ones compute as they are stored."""
-        if self.is_quantized:
-            return self
-        return BlobLayout(self.d_model, self.d_ff, self.is_gated, dtype, has_bias=self.has_bias)
-
-    def _bias_spans(self) -> list[tuple[int, int]]:
-        """(byte offset, bytes) of each part's bias."""
-        spans, at = [], self._bias_offset
-        for rows, _ in self._part_shapes:
-            spans.append((at, self._bias_element * rows))
-            at += self._bias_element * rows
-        return spans
-
-    def pack(self, weights: ExpertWeights, out: torch.Tensor | None = None) -> torch.Tensor:
-        """The blob (uint8, `nbytes`) of an expert given in `nn.Linear` layout (float parts are
-        quantised for an int8 layout; int8 parts are taken as they are)."""
-        blob = torch.zeros(self.nbytes, dtype=torch.uint8) if out is None else out
-        parts = [weights.wi_0, weights.wi_1, weights.wo] if self.is_gated else [weights.wi_0, weights.wo]
-        scale_at = self._scales_offset
-        for i, part in enumerate(parts):
-            if part is None:
-                raise CheckpointError("a gated expert needs wi_0, wi_1 and wo")
-            if self.is_quantized:
-                q = part if isinstance(part, Int8Weight) else quantize_int8(part)
-                values, scale = q.q, q.scale
-                rows = values.shape[0]
-                scale_bytes = scale.to(torch.float32).contiguous().view(torch.uint8)
-                blob[scale_at : scale_at + 4 * rows].copy_(scale_bytes)
-                scale_at += 4 * rows
-            else:
-                if isinstance(part, Int8Weight):
-                    raise CheckpointError("an int8 expert cannot be written to a float store; dequantize it first")
-                values = part.detach().to(self.dtype)
-            flat = values.contiguous().view(-1).view(torch.uint8)
-            blob[i * self.part_bytes : (i + 1) * self.part_bytes].copy_(flat)
-        if self.has_bias:
-            biases = [weights.bi_0, weights.bi_1, weights.bo] if self.is_gated else [weights.bi_0, weights.bo]
-            for bias, (at, _) in zip(biases, self._bias_spans(), strict=True):
-                if bias is None:
-                    raise CheckpointError("an expert of a model with biases needs a bias for every part")
-                data = bias.detach().to(self.bias_dtype).contiguous().view(torch.uint8)
-                blob[at : at + data.numel()].copy_(data)
-        return blob
-
-    def unpack(self, blob: torch.Tensor) -> ExpertWeights:
-        """Views (no copy) of the parts inside a uint8 blob, on whatever device the blob is."""
-        n = self.part_bytes
-        shapes = self._part_shapes
-        scale_at = [self._scales_offset]
-        for rows, _ in shapes[:-1]:
-            scale_at.append(scale_at[-1] + 4 * rows)
-
-        def part(i: int) -> torch.Tensor | Int8Weight:
-            values = blob[i * n : (i + 1) * n].view(self.dtype).view(shapes[i])
-            if not self.is_quantized:
-                return values
-            rows = shapes[i][0]
-            return Int8Weight(values, blob[scale_at[i] : scale_at[i] + 4 * rows].view(torch.float32))
-
-        biases: list[torch.Tensor | None] = [None, None, None]
-        if self.has_bias:
-            found: list[torch.Tensor | None] = [
-                blob[at : at + nbytes].view(self.bias_dtype) for at, nbytes in self._bias_spans()
-            ]
-            biases = found if self.is_gated else [found[0], None, found[1]]
-        if self.is_gated:
-            return ExpertWeights(part(0), part(1), part(2), bi_0=biases[0], bi_1=biases[1], bo=biases[2])
-        return ExpertWeights(part(0), None, part(1), bi_0=biases[0], bo=biases[2])
-
-
 class ExpertStoreWriter:
     """Writes a store from native `(key, tensor)` pairs arriving in model order, one blob at a time.
 
@@ -227,10 +80,16 @@ class ExpertStoreWriter:
     so a reader never sees a half-written layer. Memory use is one expert.
     """
 
-    def __init__(self, model_dir: Path, config: ModelConfig, dtype: torch.dtype) -> None:
+    def __init__(
+        self, model_dir: Path, config: ModelConfig, dtype: torch.dtype, *, group_size: int = 0, packing: str = "plain"
+    ) -> None:
         self.root = model_dir / STORE_DIR
         self.config = config
-        self.layout = BlobLayout.of(config, dtype)
+        self.layout = (
+            BlobLayout.of(config, dtype, group_size=group_size, packing=packing)
+            if dtype == INT4
+            else BlobLayout.of(config, dtype)
+        )
         self.num_experts = config.moe.num_experts if config.moe else 0
         names = ("wi_0", "wi_1", "wo") if config.is_gated_ffn else ("wi", "wo")
         kinds = ("weight", "bias") if self.layout.has_bias else ("weight",)
@@ -238,12 +97,12 @@ class ExpertStoreWriter:
         self._layer: MoELayerKey | None = None
         self._file: BinaryIO | None = None
         self._written = 0
-        self._parts: dict[str, torch.Tensor | Int8Weight] = {}
+        self._parts: dict[str, torch.Tensor | Int8Weight | Int4Weight] = {}
         self._expert = -1
         self._blob = torch.zeros(self.layout.nbytes, dtype=torch.uint8)
         self.layers_written: list[MoELayerKey] = []
 
-    def add(self, key: str, tensor: torch.Tensor | Int8Weight) -> bool:
+    def add(self, key: str, tensor: torch.Tensor | Int8Weight | Int4Weight) -> bool:
         """Take `tensor` if `key` is an expert weight (returns True), else leave it to the caller.
 
         An int8 store quantises float tensors as it packs them, or takes them already quantised."""
@@ -295,8 +154,8 @@ class ExpertStoreWriter:
                 "format": FORMAT,
                 "version": VERSION,
                 "layer": str(key),
-                "dtype": _DTYPE_NAMES[self.layout.dtype],
-                **({"quantization": INT8_SCHEME, "scale_dtype": "float32"} if self.layout.is_quantized else {}),
+                "dtype": DTYPE_NAMES[self.layout.dtype],
+                **self._quantization_meta(),
                 "d_model": str(self.layout.d_model),
                 "d_ff": str(self.layout.d_ff),
                 "parts": ",".join(self.layout.part_names),
@@ -308,12 +167,23 @@ class ExpertStoreWriter:
             header[str(e)] = {"dtype": "U8", "shape": [size], "data_offsets": [e * size, (e + 1) * size]}
         text = json.dumps(header, separators=(",", ":")).encode()
         # Pad the JSON with spaces (allowed by the safetensors spec) so the data starts aligned.
-        padded_len = _round_up(8 + len(text), ALIGNMENT) - 8
+        padded_len = round_up(8 + len(text), ALIGNMENT) - 8
         self.root.mkdir(parents=True, exist_ok=True)
         self._file = open(self._tmp_path(key), "wb")  # noqa: SIM115 (closed in _finish_layer)
         self._file.write(struct.pack("<Q", padded_len))
         self._file.write(text.ljust(padded_len, b" "))
         self._layer, self._written, self._expert = key, 0, -1
+
+    def _quantization_meta(self) -> dict[str, str]:
+        layout = self.layout
+        if layout.is_int4:
+            return {
+                "quantization": INT4_SCHEME,
+                "scale_dtype": "bfloat16",
+                "group_size": str(layout.group_size),
+                "packing": layout.packing,
+            }
+        return {"quantization": INT8_SCHEME, "scale_dtype": "float32"} if layout.is_quantized else {}
 
     def _tmp_path(self, key: MoELayerKey) -> Path:
         return self.root / f".{layer_file_name(key)}.tmp"
@@ -380,6 +250,7 @@ class ExpertStore:
             raise CheckpointError(f"{model_dir}: the model has no MoE layers, so no expert store")
         keys = moe_layer_keys(config)
         dtype: torch.dtype | None = None
+        int4: tuple[str | None, str | None] | None = None
         starts: dict[MoELayerKey, int] = {}
         for key in keys:
             path = root / layer_file_name(key)
@@ -390,8 +261,18 @@ class ExpertStore:
                 raise CheckpointError(f"{path}: holds the experts of layer {meta.get('layer')}, not {key}")
             if meta.get("dtype") not in _DTYPES:
                 raise CheckpointError(f"{path}: unknown dtype {meta.get('dtype')!r}")
-            if meta["dtype"] == "int8" and meta.get("quantization") != INT8_SCHEME:
-                raise CheckpointError(f"{path}: int8 experts of an unknown scheme {meta.get('quantization')!r}")
+            scheme = _SCHEMES.get(meta["dtype"])
+            if scheme is not None and meta.get("quantization") != scheme:
+                raise CheckpointError(
+                    f"{path}: {meta['dtype']} experts of an unknown scheme {meta.get('quantization')!r}"
+                )
+            if meta["dtype"] == "int4":
+                file_int4 = (meta.get("group_size"), meta.get("packing"))
+                if int4 is not None and file_int4 != int4:
+                    raise CheckpointError(
+                        f"{path}: int4 group size / packing {file_int4} differ from the other layers'"
+                    )
+                int4 = file_int4
             file_dtype = _DTYPES[meta["dtype"]]
             if dtype is not None and file_dtype != dtype:
                 raise CheckpointError(f"{path}: dtype {meta['dtype']} differs from the other layers'")
@@ -413,7 +294,14 @@ class ExpertStore:
                 )
             starts[key] = start
         assert dtype is not None
-        store = cls(root, config, BlobLayout.of(config, dtype))
+        if int4 is not None:
+            group_size, packing = int4
+            if not (group_size or "").isdigit() or packing not in PACKINGS:
+                raise CheckpointError(f"{root}: int4 experts with group size {group_size!r}, packing {packing!r}")
+            layout = BlobLayout.of(config, dtype, group_size=int(group_size or 0), packing=packing)
+        else:
+            layout = BlobLayout.of(config, dtype)
+        store = cls(root, config, layout)
         store._data_start = starts
         for key in keys:
             path = root / layer_file_name(key)
@@ -470,8 +358,8 @@ class ExpertStore:
         return self.layout.unpack(self.mapped_blob(key, expert))
 
     def iter_native_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """`(native state-dict key, mapped tensor)` for every expert weight, in model order (an int8
-        store's dequantised to float32: what its bytes stand for)."""
+        """`(native state-dict key, mapped tensor)` for every expert weight, in model order (a
+        quantised store's dequantised to float32: what its bytes stand for)."""
         for key in self.keys:
             prefix = f"{key.stack}.blocks.{key.block}.mlp.experts"
             for e in range(self.num_experts):
@@ -483,7 +371,7 @@ class ExpertStore:
                 )
                 for name, part in zip(names, parts, strict=True):
                     assert part is not None
-                    yield f"{prefix}.{e}.{name}.weight", part.dequantize() if isinstance(part, Int8Weight) else part
+                    yield f"{prefix}.{e}.{name}.weight", part if isinstance(part, torch.Tensor) else part.dequantize()
                 for name, bias in zip(names, biases, strict=True):
                     if bias is not None:
                         yield f"{prefix}.{e}.{name}.bias", bias

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.model.int4 import Int4Weight
 from engine.model.linear import Linear, linear
 from engine.model.quant import Int8Weight
 
@@ -31,13 +32,14 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 
-#: A matrix as `linear` takes it: float (plain or packed for the CPU) or int8 (`engine.model.quant`).
-Weight = torch.Tensor | Int8Weight
+#: A matrix as `linear` takes it: float (plain or packed for the CPU), int8 (`engine.model.quant`) or
+#: int4 (`engine.model.int4`).
+Weight = torch.Tensor | Int8Weight | Int4Weight
 
 
 class ExpertWeights(NamedTuple):
     """The three (or two) matrices of one feed-forward network, in `nn.Linear` layout (out, in),
-    packed for the CPU (`engine.model.linear`), or int8 with per-row scales (an int8 expert store).
+    packed for the CPU (`engine.model.linear`), or quantised (an int8 or int4 expert store).
 
     `wi_0` is the activation branch (`wi` of an ungated FFN), `wi_1` the linear gate branch (None
     when ungated), `wo` the output projection; their biases where the network has them (NLLB-MoE).
@@ -56,8 +58,8 @@ def feed_forward(x: torch.Tensor, weights: ExpertWeights, act: Callable[[torch.T
     h = act(linear(x, weights.wi_0, weights.bi_0))
     if weights.wi_1 is not None:
         h = h * linear(x, weights.wi_1, weights.bi_1)
-    # A float `wo` takes its own dtype (bf16 weights under fp32 activations); an int8 one computes
-    # in the activations' dtype.
+    # A float `wo` takes its own dtype (bf16 weights under fp32 activations); a quantised one
+    # computes in the activations' dtype.
     return linear(h.to(weights.wo.dtype) if isinstance(weights.wo, torch.Tensor) else h, weights.wo, weights.bo)
 
 

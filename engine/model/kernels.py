@@ -23,6 +23,11 @@ CPU has native bfloat16, `w8a8` (activations quantised per row to int8, torch's 
 for more rows on AVX512 CPUs; elsewhere `dequant` (the int8 values cast to the activation dtype,
 that dtype's float path, the row scales applied to the output), which runs everywhere, is exact up
 to summation order, and is what `plain` forces.
+
+Int4 weights (`engine.model.int4`) take `int4pack-bf16` (torch's int4 weight-only matmul) when they
+are stored in the packing this machine's kernel reads (`engine.model.nibbles`: it differs between
+AVX512 and AVX2 builds, and is checked against torch's own converter once per process), else
+`dequant`; `plain` forces `dequant`.
 """
 
 from __future__ import annotations
@@ -37,6 +42,8 @@ from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
+
+from engine.model.nibbles import PACKING_BLOCK, Packing, pack
 
 log = logging.getLogger("cpm2.engine")
 
@@ -64,6 +71,18 @@ class Int8Path(enum.StrEnum):
     DEQUANT = "dequant"
     """The int8 values cast (exactly) to the activation dtype, that dtype's float path
     (`engine.model.linear`), the per-row scales applied to the (rows, out) result. Runs everywhere."""
+
+
+class Int4Path(enum.StrEnum):
+    """How an int4 weight (`engine.model.int4`) multiplies activations on this CPU."""
+
+    INT4PACK_BF16 = "int4pack-bf16"
+    """`torch._weight_int4pack_mm_for_cpu` on bfloat16 activations, reading the weight as stored
+    (half a byte per value): 3x faster than a float32 GEMV at one row, 1.5x at 16 rows here. Only
+    for weights in the packing this machine's kernel reads (`CpuKernels.int4_packing`)."""
+    DEQUANT = "dequant"
+    """The weight unpacked and dequantised into the activation dtype, then that dtype's float
+    matmul. Runs everywhere, for every packing; a pass over the weight per call, so much slower."""
 
 
 #: Row counts up to this take the few-rows int8 path (`DtypeKernels.int8`), more the many-rows one
@@ -187,6 +206,30 @@ def _probe_int_mm() -> str | None:
     return None
 
 
+def _probe_int4pack() -> tuple[Packing | None, str]:
+    """The packing torch's int4 CPU matmul reads here (`engine.model.nibbles`), or None and why not:
+    its converter must write exactly one of the known layouts and the matmul must match the
+    dequantised product."""
+    generator = torch.Generator().manual_seed(0)
+    N, K, group = 64, 64, 32
+    q = torch.randint(0, 16, (N, K), generator=generator, dtype=torch.int32)
+    scale_zero = (torch.rand(K // group, N, 2, generator=generator) / 8).to(torch.bfloat16)
+    x = torch.randn(3, K, generator=generator).to(torch.bfloat16)
+    try:
+        converted = torch._convert_weight_to_int4pack_for_cpu(q, 1).view(torch.uint8).view(N, K // 2)
+        found = [p for p in PACKING_BLOCK if torch.equal(converted, pack(q, p))]  # type: ignore[arg-type]
+        if not found:
+            return None, f"torch's int4 CPU kernel ({cpu_capability()}) reads a packing cpm2 does not write"
+        y = torch._weight_int4pack_mm_for_cpu(x, converted, group, scale_zero)
+    except (RuntimeError, AttributeError) as error:
+        return None, f"torch's int4 CPU matmul failed here: {error}"
+    sz = scale_zero.float().transpose(0, 1).repeat_interleave(group, dim=1)  # (N, K, 2)
+    reference = x.float() @ ((q.float() - 8) * sz[..., 0] + sz[..., 1]).t()
+    if not torch.allclose(y.float(), reference, rtol=5e-2, atol=5e-2):
+        return None, "torch's int4 CPU matmul gave wrong results on this CPU"
+    return found[0], ""  # type: ignore[return-value]
+
+
 def _w8a8_refusal(dtype: torch.dtype) -> str | None:
     """Why int8 weights under `dtype` activations cannot take `w8a8` for many rows here, or None."""
     if dtype not in (torch.float32, torch.bfloat16):
@@ -259,6 +302,7 @@ class CpuKernels:
         self.mode: KernelMode = mode
         # `linear` asks this on every call: a dict lookup once the dtype has been seen.
         self._table: dict[torch.dtype, DtypeKernels] = {}
+        self._int4: tuple[Packing | None, str] | None = None
 
     def for_dtype(self, dtype: torch.dtype) -> DtypeKernels:
         kernels = self._table.get(dtype)
@@ -279,6 +323,30 @@ class CpuKernels:
     def can_pack(self, dtype: torch.dtype) -> bool:
         """Whether weights of `dtype` may be packed into oneDNN's blocked layout."""
         return self.for_dtype(dtype).dense is MatmulPath.ONEDNN_PACKED
+
+    @property
+    def int4_packing(self) -> Packing | None:
+        """The int4 packing (`engine.model.nibbles`) torch's int4 matmul reads here; None if none."""
+        return self._int4_probe()[0]
+
+    @property
+    def int4_reason(self) -> str:
+        """Why int4 weights take the `dequant` path here (empty when the kernel runs)."""
+        return self._int4_probe()[1]
+
+    def _int4_probe(self) -> tuple[Packing | None, str]:
+        if self._int4 is None:
+            if self.mode == "plain":
+                self._int4 = None, "CPU kernels forced to the plain path (cpu_kernels=plain)"
+            else:
+                self._int4 = _probe_int4pack()
+        return self._int4
+
+    def int4_path(self, dtype: torch.dtype, packing: str) -> Int4Path:
+        """How an int4 weight in `packing` multiplies activations of `dtype`."""
+        if dtype in (torch.float32, torch.bfloat16) and packing == self.int4_packing:
+            return Int4Path.INT4PACK_BF16
+        return Int4Path.DEQUANT
 
     def int8_path(self, dtype: torch.dtype, rows: int = 1) -> Int8Path:
         """How int8 weights multiply `rows` rows of activations of `dtype`."""
@@ -354,4 +422,10 @@ def describe(dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16)) 
         int8_why = f" ({kernels.int8_reason})" if kernels.int8_reason else ""
         int8 = f"int8 {kernels.int8} (<= {INT8PACK_MAX_ROWS} rows) / {kernels.int8_many}{int8_why}"
         lines.append(f"  {name}: dense {kernels.dense}, experts {kernels.experts}{why}, {int8}")
+    packing = _active.int4_packing
+    lines.append(
+        f"  int4: {Int4Path.INT4PACK_BF16} for {packing} packing"
+        if packing
+        else f"  int4: dequant ({_active.int4_reason})"
+    )
     return "\n".join(lines)

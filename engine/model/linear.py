@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.model.int4 import Int4Weight, int4_linear
 from engine.model.kernels import active_kernels
 from engine.model.quant import Int8Weight, int8_linear, quantize_int8
 
@@ -61,11 +62,13 @@ def _needs_grad(*tensors: torch.Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor | Int8Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+def linear(
+    x: torch.Tensor, weight: torch.Tensor | Int8Weight | Int4Weight, bias: torch.Tensor | None = None
+) -> torch.Tensor:
     """`x @ weight.T (+ bias)` for a plain (out, in) weight, one packed by `pack_weight`, or an int8
-    one (`engine.model.quant`, computed in `x`'s dtype)."""
-    if isinstance(weight, Int8Weight):
-        y = int8_linear(x, weight)
+    or int4 one (`engine.model.quant`, `engine.model.int4`; computed in `x`'s dtype)."""
+    if not isinstance(weight, torch.Tensor):
+        y = int8_linear(x, weight) if isinstance(weight, Int8Weight) else int4_linear(x, weight)
         return y if bias is None else y + bias.to(y.dtype)
     if weight.is_mkldnn:
         return _onednn_linear(x, weight, bias)

@@ -194,7 +194,13 @@ class AsyncEngine:
         kernels = self.loaded.kernels
         if kernels is None:
             return {}
-        return {"mode": active_kernels().mode, "cpu_capability": cpu_capability(), **kernels.to_dict()}
+        table = active_kernels()
+        return {
+            "mode": table.mode,
+            "cpu_capability": cpu_capability(),
+            **kernels.to_dict(),
+            "int4_packing": table.int4_packing or "",
+        }
 
     @property
     def dtype(self) -> torch.dtype:

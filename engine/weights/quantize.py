@@ -1,10 +1,12 @@
-"""`cpm2 quantize --model DIR --out DIR --experts int8 [--dense int8]`: a model with int8 weights.
+"""`cpm2 quantize --model DIR --out DIR --experts int8|int4 [--group-size N] [--dense int8]`.
 
 The source streams through one tensor at a time (`native_tensors`): dense tensors go unchanged into
-bounded shards, expert weights are quantised per output row (`engine.model.quant`) into an int8
-expert store (`engine.experts.store`), so memory holds one tensor and one blob, never a layer of
-experts more. The new directory is built under a temporary name beside `--out` and renamed into
-place only when it is complete and checked: a failure, or bad input, writes nothing.
+bounded shards, expert weights are quantised (int8 per output row, `engine.model.quant`; int4 per
+group of inputs, `engine.model.int4`) into a quantised expert store (`engine.experts.store`), so
+memory holds one tensor and one blob, never a layer of experts more. Int4 values are packed in the
+layout this machine's int4 kernel reads (`--packing auto`), or one named for another machine.
+The new directory is built under a temporary name beside `--out` and renamed into place only when
+it is complete and checked: a failure, or bad input, writes nothing.
 
 `--dense int8` records that the dense matmuls (every linear layer but the experts', and the output
 head) run in int8: they are quantised when the model is loaded (`quantize_dense`), as CTranslate2
@@ -30,18 +32,24 @@ from tqdm import tqdm
 
 from engine.config import ModelConfig
 from engine.errors import CheckpointError, ConfigError
-from engine.experts.store import INT8_SCHEME, ExpertStoreWriter, is_expert_key
+from engine.experts.blob import INT4, INT4_SCHEME, INT8_SCHEME
+from engine.experts.store import STORE_DIR, ExpertStoreWriter, is_expert_key
 from engine.model import Seq2SeqLM
+from engine.model.int4 import DEFAULT_GROUP_SIZE, Int4Weight, check_group_size, quantize_int4
+from engine.model.kernels import active_kernels
 from engine.model.linear import Linear
-from engine.model.quant import quantize_int8
+from engine.model.nibbles import PACKINGS, Packing, fits
+from engine.model.quant import Int8Weight, quantize_int8
 from engine.weights.convert import CARRIED_FILES
 from engine.weights.files import ShardWriter, open_tensor_source
 from engine.weights.init import DEFAULT_MAX_SHARD_BYTES
 from engine.weights.loader import CONFIG_FILE, inspect_checkpoint, native_tensors
 
 #: Formats `--experts` and `--dense` take.
-EXPERT_FORMATS = ("int8",)
+EXPERT_FORMATS = ("int8", "int4")
 DENSE_FORMATS = ("int8",)
+#: `--packing`: `auto` is the layout this machine's int4 kernel reads where the expert shapes allow.
+PACKING_CHOICES = ("auto", *PACKINGS)
 REPORT_FILE = "quantization_report.json"
 #: Directories carried over unchanged (a model's bundled soft prompts are trained for its embeddings,
 #: which quantising the experts leaves as they are).
@@ -60,6 +68,11 @@ def _quantized(config: ModelConfig, part: str) -> str | None:
 def quantized_experts(config: ModelConfig) -> str | None:
     """The format a model's experts were quantised to (`"int8"`), None for float experts."""
     return _quantized(config, "experts")
+
+
+def expert_store_dtype(config: ModelConfig) -> torch.dtype | None:
+    """The dtype of a quantised model's expert store (`torch.int8`, `INT4`), None for float experts."""
+    return {"int8": torch.int8, "int4": INT4}.get(quantized_experts(config) or "")
 
 
 def quantized_dense(config: ModelConfig) -> str | None:
@@ -82,6 +95,8 @@ class QuantizeReport:
     experts: str | None
     scheme: str
     dense: str | None = None
+    group_size: int | None = None
+    packing: str | None = None
     expert_bytes_before: int = 0
     expert_bytes_after: int = 0
     tensors: list[TensorError] = field(default_factory=list)
@@ -100,8 +115,9 @@ class QuantizeReport:
 
     def lines(self) -> list[str]:
         worst = max(self.tensors, key=lambda t: t.max_abs, default=None)
+        int4 = f", groups of {self.group_size}, {self.packing} packing" if self.group_size else ""
         lines = [
-            f"experts: {self.experts or 'as stored'}, dense: {self.dense or 'as stored'} ({self.scheme}), "
+            f"experts: {self.experts or 'as stored'}{int4}, dense: {self.dense or 'as stored'} ({self.scheme}), "
             f"{len(self.tensors)} tensors quantised, experts {self.expert_bytes_before:,} -> "
             f"{self.expert_bytes_after:,} bytes",
             f"weight error: max abs {self.max_abs:.3g}"
@@ -119,9 +135,16 @@ class QuantizeReport:
         return {**asdict(self), "max_abs": self.max_abs, "mean_abs": self.mean_abs}
 
 
-def _check_request(src: Path, dst: Path, experts: str | None, dense: str | None) -> None:
+def _check_request(src: Path, dst: Path, experts: str | None, dense: str | None, group_size: int | None) -> None:
     if experts is None and dense is None:
-        raise ConfigError("nothing to quantise: give --experts int8, --dense int8 or both")
+        raise ConfigError("nothing to quantise: give --experts int8|int4, --dense int8 or both")
+    if group_size is not None and experts != "int4":
+        raise ConfigError("--group-size applies to --experts int4 only; leave it out")
+    if group_size is not None:
+        try:
+            check_group_size(group_size)
+        except ValueError as error:
+            raise ConfigError(f"--group-size: {error}") from None
     if experts is not None and experts not in EXPERT_FORMATS:
         raise ConfigError(f"--experts {experts}: unknown format; supported: {', '.join(EXPERT_FORMATS)}")
     if dense is not None and dense not in DENSE_FORMATS:
@@ -138,13 +161,18 @@ def quantize_model(
     *,
     experts: str | None = "int8",
     dense: str | None = None,
+    group_size: int | None = None,
+    packing: str = "auto",
     check_inputs: int = 4,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     progress: bool = True,
 ) -> QuantizeReport:
-    """Write `dst`: `src` with its experts quantised to `experts`; returns (and saves) the report."""
+    """Write `dst`: `src` with its experts quantised to `experts` (int4: in groups of `group_size`
+    inputs, packed as `packing`); returns (and saves) the report."""
     src, dst = Path(src), Path(dst)
-    _check_request(src, dst, experts, dense)
+    _check_request(src, dst, experts, dense, group_size)
+    if packing not in PACKING_CHOICES:
+        raise ConfigError(f"--packing {packing}: unknown; supported: {', '.join(PACKING_CHOICES)}")
     files = open_tensor_source(src)
     try:
         info = inspect_checkpoint(src, files)
@@ -155,19 +183,23 @@ def quantize_model(
             raise ConfigError(f"{src}: its experts are already quantised ({quantized_experts(config)})")
         if dense is not None and quantized_dense(config) is not None:
             raise ConfigError(f"{src}: its dense weights are already quantised ({quantized_dense(config)})")
+        int4 = _int4_format(config, group_size or DEFAULT_GROUP_SIZE, packing) if experts == "int4" else None
         dst.parent.mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
         try:
-            # Experts already int8 stay int8 (re-quantising their dequantised values gives the same bytes).
             report = _write(
                 info,
                 files,
                 work,
-                experts=experts or quantized_experts(config),
+                experts=experts,
+                int4=int4,
                 dense=dense,
                 max_shard_bytes=max_shard_bytes,
                 progress=progress,
             )
+            if experts is None and quantized_experts(config) is not None:
+                # Experts already quantised are carried over byte for byte.
+                shutil.copytree(src / STORE_DIR, work / STORE_DIR)
         except BaseException:
             shutil.rmtree(work, ignore_errors=True)
             raise
@@ -175,8 +207,13 @@ def quantize_model(
         files.close()
     try:
         previous = config.extra.get(QUANTIZATION_KEY)
-        record = {**(previous if isinstance(previous, dict) else {}), "scheme": INT8_SCHEME, "source": str(src)}
-        record.update({part: f for part, f in (("experts", experts), ("dense", dense)) if f is not None})
+        record = {**(previous if isinstance(previous, dict) else {}), "source": str(src)}
+        if experts is not None:
+            record.update(experts=experts, scheme=report.scheme)
+        if int4 is not None:
+            record.update(group_size=int4[0], packing=int4[1])
+        if dense is not None:
+            record.update(dense=dense, dense_scheme=INT8_SCHEME)
         config.replace(extra={**config.extra, QUANTIZATION_KEY: record}).save(work / CONFIG_FILE)
         _carry(src, work)
         if check_inputs > 0:
@@ -191,6 +228,26 @@ def quantize_model(
     return report
 
 
+def _int4_format(config: ModelConfig, group_size: int, packing: str) -> tuple[int, Packing]:
+    """The group size and packing int4 experts of `config` take; ConfigError when its matrices cannot."""
+    shapes = [(config.d_ff, config.d_model), (config.d_model, config.d_ff)]
+    for _, cols in shapes:
+        try:
+            check_group_size(group_size, cols)
+        except ValueError as error:
+            raise ConfigError(f"--group-size {group_size}: {error}") from None
+    if packing == "auto":
+        # This machine's kernel layout where every expert matrix fits it, else the portable one.
+        native = active_kernels().int4_packing
+        return group_size, native if native and all(fits(native, r, c) for r, c in shapes) else "plain"
+    if not all(fits(packing, r, c) for r, c in shapes):
+        raise ConfigError(
+            f"--packing {packing}: expert matrices of {config.d_model} x {config.d_ff} do not fit it "
+            "(its row blocks must divide d_model and d_ff); use --packing plain"
+        )
+    return group_size, packing  # type: ignore[return-value]
+
+
 def _dense_linear_keys(config: ModelConfig) -> set[str]:
     """The weights `--dense int8` runs in int8: every `Linear`'s but the experts'."""
     with torch.device("meta"):
@@ -199,22 +256,41 @@ def _dense_linear_keys(config: ModelConfig) -> set[str]:
 
 
 def _write(
-    info: Any, files: Any, out: Path, *, experts: str | None, dense: str | None, max_shard_bytes: int, progress: bool
+    info: Any,
+    files: Any,
+    out: Path,
+    *,
+    experts: str | None,
+    int4: tuple[int, Packing] | None,
+    dense: str | None,
+    max_shard_bytes: int,
+    progress: bool,
 ) -> QuantizeReport:
-    report = QuantizeReport(source=str(info.path), experts=experts, dense=dense, scheme=INT8_SCHEME)
-    shards = ShardWriter(out, max_shard_bytes=max_shard_bytes, metadata={"producer": "cpm2 quantize"})
-    # Experts kept as they are go into a float store as before.
-    store = (
-        ExpertStoreWriter(out, info.config, torch.int8 if experts else info.stored_dtype)
-        if info.config.moe is not None
-        else None
+    group_size, packing = int4 if int4 is not None else (None, None)
+    scheme = INT4_SCHEME if experts == "int4" else INT8_SCHEME
+    report = QuantizeReport(
+        source=str(info.path), experts=experts, dense=dense, scheme=scheme, group_size=group_size, packing=packing
     )
+    shards = ShardWriter(out, max_shard_bytes=max_shard_bytes, metadata={"producer": "cpm2 quantize"})
+    # Experts already quantised are copied as they are (`quantize_model`); float ones kept as they
+    # are go into a float store as before.
+    carried = experts is None and quantized_experts(info.config) is not None
+    store = None
+    if info.config.moe is not None and not carried:
+        dtype = {"int8": torch.int8, "int4": INT4}.get(experts or "", info.stored_dtype)
+        store = ExpertStoreWriter(out, info.config, dtype, group_size=group_size or 0, packing=packing or "plain")
     dense_keys = _dense_linear_keys(info.config) if dense else set()
-    tensors = native_tensors(info, files, dtype=info.stored_dtype, device=torch.device("cpu"))
+    tensors = native_tensors(
+        info, files, dtype=info.stored_dtype, device=torch.device("cpu"), include_experts=not carried
+    )
     for key, tensor in tqdm(tensors, desc="quantizing", unit="tensor", disable=not progress):
-        # Expert biases (NLLB-MoE) stay float beside the int8 values, as the store keeps them.
-        is_matrix = key in dense_keys or (experts and is_expert_key(key) and key.endswith(".weight"))
-        quantized = quantize_int8(tensor) if is_matrix else None
+        # Expert biases (NLLB-MoE) stay float beside the quantised values, as the store keeps them.
+        is_expert_matrix = bool(experts) and is_expert_key(key) and key.endswith(".weight")
+        quantized: Int8Weight | Int4Weight | None = None
+        if is_expert_matrix and int4 is not None:
+            quantized = quantize_int4(tensor, group_size=int4[0], packing=int4[1])
+        elif is_expert_matrix or key in dense_keys:
+            quantized = quantize_int8(tensor)
         if quantized is not None:
             error = (quantized.dequantize() - tensor.to(torch.float32)).abs()
             report.tensors.append(TensorError(key, error.max().item(), error.mean().item()))
@@ -223,7 +299,11 @@ def _write(
             continue
         if quantized is not None:
             report.expert_bytes_before += tensor.numel() * tensor.element_size()
-            report.expert_bytes_after += quantized.q.numel() + 4 * quantized.scale.numel()
+            report.expert_bytes_after += (
+                quantized.nbytes
+                if isinstance(quantized, Int4Weight)
+                else quantized.q.numel() + 4 * quantized.scale.numel()
+            )
         store.add(key, quantized if quantized is not None else tensor)
     shards.close()
     if store is not None:
