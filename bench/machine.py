@@ -74,6 +74,7 @@ def machine_info() -> dict[str, Any]:
             str(dtype).removeprefix("torch."): active_kernels().for_dtype(dtype).to_dict()
             for dtype in (torch.float32, torch.bfloat16)
         },
+        "int4_packing": active_kernels().int4_packing or f"none: {active_kernels().int4_reason}",
         # Other processes on a small machine skew timings; the load average shows whether they ran.
         "load_average_1_5_15": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
