@@ -18,6 +18,7 @@ from engine.errors import ConfigError
 from engine.experts.order import ORDER_POLICIES
 from engine.experts.pool import CACHE_POLICIES, ExpertPool
 from engine.generation import GenerationRequest, Generator, SamplingParams
+from engine.model import MoELayerKey
 from engine.offload import InferenceModel, OffloadConfig, direct_io, load_for_inference, resolve_budget
 from engine.weights.init import write_random_model
 from engine.weights.loader import load_model
@@ -202,6 +203,69 @@ def test_guesses_are_made_only_where_they_pay(tiny_model_dir: Path, tmp_path: Pa
         provider._precision = 0.9
         assert provider._guesses_that_pay(1.3e-3) == 1  # 0.9 x 1.3 > 0.1 x 1.0
         assert provider._guesses_that_pay(0.0) == 0
+    finally:
+        loaded.close()
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_one_token_ranking_equals_the_batched_ranking(top_k: int) -> None:
+    """Batch 1 ranks the next layer's experts in Python; the order and the prediction are those of
+    the tensor path (votes, then probability mass) for a one-token batch."""
+    from engine.experts.provider import _rank_experts
+
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        scores_1E = torch.randn(1, 16, generator=generator)
+        predicted, ranked = _rank_experts(scores_1E, top_k)
+        two_rows = _rank_experts(scores_1E.expand(2, 16), top_k)  # same token twice: the tensor path
+        assert (predicted, ranked) == two_rows
+        assert predicted == set(scores_1E[0].topk(top_k).indices.tolist())
+
+
+def test_predictions_that_cannot_load_anything_are_sampled(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where no guessed load would pay (strict mode, a transfer longer than any gap, low precision),
+    the next layer is predicted on one call in `IDLE_PREDICTION_EVERY`, which keeps its precision
+    measured; where guesses pay, on every call whose next layer last had to load."""
+    from engine.experts import provider as provider_module
+
+    rankings: list[int] = []
+    rank = provider_module._rank_experts
+
+    def counting(scores_NE: torch.Tensor, top_k: int) -> tuple[set[int], list[int]]:
+        rankings.append(scores_NE.shape[0])
+        return rank(scores_NE, top_k)
+
+    monkeypatch.setattr(provider_module, "_rank_experts", counting)
+    loaded = _offloaded(tiny_model_dir, tmp_path, expert_memory="60%", direct_io=True)
+    try:
+        provider = loaded.provider
+        assert provider is not None
+        calls: list[MoELayerKey] = []
+        prefetch_next = provider._prefetch_next
+
+        def recording(layer: MoELayerKey, *args: object, **kwargs: object) -> None:
+            if provider._next_routers.get(layer):
+                calls.append(layer)
+            prefetch_next(layer, *args, **kwargs)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(provider, "_prefetch_next", recording)
+        provider.cost = dataclasses.replace(provider.cost, beta=1.0)  # a transfer outlasts any gap
+        provider._precision = 0.0
+        Generator(loaded.model).generate(_requests(1000))
+        assert provider.stats.prefetches == 0
+        assert len(calls) >= 2 * provider_module.IDLE_PREDICTION_EVERY
+        assert len(rankings) == len(calls) // provider_module.IDLE_PREDICTION_EVERY
+        assert provider.stats.predicted > 0  # still scored
+        # Guesses that pay: every predicting call whose next layer missed last time predicts.
+        calls.clear()
+        rankings.clear()
+        provider.cost = dataclasses.replace(provider.cost, beta=1e-9)
+        provider._precision, provider._missed = 1.0, {}
+        Generator(loaded.model).generate(_requests(1000)[:1])
+        assert rankings
+        assert len(rankings) > len(calls) // provider_module.IDLE_PREDICTION_EVERY
     finally:
         loaded.close()
 

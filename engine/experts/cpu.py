@@ -314,6 +314,10 @@ class CpuTransfers:
         self._resident[expert] = (now, weights)
         return weights
 
+    @property
+    def takes_hints(self) -> bool:
+        return self.allows_in_place
+
     def hint(self, expert: tuple[MoELayerKey, int]) -> bool:
         """The expert will probably be needed soon: ask the kernel to read it ahead (page-cache mode)."""
         if not self.allows_in_place:

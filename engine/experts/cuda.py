@@ -139,6 +139,10 @@ class CudaTransfers:
         """Host memory is not usable by device kernels: every expert is copied."""
         return None
 
+    @property
+    def takes_hints(self) -> bool:
+        return False
+
     def hint(self, expert: tuple[MoELayerKey, int]) -> bool:
         return False
 
