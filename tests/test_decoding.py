@@ -98,6 +98,79 @@ def test_rows_at_different_lengths_match_each_row_alone(model: Seq2SeqLM, random
 
 
 @torch.inference_mode()
+def test_rows_joining_and_leaving_slots_match_each_row_alone(model: Seq2SeqLM, random_ids) -> None:
+    """Continuous batching through slots (`add`, `remove`): rows join with longer inputs and larger
+    caches than the batch has (so every tensor grows), leave from the middle (so others move into
+    their slots), and each row's logits stay those of the row alone."""
+    lengths = [5, 12, 7, 15, 4, 9]
+    rows = random_ids(lengths, vocab=150, seed=7)
+    decoders = random_ids([5, 3, 6, 4, 5, 3], vocab=150, seed=8)
+    alone = [_full_logits(model, r, d) for r, d in zip(rows, decoders, strict=True)]
+    joins = {0: [0], 1: [1, 2], 3: [3], 4: [4, 5]}  # step -> rows admitted (together) before it
+    running: DecoderState | None = None
+    members: list[int] = []
+    outputs: list[list[torch.Tensor]] = [[] for _ in rows]
+    for step in range(12):
+        if step in joins:
+            newcomers = _encode(model, [rows[m] for m in joins[step]], capacity=2 + step)
+            if running is None or not members:
+                running = newcomers
+            else:
+                running.add(newcomers)
+            members += joins[step]
+        if not members:
+            continue  # everyone finished before the next arrivals
+        assert running is not None
+        logits = _step(model, running, [decoders[m][len(outputs[m])] for m in members])
+        for i, m in enumerate(members):
+            outputs[m].append(logits[i])
+        finished = [i for i, m in enumerate(members) if len(outputs[m]) == len(decoders[m])]
+        if finished:
+            order = running.remove(finished)
+            members = [members[i] for i in order]
+            assert running.batch_size == len(members)
+    assert all(len(outputs[m]) == len(decoders[m]) for m in range(len(rows)))
+    for m in range(len(rows)):
+        torch.testing.assert_close(torch.stack(outputs[m]), alone[m], atol=ATOL, rtol=0)
+
+
+@torch.inference_mode()
+def test_joining_and_leaving_copy_only_the_rows_that_move(model: Seq2SeqLM, random_ids) -> None:
+    rows = random_ids([6, 6, 6, 6, 6], vocab=150, seed=9)
+    state = _encode(model, rows[:2], capacity=8)
+    state.add(_encode(model, rows[2:3], capacity=8))  # grows the slots (2 -> 4) once
+    assert state.num_slots == 4
+    storage = state._store("self_k")[0].data_ptr()
+    before = [t.clone() for t in state.self_k]
+    state.add(_encode(model, rows[3:4], capacity=8))  # a free slot: written in place
+    assert state._store("self_k")[0].data_ptr() == storage
+    assert all(torch.equal(t[:3], b) for t, b in zip(state.self_k, before, strict=True))
+    order = state.remove([0])  # the last row moves into slot 0; rows 1 and 2 stay put
+    assert order == [3, 1, 2]
+    assert state._store("self_k")[0].data_ptr() == storage
+    assert all(torch.equal(t[1:3], b[1:3]) for t, b in zip(state.self_k, before, strict=True))
+    assert state.lengths == [0, 0, 0]
+    assert state.remove([1, 2]) == [0]  # removing the tail copies nothing
+    assert state.batch_size == 1
+    assert state.self_k[0].shape[0] == 1  # attention reads only the live rows
+
+
+@torch.inference_mode()
+def test_a_mostly_empty_state_gives_its_memory_back(model: Seq2SeqLM, random_ids) -> None:
+    from engine.model.cache import MIN_SLOTS_KEPT
+
+    rows = random_ids([4] * 20, vocab=150, seed=10)
+    state = _encode(model, rows[:1], capacity=4)
+    state.add(_encode(model, rows[1:], capacity=4))
+    assert state.num_slots >= 20
+    state.remove(list(range(1, 20)))
+    assert state.batch_size == 1
+    assert state.num_slots == MIN_SLOTS_KEPT
+    logits = _step(model, state, [3])
+    torch.testing.assert_close(logits[0], _full_logits(model, rows[0], [3])[-1], atol=ATOL, rtol=0)
+
+
+@torch.inference_mode()
 def test_select_follows_beams(model: Seq2SeqLM, random_ids) -> None:
     row, prefix = random_ids([9, 3], vocab=150, seed=4)
     state = _encode(model, [row], capacity=8)

@@ -117,17 +117,24 @@ class DecodeBatch:
         return len(self.sequences)
 
     def drop_finished(self) -> list[Sequence]:
-        """Remove finished rows (shrinking the cache) and return them."""
+        """Remove finished rows and return them (their cache slots are reused; the rows that remain
+        may change places, see `DecoderState.remove`)."""
         done = [s for s in self.sequences if s.is_finished]
         if done:
-            keep = [i for i, s in enumerate(self.sequences) if not s.is_finished]
-            self.sequences = [self.sequences[i] for i in keep]
-            self.state = self.state.select(keep) if keep else self.state
+            self.remove([i for i, s in enumerate(self.sequences) if s.is_finished])
         return done
+
+    def remove(self, rows: Seq[int]) -> None:
+        """Drop `rows` from the batch, sequences and cache alike."""
+        order = self.state.remove(rows)
+        self.sequences = [self.sequences[i] for i in order]
 
     def extend(self, other: DecodeBatch) -> None:
         """Admit the rows of `other` (already prefilled) into this batch."""
-        self.state = DecoderState.concat([self.state, other.state]) if self.sequences else other.state
+        if self.sequences:
+            self.state.add(other.state)
+        else:
+            self.state = other.state
         self.sequences = self.sequences + other.sequences
 
 

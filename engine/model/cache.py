@@ -1,22 +1,33 @@
 """Per-request decoder state: self-attention KV cache and the cross-attention keys/values.
 
-Shape legend: B rows (requests or beams), H heads, C cache capacity, S encoder positions,
-T new positions this step, Dh head width, L decoder layers.
+Shape legend: B rows (requests or beams), R row slots allocated, H heads, C cache capacity, S
+encoder positions, T new positions this step, Dh head width, L decoder layers.
 
 An encoder-decoder computes the cross-attention keys/values of a request once, when it is admitted,
 and keeps them for every step (STYLE.md §3, TGI `seq2seq_lm.py`). Rows may be at different decode
 lengths (continuous batching admits requests at different times), so each row has its own length;
 the self-attention cache is preallocated to a capacity and grows geometrically, so a decode step
-writes in place instead of concatenating. Rows can be selected (beam reordering, dropping finished
-requests) and states concatenated (admitting new requests into a running batch).
+writes in place instead of concatenating.
+
+Rows live in slots: every tensor is allocated for R >= B rows and the first B are the batch (the
+public lists are views of them, so attention reads only live rows, contiguous as before). A request
+that finishes leaves by `remove`: the last live rows move into the freed slots, one row copied per
+row removed, the others untouched. Newcomers join by `add`: their rows are written into the slots
+after the live ones; only when the slots, the cache capacity or the encoder length run out does
+every tensor grow (geometrically, so the copies are amortised). Before, every join or leave copied
+the whole self- and cross-attention K/V of every row (`select` / `concat`, which beam search still
+uses to reorder and repeat rows).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+
+#: Slots a state keeps however few rows are live (below this, freeing memory is not worth a copy).
+MIN_SLOTS_KEPT = 8
 
 
 @dataclass
@@ -24,7 +35,7 @@ class DecoderState:
     """Decoder cache of a batch of rows; mutated in place by each decode step."""
 
     self_k: list[torch.Tensor]
-    """Per layer (B, H, C, Dh): keys of every decoded position."""
+    """Per layer (B, H, C, Dh): keys of every decoded position (views of the first B slots)."""
     self_v: list[torch.Tensor]
     """Per layer (B, H, C, Dh): values of every decoded position."""
     cross_k: list[torch.Tensor]
@@ -35,6 +46,8 @@ class DecoderState:
     """(B, 1, 1, S) additive mask: 0 for encoder tokens, the dtype's minimum for padding."""
     lengths: list[int]
     """Positions already in the self-attention cache, per row."""
+    _slots: dict[str, list[torch.Tensor]] = field(default_factory=dict, repr=False)
+    """The (R, ...) tensors the public lists view, by name; empty until rows first join or leave."""
 
     @property
     def batch_size(self) -> int:
@@ -43,6 +56,15 @@ class DecoderState:
     @property
     def capacity(self) -> int:
         return self.self_k[0].shape[2] if self.self_k else 0
+
+    @property
+    def source_length(self) -> int:
+        return self.cross_mask.shape[-1]
+
+    @property
+    def num_slots(self) -> int:
+        """Rows the tensors hold (live ones first)."""
+        return self._store("cross_mask")[0].shape[0]
 
     @property
     def is_uniform(self) -> bool:
@@ -65,18 +87,127 @@ class DecoderState:
         self_v = [like.new_zeros(B, H, capacity, Dh) for _ in cross_k]
         return cls(self_k, self_v, cross_k, cross_v, cross_mask, [0] * B)
 
+    # ---- slots ---------------------------------------------------------------------------------
+
+    _NAMES = ("self_k", "self_v", "cross_k", "cross_v", "cross_mask")
+
+    def _store(self, name: str) -> list[torch.Tensor]:
+        """The full (R, ...) tensors behind a public field (the field itself while no slots exist)."""
+        if name in self._slots:
+            return self._slots[name]
+        value = getattr(self, name)
+        return value if isinstance(value, list) else [value]
+
+    def _set_stores(self, stores: dict[str, list[torch.Tensor]]) -> None:
+        self._slots = stores
+        self._refresh_views()
+
+    def _refresh_views(self) -> None:
+        """Point the public fields at the first `batch_size` slots."""
+        B = self.batch_size
+        for name in self._NAMES:
+            views = [t[:B] for t in self._store(name)]
+            setattr(self, name, views[0] if name == "cross_mask" else views)
+
+    def _resized(self, *, slots: int, capacity: int, source_length: int) -> dict[str, list[torch.Tensor]]:
+        """Every tensor reallocated to `slots` rows, `capacity` cache positions and `source_length`
+        encoder positions, the live rows copied in (new encoder positions masked)."""
+        B, C, S = self.batch_size, self.capacity, self.source_length
+        fill = torch.finfo(self.cross_mask.dtype).min
+        out: dict[str, list[torch.Tensor]] = {}
+        for name in self._NAMES:
+            grown = []
+            for t in self._store(name):
+                shape = list(t.shape)
+                shape[0] = slots
+                if name.startswith("self"):
+                    shape[2] = capacity
+                elif name == "cross_mask":
+                    shape[3] = source_length
+                else:
+                    shape[2] = source_length
+                new = t.new_full(shape, fill) if name == "cross_mask" else t.new_zeros(shape)
+                if name.startswith("self"):
+                    new[:B, :, :C] = t[:B, :, :C]
+                elif name == "cross_mask":
+                    new[:B, ..., :S] = t[:B, ..., :S]
+                else:
+                    new[:B, :, :S] = t[:B, :, :S]
+                grown.append(new)
+            out[name] = grown
+        return out
+
     def reserve(self, num_new: int) -> None:
         """Make room for `num_new` more positions in every row (doubling the capacity if needed)."""
         needed = max(self.lengths, default=0) + num_new
         if needed <= self.capacity:
             return
         capacity = max(needed, 2 * self.capacity)
-        for cache in (self.self_k, self.self_v):
-            for i, old in enumerate(cache):
-                B, H, C, Dh = old.shape
-                grown = old.new_zeros(B, H, capacity, Dh)
-                grown[:, :, :C] = old
-                cache[i] = grown
+        self._set_stores(self._resized(slots=self.num_slots, capacity=capacity, source_length=self.source_length))
+
+    def remove(self, rows: Sequence[int]) -> list[int]:
+        """Drop `rows` in place; returns, for each remaining row in its new position, its old index.
+
+        The live rows after the new end move into the freed slots below it (one row copy per row
+        removed; the others stay where they are), so the order of the remaining rows changes.
+        """
+        gone = set(rows)
+        B = self.batch_size
+        keep = B - len(gone)
+        holes = sorted(r for r in gone if r < keep)
+        movers = [r for r in range(keep, B) if r not in gone]
+        order = list(range(keep))
+        for hole, mover in zip(holes, movers, strict=True):
+            order[hole] = mover
+        if holes:
+            device = self.cross_mask.device
+            dst = torch.tensor(holes, device=device)
+            src = torch.tensor(movers, device=device)
+            stores = {name: self._store(name) for name in self._NAMES}
+            for tensors in stores.values():
+                for t in tensors:
+                    t[dst] = t[src]
+            self._slots = stores
+        self.lengths = [self.lengths[i] for i in order]
+        if not self._slots:
+            self._slots = {name: self._store(name) for name in self._NAMES}
+        if keep and 4 * keep <= self.num_slots and self.num_slots > MIN_SLOTS_KEPT:
+            # Mostly empty after a burst: give the memory back (one copy of the live rows).
+            size = max(2 * keep, MIN_SLOTS_KEPT)
+            self._slots = self._resized(slots=size, capacity=self.capacity, source_length=self.source_length)
+        self._refresh_views()
+        return order
+
+    def add(self, other: DecoderState) -> None:
+        """Append the rows of `other` (newly prefilled) after the live rows, in place.
+
+        Their K/V are written into free slots; every tensor grows (slots doubled, cache capacity
+        and encoder length to what `other` needs) only when one of them runs out.
+        """
+        B, m = self.batch_size, other.batch_size
+        slots = self.num_slots if B + m <= self.num_slots else max(B + m, 2 * self.num_slots)
+        capacity = max(self.capacity, other.capacity)
+        source = max(self.source_length, other.source_length)
+        if (slots, capacity, source) != (self.num_slots, self.capacity, self.source_length):
+            self._set_stores(self._resized(slots=slots, capacity=capacity, source_length=source))
+        elif not self._slots:
+            self._slots = {name: self._store(name) for name in self._NAMES}
+        fill = torch.finfo(self.cross_mask.dtype).min
+        C, S = other.capacity, other.source_length
+        for name in self._NAMES:
+            for t, new in zip(self._store(name), other._store(name), strict=True):
+                part = new[:m]
+                if name.startswith("self"):
+                    t[B : B + m, :, :C] = part[:, :, :C]
+                    t[B : B + m, :, C:] = 0
+                elif name == "cross_mask":
+                    t[B : B + m, ..., :S] = part
+                    t[B : B + m, ..., S:] = fill
+                else:
+                    t[B : B + m, :, :S] = part
+                    t[B : B + m, :, S:] = 0
+        self.lengths = self.lengths + list(other.lengths)
+        self._refresh_views()
 
     def query_positions(self, num_new: int) -> torch.Tensor:
         """Positions (B, T) of the `num_new` tokens about to be appended to each row."""

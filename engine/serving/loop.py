@@ -159,9 +159,7 @@ class EngineLoop(threading.Thread):
         present = [rid for rid in request_ids if rid in self._running]
         if not present or self.batch is None:
             return
-        keep = [i for i, s in enumerate(self.batch.sequences) if s.request.request_id not in request_ids]
-        self.batch.sequences = [self.batch.sequences[i] for i in keep]
-        self.batch.state = self.batch.state.select(keep) if keep else self.batch.state
+        self.batch.remove([i for i, s in enumerate(self.batch.sequences) if s.request.request_id in request_ids])
         for rid in present:
             running = self._running.pop(rid)
             if error is not None:
