@@ -92,7 +92,8 @@ def run(cfg: OffloadABConfig, log: Any = print) -> dict[str, Any]:
         "machine": machine_info(),
         "runs": [],
     }
-    models = {name: MODELS[name]().resolve() for name in cfg.models}
+    # A bench model by name, or any model directory (e.g. a `cpm2 quantize` copy) by its path.
+    models = {name: (Path(name) if Path(name).is_dir() else MODELS[name]()).resolve() for name in cfg.models}
     try:
         for repeat in range(cfg.repeats):
             for name, model_dir in models.items():
@@ -149,7 +150,9 @@ def print_report(report: dict[str, Any], console: Console) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--baseline", default=OffloadABConfig.baseline, help="git revision to compare with")
-    parser.add_argument("--models", nargs="+", default=list(OffloadABConfig.models))
+    parser.add_argument(
+        "--models", nargs="+", default=list(OffloadABConfig.models), help="bench model names or model directories"
+    )
     parser.add_argument("--batches", nargs="+", type=int, default=list(OffloadABConfig.batches))
     parser.add_argument("--budget", default=OffloadABConfig.budget)
     parser.add_argument("--steps", type=int, default=OffloadABConfig.steps)
