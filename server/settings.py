@@ -60,6 +60,9 @@ class Settings(BaseSettings):
         0.0, ge=0, description="encode new requests once waiting >= this x running rows (0: at every step)"
     )
     max_waiting_steps: int = Field(20, ge=0, description="...or once they have waited this many decode steps")
+    max_prefill_tokens: int = Field(
+        0, ge=0, description="encoder tokens encoded between two decode steps (at least one request; 0: no limit)"
+    )
     max_queue_requests: int = Field(128, ge=0, description="requests waiting before new ones get 429")
     max_concurrent_requests: int = Field(160, ge=1, description="requests in the server at once (429 above)")
     max_stop_sequences: int = Field(4, ge=0, description="stop sequences per request")
@@ -109,6 +112,7 @@ class Settings(BaseSettings):
             max_batch_size=self.max_batch_size,
             max_queue=self.max_queue_requests,
             waiting_served_ratio=self.waiting_served_ratio,
+            max_prefill_tokens=self.max_prefill_tokens,
             max_waiting_steps=self.max_waiting_steps,
             stall_seconds=self.stall_seconds,
         )

@@ -199,3 +199,17 @@ def test_dropout_only_in_training(tiny_model_dir: Path) -> None:
         torch.testing.assert_close(noisy(ids, torch.ones_like(ids), dec), model(ids, torch.ones_like(ids), dec))
         noisy.train()
         assert not torch.allclose(noisy(ids, torch.ones_like(ids), dec), model(ids, torch.ones_like(ids), dec))
+
+
+def test_decoder_cache_benchmark_writes_its_report(tmp_path: Path) -> None:
+    """`bench.decoder_cache` times a join and a leave both ways; only the report's shape is checked."""
+    import json
+
+    from bench.decoder_cache import main
+
+    out = tmp_path / "cache.json"
+    assert main(["--quick", "--repeats", "1", "--out", str(out)]) == 0
+    records = json.loads(out.read_text())["records"]
+    assert [r["rows"] for r in records] == [1, 16]
+    for r in records:
+        assert all(r[k] > 0 for k in ("join_copy_ms", "join_slots_ms", "leave_copy_ms", "leave_slots_ms"))

@@ -78,3 +78,28 @@ def test_ratio_zero_admits_at_every_step() -> None:
     scheduler = Scheduler(max_running=16, max_waiting=32)
     scheduler.submit(_request(0), now=0)
     assert _ids(scheduler.admit(num_running=15 - 1)) == ["r0"]
+
+
+def test_one_admission_encodes_at_most_the_prefill_budget() -> None:
+    """A burst is admitted in chunks of at most `max_prefill_tokens` encoder tokens (input, pair and
+    virtual), oldest first; a request larger than the budget still runs, alone."""
+    import torch
+
+    from engine.prompts import SoftPrompt
+
+    scheduler = Scheduler(max_running=64, max_waiting=64, max_prefill_tokens=10)
+    prompt = SoftPrompt(prefix=torch.zeros(4, 8))
+    sizes = [(3, None), (3, None), (2, prompt), (12, None), (1, None)]  # 3, 3, 6, 12, 1 tokens
+    for i, (n, p) in enumerate(sizes):
+        request = EngineRequest(request_id=f"r{i}", input_ids=(5,) * n, params=SamplingParams(), prompt=p)
+        scheduler.submit(request, now=float(i))
+    assert _ids(scheduler.admit(num_running=0)) == ["r0", "r1"]  # 3 + 3; r2's 6 would make 12
+    assert _ids(scheduler.admit(num_running=2)) == ["r2"]  # 6; r3's 12 would exceed
+    assert _ids(scheduler.admit(num_running=3)) == ["r3"]  # over the budget alone: admitted alone
+    assert _ids(scheduler.admit(num_running=4)) == ["r4"]
+    with pytest.raises(ValueError, match="max_prefill_tokens"):
+        Scheduler(max_running=1, max_waiting=1, max_prefill_tokens=-1)
+    unlimited = Scheduler(max_running=64, max_waiting=64)  # the default: no limit
+    for i in range(5):
+        unlimited.submit(EngineRequest(request_id=f"u{i}", input_ids=(5,) * 500, params=SamplingParams()), now=0.0)
+    assert len(unlimited.admit(num_running=0)) == 5

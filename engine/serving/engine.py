@@ -63,6 +63,9 @@ class EngineConfig:
     (0: at every step; see `engine.serving.scheduler`)."""
     max_waiting_steps: int = 20
     """...or once they have waited this many decode steps."""
+    max_prefill_tokens: int = 0
+    """Encoder tokens encoded in one pass between decode steps at most (at least one request; 0: no
+    limit): bounds how long a burst of arrivals pauses the running rows, at some throughput."""
     stall_seconds: float = 60.0
     """With requests running and no step for this long, the engine is reported stalled."""
     warmup: bool = True
@@ -99,6 +102,7 @@ class AsyncEngine:
             max_waiting=config.max_queue,
             waiting_served_ratio=config.waiting_served_ratio,
             max_waiting_steps=config.max_waiting_steps,
+            max_prefill_tokens=config.max_prefill_tokens,
             special_ids=specials,
             expert_stats=(lambda: _expert_stats(provider)) if provider is not None else None,
         )

@@ -53,6 +53,7 @@ class EngineLoop(threading.Thread):
         max_waiting: int,
         waiting_served_ratio: float = 0.0,
         max_waiting_steps: int = 20,
+        max_prefill_tokens: int = 0,
         special_ids: frozenset[int],
         expert_stats: Callable[[], tuple[dict[str, float], dict[str, dict[str, float]]]] | None = None,
     ) -> None:
@@ -65,6 +66,7 @@ class EngineLoop(threading.Thread):
             max_waiting=max_waiting,
             waiting_served_ratio=waiting_served_ratio,
             max_waiting_steps=max_waiting_steps,
+            max_prefill_tokens=max_prefill_tokens,
         )
         self._sinks: dict[str, tuple[Sink, float]] = {}
         self._running: dict[str, _Running] = {}

@@ -10,6 +10,15 @@ times one (the encoder's weights, experts included, are read once). So while a b
 requests may wait to be encoded together (TGI's `waiting_served_ratio` / `max_waiting_tokens`):
 they are admitted once they are at least `waiting_served_ratio` × the running rows, or fill the
 free room, or have waited `max_waiting_steps` decode steps. Ratio 0 admits at every step.
+
+With `max_prefill_tokens` set, one admission encodes at most that many encoder tokens (input, pair
+and virtual tokens; always at least one request), so a burst of arrivals pauses the running rows for
+one bounded encoder pass per step and is encoded in chunks between decode steps (vLLM's chunked
+prefill and `max_num_batched_tokens`, at request granularity: an encoder pass is not split within a
+request). The first chunk starts decoding while the rest wait. It is off by default: on the serving
+benchmark (CPU, MoE encoder) a budget of 2048 tokens brought the median time to first token at 64
+clients to 0.6x and cost 13 % of the throughput, because every chunk reads the encoder's experts
+again (docs/serving.md).
 """
 
 from __future__ import annotations
@@ -40,6 +49,8 @@ class Scheduler:
     """While rows run, admit only when waiting >= this × running (or the limits below)."""
     max_waiting_steps: int = 20
     """...or once the queue has waited this many decode steps."""
+    max_prefill_tokens: int = 0
+    """Encoder tokens admitted at once at most (at least one request is); 0: no limit."""
     waiting: deque[Waiting] = field(default_factory=deque)
     accepting: bool = True
     steps_waited: int = 0
@@ -50,6 +61,8 @@ class Scheduler:
             raise ValueError("max_running must be >= 1 and max_waiting >= 0")
         if self.waiting_served_ratio < 0 or self.max_waiting_steps < 0:
             raise ValueError("waiting_served_ratio and max_waiting_steps must be >= 0")
+        if self.max_prefill_tokens < 0:
+            raise ValueError("max_prefill_tokens must be >= 0 (0: no limit)")
 
     def submit(self, request: EngineRequest, *, now: float) -> None:
         """Queue `request`, or refuse it when the queue is full."""
@@ -93,7 +106,18 @@ class Scheduler:
         if held:
             return []
         admitted: list[Waiting] = []
+        tokens = 0
         while self.waiting and len(admitted) < room:
+            cost = encoder_tokens(self.waiting[0].request)
+            if admitted and self.max_prefill_tokens and tokens + cost > self.max_prefill_tokens:
+                break  # the rest are encoded after the next decode step
             admitted.append(self.waiting.popleft())
+            tokens += cost
         self.steps_waited = 0
         return admitted
+
+
+def encoder_tokens(request: EngineRequest) -> int:
+    """Tokens `request`'s encoder pass runs: its input and pair ids and its prompt's virtual tokens."""
+    virtual = request.prompt.encoder_tokens if request.prompt is not None else 0
+    return len(request.input_ids) + len(request.pair_ids) + virtual
