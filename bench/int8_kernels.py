@@ -139,7 +139,8 @@ def _make_pool(
     return pool, {name: 1e3 * statistics.median(t) for name, t in prepack.items()}
 
 
-def _error(y: torch.Tensor, ref: torch.Tensor) -> float:
+def error(y: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |y - ref| / max |ref|."""
     return float((y.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
 
 
@@ -176,7 +177,7 @@ def measure(
                 ref = x.double() @ w0["int8"].dequantize().double().T
                 float_ref = x.double() @ w0["float"].double().T
                 active = {k: fn for k, fn in candidates(dtype).items() if k not in dropped}
-                errors = {k: _error(fn(x, w0), ref) for k, fn in active.items()}  # also the warm-up
+                errors = {k: error(fn(x, w0), ref) for k, fn in active.items()}  # also the warm-up
                 times: dict[str, list[float]] = {k: [] for k in active}
                 meter.start()
                 for r in range(repeats):
@@ -194,7 +195,7 @@ def measure(
                         "dtype": name,
                         "rows": num_rows,
                         "engine_path": str(kernels.active_kernels().int8_path(dtype, num_rows)),
-                        "int8_vs_float_error": _error(ref, float_ref),
+                        "int8_vs_float_error": error(ref, float_ref),
                         "prepack_ms": prepack_ms,
                         "foreign_cpu_share": meter.foreign_share(),
                         "candidates": {
@@ -236,16 +237,20 @@ def show(report: dict[str, Any], console: Console) -> None:
         errors = Table(
             title=f"{dtype}: max |y - ref| / max |ref| against x @ W_deq.T (float64), worst over shapes and rows"
         )
-        errors.add_column("int8 vs float W")
+        fmt = report.get("format", "int8")
+        errors.add_column(f"{fmt} vs float W")
         for k in names:
             errors.add_column(k, justify="right")
         worst = {
             k: max((r["candidates"][k]["error"] for r in subset if k in r["candidates"]), default=float("nan"))
             for k in names
         }
-        errors.add_row(f"{max(r['int8_vs_float_error'] for r in subset):.2e}", *(f"{worst[k]:.1e}" for k in names))
+        own_error = max(r[f"{fmt}_vs_float_error"] for r in subset)
+        errors.add_row(f"{own_error:.2e}", *(f"{worst[k]:.1e}" for k in names))
         console.print(errors)
-    prepack = {f"{r['shape'][0]}×{r['shape'][1]}": r["prepack_ms"] for r in records}
+    prepack = {f"{r['shape'][0]}×{r['shape'][1]}": r["prepack_ms"] for r in records if "prepack_ms" in r}
+    if not prepack:
+        return
     console.print(
         "prepack per weight (ms, i.e. per expert load): "
         + ", ".join(f"{s}: " + ", ".join(f"{k} {v:.1f}" for k, v in p.items()) for s, p in prepack.items())

@@ -21,8 +21,8 @@ import torch
 
 from engine.model import kernels
 from engine.model.int4 import GROUP_SIZES, MIDPOINT, Int4Weight, int4_linear, quantize_int4
-from engine.model.kernels import Int4Path, kernel_mode
-from engine.model.nibbles import PACKING_BLOCK, PACKINGS, fits, pack, unpack
+from engine.model.kernels import INT4PACK_MAX_ROWS, Int4Path, kernel_mode
+from engine.model.nibbles import PACKING_BLOCK, PACKINGS, fits, pack, unpack, unpack_transposed
 
 SHAPES = [(64, 64), (128, 256), (192, 128)]
 
@@ -46,6 +46,29 @@ def test_unpack_inverts_pack(packing: str, shape: tuple[int, int]) -> None:
     assert packed.dtype == torch.uint8
     assert packed.shape == (shape[0], shape[1] // 2)
     assert torch.equal(unpack(packed, *shape, packing), values.to(torch.uint8))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("packing", PACKINGS)
+def test_transposed_unpacking_and_dequantisation_agree(packing: str) -> None:
+    values = torch.randint(0, 16, (128, 192), generator=torch.Generator().manual_seed(3))
+    packed = pack(values, packing)  # type: ignore[arg-type]
+    assert torch.equal(unpack_transposed(packed, 128, 192, packing), values.t().to(torch.uint8))  # type: ignore[arg-type]
+    weight = quantize_int4(_weight(128, 192), group_size=64, packing=packing)  # type: ignore[arg-type]
+    assert torch.equal(weight.dequantize_transposed(torch.float32), weight.dequantize().t())
+    # bfloat16 rounds the zero and the products: an error of a few 2^-8 of the weights' magnitude.
+    bf16 = weight.dequantize_transposed(torch.bfloat16).float()
+    exact = weight.dequantize().t()
+    assert (bf16 - exact).abs().max() <= 2e-2 * exact.abs().max()
+
+
+def test_many_rows_take_the_dequant_bf16_path() -> None:
+    table = kernels.CpuKernels("auto")
+    packing = table.int4_packing
+    if packing is None:
+        pytest.skip("no int4 kernel on this CPU")
+    assert table.int4_path(torch.float32, packing, rows=INT4PACK_MAX_ROWS) is Int4Path.INT4PACK_BF16
+    assert table.int4_path(torch.float32, packing, rows=INT4PACK_MAX_ROWS + 1) is Int4Path.DEQUANT_BF16
+    assert table.int4_path(torch.float32, "plain", rows=1000) is Int4Path.DEQUANT
 
 
 def test_plain_packing_is_low_nibble_first() -> None:
@@ -155,7 +178,7 @@ def test_every_packing_stands_for_the_same_weight() -> None:
 
 @pytest.mark.parametrize("mode", ["auto", "plain"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("rows", [0, 1, 3, 17])
+@pytest.mark.parametrize("rows", [0, 1, 3, 17, INT4PACK_MAX_ROWS + 1])
 def test_int4_linear_matches_the_dequantised_reference(mode: str, dtype: torch.dtype, rows: int) -> None:
     with kernel_mode(mode) as table:
         packing = table.int4_packing or "plain"
@@ -166,7 +189,7 @@ def test_int4_linear_matches_the_dequantised_reference(mode: str, dtype: torch.d
         assert y.shape == (2, rows, 128)
         if rows == 0:
             return
-        path = table.int4_path(dtype, packing)
+        path = table.int4_path(dtype, packing, rows=2 * rows)
         exact = path is Int4Path.DEQUANT and dtype == torch.float32
         assert _relative_error(y, x, weight) <= (1e-5 if exact else 2e-2)
 

@@ -59,3 +59,23 @@ def test_quant_benchmark_writes_report(tmp_path: Path) -> None:
     assert report["work_dir_deleted"]
     assert not any(work.iterdir())
     assert not plot.exists() or plot.stat().st_size > 0
+
+
+def test_kernel_benchmarks_write_their_reports(tmp_path: Path) -> None:
+    """`bench.int8_kernels` and `bench.int4_kernels` run (one repeat, small pools) and record every
+    candidate with its time and error, and the path the engine takes."""
+    from bench import int4_kernels, int8_kernels
+
+    for module, fmt in ((int8_kernels, "int8"), (int4_kernels, "int4")):
+        out = tmp_path / f"{fmt}.json"
+        module.main(["--quick", "--repeats", "1", "--pool-mib", "1", "--out", str(out)])
+        report = json.loads(out.read_text())
+        records = report["records"]
+        assert {r["rows"] for r in records} == {1, 16, 256}
+        for record in records:
+            assert {"float", "engine"} <= record["candidates"].keys()
+            assert record[f"{fmt}_vs_float_error"] > 0
+            assert all(c["us"] > 0 and c["error"] >= 0 for c in record["candidates"].values())
+        if fmt == "int4":
+            assert report["format"] == "int4"
+            assert "dequant" in records[0]["candidates"]

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.model.kernels import Int4Path, active_kernels
-from engine.model.nibbles import Packing, fits, pack, unpack
+from engine.model.nibbles import Packing, fits, pack, unpack, unpack_transposed
 
 #: Group sizes `cpm2 quantize --group-size` takes (inputs per scale and zero).
 GROUP_SIZES = (32, 64, 128)
@@ -63,6 +63,18 @@ class Int4Weight:
         sz_NG2 = self.scale_zero.transpose(0, 1).to(torch.float32)
         w_NGg = (q_NGg.to(torch.float32) - MIDPOINT) * sz_NG2[..., :1] + sz_NG2[..., 1:]
         return w_NGg.view(N, K).to(dtype)
+
+    def dequantize_transposed(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+        """The (in, out) weight, computed in `dtype` along the rows torch's packings store (a
+        contiguous pass, 2.5x faster than `dequantize` in bfloat16 here; bfloat16 rounds the
+        products, well under the int4 values' own error)."""
+        N, K = self.shape
+        G = self.group_size
+        q_KN = unpack_transposed(self.packed, N, K, self.packing)
+        sz_G1N2 = self.scale_zero.to(dtype).unsqueeze(1)  # (K / G, 1, N, 2)
+        scale, zero = sz_G1N2[..., 0], sz_G1N2[..., 1]
+        w_GgN = torch.addcmul(zero - MIDPOINT * scale, q_KN.view(K // G, G, N).to(dtype), scale)
+        return w_GgN.view(K, N)
 
     def to(self, device: torch.device | str) -> Int4Weight:
         return Int4Weight(self.packed.to(device), self.scale_zero.to(device), self.group_size, self.packing)
@@ -107,15 +119,16 @@ def int4_linear(x: torch.Tensor, weight: Int4Weight) -> torch.Tensor:
     x_MK = x.reshape(-1, K)  # (M, K)
     if x_MK.shape[0] == 0:
         return x.new_zeros(*x.shape[:-1], N)
-    cpu_fast = (
-        weight.device.type == "cpu"
-        and not (torch.is_grad_enabled() and x.requires_grad)
-        and active_kernels().int4_path(x.dtype, weight.packing) is Int4Path.INT4PACK_BF16
-    )
-    if cpu_fast:
+    path = Int4Path.DEQUANT
+    if weight.device.type == "cpu" and not (torch.is_grad_enabled() and x.requires_grad):
+        path = active_kernels().int4_path(x.dtype, weight.packing, rows=x_MK.shape[0])
+    if path is Int4Path.INT4PACK_BF16:
         # float32 activations are rounded to bfloat16: the kernel's float32 variant is 30x slower here.
         x_MK = x_MK.to(torch.bfloat16).contiguous()
         y_MN = torch._weight_int4pack_mm_for_cpu(x_MK, weight.packed, weight.group_size, weight.scale_zero)
+    elif path is Int4Path.DEQUANT_BF16:
+        # Many rows: the weight dequantised once into bfloat16, then oneDNN's bf16 matmul.
+        y_MN = torch.matmul(x_MK.to(torch.bfloat16), weight.dequantize_transposed(torch.bfloat16))
     else:
         y_MN = F.linear(x_MK, weight.dequantize(x.dtype))
     return y_MN.to(x.dtype).reshape(*x.shape[:-1], N)

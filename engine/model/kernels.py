@@ -80,6 +80,10 @@ class Int4Path(enum.StrEnum):
     """`torch._weight_int4pack_mm_for_cpu` on bfloat16 activations, reading the weight as stored
     (half a byte per value): 3x faster than a float32 GEMV at one row, 1.5x at 16 rows here. Only
     for weights in the packing this machine's kernel reads (`CpuKernels.int4_packing`)."""
+    DEQUANT_BF16 = "dequant-bf16"
+    """Many rows: the weight dequantised once into bfloat16 along its stored order, then a bf16
+    matmul (activations rounded to bf16 as on `int4pack-bf16`). `int4pack` streams the weight again
+    for every few rows; from `INT4PACK_MAX_ROWS` rows on this is faster (2x at 256 rows here)."""
     DEQUANT = "dequant"
     """The weight unpacked and dequantised into the activation dtype, then that dtype's float
     matmul. Runs everywhere, for every packing; a pass over the weight per call, so much slower."""
@@ -91,6 +95,10 @@ class Int4Path(enum.StrEnum):
 #: to 4096x1024 weights); at one row int8pack is 1.14-1.66x faster there (but 1.3x slower on a
 #: 32128x768 output head), from 8 rows w8a8 is 1.8-3.9x faster (2-core Xeon with AMX, 2026-12-06).
 INT8PACK_MAX_ROWS = 3
+#: Int4 weights multiply up to this many rows with `int4pack-bf16`, more with `dequant-bf16`: at 4096 x
+#: 1024, int4pack 3.3 / 12.4 ms and dequant-bf16 5.1 / 6.0 ms at 64 / 256 rows, crossing near 110
+#: (2-core Xeon, weights cold in memory; `python -m bench.int4_kernels`).
+INT4PACK_MAX_ROWS = 128
 #: `_weight_int8pack_mm` (torch 2.13, AVX512) returns garbage when `in` is not a multiple of 32, and
 #: may crash: such weights take the `dequant` path (`engine.model.quant`).
 INT8PACK_IN_MULTIPLE = 32
@@ -342,10 +350,10 @@ class CpuKernels:
                 self._int4 = _probe_int4pack()
         return self._int4
 
-    def int4_path(self, dtype: torch.dtype, packing: str) -> Int4Path:
-        """How an int4 weight in `packing` multiplies activations of `dtype`."""
+    def int4_path(self, dtype: torch.dtype, packing: str, rows: int = 1) -> Int4Path:
+        """How an int4 weight in `packing` multiplies `rows` rows of activations of `dtype`."""
         if dtype in (torch.float32, torch.bfloat16) and packing == self.int4_packing:
-            return Int4Path.INT4PACK_BF16
+            return Int4Path.INT4PACK_BF16 if rows <= INT4PACK_MAX_ROWS else Int4Path.DEQUANT_BF16
         return Int4Path.DEQUANT
 
     def int8_path(self, dtype: torch.dtype, rows: int = 1) -> Int8Path:
@@ -424,7 +432,7 @@ def describe(dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16)) 
         lines.append(f"  {name}: dense {kernels.dense}, experts {kernels.experts}{why}, {int8}")
     packing = _active.int4_packing
     lines.append(
-        f"  int4: {Int4Path.INT4PACK_BF16} for {packing} packing"
+        f"  int4: {Int4Path.INT4PACK_BF16} (<= {INT4PACK_MAX_ROWS} rows) / {Int4Path.DEQUANT_BF16}, {packing} packing"
         if packing
         else f"  int4: dequant ({_active.int4_reason})"
     )

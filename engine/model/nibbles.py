@@ -55,6 +55,18 @@ def pack(values_NK: torch.Tensor, packing: Packing) -> torch.Tensor:
     return bytes_BnPjK.permute(0, 3, 1, 2).contiguous().view(N, K // 2)
 
 
+def unpack_transposed(packed: torch.Tensor, rows: int, cols: int, packing: Packing) -> torch.Tensor:
+    """The (cols, rows) uint8 values of `unpack`, transposed, contiguous: torch's packings store each
+    block column by column, so this order is the cheap one to produce from them (whole 32/64-row
+    runs per column instead of a transpose of every byte)."""
+    if packing == "plain":
+        return unpack(packed, rows, cols, packing).t().contiguous()
+    block = PACKING_BLOCK[packing]
+    b_BKP = packed.reshape(rows // block, cols, block // 2)
+    v_BKr = torch.stack((b_BKP & 15, b_BKP >> 4), dim=2).view(rows // block, cols, block)
+    return v_BKr.permute(1, 0, 2).reshape(cols, rows)
+
+
 def unpack(packed: torch.Tensor, rows: int, cols: int, packing: Packing) -> torch.Tensor:
     """The (rows, cols) uint8 values (0..15) of `rows * cols // 2` packed bytes (any shape)."""
     N, K = rows, cols
