@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import statistics
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -36,15 +35,13 @@ import torch
 import torch.nn.functional as F
 from rich.console import Console
 
-from bench.int8_kernels import DTYPES, ROWS, SHAPES, error, show
+from bench.int8_kernels import DTYPES, ROWS, SHAPES, error, run_candidates, show
 from bench.machine import CpuMeter, machine_info, publish
 from engine.model import kernels
 from engine.model.int4 import DEFAULT_GROUP_SIZE, Int4Weight, int4_linear, quantize_int4
 from engine.model.linear import linear
 
 RESULTS = Path("bench/results/int4_kernels.json")
-#: A candidate this many times slower than the best is not run at larger row counts.
-DROP_RATIO = 8.0
 
 Kernel = Callable[[torch.Tensor, dict[str, Any]], torch.Tensor]
 
@@ -105,34 +102,27 @@ def measure(
                 ref = x.double() @ w0["int4"].dequantize().double().T
                 float_ref = x.double() @ w0["float"].double().T
                 active = {k: fn for k, fn in candidates(dtype, packing).items() if k not in dropped}
-                errors = {k: error(fn(x, w0), ref) for k, fn in active.items()}  # also the warm-up
-                times: dict[str, list[float]] = {k: [] for k in active}
                 meter.start()
-                for r in range(repeats):
-                    for i, (k, fn) in enumerate(active.items()):
-                        w = pool[(1 + r * len(active) + i) % size]
-                        start = time.perf_counter()
-                        fn(x, w)
-                        times[k].append(time.perf_counter() - start)
-                medians = {k: statistics.median(t) for k, t in times.items()}
-                best = min(medians.values())
-                dropped |= {k for k, t in medians.items() if t > DROP_RATIO * best and k not in ("float", "engine")}
+                measured = run_candidates(
+                    active,
+                    x,
+                    pool,
+                    ref=ref,
+                    repeats=repeats,
+                    dropped=dropped,
+                    weight_bytes=lambda k, shape=shape, dtype=dtype: _weight_bytes(k, shape, dtype),
+                )
                 records.append(
                     {
                         "shape": list(shape),
                         "dtype": name,
                         "rows": num_rows,
-                        "engine_path": str(kernels.active_kernels().int4_path(dtype, packing or "plain")),
+                        "engine_path": str(
+                            kernels.active_kernels().int4_path(dtype, packing or "plain", rows=num_rows)
+                        ),
                         "int4_vs_float_error": error(ref, float_ref),
                         "foreign_cpu_share": meter.foreign_share(),
-                        "candidates": {
-                            k: {
-                                "us": 1e6 * medians[k],
-                                "gb_s": _weight_bytes(k, shape, dtype) / medians[k] / 1e9,
-                                "error": errors[k],
-                            }
-                            for k in active
-                        },
+                        "candidates": measured,
                     }
                 )
             del pool

@@ -151,6 +151,34 @@ def _weight_bytes(name: str, shape: tuple[int, int], dtype: torch.dtype) -> int:
     return numel + 4 * shape[0]  # int8 values and float32 scales
 
 
+def run_candidates(
+    active: dict[str, Kernel],
+    x: torch.Tensor,
+    pool: list[dict[str, Any]],
+    *,
+    ref: torch.Tensor,
+    repeats: int,
+    dropped: set[str],
+    weight_bytes: Callable[[str], float],
+) -> dict[str, dict[str, float]]:
+    """Each candidate's median µs, weight GB/s and error against `ref` (its first call, on `pool[0]`,
+    is also the warm-up); candidates interleave within each repeat, each call on the next pool
+    weight. Those `DROP_RATIO` slower than the best are added to `dropped` (not run at larger row
+    counts)."""
+    errors = {k: error(fn(x, pool[0]), ref) for k, fn in active.items()}
+    times: dict[str, list[float]] = {k: [] for k in active}
+    for r in range(repeats):
+        for i, (k, fn) in enumerate(active.items()):
+            w = pool[(1 + r * len(active) + i) % len(pool)]
+            start = time.perf_counter()
+            fn(x, w)
+            times[k].append(time.perf_counter() - start)
+    medians = {k: statistics.median(t) for k, t in times.items()}
+    best = min(medians.values())
+    dropped |= {k for k, t in medians.items() if t > DROP_RATIO * best and k not in ("float", "engine")}
+    return {k: {"us": 1e6 * medians[k], "gb_s": weight_bytes(k) / medians[k] / 1e9, "error": errors[k]} for k in active}
+
+
 @torch.inference_mode()
 def measure(
     *,
@@ -177,18 +205,16 @@ def measure(
                 ref = x.double() @ w0["int8"].dequantize().double().T
                 float_ref = x.double() @ w0["float"].double().T
                 active = {k: fn for k, fn in candidates(dtype).items() if k not in dropped}
-                errors = {k: error(fn(x, w0), ref) for k, fn in active.items()}  # also the warm-up
-                times: dict[str, list[float]] = {k: [] for k in active}
                 meter.start()
-                for r in range(repeats):
-                    for i, (k, fn) in enumerate(active.items()):
-                        w = pool[(1 + r * len(active) + i) % size]
-                        start = time.perf_counter()
-                        fn(x, w)
-                        times[k].append(time.perf_counter() - start)
-                medians = {k: statistics.median(t) for k, t in times.items()}
-                best = min(medians.values())
-                dropped |= {k for k, t in medians.items() if t > DROP_RATIO * best and k not in ("float", "engine")}
+                measured = run_candidates(
+                    active,
+                    x,
+                    pool,
+                    ref=ref,
+                    repeats=repeats,
+                    dropped=dropped,
+                    weight_bytes=lambda k, shape=shape, dtype=dtype: _weight_bytes(k, shape, dtype),
+                )
                 records.append(
                     {
                         "shape": list(shape),
@@ -198,14 +224,7 @@ def measure(
                         "int8_vs_float_error": error(ref, float_ref),
                         "prepack_ms": prepack_ms,
                         "foreign_cpu_share": meter.foreign_share(),
-                        "candidates": {
-                            k: {
-                                "us": 1e6 * medians[k],
-                                "gb_s": _weight_bytes(k, shape, dtype) / medians[k] / 1e9,
-                                "error": errors[k],
-                            }
-                            for k in active
-                        },
+                        "candidates": measured,
                     }
                 )
             del pool

@@ -1,4 +1,5 @@
-"""`cpm2 quantize --experts int8`: quantise → load → generate, offloaded equal to resident.
+"""`cpm2 quantize --experts int8`: quantise → load → generate, offloaded equal to resident (the
+offloaded = resident tests run for int4 experts too; the rest of int4 is tests/test_quantize_int4.py).
 
 A quantised model's experts live only in its int8 store. Resident (they fit the budget) they are
 read into RAM once; offloaded they move through the pool as int8 blobs. Both compute the same
@@ -36,9 +37,19 @@ def int8_dir(source_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
     return out
 
 
+@pytest.fixture(scope="module", params=["int8", "int4"])
+def quantized_dir(request, source_dir: Path, int8_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The source with int8 experts, and with int4 ones (groups of 32, this machine's packing)."""
+    if request.param == "int8":
+        return int8_dir
+    out = tmp_path_factory.mktemp("int4") / "model"
+    quantize_model(source_dir, out, experts="int4", group_size=32, check_inputs=0, progress=False)
+    return out
+
+
 @pytest.fixture(scope="module")
-def resident(int8_dir: Path) -> tuple[list[list[int]], torch.Tensor, int]:
-    loaded = load_for_inference(int8_dir, progress=False)
+def resident(quantized_dir: Path) -> tuple[list[list[int]], torch.Tensor, int]:
+    loaded = load_for_inference(quantized_dir, progress=False)
     assert not loaded.is_offloaded
     vocab = min(loaded.model.config.vocab_size, 1000)
     tokens = [r.token_ids for r in Generator(loaded.model).generate(_requests(vocab))]
@@ -87,12 +98,12 @@ def _offloaded(model_dir: Path, **options: object) -> InferenceModel:
     [
         {"expert_memory": "40%", "direct_io": True},
         {"expert_memory": "75%", "direct_io": True, "order": "index", "window": 1},
-        {"expert_memory": "40%"},  # page-cache mode: int8 blobs computed in place from the mapping
+        {"expert_memory": "40%"},  # page-cache mode: quantised blobs computed in place from the mapping
     ],
 )
-def test_offloaded_int8_equals_resident_int8(int8_dir: Path, resident, options: dict[str, object]) -> None:
+def test_offloaded_equals_resident(quantized_dir: Path, resident, options: dict[str, object]) -> None:
     tokens, logits, vocab = resident
-    loaded = _offloaded(int8_dir, **options)
+    loaded = _offloaded(quantized_dir, **options)
     try:
         provider = loaded.provider
         assert provider is not None
@@ -100,18 +111,20 @@ def test_offloaded_int8_equals_resident_int8(int8_dir: Path, resident, options: 
         assert torch.equal(_forward(loaded.model, vocab), logits)
         if options.get("direct_io"):
             assert provider.stats.misses > 0
-            # What moves is int8: each transfer is one int8 blob's payload.
-            assert provider.bytes_per_expert == ExpertStore.open(int8_dir, loaded.info.config).layout.payload_bytes
+            # What moves is the quantised blob: each transfer is one blob's payload.
+            store = ExpertStore.open(quantized_dir, loaded.info.config)
+            assert store.layout.is_quantized
+            assert provider.bytes_per_expert == store.layout.payload_bytes
             assert provider.stats.bytes_moved == provider.stats.transfers * provider.bytes_per_expert
     finally:
         loaded.close()
 
 
-def test_cold_store_reads_int8_blobs(int8_dir: Path, resident, tmp_path: Path) -> None:
+def test_cold_store_reads_quantized_blobs(quantized_dir: Path, resident, tmp_path: Path) -> None:
     import shutil
 
     tokens, _, vocab = resident
-    copy = Path(shutil.copytree(int8_dir, tmp_path / "copy"))
+    copy = Path(shutil.copytree(quantized_dir, tmp_path / "copy"))
     loaded = _offloaded(copy, expert_memory="40%")
     _drop_page_cache(copy)
     try:
@@ -122,10 +135,10 @@ def test_cold_store_reads_int8_blobs(int8_dir: Path, resident, tmp_path: Path) -
         loaded.close()
 
 
-def test_bfloat16_compute_offloaded_equals_resident(int8_dir: Path) -> None:
-    resident = load_for_inference(int8_dir, dtype="bfloat16", progress=False)
+def test_bfloat16_compute_offloaded_equals_resident(quantized_dir: Path) -> None:
+    resident = load_for_inference(quantized_dir, dtype="bfloat16", progress=False)
     loaded = load_for_inference(
-        int8_dir, dtype="bfloat16", offload=OffloadConfig(expert_memory="40%", direct_io=True), progress=False
+        quantized_dir, dtype="bfloat16", offload=OffloadConfig(expert_memory="40%", direct_io=True), progress=False
     )
     try:
         vocab = min(resident.model.config.vocab_size, 1000)

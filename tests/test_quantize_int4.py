@@ -1,11 +1,10 @@
-"""`cpm2 quantize --experts int4`: quantise → load → generate, offloaded equal to resident.
+"""`cpm2 quantize --experts int4`: the format, its budget, its refusals and its packings.
 
-As for int8 (tests/test_quantize.py): the experts live only in the int4 store, resident they are
-read into RAM once, offloaded they move through the pool as int4 blobs, and both run the same
-kernel on the same bytes, so every budget and transfer mode gives the resident model's tokens and
-logits exactly. Two sources cover both kernel paths here: the tiny CPM-2 model (64 x 128 experts)
-is packed for this machine's int4 kernel; the tiny Switch model (32 x 64) fits no AVX512 block and
-falls back to the portable packing and the dequant path (on an AVX2 machine it fits that kernel).
+Offloaded = resident for int4 runs with int8's tests (tests/test_quantize.py, every budget and
+transfer mode, both sources). Two sources cover both kernel paths here: the tiny CPM-2 model
+(64 x 128 experts) is packed for this machine's int4 kernel; the tiny Switch model (32 x 64) fits no
+AVX512 block and falls back to the portable packing and the dequant path (on an AVX2 machine it fits
+that kernel).
 """
 
 from __future__ import annotations
@@ -15,8 +14,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
-from test_offload import _drop_page_cache, _forward, _requests
+from test_offload import _forward, _requests
 
 from cpm2.cli import main as cpm2_main
 from engine.errors import CheckpointError, ConfigError
@@ -44,15 +42,6 @@ def int4_dir(source_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
     out = tmp_path_factory.mktemp("int4") / "model"
     quantize_model(source_dir, out, experts="int4", group_size=GROUP, check_inputs=2, progress=False)
     return out
-
-
-@pytest.fixture(scope="module")
-def resident(int4_dir: Path) -> tuple[list[list[int]], torch.Tensor, int]:
-    loaded = load_for_inference(int4_dir, progress=False)
-    assert not loaded.is_offloaded
-    vocab = min(loaded.model.config.vocab_size, 1000)
-    tokens = [r.token_ids for r in Generator(loaded.model).generate(_requests(vocab))]
-    return tokens, _forward(loaded.model, vocab), vocab
 
 
 def _offloaded(model_dir: Path, **options: object) -> InferenceModel:
@@ -106,56 +95,6 @@ def test_int4_is_close_to_float(source_dir: Path, int4_dir: Path) -> None:
     # Random weights at 4 bits: about 9 % noise on each weight, still well under the logits' spread.
     assert (got - expected).abs().mean().item() < 0.25 * expected.std().item()
     assert (got.argmax(-1) == expected.argmax(-1)).float().mean().item() >= 0.7
-
-
-@pytest.mark.parametrize(
-    "options",
-    [
-        {"expert_memory": "40%", "direct_io": True},
-        {"expert_memory": "75%", "direct_io": True, "order": "index", "window": 1},
-        {"expert_memory": "40%"},  # page-cache mode: int4 blobs computed in place from the mapping
-    ],
-)
-def test_offloaded_int4_equals_resident_int4(int4_dir: Path, resident, options: dict[str, object]) -> None:
-    tokens, logits, vocab = resident
-    loaded = _offloaded(int4_dir, **options)
-    try:
-        provider = loaded.provider
-        assert provider is not None
-        assert [r.token_ids for r in Generator(loaded.model).generate(_requests(vocab))] == tokens
-        assert torch.equal(_forward(loaded.model, vocab), logits)
-        if options.get("direct_io"):
-            assert provider.stats.misses > 0
-            # What moves is int4: each transfer is one int4 blob's payload.
-            assert provider.bytes_per_expert == ExpertStore.open(int4_dir, loaded.info.config).layout.payload_bytes
-            assert provider.stats.bytes_moved == provider.stats.transfers * provider.bytes_per_expert
-    finally:
-        loaded.close()
-
-
-def test_cold_store_reads_int4_blobs(int4_dir: Path, resident, tmp_path: Path) -> None:
-    tokens, _, vocab = resident
-    copy = Path(shutil.copytree(int4_dir, tmp_path / "copy"))
-    loaded = _offloaded(copy, expert_memory="40%")
-    _drop_page_cache(copy)
-    try:
-        assert [r.token_ids for r in Generator(loaded.model).generate(_requests(vocab))] == tokens
-        assert loaded.provider is not None
-        assert loaded.provider.stats.misses > 0
-    finally:
-        loaded.close()
-
-
-def test_bfloat16_compute_offloaded_equals_resident(int4_dir: Path) -> None:
-    resident = load_for_inference(int4_dir, dtype="bfloat16", progress=False)
-    loaded = load_for_inference(
-        int4_dir, dtype="bfloat16", offload=OffloadConfig(expert_memory="40%", direct_io=True), progress=False
-    )
-    try:
-        vocab = min(resident.model.config.vocab_size, 1000)
-        assert torch.equal(_forward(loaded.model, vocab), _forward(resident.model, vocab))
-    finally:
-        loaded.close()
 
 
 def test_the_budget_counts_int4_bytes(source_dir: Path, int4_dir: Path, tmp_path: Path) -> None:
