@@ -255,3 +255,16 @@ def test_page_cache_mode_shows_the_expert_memory_the_budget_does_not_bound(
     assert memory["budget_bytes"] == budget
     assert memory["resident_bytes"] == memory["pool_bytes"] + memory["mapped_resident_bytes"]
     assert memory["pool_bytes"] <= budget < memory["mapped_resident_bytes"]
+
+
+def test_the_engine_thread_steps_in_inference_mode(client: TestClient) -> None:
+    """Encoding and decode steps run under `torch.inference_mode` (no autograd bookkeeping)."""
+    import torch
+
+    engine: AsyncEngine = client.app.state.ctx.engine  # type: ignore[attr-defined]
+    modes: list[bool] = []
+    engine.add_step_listener(lambda record: modes.append(torch.is_inference_mode_enabled()))
+    r = client.post("/generate", json=_body(GOOD[0]))
+    assert r.status_code == 200, r.text
+    assert modes
+    assert all(modes)
