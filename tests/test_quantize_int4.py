@@ -195,7 +195,7 @@ def test_a_store_whose_layers_disagree_is_refused(int4_dir: Path, tmp_path: Path
     old = f'"group_size":"{GROUP}"'.encode()
     assert old in data
     first.write_bytes(data.replace(old, b'"group_size":"64"', 1))
-    with pytest.raises(CheckpointError, match="differ from the other layers"):
+    with pytest.raises(CheckpointError, match="differs from the other layers"):
         ExpertStore.open(copy, inspect_checkpoint(copy).config)
 
 

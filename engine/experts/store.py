@@ -34,7 +34,6 @@ from engine.errors import CheckpointError
 from engine.experts.blob import (
     ALIGNMENT,
     DTYPE_NAMES,
-    INT4,
     INT4_SCHEME,
     INT8_SCHEME,
     BlobLayout,
@@ -81,15 +80,18 @@ class ExpertStoreWriter:
     """
 
     def __init__(
-        self, model_dir: Path, config: ModelConfig, dtype: torch.dtype, *, group_size: int = 0, packing: str = "plain"
+        self,
+        model_dir: Path,
+        config: ModelConfig,
+        dtype: torch.dtype,
+        *,
+        group_size: int | None = None,
+        packing: str | None = None,
     ) -> None:
+        """`group_size` and `packing`: an int4 store's (default: what config.json records)."""
         self.root = model_dir / STORE_DIR
         self.config = config
-        self.layout = (
-            BlobLayout.of(config, dtype, group_size=group_size, packing=packing)
-            if dtype == INT4
-            else BlobLayout.of(config, dtype)
-        )
+        self.layout = BlobLayout.of(config, dtype, group_size=group_size, packing=packing)
         self.num_experts = config.moe.num_experts if config.moe else 0
         names = ("wi_0", "wi_1", "wo") if config.is_gated_ffn else ("wi", "wo")
         kinds = ("weight", "bias") if self.layout.has_bias else ("weight",)
@@ -249,8 +251,8 @@ class ExpertStore:
         if config.moe is None:
             raise CheckpointError(f"{model_dir}: the model has no MoE layers, so no expert store")
         keys = moe_layer_keys(config)
-        dtype: torch.dtype | None = None
-        int4: tuple[str | None, str | None] | None = None
+        # Every layer file must store its experts the same way: dtype, and for int4 group size and packing.
+        stored: tuple[str, str | None, str | None] | None = None
         starts: dict[MoELayerKey, int] = {}
         for key in keys:
             path = root / layer_file_name(key)
@@ -266,17 +268,12 @@ class ExpertStore:
                 raise CheckpointError(
                     f"{path}: {meta['dtype']} experts of an unknown scheme {meta.get('quantization')!r}"
                 )
-            if meta["dtype"] == "int4":
-                file_int4 = (meta.get("group_size"), meta.get("packing"))
-                if int4 is not None and file_int4 != int4:
-                    raise CheckpointError(
-                        f"{path}: int4 group size / packing {file_int4} differ from the other layers'"
-                    )
-                int4 = file_int4
-            file_dtype = _DTYPES[meta["dtype"]]
-            if dtype is not None and file_dtype != dtype:
-                raise CheckpointError(f"{path}: dtype {meta['dtype']} differs from the other layers'")
-            dtype = file_dtype
+            file_stored = (meta["dtype"], meta.get("group_size"), meta.get("packing"))
+            if stored is not None and file_stored != stored:
+                raise CheckpointError(
+                    f"{path}: dtype, group size, packing {file_stored} differs from the other layers' {stored}"
+                )
+            stored = file_stored
             try:
                 dims = (int(meta.get("d_model", -1)), int(meta.get("d_ff", -1)))
             except ValueError:
@@ -293,14 +290,13 @@ class ExpertStore:
                     f"config.json says {config.d_model} x {config.d_ff}"
                 )
             starts[key] = start
-        assert dtype is not None
-        if int4 is not None:
-            group_size, packing = int4
-            if not (group_size or "").isdigit() or packing not in PACKINGS:
-                raise CheckpointError(f"{root}: int4 experts with group size {group_size!r}, packing {packing!r}")
-            layout = BlobLayout.of(config, dtype, group_size=int(group_size or 0), packing=packing)
-        else:
-            layout = BlobLayout.of(config, dtype)
+        assert stored is not None
+        dtype_name, group_size, packing = stored
+        if dtype_name == "int4" and (not (group_size or "").isdigit() or packing not in PACKINGS):
+            raise CheckpointError(f"{root}: int4 experts with group size {group_size!r}, packing {packing!r}")
+        layout = BlobLayout.of(
+            config, _DTYPES[dtype_name], group_size=int(group_size) if group_size else None, packing=packing
+        )
         store = cls(root, config, layout)
         store._data_start = starts
         for key in keys:

@@ -278,7 +278,7 @@ def _write(
     store = None
     if info.config.moe is not None and not carried:
         dtype = {"int8": torch.int8, "int4": INT4}.get(experts or "", info.stored_dtype)
-        store = ExpertStoreWriter(out, info.config, dtype, group_size=group_size or 0, packing=packing or "plain")
+        store = ExpertStoreWriter(out, info.config, dtype, group_size=group_size, packing=packing)
     dense_keys = _dense_linear_keys(info.config) if dense else set()
     tensors = native_tensors(
         info, files, dtype=info.stored_dtype, device=torch.device("cpu"), include_experts=not carried
