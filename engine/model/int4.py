@@ -20,10 +20,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from engine.model.kernels import Int4Path, active_kernels
-from engine.model.nibbles import Packing, fits, pack, unpack, unpack_transposed
+from engine.model.nibbles import Packing, fits, pack, unpack_transposed
 
 #: Group sizes `cpm2 quantize --group-size` takes (inputs per scale and zero).
 GROUP_SIZES = (32, 64, 128)
@@ -58,16 +57,12 @@ class Int4Weight:
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The (out, in) float weight these bytes stand for, in `dtype` (computed in float32)."""
-        N, K = self.shape
-        q_NGg = unpack(self.packed, N, K, self.packing).view(N, K // self.group_size, self.group_size)
-        sz_NG2 = self.scale_zero.transpose(0, 1).to(torch.float32)
-        w_NGg = (q_NGg.to(torch.float32) - MIDPOINT) * sz_NG2[..., :1] + sz_NG2[..., 1:]
-        return w_NGg.view(N, K).to(dtype)
+        return self.dequantize_transposed(torch.float32).t().contiguous().to(dtype)
 
     def dequantize_transposed(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-        """The (in, out) weight, computed in `dtype` along the rows torch's packings store (a
-        contiguous pass, 2.5x faster than `dequantize` in bfloat16 here; bfloat16 rounds the
-        products, well under the int4 values' own error)."""
+        """The (in, out) weight, computed in `dtype`: the order torch's packings store the values in
+        (each block column by column), so one contiguous pass; in bfloat16 (the many-rows path)
+        rounding the products costs well under the int4 values' own error."""
         N, K = self.shape
         G = self.group_size
         q_KN = unpack_transposed(self.packed, N, K, self.packing)
@@ -130,5 +125,6 @@ def int4_linear(x: torch.Tensor, weight: Int4Weight) -> torch.Tensor:
         # Many rows: the weight dequantised once into bfloat16, then oneDNN's bf16 matmul.
         y_MN = torch.matmul(x_MK.to(torch.bfloat16), weight.dequantize_transposed(torch.bfloat16))
     else:
-        y_MN = F.linear(x_MK, weight.dequantize(x.dtype))
+        # Dequantised in float32 (exact but for summation order), multiplied in the activation dtype.
+        y_MN = torch.matmul(x_MK, weight.dequantize_transposed(torch.float32).to(x.dtype))
     return y_MN.to(x.dtype).reshape(*x.shape[:-1], N)
