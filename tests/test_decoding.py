@@ -3,8 +3,8 @@
 On the native CPM-2-architecture model (centroid-routed MoE in every block) and a Switch model:
 - token-by-token decoding reproduces the teacher-forced logits;
 - a batch whose rows are at different decode lengths (continuous batching) matches each row alone;
-- a cache that grows past its capacity, rows selected (beam reorder) and states concatenated
-  (admitting requests into a running batch) all keep every row's numbers.
+- a cache that grows past its capacity, rows selected (beam reorder), rows added to and removed from
+  a running batch (its slots) all keep every row's numbers.
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ def test_rows_at_different_lengths_match_each_row_alone(model: Seq2SeqLM, random
     for step in range(10):
         if step in (2, 4):
             joining = 1 if step == 2 else 2
-            running = DecoderState.concat([running, _encode(model, [rows[joining]], capacity=5)])
+            running.add(_encode(model, [rows[joining]], capacity=5))
             members.append(joining)
         tokens = [decoders[m][len(outputs[m])] for m in members]
         logits = _step(model, running, tokens)
@@ -140,14 +140,14 @@ def test_joining_and_leaving_copy_only_the_rows_that_move(model: Seq2SeqLM, rand
     state = _encode(model, rows[:2], capacity=8)
     state.add(_encode(model, rows[2:3], capacity=8))  # grows the slots (2 -> 4) once
     assert state.num_slots == 4
-    storage = state._store("self_k")[0].data_ptr()
+    storage = state._slots["self_k"][0].data_ptr()
     before = [t.clone() for t in state.self_k]
     state.add(_encode(model, rows[3:4], capacity=8))  # a free slot: written in place
-    assert state._store("self_k")[0].data_ptr() == storage
+    assert state._slots["self_k"][0].data_ptr() == storage
     assert all(torch.equal(t[:3], b) for t, b in zip(state.self_k, before, strict=True))
     order = state.remove([0])  # the last row moves into slot 0; rows 1 and 2 stay put
     assert order == [3, 1, 2]
-    assert state._store("self_k")[0].data_ptr() == storage
+    assert state._slots["self_k"][0].data_ptr() == storage
     assert all(torch.equal(t[1:3], b[1:3]) for t, b in zip(state.self_k, before, strict=True))
     assert state.lengths == [0, 0, 0]
     assert state.remove([1, 2]) == [0]  # removing the tail copies nothing

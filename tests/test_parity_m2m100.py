@@ -27,7 +27,7 @@ from cpm2.cli import main
 from engine.errors import ConfigError, InputError, UnsupportedModelError
 from engine.generation import GenerationRequest, Generator, SamplingParams
 from engine.generation.inputs import encode_requests, feed_decoder_prefixes
-from engine.model import DecoderState, Seq2SeqLM
+from engine.model import Seq2SeqLM
 from engine.model.kernels import MatmulPath, kernel_mode
 from engine.model.position import sinusoidal_table
 from engine.prompts import SoftPrompt
@@ -322,7 +322,8 @@ def test_incremental_decoding_equals_full_forward(name: str, m2m100_model_dirs: 
     ahead = _encode(model, rows[:1], capacity=4)
     for t in decoders[0][:3]:
         _step(model, ahead, [t])
-    batch = DecoderState.concat([ahead, _encode(model, rows[1:], capacity=4)])
+    batch = ahead
+    batch.add(_encode(model, rows[1:], capacity=4))
     assert not batch.is_uniform
     for i in range(5):
         logits = _step(model, batch, [decoders[0][3 + i], decoders[1][i]])

@@ -15,8 +15,8 @@ that finishes leaves by `remove`: the last live rows move into the freed slots, 
 row removed, the others untouched. Newcomers join by `add`: their rows are written into the slots
 after the live ones; only when the slots, the cache capacity or the encoder length run out does
 every tensor grow (geometrically, so the copies are amortised). Before, every join or leave copied
-the whole self- and cross-attention K/V of every row (`select` / `concat`, which beam search still
-uses to reorder and repeat rows).
+the whole self- and cross-attention K/V of every row. `select` (beam search: reorder and repeat
+rows) still makes a new state.
 """
 
 from __future__ import annotations
@@ -28,6 +28,22 @@ import torch
 
 #: Slots a state keeps however few rows are live (below this, freeing memory is not worth a copy).
 MIN_SLOTS_KEPT = 8
+#: Each field's position dimension and which length sizes it: the cache capacity ("self") or the
+#: encoder length ("cross"). Dimension 0 is the row slot in all of them.
+_DIMS = {
+    "self_k": (2, "self"),
+    "self_v": (2, "self"),
+    "cross_k": (2, "cross"),
+    "cross_v": (2, "cross"),
+    "cross_mask": (3, "cross"),
+}
+
+
+def _region(dim: int, rows: slice, positions: slice) -> tuple[slice, ...]:
+    """The index of `rows` x `positions` in a tensor whose positions are dimension `dim`."""
+    index = [slice(None)] * (dim + 1)
+    index[0], index[dim] = rows, positions
+    return tuple(index)
 
 
 @dataclass
@@ -46,8 +62,12 @@ class DecoderState:
     """(B, 1, 1, S) additive mask: 0 for encoder tokens, the dtype's minimum for padding."""
     lengths: list[int]
     """Positions already in the self-attention cache, per row."""
-    _slots: dict[str, list[torch.Tensor]] = field(default_factory=dict, repr=False)
-    """The (R, ...) tensors the public lists view, by name; empty until rows first join or leave."""
+    _slots: dict[str, list[torch.Tensor]] = field(init=False, repr=False)
+    """The (R, ...) tensors the public fields view, by field name."""
+
+    def __post_init__(self) -> None:
+        # The tensors given are the slots: R = B until rows first join or leave.
+        self._slots = {name: [*getattr(self, name)] if name != "cross_mask" else [self.cross_mask] for name in _DIMS}
 
     @property
     def batch_size(self) -> int:
@@ -64,7 +84,7 @@ class DecoderState:
     @property
     def num_slots(self) -> int:
         """Rows the tensors hold (live ones first)."""
-        return self._store("cross_mask")[0].shape[0]
+        return self._slots["cross_mask"][0].shape[0]
 
     @property
     def is_uniform(self) -> bool:
@@ -89,61 +109,42 @@ class DecoderState:
 
     # ---- slots ---------------------------------------------------------------------------------
 
-    _NAMES = ("self_k", "self_v", "cross_k", "cross_v", "cross_mask")
+    def _lengths(self) -> dict[str, int]:
+        return {"self": self.capacity, "cross": self.source_length}
 
-    def _store(self, name: str) -> list[torch.Tensor]:
-        """The full (R, ...) tensors behind a public field (the field itself while no slots exist)."""
-        if name in self._slots:
-            return self._slots[name]
-        value = getattr(self, name)
-        return value if isinstance(value, list) else [value]
-
-    def _set_stores(self, stores: dict[str, list[torch.Tensor]]) -> None:
-        self._slots = stores
-        self._refresh_views()
+    def _fill(self, name: str) -> float:
+        """What an unused position holds: masked for the encoder mask, zero elsewhere."""
+        return torch.finfo(self.cross_mask.dtype).min if name == "cross_mask" else 0.0
 
     def _refresh_views(self) -> None:
         """Point the public fields at the first `batch_size` slots."""
         B = self.batch_size
-        for name in self._NAMES:
-            views = [t[:B] for t in self._store(name)]
+        for name, tensors in self._slots.items():
+            views = [t[:B] for t in tensors]
             setattr(self, name, views[0] if name == "cross_mask" else views)
 
-    def _resized(self, *, slots: int, capacity: int, source_length: int) -> dict[str, list[torch.Tensor]]:
-        """Every tensor reallocated to `slots` rows, `capacity` cache positions and `source_length`
-        encoder positions, the live rows copied in (new encoder positions masked)."""
-        B, C, S = self.batch_size, self.capacity, self.source_length
-        fill = torch.finfo(self.cross_mask.dtype).min
-        out: dict[str, list[torch.Tensor]] = {}
-        for name in self._NAMES:
+    def _resize(self, *, slots: int, capacity: int, source_length: int) -> None:
+        """Reallocate every tensor to `slots` rows, `capacity` cache positions and `source_length`
+        encoder positions, the live rows copied in (new positions masked or zero)."""
+        B, old, new = self.batch_size, self._lengths(), {"self": capacity, "cross": source_length}
+        for name, (dim, kind) in _DIMS.items():
             grown = []
-            for t in self._store(name):
-                shape = list(t.shape)
-                shape[0] = slots
-                if name.startswith("self"):
-                    shape[2] = capacity
-                elif name == "cross_mask":
-                    shape[3] = source_length
-                else:
-                    shape[2] = source_length
-                new = t.new_full(shape, fill) if name == "cross_mask" else t.new_zeros(shape)
-                if name.startswith("self"):
-                    new[:B, :, :C] = t[:B, :, :C]
-                elif name == "cross_mask":
-                    new[:B, ..., :S] = t[:B, ..., :S]
-                else:
-                    new[:B, :, :S] = t[:B, :, :S]
-                grown.append(new)
-            out[name] = grown
-        return out
+            for t in self._slots[name]:
+                shape = [slots, *t.shape[1:]]
+                shape[dim] = new[kind]
+                region = _region(dim, slice(0, B), slice(0, old[kind]))
+                t_new = t.new_full(shape, self._fill(name))
+                t_new[region] = t[region]
+                grown.append(t_new)
+            self._slots[name] = grown
+        self._refresh_views()
 
     def reserve(self, num_new: int) -> None:
         """Make room for `num_new` more positions in every row (doubling the capacity if needed)."""
         needed = max(self.lengths, default=0) + num_new
         if needed <= self.capacity:
             return
-        capacity = max(needed, 2 * self.capacity)
-        self._set_stores(self._resized(slots=self.num_slots, capacity=capacity, source_length=self.source_length))
+        self._resize(slots=self.num_slots, capacity=max(needed, 2 * self.capacity), source_length=self.source_length)
 
     def remove(self, rows: Sequence[int]) -> list[int]:
         """Drop `rows` in place; returns, for each remaining row in its new position, its old index.
@@ -161,20 +162,15 @@ class DecoderState:
             order[hole] = mover
         if holes:
             device = self.cross_mask.device
-            dst = torch.tensor(holes, device=device)
-            src = torch.tensor(movers, device=device)
-            stores = {name: self._store(name) for name in self._NAMES}
-            for tensors in stores.values():
+            dst, src = torch.tensor(holes, device=device), torch.tensor(movers, device=device)
+            for tensors in self._slots.values():
                 for t in tensors:
                     t[dst] = t[src]
-            self._slots = stores
         self.lengths = [self.lengths[i] for i in order]
-        if not self._slots:
-            self._slots = {name: self._store(name) for name in self._NAMES}
         if keep and 4 * keep <= self.num_slots and self.num_slots > MIN_SLOTS_KEPT:
             # Mostly empty after a burst: give the memory back (one copy of the live rows).
-            size = max(2 * keep, MIN_SLOTS_KEPT)
-            self._slots = self._resized(slots=size, capacity=self.capacity, source_length=self.source_length)
+            slots = max(2 * keep, MIN_SLOTS_KEPT)
+            self._resize(slots=slots, capacity=self.capacity, source_length=self.source_length)
         self._refresh_views()
         return order
 
@@ -189,23 +185,13 @@ class DecoderState:
         capacity = max(self.capacity, other.capacity)
         source = max(self.source_length, other.source_length)
         if (slots, capacity, source) != (self.num_slots, self.capacity, self.source_length):
-            self._set_stores(self._resized(slots=slots, capacity=capacity, source_length=source))
-        elif not self._slots:
-            self._slots = {name: self._store(name) for name in self._NAMES}
-        fill = torch.finfo(self.cross_mask.dtype).min
-        C, S = other.capacity, other.source_length
-        for name in self._NAMES:
-            for t, new in zip(self._store(name), other._store(name), strict=True):
-                part = new[:m]
-                if name.startswith("self"):
-                    t[B : B + m, :, :C] = part[:, :, :C]
-                    t[B : B + m, :, C:] = 0
-                elif name == "cross_mask":
-                    t[B : B + m, ..., :S] = part
-                    t[B : B + m, ..., S:] = fill
-                else:
-                    t[B : B + m, :, :S] = part
-                    t[B : B + m, :, S:] = 0
+            self._resize(slots=slots, capacity=capacity, source_length=source)
+        theirs = other._lengths()
+        for name, (dim, kind) in _DIMS.items():
+            n = theirs[kind]
+            for t, new in zip(self._slots[name], other._slots[name], strict=True):
+                t[_region(dim, slice(B, B + m), slice(0, n))] = new[_region(dim, slice(0, m), slice(0, n))]
+                t[_region(dim, slice(B, B + m), slice(n, None))] = self._fill(name)
         self.lengths = self.lengths + list(other.lengths)
         self._refresh_views()
 
@@ -262,31 +248,4 @@ class DecoderState:
             cross_v=pick(self.cross_v),
             cross_mask=self.cross_mask.index_select(0, index),
             lengths=[self.lengths[i] for i in rows],
-        )
-
-    @classmethod
-    def concat(cls, states: Sequence[DecoderState]) -> DecoderState:
-        """Stack the rows of several states (padding caches and encoder lengths to the largest)."""
-        if len(states) == 1:
-            return states[0]
-        capacity = max(s.capacity for s in states)
-        source_len = max(s.cross_mask.shape[-1] for s in states)
-        fill = torch.finfo(states[0].cross_mask.dtype).min
-
-        def pad(t: torch.Tensor, dim: int, size: int, value: float = 0.0) -> torch.Tensor:
-            missing = size - t.shape[dim]
-            if missing == 0:
-                return t
-            shape = list(t.shape)
-            shape[dim] = missing
-            return torch.cat([t, t.new_full(shape, value)], dim=dim)
-
-        num_layers = len(states[0].self_k)
-        return cls(
-            self_k=[torch.cat([pad(s.self_k[i], 2, capacity) for s in states]) for i in range(num_layers)],
-            self_v=[torch.cat([pad(s.self_v[i], 2, capacity) for s in states]) for i in range(num_layers)],
-            cross_k=[torch.cat([pad(s.cross_k[i], 2, source_len) for s in states]) for i in range(num_layers)],
-            cross_v=[torch.cat([pad(s.cross_v[i], 2, source_len) for s in states]) for i in range(num_layers)],
-            cross_mask=torch.cat([pad(s.cross_mask, 3, source_len, fill) for s in states]),
-            lengths=[n for s in states for n in s.lengths],
         )
