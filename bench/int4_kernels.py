@@ -24,19 +24,15 @@ Run: `python -m bench.int4_kernels [--quick]` (~30 s on a 2-core Xeon; `--quick`
 
 from __future__ import annotations
 
-import argparse
 import math
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from rich.console import Console
 
-from bench.int8_kernels import DTYPES, ROWS, SHAPES, error, run_candidates, show
-from bench.machine import CpuMeter, machine_info, publish
+from bench.int8_kernels import measure_rows, run_main
 from engine.model import kernels
 from engine.model.int4 import DEFAULT_GROUP_SIZE, Int4Weight, int4_linear, quantize_int4
 from engine.model.linear import linear
@@ -83,80 +79,33 @@ def measure(
     log: Callable[[str], None],
 ) -> list[dict[str, Any]]:
     """One record per (shape, dtype, rows): each candidate's median µs, GB/s and error."""
-    packing = kernels.active_kernels().int4_packing
+    native = kernels.active_kernels().int4_packing
+    packing = native or "plain"
     records: list[dict[str, Any]] = []
-    meter = CpuMeter()
     for shape in shapes:
         size = max(2, math.ceil(pool_mib * 2**20 / (shape[0] * shape[1] / 2)))
         generator = torch.Generator().manual_seed(shape[0] + shape[1])
         weights = [torch.randn(shape, generator=generator) * 0.02 for _ in range(size)]
-        int4 = [quantize_int4(w, group_size=DEFAULT_GROUP_SIZE, packing=packing or "plain") for w in weights]
+        int4 = [quantize_int4(w, group_size=DEFAULT_GROUP_SIZE, packing=packing) for w in weights]
         for dtype in dtypes:
-            name = str(dtype).removeprefix("torch.")
-            log(f"{shape[0]}x{shape[1]} {name}: pool of {size} weights, {packing or 'plain'} packing")
+            log(f"{shape[0]}x{shape[1]} {str(dtype).removeprefix('torch.')}: pool of {size} weights, {packing} packing")
             pool = [{"int4": q, "float": w.to(dtype)} for q, w in zip(int4, weights, strict=True)]
-            w0 = pool[0]
-            dropped: set[str] = set()
-            for num_rows in rows:
-                x = torch.randn(num_rows, shape[1], generator=torch.Generator().manual_seed(num_rows)).to(dtype)
-                ref = x.double() @ w0["int4"].dequantize().double().T
-                float_ref = x.double() @ w0["float"].double().T
-                active = {k: fn for k, fn in candidates(dtype, packing).items() if k not in dropped}
-                meter.start()
-                measured = run_candidates(
-                    active,
-                    x,
-                    pool,
-                    ref=ref,
-                    repeats=repeats,
-                    dropped=dropped,
-                    weight_bytes=lambda k, shape=shape, dtype=dtype: _weight_bytes(k, shape, dtype),
-                )
-                records.append(
-                    {
-                        "shape": list(shape),
-                        "dtype": name,
-                        "rows": num_rows,
-                        "engine_path": str(
-                            kernels.active_kernels().int4_path(dtype, packing or "plain", rows=num_rows)
-                        ),
-                        "int4_vs_float_error": error(ref, float_ref),
-                        "foreign_cpu_share": meter.foreign_share(),
-                        "candidates": measured,
-                    }
-                )
+            records += measure_rows(
+                pool,
+                fmt="int4",
+                dtype=dtype,
+                rows=rows,
+                candidates=candidates(dtype, native),
+                weight_bytes=lambda k, shape=shape, dtype=dtype: _weight_bytes(k, shape, dtype),
+                engine_path=lambda n, dtype=dtype: str(kernels.active_kernels().int4_path(dtype, packing, rows=n)),
+                repeats=repeats,
+            )
             del pool
     return records
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.int4_kernels", description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="1024/4096 shapes, rows 1,16,256, 5 repeats")
-    parser.add_argument("--repeats", type=int, default=None, help="default 15; 5 with --quick")
-    parser.add_argument("--pool-mib", type=float, default=64.0, help="int4 MiB of weights rotated per shape")
-    parser.add_argument("--out", type=Path, default=None, help=f"JSON path (default {RESULTS})")
-    args = parser.parse_args(argv)
-    console = Console(width=200)
-    started = time.perf_counter()
-    records = measure(
-        shapes=SHAPES[2:] if args.quick else SHAPES,
-        rows=(1, 16, 256) if args.quick else ROWS,
-        dtypes=DTYPES,
-        repeats=args.repeats or (5 if args.quick else 15),
-        pool_mib=args.pool_mib,
-        log=lambda msg: console.print(f"[dim]{msg}[/dim]"),
-    )
-    report = {
-        "command": " ".join(["python -m bench.int4_kernels", *(argv if argv is not None else [])]),
-        "format": "int4",
-        "machine": machine_info(),
-        "kernels": kernels.describe(),
-        "seconds": time.perf_counter() - started,
-        "records": records,
-    }
-    out = args.out or (RESULTS.with_suffix(".quick.json") if args.quick else RESULTS)
-    publish(report, out=out, plot=None, show=show, draw=lambda _r, _p: None, width=200)
-    return 0
+    return run_main(argv, fmt="int4", measure=measure, results=RESULTS, doc=__doc__ or "")
 
 
 if __name__ == "__main__":

@@ -179,6 +179,47 @@ def run_candidates(
     return {k: {"us": 1e6 * medians[k], "gb_s": weight_bytes(k) / medians[k] / 1e9, "error": errors[k]} for k in active}
 
 
+def measure_rows(
+    pool: list[dict[str, Any]],
+    *,
+    fmt: str,
+    dtype: torch.dtype,
+    rows: Sequence[int],
+    candidates: dict[str, Kernel],
+    weight_bytes: Callable[[str], float],
+    engine_path: Callable[[int], str],
+    repeats: int,
+    extra: dict[str, Any] | None = None,
+) -> list[dict[str, Any]]:
+    """One record per row count for the weights of `pool` (entries hold the quantised weight under
+    `fmt` and the float one under "float"): each candidate's µs, GB/s and error, what `fmt` itself
+    costs against the float weight, and the path the engine takes."""
+    shape = tuple(pool[0]["float"].shape)
+    meter = CpuMeter()
+    dropped: set[str] = set()
+    records = []
+    for num_rows in rows:
+        x = torch.randn(num_rows, shape[1], generator=torch.Generator().manual_seed(num_rows)).to(dtype)
+        ref = x.double() @ pool[0][fmt].dequantize().double().T
+        float_ref = x.double() @ pool[0]["float"].double().T
+        active = {k: fn for k, fn in candidates.items() if k not in dropped}
+        meter.start()
+        measured = run_candidates(active, x, pool, ref=ref, repeats=repeats, dropped=dropped, weight_bytes=weight_bytes)
+        records.append(
+            {
+                "shape": list(shape),
+                "dtype": str(dtype).removeprefix("torch."),
+                "rows": num_rows,
+                "engine_path": engine_path(num_rows),
+                f"{fmt}_vs_float_error": error(ref, float_ref),
+                **(extra or {}),
+                "foreign_cpu_share": meter.foreign_share(),
+                "candidates": measured,
+            }
+        )
+    return records
+
+
 @torch.inference_mode()
 def measure(
     *,
@@ -191,42 +232,22 @@ def measure(
 ) -> list[dict[str, Any]]:
     """One record per (shape, dtype, rows): each candidate's median µs, GB/s and error."""
     records: list[dict[str, Any]] = []
-    meter = CpuMeter()
     for shape in shapes:
         size = max(2, math.ceil(pool_mib * 2**20 / (shape[0] * shape[1])))
         for dtype in dtypes:
-            name = str(dtype).removeprefix("torch.")
-            log(f"{shape[0]}x{shape[1]} {name}: pool of {size} weights")
+            log(f"{shape[0]}x{shape[1]} {str(dtype).removeprefix('torch.')}: pool of {size} weights")
             pool, prepack_ms = _make_pool(shape, size=size, dtype=dtype, seed=shape[0] + shape[1])
-            w0 = pool[0]
-            dropped: set[str] = set()
-            for num_rows in rows:
-                x = torch.randn(num_rows, shape[1], generator=torch.Generator().manual_seed(num_rows)).to(dtype)
-                ref = x.double() @ w0["int8"].dequantize().double().T
-                float_ref = x.double() @ w0["float"].double().T
-                active = {k: fn for k, fn in candidates(dtype).items() if k not in dropped}
-                meter.start()
-                measured = run_candidates(
-                    active,
-                    x,
-                    pool,
-                    ref=ref,
-                    repeats=repeats,
-                    dropped=dropped,
-                    weight_bytes=lambda k, shape=shape, dtype=dtype: _weight_bytes(k, shape, dtype),
-                )
-                records.append(
-                    {
-                        "shape": list(shape),
-                        "dtype": name,
-                        "rows": num_rows,
-                        "engine_path": str(kernels.active_kernels().int8_path(dtype, num_rows)),
-                        "int8_vs_float_error": error(ref, float_ref),
-                        "prepack_ms": prepack_ms,
-                        "foreign_cpu_share": meter.foreign_share(),
-                        "candidates": measured,
-                    }
-                )
+            records += measure_rows(
+                pool,
+                fmt="int8",
+                dtype=dtype,
+                rows=rows,
+                candidates=candidates(dtype),
+                weight_bytes=lambda k, shape=shape, dtype=dtype: _weight_bytes(k, shape, dtype),
+                engine_path=lambda n, dtype=dtype: str(kernels.active_kernels().int8_path(dtype, n)),
+                repeats=repeats,
+                extra={"prepack_ms": prepack_ms},
+            )
             del pool
     return records
 
@@ -276,15 +297,19 @@ def show(report: dict[str, Any], console: Console) -> None:
     )
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.int8_kernels", description=__doc__.split("\n")[0])
+Measure = Callable[..., list[dict[str, Any]]]
+
+
+def run_main(argv: Sequence[str] | None, *, fmt: str, measure: Measure, results: Path, doc: str) -> int:
+    """The command line of a weight-format kernel benchmark (`bench.int8_kernels`, `bench.int4_kernels`)."""
+    parser = argparse.ArgumentParser(prog=f"python -m bench.{fmt}_kernels", description=doc.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="1024/4096 shapes, rows 1,16,256, 5 repeats (~15 s)")
     parser.add_argument("--repeats", type=int, default=None, help="default 15; 5 with --quick")
     parser.add_argument(
-        "--pool-mib", type=float, default=64.0, help="int8 MiB of weights rotated per shape (default 64)"
+        "--pool-mib", type=float, default=64.0, help=f"{fmt} MiB of weights rotated per shape (default 64)"
     )
     parser.add_argument(
-        "--out", type=Path, default=None, help=f"JSON path (default {RESULTS}; .quick.json with --quick)"
+        "--out", type=Path, default=None, help=f"JSON path (default {results}; .quick.json with --quick)"
     )
     args = parser.parse_args(argv)
     console = Console(width=200)
@@ -298,15 +323,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         log=lambda msg: console.print(f"[dim]{msg}[/dim]"),
     )
     report = {
-        "command": " ".join(["python -m bench.int8_kernels", *(argv if argv is not None else [])]),
+        "command": " ".join([f"python -m bench.{fmt}_kernels", *(argv if argv is not None else [])]),
+        "format": fmt,
         "machine": machine_info(),
         "kernels": kernels.describe(),
         "seconds": time.perf_counter() - started,
         "records": records,
     }
-    out = args.out or (RESULTS.with_suffix(".quick.json") if args.quick else RESULTS)
+    out = args.out or (results.with_suffix(".quick.json") if args.quick else results)
     publish(report, out=out, plot=None, show=show, draw=lambda _r, _p: None, width=200)
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_main(argv, fmt="int8", measure=measure, results=RESULTS, doc=__doc__ or "")
 
 
 if __name__ == "__main__":
