@@ -54,7 +54,11 @@ def test_transposed_unpacking_and_dequantisation_agree(packing: str) -> None:
     packed = pack(values, packing)  # type: ignore[arg-type]
     assert torch.equal(unpack_transposed(packed, 128, 192, packing), values.t().to(torch.uint8))  # type: ignore[arg-type]
     weight = quantize_int4(_weight(128, 192), group_size=64, packing=packing)  # type: ignore[arg-type]
-    assert torch.equal(weight.dequantize_transposed(torch.float32), weight.dequantize().t())
+    # The format's own formula, w = (q - 8) * scale + zero per group, from the unpacked values.
+    q_NK = unpack(weight.packed, 128, 192, packing).float()  # type: ignore[arg-type]
+    scale, zero = (weight.scale_zero[..., i].float().t().repeat_interleave(64, dim=1) for i in (0, 1))
+    assert torch.allclose(weight.dequantize(), (q_NK - MIDPOINT) * scale + zero, rtol=0, atol=1e-6)
+    assert torch.equal(weight.dequantize(), weight.dequantize_transposed(torch.float32).t())
     # bfloat16 rounds the zero and the products: an error of a few 2^-8 of the weights' magnitude.
     bf16 = weight.dequantize_transposed(torch.bfloat16).float()
     exact = weight.dequantize().t()
