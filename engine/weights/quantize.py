@@ -56,6 +56,8 @@ REPORT_FILE = "quantization_report.json"
 CARRIED_DIRS = ("prompts",)
 
 
+#: The expert store dtype of each `--experts` format.
+_STORE_DTYPES = {"int8": torch.int8, "int4": INT4}
 #: Where a model directory's config.json records what `cpm2 quantize` quantised.
 QUANTIZATION_KEY = "quantization"
 
@@ -72,7 +74,7 @@ def quantized_experts(config: ModelConfig) -> str | None:
 
 def expert_store_dtype(config: ModelConfig) -> torch.dtype | None:
     """The dtype of a quantised model's expert store (`torch.int8`, `INT4`), None for float experts."""
-    return {"int8": torch.int8, "int4": INT4}.get(quantized_experts(config) or "")
+    return _STORE_DTYPES.get(quantized_experts(config) or "")
 
 
 def quantized_dense(config: ModelConfig) -> str | None:
@@ -197,9 +199,6 @@ def quantize_model(
                 max_shard_bytes=max_shard_bytes,
                 progress=progress,
             )
-            if experts is None and quantized_experts(config) is not None:
-                # Experts already quantised are carried over byte for byte.
-                shutil.copytree(src / STORE_DIR, work / STORE_DIR)
         except BaseException:
             shutil.rmtree(work, ignore_errors=True)
             raise
@@ -272,12 +271,14 @@ def _write(
         source=str(info.path), experts=experts, dense=dense, scheme=scheme, group_size=group_size, packing=packing
     )
     shards = ShardWriter(out, max_shard_bytes=max_shard_bytes, metadata={"producer": "cpm2 quantize"})
-    # Experts already quantised are copied as they are (`quantize_model`); float ones kept as they
-    # are go into a float store as before.
+    # Experts already quantised are carried over byte for byte; float ones kept as they are go into
+    # a float store as before.
     carried = experts is None and quantized_experts(info.config) is not None
+    if carried:
+        shutil.copytree(info.path / STORE_DIR, out / STORE_DIR)
     store = None
     if info.config.moe is not None and not carried:
-        dtype = {"int8": torch.int8, "int4": INT4}.get(experts or "", info.stored_dtype)
+        dtype = _STORE_DTYPES.get(experts or "", info.stored_dtype)
         store = ExpertStoreWriter(out, info.config, dtype, group_size=group_size, packing=packing)
     dense_keys = _dense_linear_keys(info.config) if dense else set()
     tensors = native_tensors(
