@@ -24,10 +24,10 @@ for more rows on AVX512 CPUs; elsewhere `dequant` (the int8 values cast to the a
 that dtype's float path, the row scales applied to the output), which runs everywhere, is exact up
 to summation order, and is what `plain` forces.
 
-Int4 weights (`engine.model.int4`) take `int4pack-bf16` (torch's int4 weight-only matmul) when they
-are stored in the packing this machine's kernel reads (`engine.model.nibbles`: it differs between
-AVX512 and AVX2 builds, and is checked against torch's own converter once per process), else
-`dequant`; `plain` forces `dequant`.
+Int4 weights (`engine.model.int4`) take `int4pack-bf16` (torch's int4 weight-only matmul) up to
+`INT4PACK_MAX_ROWS` rows and `dequant-bf16` above, when they are stored in the packing this
+machine's kernel reads (`engine.model.nibbles`: it differs between AVX512 and AVX2 builds, and is
+checked against torch's own converter once per process); else `dequant`, which `plain` forces.
 """
 
 from __future__ import annotations
