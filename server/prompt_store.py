@@ -28,6 +28,7 @@ import torch
 
 from engine.errors import Cpm2Error, InputError
 from engine.prompts import SoftPrompt, parse_soft_prompt
+from engine.serving.threads import in_fresh_thread
 
 PROMPT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 TENSOR_FILE = "prompt.safetensors"
@@ -191,18 +192,23 @@ class PromptStore:
             self._bundled[prompt_id] = (replace(record, description=described[:1000]), data)
         return sorted(self._bundled)
 
+    def _parse(self, data: bytes, dtype: torch.dtype, *, max_bytes: int | None = None) -> SoftPrompt:
+        """`parse_soft_prompt` against this model, in a thread that ends with it: its cast and NaN
+        scan run in parallel on large prompts, and a request worker that kept that thread team alive
+        would slow every decode step (`engine.serving.threads`)."""
+        return in_fresh_thread(
+            lambda: parse_soft_prompt(
+                data, d_model=self.d_model, dtype=dtype, max_virtual_tokens=self.max_virtual_tokens, max_bytes=max_bytes
+            ),
+            name="cpm2-prompt-check",
+        )
+
     def _validate(
         self, prompt_id: str, data: bytes, *, description: str, created_at: float
     ) -> tuple[PromptRecord, SoftPrompt]:
         """Parse `data` against the model (width, serving dtype, virtual tokens, upload size) and
         describe it; raises InputError (or a subclass) for anything the server would refuse."""
-        prompt = parse_soft_prompt(
-            data,
-            d_model=self.d_model,
-            dtype=self.dtype,
-            max_virtual_tokens=self.max_virtual_tokens,
-            max_bytes=self.max_upload_bytes,
-        )
+        prompt = self._parse(data, self.dtype, max_bytes=self.max_upload_bytes)
         record = PromptRecord(
             id=prompt_id,
             description=description[:1000],
@@ -267,12 +273,7 @@ class PromptStore:
 
     def stored_prompt(self, prompt_id: str) -> SoftPrompt:
         """The prompt's tensors in float32 rather than the serving dtype (for export; not cached)."""
-        return parse_soft_prompt(
-            self.file_bytes(prompt_id),
-            d_model=self.d_model,
-            dtype=torch.float32,
-            max_virtual_tokens=self.max_virtual_tokens,
-        )
+        return self._parse(self.file_bytes(prompt_id), torch.float32)
 
     def load(self, prompt_id: str) -> SoftPrompt:
         """The prompt's tensors (cached; re-validated against the directory on every call)."""
@@ -286,12 +287,7 @@ class PromptStore:
             self.counters.cache_misses += 1
         begin = time.perf_counter()
         try:
-            prompt = parse_soft_prompt(
-                self.file_bytes(prompt_id),
-                d_model=self.d_model,
-                dtype=self.dtype,
-                max_virtual_tokens=self.max_virtual_tokens,
-            )
+            prompt = self._parse(self.file_bytes(prompt_id), self.dtype)
         except Exception:
             self.counters.load_failures += 1
             raise

@@ -33,6 +33,7 @@ from engine.serving.protocol import (
     StepListener,
     TokenEvent,
 )
+from engine.serving.threads import in_fresh_thread
 from engine.tokenizer import (
     Tokenizer,
     TranslationTokenizer,
@@ -110,13 +111,18 @@ class AsyncEngine:
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> AsyncEngine:
-        loaded = load_for_inference(
-            config.model,
-            dtype=config.dtype,
-            device=config.device,
-            offload=config.offload,
-            progress=False,
-            cpu_kernels=config.cpu_kernels,
+        # Loaded in a thread of its own, so that its OpenMP team does not outlive it (see
+        # engine.serving.threads): the engine thread's must be the only one.
+        loaded = in_fresh_thread(
+            lambda: load_for_inference(
+                config.model,
+                dtype=config.dtype,
+                device=config.device,
+                offload=config.offload,
+                progress=False,
+                cpu_kernels=config.cpu_kernels,
+            ),
+            name="cpm2-load",
         )
         try:
             tokenizer = load_tokenizer(config.model)
