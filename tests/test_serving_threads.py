@@ -13,6 +13,7 @@ import torch
 
 import engine.serving.engine as engine_module
 import server.prompt_store as prompt_store_module
+from engine.experts.cpu import cast_serially
 from engine.prompts import SoftPrompt
 from engine.serving.engine import AsyncEngine, EngineConfig
 from engine.serving.threads import in_fresh_thread
@@ -106,3 +107,26 @@ def test_the_prompt_store_checks_prompts_off_the_calling_thread(
     torch.testing.assert_close(store.stored_prompt("p").prefix, prompt.prefix)
     assert len(checked_on) == 3  # upload, first load (a cache miss), export
     assert all(t is not threading.current_thread() and not t.is_alive() for t in checked_on)
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts threads through Linux's /proc")
+def test_an_io_thread_converts_experts_without_a_thread_team() -> None:
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("one CPU: torch starts no worker threads")
+    source = torch.randn(1024, 1000, dtype=torch.bfloat16)
+    counts: dict[str, int] = {}
+    suite_threads = torch.get_num_threads()
+
+    def work() -> torch.Tensor:
+        counts["before"] = _num_threads()
+        torch.set_num_threads(2)  # as a server's process runs
+        try:
+            converted = cast_serially(source, torch.float32)
+            counts["during"] = _num_threads()
+            return converted
+        finally:
+            torch.set_num_threads(suite_threads)
+
+    converted = in_fresh_thread(work)
+    assert torch.equal(converted, source.float())
+    assert counts["during"] == counts["before"]

@@ -48,6 +48,11 @@ MIN_CHUNK_BYTES = 1 << 20
 RESIDENCY_TTL = 1.0
 #: The interpreter's thread switch interval while experts are read in the background (seconds).
 GIL_SWITCH_INTERVAL = 0.0005
+#: Elements per copy when an I/O thread converts a staged blob: under torch's parallel threshold
+#: (`at::internal::GRAIN_SIZE`, 32768), so the cast runs on the I/O thread alone. A parallel cast
+#: there would start an OpenMP team that lives as long as the thread, and a second live team slows
+#: every parallel region of the compute thread (`engine.serving.threads` has the measurement).
+SERIAL_CAST_ELEMENTS = 16384
 
 
 class PageCache:
@@ -103,6 +108,16 @@ def aligned_empty(nbytes: int, *, alignment: int = ALIGNMENT) -> torch.Tensor:
     raw = torch.empty(nbytes + alignment, dtype=torch.uint8)
     start = (-raw.data_ptr()) % alignment
     return raw[start : start + nbytes]
+
+
+def cast_serially(source: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`source.to(dtype)` in copies of `SERIAL_CAST_ELEMENTS`, each on the calling thread alone."""
+    out = torch.empty(source.shape, dtype=dtype)
+    flat_out, flat_source = out.view(-1), source.reshape(-1)
+    for start in range(0, flat_source.numel(), SERIAL_CAST_ELEMENTS):
+        stop = start + SERIAL_CAST_ELEMENTS
+        flat_out[start:stop].copy_(flat_source[start:stop])
+    return out
 
 
 class BlobReader:
@@ -394,7 +409,7 @@ class CpuTransfers:
             if part is None:
                 return None
             assert isinstance(part, torch.Tensor)  # a quantised store computes as stored, never staged
-            return part.to(self.dtype)
+            return cast_serially(part, self.dtype)
 
         wi_0, wo = own(weights.wi_0), own(weights.wo)
         assert wi_0 is not None
