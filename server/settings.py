@@ -63,6 +63,12 @@ class Settings(BaseSettings):
     max_prefill_tokens: int = Field(
         0, ge=0, description="encoder tokens encoded between two decode steps (at least one request; 0: no limit)"
     )
+    encoder_step_share: float = Field(
+        0.0,
+        ge=0,
+        description="while rows decode, encode newcomers between two decode steps for at most this share of a "
+        "step's time, block by block (0: a whole encoder pass at once)",
+    )
     max_queue_requests: int = Field(128, ge=0, description="requests waiting before new ones get 429")
     max_concurrent_requests: int = Field(160, ge=1, description="requests in the server at once (429 above)")
     max_stop_sequences: int = Field(4, ge=0, description="stop sequences per request")
@@ -113,6 +119,7 @@ class Settings(BaseSettings):
             max_queue=self.max_queue_requests,
             waiting_served_ratio=self.waiting_served_ratio,
             max_prefill_tokens=self.max_prefill_tokens,
+            encoder_step_share=self.encoder_step_share,
             max_waiting_steps=self.max_waiting_steps,
             stall_seconds=self.stall_seconds,
         )

@@ -83,16 +83,17 @@ def test_failure_while_encoding_one_request_fails_only_it(client: TestClient, mo
     engine: AsyncEngine = client.app.state.ctx.engine  # type: ignore[attr-defined]
     alone = [client.post("/generate", json=_body(text)).json()["generated_text"] for text in GOOD]
     poison_ids = tuple(engine.tokenize(POISON))
-    original = engine.generator.prefill
+    original = engine.generator.begin_prefill
     batch_sizes: list[int] = []
 
-    def prefill(requests):  # type: ignore[no-untyped-def]
+    def begin_prefill(requests):  # type: ignore[no-untyped-def]
         batch_sizes.append(len(requests))
         if any(tuple(r.input_ids) == poison_ids for r in requests):
             raise RuntimeError("injected: this request cannot be encoded")
         return original(requests)
 
-    monkeypatch.setattr(engine.generator, "prefill", prefill)
+    # Every encoder pass starts here, batched or of one request alone.
+    monkeypatch.setattr(engine.generator, "begin_prefill", begin_prefill)
     _hold_admission_until(monkeypatch, engine, len(GOOD) + 1)
     failed_before = engine.stats().requests_failed
     together, poisoned = _run_batch_with_poison(client)

@@ -1,6 +1,6 @@
 """Generation: sampling parameters, batched decoding, beam search."""
 
-from engine.generation.generator import DecodeBatch, Generator, Sequence
+from engine.generation.generator import DecodeBatch, Generator, Prefill, Sequence
 from engine.generation.params import FinishReason, GenerationRequest, GenerationResult, SamplingParams
 
 __all__ = [
@@ -9,6 +9,7 @@ __all__ = [
     "GenerationRequest",
     "GenerationResult",
     "Generator",
+    "Prefill",
     "SamplingParams",
     "Sequence",
 ]

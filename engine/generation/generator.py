@@ -18,10 +18,10 @@ import torch
 from engine.errors import InputError
 from engine.experts.stats import ExpertStats
 from engine.generation.beam import beam_search
-from engine.generation.inputs import encode_requests, feed_decoder_prefixes
+from engine.generation.inputs import embed_requests, feed_decoder_prefixes
 from engine.generation.params import FinishReason, GenerationRequest, GenerationResult
 from engine.generation.sampling import TokenChooser, choose_tokens
-from engine.model import DecoderState, Seq2SeqLM
+from engine.model import DecoderState, EncoderPass, Seq2SeqLM
 from engine.tokenizer import IncrementalDecoder, Tokenizer
 
 
@@ -138,6 +138,17 @@ class DecodeBatch:
         self.sequences = self.sequences + other.sequences
 
 
+@dataclass
+class Prefill:
+    """Requests on their way into a decode batch: their encoder pass, which may run a few blocks at a
+    time between decode steps (`Generator.advance_prefill`)."""
+
+    requests: list[GenerationRequest]
+    encoder: EncoderPass
+    experts: list[ExpertStats] = field(default_factory=list)
+    """The expert counters of each slice of the pass so far (shared out to the rows at the end)."""
+
+
 class Generator:
     """Runs generation requests on a model (greedy, sampling and beam search)."""
 
@@ -164,21 +175,43 @@ class Generator:
         return self.model.embed.weight.device
 
     def prefill(self, requests: Seq[GenerationRequest]) -> DecodeBatch:
-        """Encode `requests` (right-padded, soft prompts in place) and set up their decoder state.
+        """Encode `requests` (right-padded, soft prompts in place) and set up their decoder state."""
+        pending = self.begin_prefill(requests)
+        self.advance_prefill(pending, len(self.model.encoder.blocks))
+        return self.finish_prefill(pending)
+
+    def begin_prefill(self, requests: Seq[GenerationRequest]) -> Prefill:
+        """Start the encoder pass of `requests`, all in one batch; no block has run yet."""
+        self._check_inputs(requests)
+        embeds_BSD, valid_BS = embed_requests(self.model, requests)
+        return Prefill(list(requests), self.model.encoder.begin(embeds_BSD, valid_BS))
+
+    def advance_prefill(self, pending: Prefill, blocks: int) -> bool:
+        """Run up to `blocks` more encoder blocks of `pending`; True once all have run."""
+        before = self.expert_stats() if self.expert_stats else None
+        done = self.model.encoder.advance(pending.encoder, blocks)
+        if before is not None and self.expert_stats is not None:
+            pending.experts.append(self.expert_stats() - before)
+        return done
+
+    def finish_prefill(self, pending: Prefill) -> DecodeBatch:
+        """The decode batch of a finished encoder pass: its requests' decoder states and sequences.
 
         Requests whose prompts carry a decoder prefix of the same length are prefilled together
         (the prefix runs through the decoder before the start token); the groups then form one batch.
         """
-        self._check_inputs(requests)
         before = self.expert_stats() if self.expert_stats else None
-        groups: dict[int, list[GenerationRequest]] = {}
-        for r in requests:
-            groups.setdefault(r.prompt.decoder_tokens if r.prompt is not None else 0, []).append(r)
+        enc_BSD = self.model.encoder.finish(pending.encoder)
+        valid_BS = pending.encoder.valid
+        groups: dict[int, list[int]] = {}
+        for i, r in enumerate(pending.requests):
+            groups.setdefault(r.prompt.decoder_tokens if r.prompt is not None else 0, []).append(i)
         batch: DecodeBatch | None = None
-        for prefix_len, members in groups.items():
-            enc_BSD, valid_BS = encode_requests(self.model, members)
+        for prefix_len, rows in groups.items():
+            members = [pending.requests[i] for i in rows]
+            index = torch.tensor(rows, device=enc_BSD.device)
             capacity = max(r.params.max_new_tokens for r in members) + prefix_len
-            state = self.model.start_decoding(enc_BSD, valid_BS, capacity=capacity)
+            state = self.model.start_decoding(enc_BSD[index], valid_BS[index], capacity=capacity)
             if prefix_len:
                 prefixes = [r.prompt.decoder_prefix for r in members if r.prompt is not None]
                 feed_decoder_prefixes(self.model, state, [p for p in prefixes if p is not None])
@@ -199,7 +232,8 @@ class Generator:
                 batch.extend(group)
         assert batch is not None
         if before is not None and self.expert_stats is not None:
-            share_expert_stats(batch.sequences, self.expert_stats() - before)
+            pending.experts.append(self.expert_stats() - before)
+            share_expert_stats(batch.sequences, sum(pending.experts[1:], pending.experts[0]))
         return batch
 
     def _check_inputs(self, requests: Seq[GenerationRequest]) -> None:

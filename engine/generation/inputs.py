@@ -14,8 +14,8 @@ from engine.model import DecoderState, Seq2SeqLM
 from engine.prompts import assemble_encoder_embeds
 
 
-def encode_requests(model: Seq2SeqLM, requests: Sequence[GenerationRequest]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Encoder outputs (B, S, D) and validity mask (B, S) of `requests`, right-padded.
+def embed_requests(model: Seq2SeqLM, requests: Sequence[GenerationRequest]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Encoder input embeddings (B, S, D) and validity mask (B, S) of `requests`, right-padded.
 
     Each row is its own prefix | input | infix | pair | suffix sequence, so requests with
     different soft prompts (or none) share one batch and each gets exactly what it would alone.
@@ -27,6 +27,12 @@ def encode_requests(model: Seq2SeqLM, requests: Sequence[GenerationRequest]) -> 
     for i, row in enumerate(rows):
         embeds_BSD[i, : row.shape[0]] = row
         valid_BS[i, : row.shape[0]] = True
+    return embeds_BSD, valid_BS
+
+
+def encode_requests(model: Seq2SeqLM, requests: Sequence[GenerationRequest]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Encoder outputs (B, S, D) and validity mask (B, S) of `requests` (see `embed_requests`)."""
+    embeds_BSD, valid_BS = embed_requests(model, requests)
     return model.encode(embeds_BSD, valid_BS), valid_BS
 
 

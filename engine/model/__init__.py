@@ -7,10 +7,11 @@ Nothing here knows where weights live or how requests are scheduled: MoE layers 
 from engine.model.cache import DecoderState
 from engine.model.ffn import ExpertWeights
 from engine.model.moe import ExpertProvider, MoELayerKey, ResidentExpertProvider
-from engine.model.transformer import Seq2SeqLM
+from engine.model.transformer import EncoderPass, Seq2SeqLM
 
 __all__ = [
     "DecoderState",
+    "EncoderPass",
     "ExpertProvider",
     "ExpertWeights",
     "MoELayerKey",

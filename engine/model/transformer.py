@@ -17,6 +17,7 @@ relative bias. Dropout and LayerDrop act only in training (LayerDrop is not impl
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import TypeVar
 
 import torch
@@ -146,12 +147,33 @@ class _Stack(nn.Module):
         return x_BTD + vectors_BTD.to(x_BTD.dtype)
 
 
+@dataclass
+class EncoderPass:
+    """An encoder pass in progress: the states after `blocks_done` blocks (`Encoder.advance`):
+    `hidden` (B, S, D), the attention bias `bias` (B, H or 1, S, S), `valid` (B, S) False on padding.
+
+    A server runs a newcomer's encoder a few blocks between two decode steps, so that a long or
+    large admission delays the running rows by a bounded slice each step instead of one whole pass.
+    """
+
+    hidden: torch.Tensor
+    bias: torch.Tensor
+    valid: torch.Tensor
+    blocks_done: int = 0
+
+
 class Encoder(_Stack):
     def __init__(self, config: ModelConfig) -> None:
         blocks: list[nn.Module] = [EncoderBlock(config, i) for i in range(config.num_encoder_layers)]
         super().__init__(config, blocks, bidirectional=True)
 
     def forward(self, x_BSD: torch.Tensor, valid_BS: torch.Tensor) -> torch.Tensor:
+        state = self.begin(x_BSD, valid_BS)
+        self.advance(state, len(self.blocks))
+        return self.finish(state)
+
+    def begin(self, x_BSD: torch.Tensor, valid_BS: torch.Tensor) -> EncoderPass:
+        """A pass over input embeddings `x_BSD` (`valid_BS` False on padding), no block run yet."""
         S = x_BSD.shape[1]
         if self.relative_bias is not None:
             positions = torch.arange(S, device=x_BSD.device)
@@ -162,9 +184,21 @@ class Encoder(_Stack):
         start_11 = torch.zeros(1, 1, dtype=torch.long, device=x_BSD.device)
         x_BSD = self.add_positions(x_BSD, valid_BS, start_11, longest=S)
         x_BSD = F.dropout(x_BSD, self.dropout, self.training)
-        for block in self.blocks:
-            x_BSD = block(x_BSD, bias_BHSS, valid_BS)
-        return F.dropout(self.final_norm(x_BSD), self.dropout, self.training)
+        return EncoderPass(x_BSD, bias_BHSS, valid_BS)
+
+    def advance(self, state: EncoderPass, blocks: int) -> bool:
+        """Run up to `blocks` more blocks of `state`; True once every block has run."""
+        stop = min(len(self.blocks), state.blocks_done + blocks)
+        for block in self.blocks[state.blocks_done : stop]:
+            state.hidden = block(state.hidden, state.bias, state.valid)
+        state.blocks_done = stop
+        return stop == len(self.blocks)
+
+    def finish(self, state: EncoderPass) -> torch.Tensor:
+        """The encoder output (B, S, D) of a pass whose blocks have all run."""
+        if state.blocks_done != len(self.blocks):
+            raise ValueError(f"the encoder pass has run {state.blocks_done} of {len(self.blocks)} blocks")
+        return F.dropout(self.final_norm(state.hidden), self.dropout, self.training)
 
 
 class Decoder(_Stack):

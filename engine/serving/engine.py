@@ -67,6 +67,10 @@ class EngineConfig:
     max_prefill_tokens: int = 0
     """Encoder tokens encoded in one pass between decode steps at most (at least one request; 0: no
     limit): bounds how long a burst of arrivals pauses the running rows, at some throughput."""
+    encoder_step_share: float = 0.0
+    """While rows decode, newcomers' encoder pass runs between two decode steps for at most this
+    share of a decode step's time, block by block (at least one block; 0: the whole pass at once):
+    bounds how much an admission lengthens the running rows' gaps between tokens."""
     stall_seconds: float = 60.0
     """With requests running and no step for this long, the engine is reported stalled."""
     warmup: bool = True
@@ -104,6 +108,7 @@ class AsyncEngine:
             waiting_served_ratio=config.waiting_served_ratio,
             max_waiting_steps=config.max_waiting_steps,
             max_prefill_tokens=config.max_prefill_tokens,
+            encoder_step_share=config.encoder_step_share,
             special_ids=specials,
             expert_stats=(lambda: _expert_stats(provider)) if provider is not None else None,
         )

@@ -2,7 +2,8 @@
 
 All model work happens on this one thread (torch releases the GIL, so the server's event loop stays
 responsive). Each step: take new submissions and cancellations, drop expired and cancelled
-requests, encode the newly admitted ones (a failing request is isolated and fails alone), run one
+requests, run the admitted requests' encoder pass (at once, or with `encoder_step_share` a slice of
+its blocks per step while rows decode; a failing request is isolated and fails alone), run one
 decoder step for every running row, and deliver each row's token through its sink.
 """
 
@@ -13,12 +14,14 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
 import torch
 
-from engine.generation import DecodeBatch, GenerationRequest, Generator, Sequence
+from engine.generation import DecodeBatch, GenerationRequest, Generator, Prefill, Sequence
 from engine.generation.beam import beam_search
+from engine.prompts import SoftPrompt
 from engine.serving.protocol import (
     EngineRequest,
     EngineStats,
@@ -29,7 +32,7 @@ from engine.serving.protocol import (
     StepRecord,
     TokenEvent,
 )
-from engine.serving.scheduler import Scheduler, Waiting
+from engine.serving.scheduler import Scheduler, Waiting, encoder_tokens
 
 log = logging.getLogger("cpm2.engine")
 
@@ -44,6 +47,17 @@ class _Running:
     admitted: float
 
 
+@dataclass
+class _Admission:
+    """Admitted requests whose encoder pass is under way, a slice of blocks per decode step."""
+
+    prefill: Prefill
+    items: list[Waiting]
+    slices: int = 0
+    block_seconds: float = 0.0
+    """How long its last encoder block took: the next one is expected to take as long."""
+
+
 class EngineLoop(threading.Thread):
     """Owns the model, the running batch and the scheduler; everything else talks to it by message."""
 
@@ -56,11 +70,17 @@ class EngineLoop(threading.Thread):
         waiting_served_ratio: float = 0.0,
         max_waiting_steps: int = 20,
         max_prefill_tokens: int = 0,
+        encoder_step_share: float = 0.0,
         special_ids: frozenset[int],
         expert_stats: Callable[[], tuple[dict[str, float], dict[str, dict[str, float]]]] | None = None,
     ) -> None:
         super().__init__(name="cpm2-engine", daemon=True)
+        if not encoder_step_share >= 0:
+            raise ValueError("encoder_step_share must be >= 0 (0: a whole encoder pass at once)")
         self.generator = generator
+        self.encoder_step_share = encoder_step_share
+        self._decode_seconds = 0.0
+        """A moving average of the decode step's time: what bounds an encoder slice."""
         self.special_ids = special_ids
         self.expert_stats = expert_stats
         self.scheduler = Scheduler(
@@ -77,6 +97,7 @@ class EngineLoop(threading.Thread):
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self.batch: DecodeBatch | None = None
+        self._admission: _Admission | None = None
         self.stats = EngineStats()
         self.step_listeners: list[StepListener] = []
         self.alive_at = time.monotonic()
@@ -138,7 +159,7 @@ class EngineLoop(threading.Thread):
                 self._admit()
                 if self.batch is not None and len(self.batch):
                     self._step()
-                else:
+                elif self._admission is None:
                     self._wake.wait(timeout=0.5)
                     self._wake.clear()
         except BaseException as exc:  # the engine thread must never die silently
@@ -167,9 +188,13 @@ class EngineLoop(threading.Thread):
 
     def _remove_running(self, request_ids: set[str], *, counter: str, error: Exception | None = None) -> None:
         present = [rid for rid in request_ids if rid in self._running]
-        if not present or self.batch is None:
+        if not present:
             return
-        self.batch.remove([i for i, s in enumerate(self.batch.sequences) if s.request.request_id in request_ids])
+        # Rows still being encoded are not in the batch yet; they are dropped when their pass ends.
+        if self.batch is not None:
+            rows = [i for i, s in enumerate(self.batch.sequences) if s.request.request_id in request_ids]
+            if rows:
+                self.batch.remove(rows)
         for rid in present:
             running = self._running.pop(rid)
             if error is not None:
@@ -194,6 +219,14 @@ class EngineLoop(threading.Thread):
             )
 
     def _admit(self) -> None:
+        if self._admission is None:
+            self._start_admission()
+        if self._admission is not None:
+            self._continue_admission(self._admission)
+        with self._lock:
+            self.stats.running = len(self._running)
+
+    def _start_admission(self) -> None:
         with self._lock:
             admitted = self.scheduler.admit(num_running=len(self._running))
             sinks = {w.request.request_id: self._sinks.pop(w.request.request_id) for w in admitted}
@@ -211,38 +244,75 @@ class EngineLoop(threading.Thread):
         for item in plain:
             sink, arrival = sinks[item.request.request_id]
             self._running[item.request.request_id] = _Running(item.request, sink, arrival, now)
-        begin = time.perf_counter()
-        batch = self._prefill(plain)
-        if batch is not None:
-            if self.batch is None or not len(self.batch):
-                self.batch = batch
-            else:
-                self.batch.extend(batch)
-            self._record("encode", batch, time.perf_counter() - begin)
-        with self._lock:
-            self.stats.running = len(self._running)
-
-    def _prefill(self, admitted: list[Waiting]) -> DecodeBatch | None:
-        """Encode the admitted requests together; if that fails, one by one so only the bad one fails."""
-        requests = [self._generation_request(w.request) for w in admitted]
         try:
-            return self.generator.prefill(requests)
+            prefill = self.generator.begin_prefill([self._generation_request(w.request) for w in plain])
         except Exception:
-            if len(requests) == 1:
-                self._fail(admitted[0].request.request_id, "encoding")
-                return None
-        batch: DecodeBatch | None = None
-        for item, request in zip(admitted, requests, strict=True):
+            self._admit_one_by_one(plain)
+            return
+        self._admission = _Admission(prefill, plain)
+
+    def _continue_admission(self, admission: _Admission) -> None:
+        """Run the next slice of the admission's encoder pass; at its end the rows join the batch.
+
+        With rows decoding, a slice runs blocks while they fit in `encoder_step_share` of a decode
+        step (at least one block; 0: the whole pass), so that newcomers lengthen the running rows'
+        gaps between tokens by that share at most; with none decoding, the whole pass runs at once.
+        """
+        limit = float("inf")
+        if self.encoder_step_share and self.batch is not None and len(self.batch):
+            limit = self.encoder_step_share * self._decode_seconds
+        begin = time.perf_counter()
+        try:
+            while True:
+                block_begin = time.perf_counter()
+                done = self.generator.advance_prefill(admission.prefill, 1)
+                now = time.perf_counter()
+                admission.block_seconds = now - block_begin
+                if done or now - begin + admission.block_seconds > limit:
+                    break
+            batch = self.generator.finish_prefill(admission.prefill) if done else None
+        except Exception:
+            # The pass ran every admitted request at once; find the one that fails, alone.
+            self._admission = None
+            self._admit_one_by_one(admission.items)
+            return
+        tokens = sum(encoder_tokens(w.request) for w in admission.items) if admission.slices == 0 else 0
+        admission.slices += 1
+        prompts = [w.request.prompt for w in admission.items]
+        self._record("encode", prompts, time.perf_counter() - begin, tokens=tokens)
+        if batch is not None:
+            self._admission = None
+            self._join(batch)
+
+    def _admit_one_by_one(self, admitted: list[Waiting]) -> None:
+        """Encode each request alone (after a batched pass failed), so only a bad one fails."""
+        if len(admitted) == 1:
+            self._fail(admitted[0].request.request_id, "encoding")
+            return
+        for item in admitted:
+            if item.request.request_id not in self._running:
+                continue  # cancelled or expired meanwhile
+            begin = time.perf_counter()
             try:
-                single = self.generator.prefill([request])
+                single = self.generator.prefill([self._generation_request(item.request)])
             except Exception:
                 self._fail(item.request.request_id, "encoding")
                 continue
-            if batch is None:
-                batch = single
-            else:
-                batch.extend(single)
-        return batch
+            seconds = time.perf_counter() - begin
+            self._record("encode", [item.request.prompt], seconds, tokens=encoder_tokens(item.request))
+            self._join(single)
+
+    def _join(self, batch: DecodeBatch) -> None:
+        """Add freshly encoded rows to the running batch, less any cancelled or expired meanwhile."""
+        gone = [i for i, s in enumerate(batch.sequences) if s.request.request_id not in self._running]
+        if gone:
+            batch.remove(gone)
+        if not len(batch):
+            return
+        if self.batch is None or not len(self.batch):
+            self.batch = batch
+        else:
+            self.batch.extend(batch)
 
     def _fail(self, request_id: str, stage: str) -> None:
         log.exception("request %s failed during %s", request_id, stage)
@@ -313,7 +383,10 @@ class EngineLoop(threading.Thread):
             self._remove_running(failed, counter="requests_failed", error=GenerationFailedError("decode step failed"))
             self.batch = None
             return
-        self._record("decode", self.batch, time.perf_counter() - begin)
+        seconds = time.perf_counter() - begin
+        # Recent steps weigh most: the batch's size, and with it the step's time, changes as rows come and go.
+        self._decode_seconds = seconds if not self._decode_seconds else 0.8 * self._decode_seconds + 0.2 * seconds
+        self._record("decode", [s.request.prompt for s in self.batch.sequences], seconds, tokens=len(self.batch))
         broken: set[str] = set()
         for sequence in self.batch.sequences:
             try:
@@ -360,16 +433,15 @@ class EngineLoop(threading.Thread):
             )
         )
 
-    def _record(self, phase: str, batch: DecodeBatch, seconds: float) -> None:
+    def _record(self, phase: str, prompts: Seq[SoftPrompt | None], seconds: float, *, tokens: int) -> None:
+        """Tell the step listeners about a step of `len(prompts)` rows with these soft prompts."""
         # The server resolves a prompt id to one shared SoftPrompt object, so identity counts prompts;
         # rows without a prompt count as one more group.
-        prompts = {id(s.request.prompt) for s in batch.sequences}
-        tokens = sum(s.request.encoder_length for s in batch.sequences) if phase == "encode" else len(batch)
         record = StepRecord(
             phase="encode" if phase == "encode" else "decode",
-            batch_size=len(batch),
+            batch_size=len(prompts),
             num_tokens=tokens,
-            distinct_prompts=len(prompts),
+            distinct_prompts=len({id(p) for p in prompts}),
             seconds=seconds,
         )
         for listener in self.step_listeners:
@@ -390,3 +462,4 @@ class EngineLoop(threading.Thread):
             running.sink(error)
         self._running.clear()
         self.batch = None
+        self._admission = None
