@@ -392,7 +392,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--virtual-tokens", type=int, default=100)
     parser.add_argument("--max-batch-size", type=int, default=64)
     parser.add_argument("--server-args", default="", help='more `cpm2 serve` flags, e.g. "--waiting-served-ratio 0.3"')
-    parser.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated subset of the scenarios")
+    # One argument per scenario: "8 ids, same tensors" has a comma of its own.
+    parser.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), help=f"a subset of {list(SCENARIOS)}")
     parser.add_argument("--rounds", type=int, default=2, help="runs per scenario and level (A B B A)")
     parser.add_argument("--quick", action="store_true", help="C = 1, 4; 8 tokens; few requests")
     parser.add_argument("--out", type=Path, default=Path("bench/results/serve_load.json"))
@@ -403,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
         args.rounds = 1
         args.out = args.out.with_suffix(".quick.json")
     levels = [int(c) for c in args.concurrency.split(",")]
-    chosen = tuple(name.strip() for name in args.scenarios.split(","))
+    chosen = tuple(name.strip() for name in args.scenarios)
     unknown = set(chosen) - set(SCENARIOS)
     if unknown:
         parser.error(f"unknown scenario(s) {sorted(unknown)}; choose from {list(SCENARIOS)}")
