@@ -27,10 +27,19 @@ from engine.sizes import format_bytes, parse_bytes
 from engine.summary import summarize
 from engine.tokenizer import load_tokenizer
 from engine.weights.convert import convert_cpm2, convert_hf
-from engine.weights.init import DEFAULT_MAX_SHARD_BYTES, plan_random_model, write_random_model
-from engine.weights.loader import load_model, parse_dtype
+from engine.weights.files import DEFAULT_MAX_SHARD_BYTES
+from engine.weights.init import plan_random_model, write_random_model
+from engine.weights.loader import inspect_config, load_model, parse_dtype
 from engine.weights.presets import PRESETS, get_preset
-from engine.weights.quantize import DENSE_FORMATS, EXPERT_FORMATS, PACKING_CHOICES, REPORT_FILE, quantize_model
+from engine.weights.quantize import (
+    DENSE_FORMATS,
+    EXPERT_FORMATS,
+    PACKING_CHOICES,
+    REPORT_FILE,
+    ExpertFormat,
+    dense_record,
+    quantize_model,
+)
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -121,13 +130,26 @@ def cmd_init(args: argparse.Namespace) -> int:
             summary = summarize(preset.config, parse_dtype(preset.dtype) or torch.float32)
             print(f"{name:18s} {format_bytes(summary.total_bytes):>11s}  {preset.description}")
         return 0
-    if not args.preset or not args.out:
-        raise ConfigError("cpm2 init needs --preset NAME and --out DIR (or --list)")
-    preset = get_preset(args.preset)
-    config = _apply_overrides(preset.config, args.set)
-    dtype = args.dtype or preset.dtype
-    plan, _ = plan_random_model(config, dtype=dtype)
-    print(f"{args.preset}: {plan.num_parameters:,} parameters, {format_bytes(plan.num_bytes)} in {dtype}")
+    if not args.out or (args.preset is None) == (args.config is None):
+        raise ConfigError("cpm2 init needs --out DIR and one of --preset NAME or --config CONFIG.json (or --list)")
+    if args.preset is not None:
+        preset = get_preset(args.preset)
+        name, config, default_dtype = args.preset, preset.config, preset.dtype
+    else:
+        info = inspect_config(args.config)  # a native or Hugging Face config.json, or a directory holding one
+        name, config, default_dtype = str(args.config), info.config, str(info.stored_dtype).removeprefix("torch.")
+    config = _apply_overrides(config, args.set)
+    dtype = args.dtype or default_dtype
+    if args.dense is not None:
+        dense_record(args.dense)  # refuses an unknown format before anything is planned
+    experts = None
+    if args.experts is not None:
+        experts = ExpertFormat.choose(config, args.experts, group_size=args.group_size, packing=args.packing)
+    elif args.group_size is not None or args.packing != "auto":
+        raise ConfigError("--group-size and --packing apply to --experts int4; leave them out")
+    plan, _ = plan_random_model(config, dtype=dtype, experts=experts)
+    stored = f"{dtype}, experts {args.experts}" if experts is not None else dtype
+    print(f"{name}: {plan.num_parameters:,} parameters, {format_bytes(plan.num_bytes)} in {stored}")
     if args.dry_run:
         return 0
     write_random_model(
@@ -137,6 +159,8 @@ def cmd_init(args: argparse.Namespace) -> int:
         seed=args.seed,
         max_shard_bytes=parse_bytes(args.max_shard_size, name="--max-shard-size"),
         progress=not args.quiet,
+        experts=experts,
+        dense=args.dense,
     )
     print(f"wrote {args.out}")
     return 0
@@ -223,10 +247,27 @@ def register(subparsers: Any) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(handler=cmd_quantize)
 
-    p = subparsers.add_parser("init", help="write a randomly initialised model from a named preset")
+    p = subparsers.add_parser(
+        "init", help="write a randomly initialised model from a named preset or a published config, any size"
+    )
     p.add_argument("--preset", help=f"one of: {', '.join(PRESETS)}")
+    p.add_argument(
+        "--config",
+        type=Path,
+        help="a model's config.json (native cpm2, or Hugging Face: T5, Switch, M2M-100, NLLB-MoE...), or its directory",
+    )
     p.add_argument("--out", type=Path, help="new (empty) output directory")
-    p.add_argument("--dtype", default=None, help="default: the preset's (float32 small, float16 large)")
+    p.add_argument(
+        "--dtype", default=None, help="float dtype of the weights (default: the preset's, or the config's torch_dtype)"
+    )
+    p.add_argument("--experts", default=None, help=f"store the experts quantised: {', '.join(EXPERT_FORMATS)}")
+    p.add_argument(
+        "--group-size", type=int, default=None, help=f"int4: inputs per scale and zero (default {DEFAULT_GROUP_SIZE})"
+    )
+    p.add_argument("--packing", default="auto", help=f"int4: one of {', '.join(PACKING_CHOICES)}")
+    p.add_argument(
+        "--dense", default=None, help=f"dense matmul format: {', '.join(DENSE_FORMATS)} (quantised when loaded)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override a config field")
     p.add_argument("--max-shard-size", default=str(DEFAULT_MAX_SHARD_BYTES))

@@ -39,8 +39,7 @@ from engine.weights.cpm2_layout import (
     merged_shape,
     special_token_ids,
 )
-from engine.weights.files import ShardWriter, open_tensor_source
-from engine.weights.init import DEFAULT_MAX_SHARD_BYTES
+from engine.weights.files import DEFAULT_MAX_SHARD_BYTES, ShardWriter, open_tensor_source
 from engine.weights.loader import CONFIG_FILE, inspect_checkpoint, native_tensors, parse_dtype, read_json_object
 
 log = logging.getLogger("cpm2.engine")

@@ -24,6 +24,8 @@ from engine.errors import CheckpointError
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+#: Shards are cut at this size unless told otherwise (`--max-shard-size`).
+DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
 #: The tensors of one expert (`...experts.{e}.*`) share this prefix; a shard never splits them.
 _EXPERT_PREFIX = re.compile(r"^(.*\.experts\.\d+)\.")
 

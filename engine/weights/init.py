@@ -21,17 +21,18 @@ from tqdm import tqdm
 
 from engine.config import ModelConfig
 from engine.errors import ConfigError
-from engine.experts.store import ExpertStoreWriter
+from engine.experts.blob import BlobLayout
+from engine.experts.store import ExpertStoreWriter, is_expert_key
 from engine.model import Seq2SeqLM
 from engine.sizes import format_bytes
 from engine.tokenizer import builtin_corpus, train_sentencepiece
-from engine.weights.files import ShardWriter
+from engine.weights.files import DEFAULT_MAX_SHARD_BYTES, ShardWriter
 from engine.weights.loader import parse_dtype
+from engine.weights.quantize import QUANTIZATION_KEY, ExpertFormat, dense_record
 
 #: SentencePiece pieces of the tokenizer written with every random model (the model's vocabulary
 #: must be at least this plus the 100 sentinels; extra rows are simply never produced).
 PRESET_TOKENIZER_PIECES = 1000
-DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
 
 
 def init_std(config: ModelConfig, key: str) -> float:
@@ -85,14 +86,22 @@ class InitPlan:
     num_bytes: int
 
 
-def plan_random_model(config: ModelConfig, *, dtype: str) -> tuple[InitPlan, dict[str, torch.Size]]:
-    """Parameter count, bytes on disk and every tensor's shape, without allocating anything."""
+def plan_random_model(
+    config: ModelConfig, *, dtype: str, experts: ExpertFormat | None = None
+) -> tuple[InitPlan, dict[str, torch.Size]]:
+    """Parameter count, bytes on disk and every tensor's shape, without allocating anything;
+    quantised `experts` count their store's blobs."""
     with torch.device("meta"):
         model = Seq2SeqLM(config)
     shapes = {k: v.shape for k, v in model.state_dict().items()}
     element = torch.empty((), dtype=parse_dtype(dtype)).element_size()
     count = sum(s.numel() for s in shapes.values())
-    return InitPlan(count, count * element), shapes
+    if experts is None:
+        return InitPlan(count, count * element), shapes
+    dense = sum(s.numel() for k, s in shapes.items() if not is_expert_key(k))
+    layout = BlobLayout.of(config, experts.store_dtype, group_size=experts.group_size, packing=experts.packing)
+    num_experts = len({k.rsplit(".", 2)[0] for k in shapes if is_expert_key(k)})  # "...experts.{e}"
+    return InitPlan(count, dense * element + num_experts * layout.nbytes), shapes
 
 
 def write_tokenizer(out_dir: Path) -> Path:
@@ -108,8 +117,15 @@ def write_random_model(
     seed: int = 0,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     progress: bool = True,
+    experts: ExpertFormat | None = None,
+    dense: str | None = None,
 ) -> InitPlan:
-    """Write a randomly initialised native model directory (config, shards, tokenizer) to `out_dir`."""
+    """Write a randomly initialised native model directory (config, shards, tokenizer) to `out_dir`.
+
+    With `experts`, expert matrices are quantised as they are drawn and stored as `cpm2 quantize`
+    stores them; `dense="int8"` records that the dense matmuls run in int8 (quantised when loaded).
+    One tensor is in memory at a time, so a model of any size streams to disk.
+    """
     if config.vocab_size < PRESET_TOKENIZER_PIECES + 100:
         raise ConfigError(
             f"vocab_size {config.vocab_size} is smaller than the built-in tokenizer "
@@ -117,7 +133,12 @@ def write_random_model(
             f"use at least {PRESET_TOKENIZER_PIECES + 100}"
         )
     torch_dtype = parse_dtype(dtype) or torch.float32
-    plan, shapes = plan_random_model(config, dtype=dtype)
+    record: dict[str, object] = {}
+    if experts is not None:
+        record.update(experts.record())
+    if dense is not None:
+        record.update(dense_record(dense))
+    plan, shapes = plan_random_model(config, dtype=dtype, experts=experts)
     out_dir.mkdir(parents=True, exist_ok=True)
     if any(out_dir.iterdir()):
         raise ConfigError(f"{out_dir} is not empty; choose a new directory (nothing was written)")
@@ -127,17 +148,29 @@ def write_random_model(
             f"{out_dir}: the model needs {format_bytes(plan.num_bytes)} but only {format_bytes(free)} are free"
         )
     writer = ShardWriter(out_dir, max_shard_bytes=max_shard_bytes, metadata={"producer": "cpm2 init"})
-    experts = ExpertStoreWriter(out_dir, config, torch_dtype) if config.moe is not None else None
-    bar = tqdm(total=plan.num_bytes, unit="B", unit_scale=True, desc="writing", disable=not progress)
+    store = None
+    if config.moe is not None:
+        store_dtype = experts.store_dtype if experts is not None else torch_dtype
+        group_size, packing = (experts.group_size, experts.packing) if experts is not None else (None, None)
+        store = ExpertStoreWriter(out_dir, config, store_dtype, group_size=group_size, packing=packing)
+    # Counted in parameters: a quantised expert's bytes on disk are not its parameters' in `dtype`.
+    bar = tqdm(total=plan.num_parameters, unit="param", unit_scale=True, desc="writing", disable=not progress)
     for key, shape in shapes.items():
         tensor = random_tensor(config, key, shape, seed=seed).to(torch_dtype)
-        if experts is None or not experts.add(key, tensor):
+        if store is None or not is_expert_key(key):
             writer.add(key, tensor)
-        bar.update(tensor.numel() * tensor.element_size())
+        elif experts is not None and key.endswith(".weight"):
+            store.add(key, experts.quantize(tensor))
+        else:
+            store.add(key, tensor)  # float experts, and expert biases beside quantised values
+        bar.update(tensor.numel())
     writer.close()
-    if experts is not None:
-        experts.close()
+    if store is not None:
+        store.close()
     bar.close()
     write_tokenizer(out_dir)
-    config.replace(extra={**config.extra, "init_seed": seed}).save(out_dir / "config.json")
+    extra: dict[str, object] = {**config.extra, "init_seed": seed}
+    if record:
+        extra[QUANTIZATION_KEY] = {**record, "source": "cpm2 init"}
+    config.replace(extra=extra).save(out_dir / "config.json")
     return plan

@@ -41,8 +41,7 @@ from engine.model.linear import Linear
 from engine.model.nibbles import PACKINGS, Packing, fits
 from engine.model.quant import Int8Weight, quantize_int8
 from engine.weights.convert import CARRIED_FILES
-from engine.weights.files import ShardWriter, open_tensor_source
-from engine.weights.init import DEFAULT_MAX_SHARD_BYTES
+from engine.weights.files import DEFAULT_MAX_SHARD_BYTES, ShardWriter, open_tensor_source
 from engine.weights.loader import CONFIG_FILE, inspect_checkpoint, native_tensors
 
 #: Formats `--experts` and `--dense` take.
@@ -80,6 +79,63 @@ def expert_store_dtype(config: ModelConfig) -> torch.dtype | None:
 def quantized_dense(config: ModelConfig) -> str | None:
     """The format a model's dense weights run in (`"int8"`: quantised when loaded), None for float."""
     return _quantized(config, "dense")
+
+
+@dataclass(frozen=True)
+class ExpertFormat:
+    """How expert matrices are stored: quantised to `experts` (int8 per output row; int4 in groups
+    of `group_size` inputs, packed as `packing`). `cpm2 quantize` and `cpm2 init` both write it."""
+
+    experts: str
+    group_size: int | None = None
+    packing: Packing | None = None
+
+    @classmethod
+    def choose(
+        cls, config: ModelConfig, experts: str, *, group_size: int | None = None, packing: str = "auto"
+    ) -> ExpertFormat:
+        """The format `experts` takes for `config`'s expert shapes; ConfigError for what cannot be."""
+        if experts not in EXPERT_FORMATS:
+            raise ConfigError(f"--experts {experts}: unknown format; supported: {', '.join(EXPERT_FORMATS)}")
+        if config.moe is None:
+            raise ConfigError("a dense model has no experts to quantise; leave --experts out")
+        if group_size is not None and experts != "int4":
+            raise ConfigError("--group-size applies to --experts int4 only; leave it out")
+        if packing not in PACKING_CHOICES:
+            raise ConfigError(f"--packing {packing}: unknown; supported: {', '.join(PACKING_CHOICES)}")
+        if experts != "int4":
+            return cls(experts)
+        return cls(experts, *_int4_format(config, group_size or DEFAULT_GROUP_SIZE, packing))
+
+    @property
+    def store_dtype(self) -> torch.dtype:
+        return _STORE_DTYPES[self.experts]
+
+    @property
+    def scheme(self) -> str:
+        return INT4_SCHEME if self.experts == "int4" else INT8_SCHEME
+
+    def quantize(self, weight: torch.Tensor) -> Int8Weight | Int4Weight:
+        """One expert matrix in this format."""
+        if self.experts == "int4":
+            assert self.group_size is not None
+            assert self.packing is not None
+            return quantize_int4(weight, group_size=self.group_size, packing=self.packing)
+        return quantize_int8(weight)
+
+    def record(self) -> dict[str, Any]:
+        """What config.json's quantization record says of the experts."""
+        record: dict[str, Any] = {"experts": self.experts, "scheme": self.scheme}
+        if self.group_size is not None:
+            record.update(group_size=self.group_size, packing=self.packing)
+        return record
+
+
+def dense_record(dense: str) -> dict[str, Any]:
+    """What config.json's quantization record says of dense weights run in `dense` (int8)."""
+    if dense not in DENSE_FORMATS:
+        raise ConfigError(f"--dense {dense}: unknown format; supported: {', '.join(DENSE_FORMATS)}")
+    return {"dense": dense, "dense_scheme": INT8_SCHEME}
 
 
 @dataclass(frozen=True)
@@ -140,17 +196,13 @@ class QuantizeReport:
 def _check_request(src: Path, dst: Path, experts: str | None, dense: str | None, group_size: int | None) -> None:
     if experts is None and dense is None:
         raise ConfigError("nothing to quantise: give --experts int8|int4, --dense int8 or both")
-    if group_size is not None and experts != "int4":
-        raise ConfigError("--group-size applies to --experts int4 only; leave it out")
     if group_size is not None:
         try:
             check_group_size(group_size)
         except ValueError as error:
             raise ConfigError(f"--group-size: {error}") from None
-    if experts is not None and experts not in EXPERT_FORMATS:
-        raise ConfigError(f"--experts {experts}: unknown format; supported: {', '.join(EXPERT_FORMATS)}")
-    if dense is not None and dense not in DENSE_FORMATS:
-        raise ConfigError(f"--dense {dense}: unknown format; supported: {', '.join(DENSE_FORMATS)}")
+    if dense is not None:
+        dense_record(dense)  # refuses an unknown format before anything is read
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
         raise CheckpointError(f"{dst}: exists and is not empty; choose a new --out directory")
     if dst.resolve() == src.resolve():
@@ -173,19 +225,22 @@ def quantize_model(
     inputs, packed as `packing`); returns (and saves) the report."""
     src, dst = Path(src), Path(dst)
     _check_request(src, dst, experts, dense, group_size)
-    if packing not in PACKING_CHOICES:
-        raise ConfigError(f"--packing {packing}: unknown; supported: {', '.join(PACKING_CHOICES)}")
     files = open_tensor_source(src)
     try:
         info = inspect_checkpoint(src, files)
         config = info.config
-        if experts is not None and config.moe is None:
-            raise ConfigError(f"{src}: a dense model has no experts to quantise; leave --experts out")
         if experts is not None and quantized_experts(config) is not None:
             raise ConfigError(f"{src}: its experts are already quantised ({quantized_experts(config)})")
         if dense is not None and quantized_dense(config) is not None:
             raise ConfigError(f"{src}: its dense weights are already quantised ({quantized_dense(config)})")
-        int4 = _int4_format(config, group_size or DEFAULT_GROUP_SIZE, packing) if experts == "int4" else None
+        try:
+            fmt = (
+                None
+                if experts is None
+                else ExpertFormat.choose(config, experts, group_size=group_size, packing=packing)
+            )
+        except ConfigError as error:
+            raise ConfigError(f"{src}: {error}") from None
         dst.parent.mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
         try:
@@ -193,8 +248,7 @@ def quantize_model(
                 info,
                 files,
                 work,
-                experts=experts,
-                int4=int4,
+                fmt=fmt,
                 dense=dense,
                 max_shard_bytes=max_shard_bytes,
                 progress=progress,
@@ -207,12 +261,10 @@ def quantize_model(
     try:
         previous = config.extra.get(QUANTIZATION_KEY)
         record = {**(previous if isinstance(previous, dict) else {}), "source": str(src)}
-        if experts is not None:
-            record.update(experts=experts, scheme=report.scheme)
-        if int4 is not None:
-            record.update(group_size=int4[0], packing=int4[1])
+        if fmt is not None:
+            record.update(fmt.record())
         if dense is not None:
-            record.update(dense=dense, dense_scheme=INT8_SCHEME)
+            record.update(dense_record(dense))
         config.replace(extra={**config.extra, QUANTIZATION_KEY: record}).save(work / CONFIG_FILE)
         _carry(src, work)
         if check_inputs > 0:
@@ -259,38 +311,41 @@ def _write(
     files: Any,
     out: Path,
     *,
-    experts: str | None,
-    int4: tuple[int, Packing] | None,
+    fmt: ExpertFormat | None,
     dense: str | None,
     max_shard_bytes: int,
     progress: bool,
 ) -> QuantizeReport:
-    group_size, packing = int4 if int4 is not None else (None, None)
-    scheme = INT4_SCHEME if experts == "int4" else INT8_SCHEME
     report = QuantizeReport(
-        source=str(info.path), experts=experts, dense=dense, scheme=scheme, group_size=group_size, packing=packing
+        source=str(info.path),
+        experts=fmt.experts if fmt else None,
+        dense=dense,
+        scheme=fmt.scheme if fmt else INT8_SCHEME,
+        group_size=fmt.group_size if fmt else None,
+        packing=fmt.packing if fmt else None,
     )
     shards = ShardWriter(out, max_shard_bytes=max_shard_bytes, metadata={"producer": "cpm2 quantize"})
     # Experts already quantised are carried over byte for byte; float ones kept as they are go into
     # a float store as before.
-    carried = experts is None and quantized_experts(info.config) is not None
+    carried = fmt is None and quantized_experts(info.config) is not None
     if carried:
         shutil.copytree(info.path / STORE_DIR, out / STORE_DIR)
     store = None
     if info.config.moe is not None and not carried:
-        dtype = _STORE_DTYPES.get(experts or "", info.stored_dtype)
-        store = ExpertStoreWriter(out, info.config, dtype, group_size=group_size, packing=packing)
+        dtype = fmt.store_dtype if fmt else info.stored_dtype
+        store = ExpertStoreWriter(
+            out, info.config, dtype, group_size=fmt.group_size if fmt else None, packing=fmt.packing if fmt else None
+        )
     dense_keys = _dense_linear_keys(info.config) if dense else set()
     tensors = native_tensors(
         info, files, dtype=info.stored_dtype, device=torch.device("cpu"), include_experts=not carried
     )
     for key, tensor in tqdm(tensors, desc="quantizing", unit="tensor", disable=not progress):
         # Expert biases (NLLB-MoE) stay float beside the quantised values, as the store keeps them.
-        is_expert_matrix = bool(experts) and is_expert_key(key) and key.endswith(".weight")
         quantized: Int8Weight | Int4Weight | None = None
-        if is_expert_matrix and int4 is not None:
-            quantized = quantize_int4(tensor, group_size=int4[0], packing=int4[1])
-        elif is_expert_matrix or key in dense_keys:
+        if fmt is not None and is_expert_key(key) and key.endswith(".weight"):
+            quantized = fmt.quantize(tensor)
+        elif key in dense_keys:
             quantized = quantize_int8(tensor)
         if quantized is not None:
             error = (quantized.dequantize() - tensor.to(torch.float32)).abs()

@@ -18,8 +18,7 @@ from safetensors.torch import load_file
 from engine.errors import CheckpointError, ConfigError
 from engine.experts.store import ExpertStoreWriter
 from engine.model import Seq2SeqLM
-from engine.weights.files import ShardWriter
-from engine.weights.init import DEFAULT_MAX_SHARD_BYTES
+from engine.weights.files import DEFAULT_MAX_SHARD_BYTES, ShardWriter
 from training.checkpoint import MODEL_FILE, latest_checkpoint
 from training.trainer import Trainer
 
