@@ -161,6 +161,7 @@ def cmd_init(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         experts=experts,
         dense=args.dense,
+        resume=args.resume,
     )
     print(f"wrote {args.out}")
     return 0
@@ -272,6 +273,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override a config field")
     p.add_argument("--max-shard-size", default=str(DEFAULT_MAX_SHARD_BYTES))
     p.add_argument("--dry-run", action="store_true", help="print the size and write nothing")
+    p.add_argument(
+        "--resume", action="store_true", help="finish an interrupted run into --out (started with the same arguments)"
+    )
     p.add_argument("--list", action="store_true", help="list the presets")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(handler=cmd_init)

@@ -1,6 +1,7 @@
 """`cpm2 init --config`: a random model of a published shape (here google/switch-base-8's config,
 shrunk with `--set`), its experts quantised as they are drawn: byte for byte what `cpm2 quantize`
-makes of the float model of the same seed, loadable, and sized on disk as planned."""
+makes of the float model of the same seed, loadable, and sized on disk as planned; and `--resume`:
+an interrupted run finishes into the same model."""
 
 from __future__ import annotations
 
@@ -11,12 +12,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import engine.weights.init as init_module
 from cpm2.cli import main
+from engine.errors import ConfigError
 from engine.experts.store import STORE_DIR
 from engine.generation import GenerationRequest, Generator, SamplingParams
 from engine.offload import OffloadConfig, load_for_inference
-from engine.weights.init import plan_random_model
-from engine.weights.loader import inspect_config
+from engine.weights.init import PROGRESS_FILE, plan_random_model, write_random_model
+from engine.weights.loader import inspect_config, load_model
+from engine.weights.presets import get_preset
 from engine.weights.quantize import QUANTIZATION_KEY, ExpertFormat, quantize_model
 
 CONFIGS = Path(__file__).parent / "fixtures" / "configs"
@@ -113,3 +117,50 @@ def test_bad_requests_are_refused_and_write_nothing(
     assert main(["init", "--out", str(out), "--quiet", *argv]) != 0
     assert message in capsys.readouterr().err
     assert not out.exists() or not any(out.iterdir())
+
+
+class _InterruptedError(Exception):
+    pass
+
+
+def _interrupt_after(monkeypatch: pytest.MonkeyPatch, tensors: int) -> None:
+    """Make `write_random_model` fail as a killed run would, after drawing `tensors` tensors."""
+    drawn = iter(range(tensors + 1))
+    original = init_module.random_tensor
+
+    def random_tensor(*args: object, **kwargs: object) -> torch.Tensor:
+        if next(drawn) == tensors:
+            raise _InterruptedError
+        return original(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(init_module, "random_tensor", random_tensor)
+
+
+@pytest.mark.parametrize("interrupt_after", [3, 40, 10_000], ids=["early", "mid-way", "never"])
+def test_an_interrupted_init_resumes_into_the_same_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, interrupt_after: int
+) -> None:
+    config = get_preset("tiny").config
+    options = {"seed": 5, "max_shard_bytes": 64 * 1024, "progress": False}  # many small shards
+    write_random_model(config, tmp_path / "whole", **options)  # type: ignore[arg-type]
+    interrupted = False
+    with monkeypatch.context() as patch:
+        _interrupt_after(patch, interrupt_after)
+        try:
+            write_random_model(config, tmp_path / "resumed", **options)  # type: ignore[arg-type]
+        except _InterruptedError:
+            interrupted = True
+    assert interrupted == (interrupt_after < 100)
+    if interrupted:
+        with pytest.raises(ConfigError, match="add --resume"):
+            write_random_model(config, tmp_path / "resumed", **options)  # type: ignore[arg-type]
+        with pytest.raises(ConfigError, match="another model, dtype, seed or format"):
+            write_random_model(config, tmp_path / "resumed", **{**options, "seed": 6}, resume=True)  # type: ignore[arg-type]
+        write_random_model(config, tmp_path / "resumed", **options, resume=True)  # type: ignore[arg-type]
+    whole, resumed = _tensors(tmp_path / "whole"), _tensors(tmp_path / "resumed")
+    assert whole.keys() == resumed.keys()
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+    assert _files(tmp_path / "resumed" / STORE_DIR) == _files(tmp_path / "whole" / STORE_DIR)
+    assert not (tmp_path / "resumed" / PROGRESS_FILE).exists()
+    assert not list((tmp_path / "resumed").rglob("*.tmp"))
+    load_model(tmp_path / "resumed")  # a complete, loadable model directory

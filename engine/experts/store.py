@@ -61,6 +61,12 @@ def is_expert_key(key: str) -> bool:
     return _EXPERT_KEY.fullmatch(key) is not None
 
 
+def expert_layer_of(key: str) -> MoELayerKey | None:
+    """The MoE layer whose expert `key` names, None for any other key."""
+    match = _EXPERT_KEY.fullmatch(key)
+    return None if match is None else MoELayerKey(match["stack"], int(match["block"]))  # type: ignore[arg-type]
+
+
 def layer_file_name(key: MoELayerKey) -> str:
     return f"{key.stack}-{key.block:03d}.safetensors"
 
@@ -210,6 +216,13 @@ class ExpertStoreWriter:
         os.replace(self._tmp_path(key), self.root / layer_file_name(key))
         self.layers_written.append(key)
         self._layer, self._file = None, None
+
+    def adopt_finished(self) -> list[MoELayerKey]:
+        """Take the layer files an interrupted writer of this store finished as written (they were
+        renamed into place only when complete) and return their layers; the rest are written anew."""
+        finished = [k for k in moe_layer_keys(self.config) if (self.root / layer_file_name(k)).is_file()]
+        self.layers_written.extend(k for k in finished if k not in self.layers_written)
+        return finished
 
     def close(self) -> None:
         """Finish the last layer and check that every MoE layer was written."""

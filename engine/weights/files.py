@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import struct
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Protocol
@@ -154,6 +155,20 @@ def _storage_id(tensor: torch.Tensor) -> tuple[int, int]:
     return storage.data_ptr(), storage.nbytes()
 
 
+def _complete_shard_keys(path: Path) -> list[str] | None:
+    """The tensor names of a safetensors file holding every byte its header promises, else None."""
+    try:
+        with path.open("rb") as f:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(header_len))
+    except (OSError, ValueError, struct.error):
+        return None
+    ends = [entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"]
+    if path.stat().st_size != 8 + header_len + max(ends, default=0):
+        return None
+    return [name for name in header if name != "__metadata__"]
+
+
 class ShardWriter:
     """Writes tensors into safetensors shards of bounded size, then the index; files appear atomically.
 
@@ -196,6 +211,20 @@ class ShardWriter:
         self._pending_storages.add(_storage_id(tensor))
         self._pending_bytes += size
         self.total_bytes += size
+
+    def adopt_partial(self) -> set[str]:
+        """Take the shards an interrupted writer into this directory completed as written, and return
+        their keys; a shard cut short, and any after it, is deleted (its tensors are written anew)."""
+        adopted: set[str] = set()
+        for path in sorted(self.out_dir.glob(".shard-*.tmp")):
+            keys = _complete_shard_keys(path) if path.name == f".shard-{len(self._written):05d}.tmp" else None
+            if keys is None:
+                path.unlink()
+                continue
+            self._written.append((path, keys))
+            self.total_bytes += path.stat().st_size  # headers included: only the index's total uses it
+            adopted.update(keys)
+        return adopted
 
     def flush(self) -> None:
         """Write the queued tensors as the next shard."""
