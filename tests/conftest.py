@@ -13,10 +13,12 @@ from typing import Any
 
 import pytest
 import torch
+from quantized_models import INT4_TEST_GROUP
 
 from engine.model import kernels
 from engine.weights.init import write_random_model
 from engine.weights.presets import get_preset
+from engine.weights.quantize import quantize_model
 
 UNTIED_HEAD = "_untied_head"
 
@@ -206,6 +208,28 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("native") / "tiny"
     write_random_model(get_preset("tiny").config, path, seed=0, progress=False)
     return path
+
+
+@pytest.fixture(scope="session", params=["tiny-cpm2", "switch-8e"])
+def source_dir(request: pytest.FixtureRequest, tiny_model_dir: Path, hf_model_dirs: dict[str, Path]) -> Path:
+    """A float MoE model to quantise: the native tiny CPM-2, and an HF Switch (read-only)."""
+    return tiny_model_dir if request.param == "tiny-cpm2" else hf_model_dirs["switch-8e-capacity"]
+
+
+@pytest.fixture(scope="session")
+def int8_dir(source_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`source_dir` with int8 experts, by `cpm2 quantize` (read-only)."""
+    out = tmp_path_factory.mktemp("int8") / "model"
+    quantize_model(source_dir, out, experts="int8", check_inputs=2, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def int4_dir(source_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`source_dir` with int4 experts in groups of `INT4_TEST_GROUP`, this machine's packing (read-only)."""
+    out = tmp_path_factory.mktemp("int4") / "model"
+    quantize_model(source_dir, out, experts="int4", group_size=INT4_TEST_GROUP, check_inputs=2, progress=False)
+    return out
 
 
 @pytest.fixture

@@ -14,37 +14,22 @@ from pathlib import Path
 
 import pytest
 import torch
+from quantized_models import offloaded
 from test_offload import _drop_page_cache, _forward, _requests
 
 from cpm2.cli import main as cpm2_main
 from engine.errors import CheckpointError, ConfigError
 from engine.experts.store import ExpertStore
 from engine.generation import Generator
-from engine.offload import InferenceModel, OffloadConfig, load_for_inference
+from engine.offload import OffloadConfig, load_for_inference
 from engine.weights.loader import inspect_checkpoint, load_model
 from engine.weights.quantize import REPORT_FILE, quantize_model, quantized_experts
 
 
-@pytest.fixture(scope="module", params=["tiny-cpm2", "switch-8e"])
-def source_dir(request, tiny_model_dir: Path, hf_model_dirs: dict[str, Path]) -> Path:
-    return tiny_model_dir if request.param == "tiny-cpm2" else hf_model_dirs["switch-8e-capacity"]
-
-
-@pytest.fixture(scope="module")
-def int8_dir(source_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("int8") / "model"
-    quantize_model(source_dir, out, experts="int8", check_inputs=2, progress=False)
-    return out
-
-
 @pytest.fixture(scope="module", params=["int8", "int4"])
-def quantized_dir(request, source_dir: Path, int8_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The source with int8 experts, and with int4 ones (groups of 32, this machine's packing)."""
-    if request.param == "int8":
-        return int8_dir
-    out = tmp_path_factory.mktemp("int4") / "model"
-    quantize_model(source_dir, out, experts="int4", group_size=32, check_inputs=0, progress=False)
-    return out
+def quantized_dir(request: pytest.FixtureRequest, int8_dir: Path, int4_dir: Path) -> Path:
+    """The source with int8 experts, and with int4 ones (conftest's `int8_dir`, `int4_dir`)."""
+    return int8_dir if request.param == "int8" else int4_dir
 
 
 @pytest.fixture(scope="module")
@@ -87,12 +72,6 @@ def test_int8_is_close_to_float(source_dir: Path, int8_dir: Path) -> None:
     assert (got.argmax(-1) == expected.argmax(-1)).float().mean().item() >= 0.9
 
 
-def _offloaded(model_dir: Path, **options: object) -> InferenceModel:
-    loaded = load_for_inference(model_dir, offload=OffloadConfig(**options), progress=False)  # type: ignore[arg-type]
-    assert loaded.is_offloaded
-    return loaded
-
-
 @pytest.mark.parametrize(
     "options",
     [
@@ -103,7 +82,7 @@ def _offloaded(model_dir: Path, **options: object) -> InferenceModel:
 )
 def test_offloaded_equals_resident(quantized_dir: Path, resident, options: dict[str, object]) -> None:
     tokens, logits, vocab = resident
-    loaded = _offloaded(quantized_dir, **options)
+    loaded = offloaded(quantized_dir, **options)
     try:
         provider = loaded.provider
         assert provider is not None
@@ -125,7 +104,7 @@ def test_cold_store_reads_quantized_blobs(quantized_dir: Path, resident, tmp_pat
 
     tokens, _, vocab = resident
     copy = Path(shutil.copytree(quantized_dir, tmp_path / "copy"))
-    loaded = _offloaded(copy, expert_memory="40%")
+    loaded = offloaded(copy, expert_memory="40%")
     _drop_page_cache(copy)
     try:
         assert [r.token_ids for r in Generator(loaded.model).generate(_requests(vocab))] == tokens
@@ -226,7 +205,7 @@ def test_dense_and_experts_int8_offloaded_equals_resident(tiny_model_dir: Path, 
     with pytest.raises(ConfigError, match="already quantised"):
         quantize_model(out, again, experts=None, dense="int8", progress=False)
     resident = load_for_inference(out, progress=False)
-    loaded = _offloaded(out, expert_memory="40%", direct_io=True)
+    loaded = offloaded(out, expert_memory="40%", direct_io=True)
     try:
         vocab = min(resident.model.config.vocab_size, 1000)
         assert torch.equal(_forward(loaded.model, vocab), _forward(resident.model, vocab))

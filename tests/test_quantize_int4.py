@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from quantized_models import INT4_TEST_GROUP
 from test_offload import _forward, _requests
 
 from cpm2.cli import main as cpm2_main
@@ -24,30 +25,10 @@ from engine.generation import Generator
 from engine.model.int4 import Int4Weight
 from engine.model.kernels import active_kernels
 from engine.model.nibbles import fits
-from engine.offload import InferenceModel, OffloadConfig, load_for_inference
+from engine.offload import OffloadConfig, load_for_inference
 from engine.summary import expert_bytes_by_format, summarize
 from engine.weights.loader import inspect_checkpoint, load_model
 from engine.weights.quantize import REPORT_FILE, quantize_model, quantized_experts
-
-GROUP = 32
-
-
-@pytest.fixture(scope="module", params=["tiny-cpm2", "switch-8e"])
-def source_dir(request, tiny_model_dir: Path, hf_model_dirs: dict[str, Path]) -> Path:
-    return tiny_model_dir if request.param == "tiny-cpm2" else hf_model_dirs["switch-8e-capacity"]
-
-
-@pytest.fixture(scope="module")
-def int4_dir(source_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("int4") / "model"
-    quantize_model(source_dir, out, experts="int4", group_size=GROUP, check_inputs=2, progress=False)
-    return out
-
-
-def _offloaded(model_dir: Path, **options: object) -> InferenceModel:
-    loaded = load_for_inference(model_dir, offload=OffloadConfig(**options), progress=False)  # type: ignore[arg-type]
-    assert loaded.is_offloaded
-    return loaded
 
 
 def test_the_directory_records_int4_experts(source_dir: Path, int4_dir: Path) -> None:
@@ -58,7 +39,7 @@ def test_the_directory_records_int4_experts(source_dir: Path, int4_dir: Path) ->
     assert store.dtype == INT4
     assert (
         (store.layout.group_size, store.layout.packing)
-        == (GROUP, record["packing"])
+        == (INT4_TEST_GROUP, record["packing"])
         == (record["group_size"], record["packing"])
     )
     # Packed for this machine's kernel wherever the expert matrices fit its blocks.
@@ -78,10 +59,10 @@ def test_the_directory_records_int4_experts(source_dir: Path, int4_dir: Path) ->
     )
     assert (
         store.layout.payload_bytes
-        <= source_bytes * (0.5 + 4 / GROUP) / inspect_checkpoint(source_dir).stored_dtype.itemsize + 16
+        <= source_bytes * (0.5 + 4 / INT4_TEST_GROUP) / inspect_checkpoint(source_dir).stored_dtype.itemsize + 16
     )
     report = json.loads((int4_dir / REPORT_FILE).read_text())
-    assert report["group_size"] == GROUP
+    assert report["group_size"] == INT4_TEST_GROUP
     assert len(report["tensors"]) == len(store.keys) * store.num_experts * len(store.layout.part_names)
     assert 0 < report["mean_abs"] <= report["max_abs"]
     assert report["expert_bytes_after"] < 0.2 * report["expert_bytes_before"]  # float32 source
@@ -97,9 +78,7 @@ def test_int4_is_close_to_float(source_dir: Path, int4_dir: Path) -> None:
     assert (got.argmax(-1) == expected.argmax(-1)).float().mean().item() >= 0.7
 
 
-def test_the_budget_counts_int4_bytes(source_dir: Path, int4_dir: Path, tmp_path: Path) -> None:
-    int8_dir = tmp_path / "int8"
-    quantize_model(source_dir, int8_dir, experts="int8", check_inputs=0, progress=False)
+def test_the_budget_counts_int4_bytes(int8_dir: Path, int4_dir: Path) -> None:
     int8_expert = ExpertStore.open(int8_dir, inspect_checkpoint(int8_dir).config).layout.payload_bytes
     budget = OffloadConfig(expert_memory=3 * int8_expert)  # room for three int8 experts
     as_int8 = load_for_inference(int8_dir, offload=budget, progress=False)
@@ -161,14 +140,22 @@ def test_a_model_packed_for_another_machine_runs_by_dequant(tiny_model_dir: Path
     native = active_kernels().int4_packing
     others = [p for p in ("plain", "torch-avx2", "torch-avx512") if p != native]
     native_dir = tmp_path / "native"
-    quantize_model(tiny_model_dir, native_dir, experts="int4", group_size=GROUP, check_inputs=0, progress=False)
+    quantize_model(
+        tiny_model_dir, native_dir, experts="int4", group_size=INT4_TEST_GROUP, check_inputs=0, progress=False
+    )
     reference = load_for_inference(native_dir, progress=False)
     vocab = min(reference.model.config.vocab_size, 1000)
     expected = _forward(reference.model, vocab)
     for packing in others:
         out = tmp_path / packing
         quantize_model(
-            tiny_model_dir, out, experts="int4", group_size=GROUP, packing=packing, check_inputs=0, progress=False
+            tiny_model_dir,
+            out,
+            experts="int4",
+            group_size=INT4_TEST_GROUP,
+            packing=packing,
+            check_inputs=0,
+            progress=False,
         )
         assert ExpertStore.open(out, inspect_checkpoint(out).config).layout.packing == packing
         got = _forward(load_for_inference(out, progress=False).model, vocab)
@@ -192,7 +179,7 @@ def test_a_store_whose_layers_disagree_is_refused(int4_dir: Path, tmp_path: Path
     copy = Path(shutil.copytree(int4_dir, tmp_path / "copy"))
     first = sorted((copy / "experts").iterdir())[0]
     data = first.read_bytes()
-    old = f'"group_size":"{GROUP}"'.encode()
+    old = f'"group_size":"{INT4_TEST_GROUP}"'.encode()
     assert old in data
     first.write_bytes(data.replace(old, b'"group_size":"64"', 1))
     with pytest.raises(CheckpointError, match="differs from the other layers"):
