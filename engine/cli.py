@@ -37,6 +37,7 @@ from engine.weights.quantize import (
     PACKING_CHOICES,
     REPORT_FILE,
     ExpertFormat,
+    check_int4_options,
     dense_record,
     quantize_model,
 )
@@ -145,8 +146,8 @@ def cmd_init(args: argparse.Namespace) -> int:
     experts = None
     if args.experts is not None:
         experts = ExpertFormat.choose(config, args.experts, group_size=args.group_size, packing=args.packing)
-    elif args.group_size is not None or args.packing != "auto":
-        raise ConfigError("--group-size and --packing apply to --experts int4; leave them out")
+    else:
+        check_int4_options(None, args.group_size, args.packing)
     plan, _ = plan_random_model(config, dtype=dtype, experts=experts)
     stored = f"{dtype}, experts {args.experts}" if experts is not None else dtype
     print(f"{name}: {plan.num_parameters:,} parameters, {format_bytes(plan.num_bytes)} in {stored}")

@@ -153,6 +153,9 @@ def test_refusals_write_nothing(source_dir: Path, int8_dir: Path, tmp_path: Path
         ({"experts": "int3"}, ConfigError, "unknown format"),
         ({"experts": "int8", "dense": "int4"}, ConfigError, "unknown format"),
         ({"experts": None}, ConfigError, "nothing to quantise"),
+        ({"experts": None, "dense": "int8", "group_size": 32}, ConfigError, "apply to --experts int4 only"),
+        ({"experts": "int8", "packing": "torch-avx2"}, ConfigError, "apply to --experts int4 only"),
+        ({"experts": "int4", "packing": "nibbles"}, ConfigError, "--packing nibbles: unknown"),
     ]
     for kwargs, error, message in cases:
         with pytest.raises(error, match=message):

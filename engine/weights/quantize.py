@@ -99,10 +99,7 @@ class ExpertFormat:
             raise ConfigError(f"--experts {experts}: unknown format; supported: {', '.join(EXPERT_FORMATS)}")
         if config.moe is None:
             raise ConfigError("a dense model has no experts to quantise; leave --experts out")
-        if group_size is not None and experts != "int4":
-            raise ConfigError("--group-size applies to --experts int4 only; leave it out")
-        if packing not in PACKING_CHOICES:
-            raise ConfigError(f"--packing {packing}: unknown; supported: {', '.join(PACKING_CHOICES)}")
+        check_int4_options(experts, group_size, packing)
         if experts != "int4":
             return cls(experts)
         return cls(experts, *_int4_format(config, group_size or DEFAULT_GROUP_SIZE, packing))
@@ -129,6 +126,19 @@ class ExpertFormat:
         if self.group_size is not None:
             record.update(group_size=self.group_size, packing=self.packing)
         return record
+
+
+def check_int4_options(experts: str | None, group_size: int | None, packing: str) -> None:
+    """Refuse a `--group-size` or `--packing` that int4 experts do not take, or that are not int4's."""
+    if packing not in PACKING_CHOICES:
+        raise ConfigError(f"--packing {packing}: unknown; supported: {', '.join(PACKING_CHOICES)}")
+    if experts != "int4" and (group_size is not None or packing != "auto"):
+        raise ConfigError("--group-size and --packing apply to --experts int4 only; leave them out")
+    if group_size is not None:
+        try:
+            check_group_size(group_size)
+        except ValueError as error:
+            raise ConfigError(f"--group-size: {error}") from None
 
 
 def dense_record(dense: str) -> dict[str, Any]:
@@ -193,14 +203,12 @@ class QuantizeReport:
         return {**asdict(self), "max_abs": self.max_abs, "mean_abs": self.mean_abs}
 
 
-def _check_request(src: Path, dst: Path, experts: str | None, dense: str | None, group_size: int | None) -> None:
+def _check_request(
+    src: Path, dst: Path, experts: str | None, dense: str | None, group_size: int | None, packing: str
+) -> None:
     if experts is None and dense is None:
         raise ConfigError("nothing to quantise: give --experts int8|int4, --dense int8 or both")
-    if group_size is not None:
-        try:
-            check_group_size(group_size)
-        except ValueError as error:
-            raise ConfigError(f"--group-size: {error}") from None
+    check_int4_options(experts, group_size, packing)
     if dense is not None:
         dense_record(dense)  # refuses an unknown format before anything is read
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
@@ -224,7 +232,7 @@ def quantize_model(
     """Write `dst`: `src` with its experts quantised to `experts` (int4: in groups of `group_size`
     inputs, packed as `packing`); returns (and saves) the report."""
     src, dst = Path(src), Path(dst)
-    _check_request(src, dst, experts, dense, group_size)
+    _check_request(src, dst, experts, dense, group_size, packing)
     files = open_tensor_source(src)
     try:
         info = inspect_checkpoint(src, files)
