@@ -145,8 +145,11 @@ class Prefill:
 
     requests: list[GenerationRequest]
     encoder: EncoderPass
-    experts: list[ExpertStats] = field(default_factory=list)
-    """The expert counters of each slice of the pass so far (shared out to the rows at the end)."""
+    experts: ExpertStats | None = None
+    """What the expert provider did for this pass so far (shared out to the rows at the end)."""
+
+    def count(self, delta: ExpertStats) -> None:
+        self.experts = delta if self.experts is None else self.experts + delta
 
 
 class Generator:
@@ -191,7 +194,7 @@ class Generator:
         before = self.expert_stats() if self.expert_stats else None
         done = self.model.encoder.advance(pending.encoder, blocks)
         if before is not None and self.expert_stats is not None:
-            pending.experts.append(self.expert_stats() - before)
+            pending.count(self.expert_stats() - before)
         return done
 
     def finish_prefill(self, pending: Prefill) -> DecodeBatch:
@@ -209,9 +212,12 @@ class Generator:
         batch: DecodeBatch | None = None
         for prefix_len, rows in groups.items():
             members = [pending.requests[i] for i in rows]
-            index = torch.tensor(rows, device=enc_BSD.device)
+            group_enc_BSD, group_valid_BS = enc_BSD, valid_BS
+            if len(groups) > 1:  # rows of other prefix lengths leave (a copy, so only when there are any)
+                index = torch.tensor(rows, device=enc_BSD.device)
+                group_enc_BSD, group_valid_BS = enc_BSD[index], valid_BS[index]
             capacity = max(r.params.max_new_tokens for r in members) + prefix_len
-            state = self.model.start_decoding(enc_BSD[index], valid_BS[index], capacity=capacity)
+            state = self.model.start_decoding(group_enc_BSD, group_valid_BS, capacity=capacity)
             if prefix_len:
                 prefixes = [r.prompt.decoder_prefix for r in members if r.prompt is not None]
                 feed_decoder_prefixes(self.model, state, [p for p in prefixes if p is not None])
@@ -232,8 +238,9 @@ class Generator:
                 batch.extend(group)
         assert batch is not None
         if before is not None and self.expert_stats is not None:
-            pending.experts.append(self.expert_stats() - before)
-            share_expert_stats(batch.sequences, sum(pending.experts[1:], pending.experts[0]))
+            pending.count(self.expert_stats() - before)
+            assert pending.experts is not None
+            share_expert_stats(batch.sequences, pending.experts)
         return batch
 
     def _check_inputs(self, requests: Seq[GenerationRequest]) -> None:

@@ -53,9 +53,6 @@ class _Admission:
 
     prefill: Prefill
     items: list[Waiting]
-    slices: int = 0
-    block_seconds: float = 0.0
-    """How long its last encoder block took: the next one is expected to take as long."""
 
 
 class EngineLoop(threading.Thread):
@@ -261,28 +258,36 @@ class EngineLoop(threading.Thread):
         limit = float("inf")
         if self.encoder_step_share and self.batch is not None and len(self.batch):
             limit = self.encoder_step_share * self._decode_seconds
+        first = admission.prefill.encoder.blocks_done == 0
         begin = time.perf_counter()
         try:
-            while True:
-                block_begin = time.perf_counter()
-                done = self.generator.advance_prefill(admission.prefill, 1)
-                now = time.perf_counter()
-                admission.block_seconds = now - block_begin
-                if done or now - begin + admission.block_seconds > limit:
-                    break
+            if limit == float("inf"):
+                done = self.generator.advance_prefill(admission.prefill, len(self.generator.model.encoder.blocks))
+            else:
+                done = self._run_blocks(admission, within=limit)
             batch = self.generator.finish_prefill(admission.prefill) if done else None
         except Exception:
             # The pass ran every admitted request at once; find the one that fails, alone.
             self._admission = None
             self._admit_one_by_one(admission.items)
             return
-        tokens = sum(encoder_tokens(w.request) for w in admission.items) if admission.slices == 0 else 0
-        admission.slices += 1
+        tokens = sum(encoder_tokens(w.request) for w in admission.items) if first else 0
         prompts = [w.request.prompt for w in admission.items]
         self._record("encode", prompts, time.perf_counter() - begin, tokens=tokens)
         if batch is not None:
             self._admission = None
             self._join(batch)
+
+    def _run_blocks(self, admission: _Admission, *, within: float) -> bool:
+        """Run the admission's next blocks while the next one, expected to take as long as the last,
+        ends within `within` seconds (at least one block); True once the pass is done."""
+        begin = time.perf_counter()
+        while True:
+            block_begin = time.perf_counter()
+            done = self.generator.advance_prefill(admission.prefill, 1)
+            now = time.perf_counter()
+            if done or now - begin + (now - block_begin) > within:
+                return done
 
     def _admit_one_by_one(self, admitted: list[Waiting]) -> None:
         """Encode each request alone (after a batched pass failed), so only a bad one fails."""
