@@ -152,6 +152,8 @@ def test_an_interrupted_init_resumes_into_the_same_model(
             interrupted = True
     assert interrupted == (interrupt_after < 100)
     if interrupted:
+        # As if a close had been cut short between its renames: a named shard, no index.
+        (tmp_path / "resumed" / "model-00001-of-00009.safetensors").write_bytes(b"stale")
         with pytest.raises(ConfigError, match="add --resume"):
             write_random_model(config, tmp_path / "resumed", **options)  # type: ignore[arg-type]
         with pytest.raises(ConfigError, match="another model, dtype, seed or format"):

@@ -216,6 +216,11 @@ class ShardWriter:
         """Take the shards an interrupted writer into this directory completed as written, and return
         their keys; a shard cut short, and any after it, is deleted (its tensors are written anew)."""
         adopted: set[str] = set()
+        if not (self.out_dir / INDEX_FILE).exists():
+            # Named shards without their index are a `close` cut short between its renames: the
+            # shards it had not yet renamed are gone from the sequence, so all of them are redone.
+            for named in self.out_dir.glob("model-*-of-*.safetensors"):
+                named.unlink()
         for path in sorted(self.out_dir.glob(".shard-*.tmp")):
             keys = _complete_shard_keys(path) if path.name == f".shard-{len(self._written):05d}.tmp" else None
             if keys is None:
