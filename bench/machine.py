@@ -9,6 +9,8 @@ engine runs.
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import json
 import os
 import platform
@@ -190,3 +192,15 @@ def publish(
     if plot is not None and draw(report, plot):
         print(f"plot: {plot}")
     print(f"JSON: {out}")
+
+
+def reset_peak_rss() -> None:
+    """Return freed memory to the OS (glibc `malloc_trim`) and restart this process's RSS high-water
+    mark (`VmHWM`) from its current RSS (Linux `clear_refs` 5), so a peak measured next is the
+    measured phase's own."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass

@@ -161,7 +161,7 @@ def measure_read_bandwidth(paths: Sequence[Path], *, readers: int, total_bytes: 
     jobs: list[tuple[Path, int]] = []
     for path in paths:
         size = path.stat().st_size
-        jobs += [(path, off) for off in range(0, size - chunk, chunk)]
+        jobs += [(path, off) for off in range(0, size, chunk)]  # the last one may be short
         if len(jobs) * chunk >= total_bytes:
             break
     jobs = jobs[: total_bytes // chunk]

@@ -34,8 +34,6 @@ and int4 copies at every group size, scored as the server loads them
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import json
 import shutil
 import subprocess
@@ -49,7 +47,7 @@ from typing import Any
 
 import torch
 
-from bench.machine import CpuMeter, machine_info, publish
+from bench.machine import CpuMeter, machine_info, publish, reset_peak_rss
 from bench.offload_common import (
     CACHE_ROOT,
     decode_cpm2,
@@ -121,17 +119,6 @@ def build_models(cfg: QuantBenchConfig, work: Path) -> tuple[dict[str, Path], di
     return paths, reports
 
 
-def _reset_peak_rss() -> float:
-    """Return memory to the OS and reset VmHWM (Linux `clear_refs` 5); the RSS it restarts from, MiB."""
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
-    return _status_mib("VmRSS")
-
-
 def _status_mib(key: str) -> float:
     return proc_status(Path("/proc/self")).get(key, float("nan")) / 1024
 
@@ -141,7 +128,8 @@ def decode_once(model_dir: Path, mode: str, batch: int, budget: int, cfg: QuantB
     files = model_files(model_dir)
     if mode == "warm":
         read_through(files)
-    rss_start = _reset_peak_rss()
+    reset_peak_rss()
+    rss_start = _status_mib("VmRSS")
     # Cold: strict mode; warm: page-cache mode (the store read into the page cache beforehand).
     options = {"direct_io": mode == "cold"}
     offload = OffloadConfig(expert_memory="100%" if mode == "resident" else budget, **options)

@@ -17,6 +17,7 @@ import torch
 
 from engine.cli_args import MODEL_HELP, add_placement_args, model_arg
 from engine.cli_generate import add_generate_parser
+from engine.cli_plan import add_plan_parser
 from engine.config import ModelConfig
 from engine.errors import ConfigError
 from engine.model.int4 import DEFAULT_GROUP_SIZE, GROUP_SIZES
@@ -171,6 +172,7 @@ def cmd_init(args: argparse.Namespace) -> int:
 def register(subparsers: Any) -> None:
     """Add the engine's commands to the `cpm2` argument parser."""
     add_generate_parser(subparsers)
+    add_plan_parser(subparsers)
 
     p = subparsers.add_parser("prompt", help="write a soft prompt file from text (its token embeddings)")
     p.add_argument("--model", required=True, type=model_arg, help="the model the prompt is for (" + MODEL_HELP + ")")

@@ -42,13 +42,15 @@ class PoolEntry:
     weight: float = 0.0
     """LRFU: each use adds 1, halving every `LRFU_HALF_LIFE` uses of any expert (as of `last_use`)."""
     prefetched: bool = False
+    simulated: bool = False
+    """Admitted by a simulation (`ExpertPool.record_use`): counts as loaded, holds no weights."""
 
     def weight_at(self, clock: int) -> float:
         return self.weight * 0.5 ** ((clock - self.last_use) / LRFU_HALF_LIFE)
 
     @property
     def is_loading(self) -> bool:
-        return self.weights is None
+        return self.weights is None and not self.simulated
 
 
 @dataclass
@@ -129,6 +131,19 @@ class ExpertPool:
         self.entries[expert] = entry
         self.peak_used = max(self.peak_used, len(self.entries))
         return entry, evicted
+
+    def record_use(self, expert: ExpertId, *, upcoming: Sequence[ExpertId] = ()) -> bool:
+        """A use of `expert` as the provider counts it, moving no bytes (the planner replays requests
+        through this pool, `engine.planner.predict`): a hit is touched; a miss takes a slot as if
+        loaded at once, evicting as a load would. True on a hit."""
+        entry = self.entries.get(expert)
+        if entry is not None:
+            self.touch(entry)
+            return True
+        admitted = self.admit(expert, upcoming=upcoming)
+        assert admitted is not None, "a simulated pool has nothing pinned or loading"
+        admitted[0].simulated = True
+        return False
 
     def remove(self, expert: ExpertId) -> None:
         entry = self.entries.pop(expert)

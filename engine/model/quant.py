@@ -50,16 +50,28 @@ class Int8Weight:
         return Int8Weight(self.q.to(device), self.scale.to(device))
 
 
+#: Rows quantised at once hold at most this many elements: the float32 temporaries of a whole
+#: matrix would be several times its size (NLLB-MoE 54B's 256206 x 2048 tied head: 2 GiB each).
+QUANTIZE_CHUNK_ELEMENTS = 1 << 24
+
+
 def quantize_int8(weight: torch.Tensor) -> Int8Weight:
-    """Per-output-channel symmetric int8 of a float (out, in) weight (computed in float32).
+    """Per-output-channel symmetric int8 of a float (out, in) weight (computed in float32, a block
+    of rows at a time: rows are independent, so blocks change no value).
 
     An all-zero row gets scale 1 (its values are 0 either way), so no scale is ever 0 or NaN.
     """
-    w = weight.detach().to(torch.float32)
-    amax = w.abs().amax(dim=1)
-    scale = torch.where(amax > 0, amax / QMAX, torch.ones_like(amax))
-    q = torch.round(w / scale.unsqueeze(1)).clamp_(-QMAX, QMAX).to(torch.int8)
-    return Int8Weight(q.contiguous(), scale.contiguous())
+    rows, cols = weight.shape
+    q = torch.empty(rows, cols, dtype=torch.int8, device=weight.device)
+    scale = torch.empty(rows, dtype=torch.float32, device=weight.device)
+    step = max(1, QUANTIZE_CHUNK_ELEMENTS // max(1, cols))
+    for begin in range(0, rows, step):
+        w = weight[begin : begin + step].detach().to(torch.float32)
+        amax = w.abs().amax(dim=1)
+        block_scale = torch.where(amax > 0, amax / QMAX, torch.ones_like(amax))
+        q[begin : begin + step] = torch.round(w / block_scale.unsqueeze(1)).clamp_(-QMAX, QMAX)
+        scale[begin : begin + step] = block_scale
+    return Int8Weight(q, scale)
 
 
 def _int8pack_bf16(x_MK: torch.Tensor, weight: Int8Weight) -> torch.Tensor:

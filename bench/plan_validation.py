@@ -1,0 +1,174 @@
+"""`cpm2 plan` against what this machine measures: the planner's predictions beside real runs.
+
+    python -m bench.plan_validation          # ~6 min on 2 cores; --quick for a smoke run
+
+In one run: this machine's profile (`cpm2 plan --measure`'s code, scratch file beside the models),
+then the offload benchmark models (`bench.offload_common`: Switch-like, CPM-2-like, NLLB-MoE-shaped,
+bf16 experts) decoded in strict mode at a 25 % budget with the store dropped from the page cache
+before each step (as `bench.offload`'s disk tier), at batch 1 and 16. Each run is predicted by
+`engine.planner.predict` for the same case, with routing drawn from the expert popularity the run
+itself recorded (the planner's input for a model whose routing is known; uniform otherwise).
+
+Error = predicted / measured - 1, for decode tok/s and bytes read per token; target within 25 %.
+The full-scale run (`bench.fullscale`) predicts itself the same way, in its own run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from bench.machine import machine_info, publish
+from bench.offload import MODELS
+from bench.offload_common import CACHE_ROOT, DecodeRun, decode_cpm2, load_cpm2, model_files
+from engine.planner.measure import MeasureOptions, measure_profile
+from engine.planner.predict import PlanCase, Prediction, predict
+from engine.planner.profile import HardwareProfile
+from engine.weights.loader import inspect_checkpoint
+
+
+@dataclass
+class ValidationConfig:
+    models: tuple[str, ...] = ("switch", "cpm2", "nllb-moe")
+    batches: tuple[int, ...] = (1, 16)
+    budget: str = "25%"
+    steps: int = 16
+    warmup: int = 4
+    repeats: int = 3
+    quick_profile: bool = False
+    out: Path = Path("bench/results/plan_validation.json")
+    log: Any = field(default=print, repr=False)
+
+
+def compare(prediction: Prediction, measured: dict[str, Any]) -> dict[str, Any]:
+    """Predicted against measured (`tokens_per_second`, `storage_bytes_per_token`, optional
+    `encode_seconds`): the predicted figures and each relative error."""
+    est = prediction.warm if measured.get("phase", "warm") == "warm" else prediction.cold
+    row = {
+        "predicted_tokens_per_second": est.tokens_per_second,
+        "tokens_per_second_error": est.tokens_per_second / measured["tokens_per_second"] - 1,
+        "predicted_bytes_read_per_token": est.bytes_read_per_token,
+        "predicted_hit_rate": est.hit_rate,
+        "predicted_step": {
+            "dense_seconds": est.dense_seconds,
+            "expert_compute_seconds": est.expert_compute_seconds,
+            "expert_read_seconds": est.expert_read_seconds,
+            "stall_seconds": est.stall_seconds,
+        },
+        "predicted_encode_seconds": prediction.encode_seconds,
+    }
+    if measured.get("encode_seconds"):
+        row["encode_seconds_error"] = prediction.encode_seconds / measured["encode_seconds"] - 1
+    if measured.get("storage_bytes_per_token"):
+        row["bytes_read_error"] = est.bytes_read_per_token / measured["storage_bytes_per_token"] - 1
+    return row
+
+
+def _median(runs: list[DecodeRun]) -> DecodeRun:
+    return sorted(runs, key=lambda r: r.tokens_per_second)[len(runs) // 2]
+
+
+def measure_model(name: str, model_dir: Path, cfg: ValidationConfig, profile: HardwareProfile) -> list[dict[str, Any]]:
+    """Measured and predicted rows of one model at each batch size."""
+    config = inspect_checkpoint(model_dir).config
+    files = model_files(model_dir)
+    rows = []
+    for batch in cfg.batches:
+        runs = []
+        for repeat in range(cfg.repeats):
+            cfg.log(f"{name} batch {batch} repeat {repeat + 1}")
+            loaded = load_cpm2(model_dir, budget=cfg.budget, direct_io=True)
+            try:
+                runs.append(decode_cpm2(loaded, batch=batch, steps=cfg.steps, warmup=cfg.warmup, cold_files=files))
+            finally:
+                loaded.close()
+        run = _median(runs)
+        measured = {
+            "model": name,
+            "batch": batch,
+            **run.to_dict(),
+            "tokens_per_second_all": [r.tokens_per_second for r in runs],
+        }
+        case = PlanCase(batch=batch, budget=cfg.budget, warmup=cfg.warmup, steps=cfg.steps)
+        prediction = predict(
+            config, profile, case, popularity={k: list(map(float, v)) for k, v in run.expert_counts.items()}
+        )
+        rows.append({**measured, **compare(prediction, measured)})
+    return rows
+
+
+def run(cfg: ValidationConfig) -> dict[str, Any]:
+    cfg.log("measuring this machine's profile")
+    options = MeasureOptions.quick(CACHE_ROOT) if cfg.quick_profile else MeasureOptions(scratch=CACHE_ROOT)
+    profile = measure_profile(options, name="this-machine")
+    report: dict[str, Any] = {
+        "config": {k: v for k, v in asdict(cfg).items() if k != "log"},
+        "machine": machine_info(),
+        "profile": profile.to_dict(),
+        "rows": [],
+    }
+    for name in cfg.models:
+        report["rows"] += measure_model(name, MODELS[name](), cfg, profile)
+    errors = [abs(r["tokens_per_second_error"]) for r in report["rows"]]
+    report["max_abs_tokens_per_second_error"] = max(errors)
+    report["median_abs_tokens_per_second_error"] = statistics.median(errors)
+    return report
+
+
+def print_report(report: dict[str, Any], console: Console) -> None:
+    table = Table(title="cpm2 plan against measured runs (strict, 25 %, store dropped from the page cache every step)")
+    columns = ("model", "batch", "tok/s", "predicted", "error", "MB read/tok", "predicted", "error", "hit", "pred hit")
+    for col in (*columns, "prefill s", "predicted", "error"):
+        table.add_column(col, justify="right")
+    for r in report["rows"]:
+        table.add_row(
+            r["model"],
+            str(r["batch"]),
+            f"{r['tokens_per_second']:.1f}",
+            f"{r['predicted_tokens_per_second']:.1f}",
+            f"{r['tokens_per_second_error']:+.0%}",
+            f"{r['storage_bytes_per_token'] / 1e6:.1f}",
+            f"{r['predicted_bytes_read_per_token'] / 1e6:.1f}",
+            f"{r.get('bytes_read_error', float('nan')):+.0%}",
+            f"{r.get('experts', {}).get('hit_rate', float('nan')):.2f}",
+            f"{r['predicted_hit_rate']:.2f}",
+            f"{r['encode_seconds']:.2f}",
+            f"{r['predicted_encode_seconds']:.2f}",
+            f"{r.get('encode_seconds_error', float('nan')):+.0%}",
+        )
+    console.print(table)
+    console.print(
+        f"|error| of tok/s: median {report['median_abs_tokens_per_second_error']:.0%}, "
+        f"max {report['max_abs_tokens_per_second_error']:.0%} (target: each within 25 %)"
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="switch model, 1 repeat, 8 steps, quick profile")
+    parser.add_argument("--models", nargs="+", default=list(ValidationConfig.models), choices=list(MODELS))
+    parser.add_argument("--repeats", type=int, default=ValidationConfig.repeats)
+    parser.add_argument("--out", type=Path, default=ValidationConfig.out)
+    args = parser.parse_args(argv)
+    cfg = ValidationConfig(models=tuple(args.models), repeats=args.repeats, out=args.out)
+    if args.quick:
+        cfg = ValidationConfig(
+            models=("switch",), repeats=1, steps=8, quick_profile=True, out=args.out.with_suffix(".quick.json")
+        )
+    begin = time.time()
+    report = run(cfg)
+    report["wall_seconds"] = time.time() - begin
+    publish(report, out=cfg.out, plot=None, show=print_report, draw=lambda r, p: None, width=140)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,138 @@
+"""`cpm2 plan`: will a model run on a machine, how fast, in how much memory, before the download.
+
+cpm2 plan --config CONFIG.json --hardware PROFILE [--experts int4 ...] [--budget 4GiB ...] [--batch 1 16]
+cpm2 plan --measure [--out FILE]        # this machine's profile
+cpm2 plan --list-hardware               # the shipped profiles and their sources
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from engine.errors import ConfigError
+from engine.planner.measure import MeasureOptions, measure_profile
+from engine.planner.predict import DENSE_FORMATS, EXPERT_FORMATS, PlanCase, Prediction, predict
+from engine.planner.profile import load_profile, reference_profiles
+from engine.sizes import format_bytes
+from engine.weights.loader import inspect_config
+
+
+def _popularity(path: Path | None) -> dict[str, list[float]] | None:
+    if path is None:
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ConfigError(f"--routing {path}: not readable JSON ({error})") from error
+    if not isinstance(data, dict) or not all(isinstance(v, list) for v in data.values()):
+        raise ConfigError(f'--routing {path}: expected {{"decoder.3": [tokens per expert, ...], ...}}')
+    return {str(k): [float(x) for x in v] for k, v in data.items()}
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    if args.list_hardware:
+        for name, path in sorted(reference_profiles().items()):
+            profile = load_profile(path)
+            print(f"{name:24s} {profile.source}")
+        return 0
+    if args.measure:
+        scratch = args.scratch or Path.cwd()
+        options = MeasureOptions.quick(scratch) if args.quick else MeasureOptions(scratch=scratch)
+        profile = measure_profile(options, name=args.name, log=lambda m: print(m, flush=True))
+        out = args.out or Path(f"{profile.name}.json")
+        profile.save(out)
+        print(f"wrote {out}")
+        return 0
+    if args.config is None or args.hardware is None:
+        raise ConfigError("cpm2 plan needs --config CONFIG.json and --hardware PROFILE (or --measure, --list-hardware)")
+    config = inspect_config(args.config).config
+    profile = load_profile(args.hardware)
+    popularity = _popularity(args.routing)
+    predictions = [
+        predict(
+            config,
+            profile,
+            PlanCase(
+                batch=batch,
+                budget=budget,
+                experts=experts,
+                group_size=args.group_size,
+                dense=args.dense,
+                source_len=args.source_len,
+                window=args.window,
+            ),
+            popularity=popularity,
+        )
+        for experts in args.experts
+        for budget in args.budget
+        for batch in args.batch
+    ]
+    if args.json:
+        print(json.dumps({"hardware": profile.to_dict(), "predictions": [p.to_dict() for p in predictions]}, indent=2))
+        return 0
+    # Piped output (a file, a test) gets a table wide enough not to fold its headers.
+    print_predictions(str(args.config), profile.name, predictions, Console(width=None if sys.stdout.isatty() else 160))
+    return 0
+
+
+def print_predictions(model: str, hardware: str, predictions: list[Prediction], console: Console) -> None:
+    table = Table(title=f"{model} on {hardware} (predicted: teacher-forced decode, strict offloading, no prefetch)")
+    columns = ("experts", "budget", "batch", "runs", "memory", "experts on disk", "TTFT s", "tok/s cold", "tok/s warm")
+    for col in (*columns, "MB read/tok", "hit", "bound by"):
+        table.add_column(col, justify="right")
+    for p in predictions:
+        warm = p.warm
+        read_bound = warm.expert_read_seconds > warm.dense_seconds + warm.expert_compute_seconds
+        table.add_row(
+            p.case.experts,
+            p.case.budget,
+            str(p.case.batch),
+            "yes" if not p.problems else "no",
+            f"{format_bytes(p.memory.total_bytes)} / {format_bytes(p.memory.limit_bytes)}",
+            format_bytes(p.plan.store_bytes) if p.plan.is_offloaded else "-",
+            f"{p.ttft_seconds:.2f}",
+            f"{p.cold.tokens_per_second:.2f}",
+            f"{warm.tokens_per_second:.2f}",
+            f"{warm.bytes_read_per_token / 1e6:.0f}",
+            f"{warm.hit_rate:.2f}",
+            "reads" if read_bound else "compute",
+        )
+    console.print(table)
+    for p in predictions:
+        for problem in p.problems:
+            console.print(f"[{p.case.experts} {p.case.budget} batch {p.case.batch}] {problem}")
+
+
+def add_plan_parser(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "plan", help="predict memory, TTFT and tok/s of a model on a machine (no weights needed); --measure this one"
+    )
+    p.add_argument("--config", type=Path, help="a config.json (native or Hugging Face) or a directory holding one")
+    p.add_argument("--hardware", help="a profile file, or a shipped profile's name (--list-hardware)")
+    p.add_argument("--experts", nargs="+", default=["bfloat16"], choices=EXPERT_FORMATS, help="expert formats")
+    p.add_argument("--group-size", type=int, default=128, help="int4 experts' group size (default 128)")
+    p.add_argument("--dense", default="bfloat16", choices=DENSE_FORMATS, help="dense weights' format")
+    p.add_argument("--budget", nargs="+", default=["25%"], help="--expert-memory values (sizes or shares)")
+    p.add_argument("--batch", nargs="+", type=int, default=[1, 16], help="batch sizes")
+    p.add_argument("--source-len", type=int, default=32, help="input tokens per request")
+    p.add_argument("--window", type=int, default=4, help="expert loads in flight (--expert-window)")
+    p.add_argument(
+        "--routing",
+        type=Path,
+        help='tokens per expert per layer, {"decoder.3": [...]}: routing drawn from it (default uniform)',
+    )
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--measure", action="store_true", help="measure this machine and write its profile")
+    p.add_argument("--out", type=Path, help="--measure: where to write the profile (default NAME.json)")
+    p.add_argument("--name", help="--measure: the profile's name")
+    p.add_argument("--scratch", type=Path, help="--measure: a folder on the disk experts will be read from")
+    p.add_argument("--quick", action="store_true", help="--measure: seconds instead of a minute, rougher")
+    p.add_argument("--list-hardware", action="store_true", help="list the shipped hardware profiles")
+    p.set_defaults(handler=cmd_plan)

@@ -1,0 +1,516 @@
+"""What a model will do on a machine before it is downloaded: memory, tok/s and time to first token.
+
+`predict` is a model of the offloading provider, not a second scheduler. Memory comes from the plan
+loading itself follows (`engine.memory_plan.plan_memory`: pool slots, staging, bytes per expert in
+the stored format). Time comes from replaying a request through the provider's own pieces with
+modelled costs: routing drawn per token from each layer's expert popularity (uniform unless a
+recorded one is given), the pool's own eviction policy (`engine.experts.pool.ExpertPool`) deciding
+hits and misses, and each MoE layer's experts ordered and timed by the InfMoE code the provider runs
+(`engine.experts.order`: Johnson's order under the slot limit, one link, one compute unit), with
+α (expert compute) and β (expert read) from the hardware profile's rates. Dense work is a roofline
+per matrix (the slower of streaming the weight and the arithmetic, plus the call's fixed cost) plus
+the engine's measured per-block overheads.
+
+Modelled: strict offloading (O_DIRECT reads on CPU, pinned host or disk over the host link on a
+GPU), teacher-forced steps (every step routes fresh tokens), no prefetch (at batch 1 a guess pays
+only above ~0.75 precision, which routers do not reach: docs/offload.md). Not modelled: the page-cache
+mode (bounded by the kernel, not the budget), sampling and detokenising, other processes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from engine.config import ModelConfig
+from engine.errors import ConfigError
+from engine.experts.order import Job, order_jobs, simulate
+from engine.experts.pool import ExpertPool
+from engine.memory_plan import MachineMemory, MemoryPlan, plan_memory
+from engine.model import MoELayerKey
+from engine.planner.profile import HardwareProfile, MatmulRates
+from engine.sizes import format_bytes
+from engine.summary import summarize
+from engine.weights.quantize import QUANTIZATION_KEY, ExpertFormat, dense_record
+
+#: Expert formats the planner knows: as stored (a float dtype) or quantised.
+EXPERT_FORMATS = ("float32", "bfloat16", "int8", "int4")
+DENSE_FORMATS = ("float32", "bfloat16", "int8")
+_FLOAT_BYTES = {"float32": 4, "bfloat16": 2}
+#: RSS a process holds beyond weights, pool and KV cache (Python, torch, oneDNN caches, I/O threads):
+#: what `bench.fullscale` allows as slack.
+SLACK_BYTES = 1 << 30
+
+
+@dataclass(frozen=True, kw_only=True)
+class PlanCase:
+    """One configuration to predict."""
+
+    batch: int
+    """Requests decoded together."""
+    budget: str
+    """`--expert-memory`: a size (`4GiB`) or a share of all experts (`25%`)."""
+    experts: str = "bfloat16"
+    """How experts are stored and computed (`EXPERT_FORMATS`)."""
+    group_size: int = 128
+    """Inputs per scale of int4 experts."""
+    dense: str = "bfloat16"
+    """How the dense weights are computed (`DENSE_FORMATS`; float ones are also the compute dtype)."""
+    source_len: int = 32
+    """Input tokens per request."""
+    warmup: int = 16
+    """Decode steps before the warm steps are counted (the pool settling after the encoder pass)."""
+    steps: int = 16
+    """Decode steps averaged, cold (right after the encoder pass) and warm."""
+    window: int = 4
+    """Expert loads in flight (`--expert-window`)."""
+    seed: int = 0
+    """Of the drawn routing."""
+
+    def __post_init__(self) -> None:
+        if self.batch < 1 or self.source_len < 1 or self.steps < 1 or self.warmup < 0 or self.window < 1:
+            raise ConfigError("plan: batch, source length, steps and window must be >= 1 and warmup >= 0")
+        if self.experts not in EXPERT_FORMATS:
+            raise ConfigError(f"--experts {self.experts}: unknown; one of {', '.join(EXPERT_FORMATS)}")
+        if self.dense not in DENSE_FORMATS:
+            raise ConfigError(f"--dense {self.dense}: unknown; one of {', '.join(DENSE_FORMATS)}")
+
+    @property
+    def compute_dtype(self) -> str:
+        """Activations' dtype: the dense format when it is a float one, else bfloat16."""
+        return self.dense if self.dense in _FLOAT_BYTES else "bfloat16"
+
+
+@dataclass(frozen=True)
+class StepEstimate:
+    """A decode step, averaged over the steps it covers."""
+
+    step_seconds: float
+    dense_seconds: float
+    expert_compute_seconds: float
+    expert_read_seconds: float
+    """Time the link (disk, or host-to-device copies) is busy with expert loads."""
+    stall_seconds: float
+    """Time compute waits on loads."""
+    hit_rate: float
+    bytes_read_per_step: float
+    batch: int
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.batch / self.step_seconds
+
+    @property
+    def bytes_read_per_token(self) -> float:
+        return self.bytes_read_per_step / self.batch
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            **dataclasses.asdict(self),
+            "tokens_per_second": self.tokens_per_second,
+            "bytes_read_per_token": self.bytes_read_per_token,
+        }
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes the process holds on the device that computes (RAM on CPU, device memory on a GPU)."""
+
+    dense_bytes: int
+    pool_bytes: int
+    staging_bytes: int
+    kv_cache_bytes: int
+    slack_bytes: int
+    limit_bytes: int
+
+    @property
+    def total_bytes(self) -> int:
+        return self.dense_bytes + self.pool_bytes + self.staging_bytes + self.kv_cache_bytes + self.slack_bytes
+
+    @property
+    def fits(self) -> bool:
+        return self.total_bytes <= self.limit_bytes
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "total_bytes": self.total_bytes, "fits": self.fits}
+
+
+@dataclass(frozen=True)
+class Prediction:
+    case: PlanCase
+    device: str
+    memory: MemoryEstimate
+    plan: MemoryPlan
+    encode_seconds: float
+    cold: StepEstimate
+    warm: StepEstimate
+    problems: list[str] = field(default_factory=list)
+    """Why it cannot run as asked (empty when it can)."""
+
+    first_step_seconds: float = 0.0
+
+    @property
+    def ttft_seconds(self) -> float:
+        """Time to the first token: the encoder pass and the first decode step."""
+        return self.encode_seconds + self.first_step_seconds
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "case": dataclasses.asdict(self.case),
+            "device": self.device,
+            "runs": not self.problems,
+            "problems": self.problems,
+            "memory": self.memory.to_dict(),
+            "pool_slots": self.plan.num_slots,
+            "store_bytes": self.plan.store_bytes,
+            "bytes_per_expert": self.plan.bytes_per_expert,
+            "encode_seconds": self.encode_seconds,
+            "ttft_seconds": self.ttft_seconds,
+            "cold": self.cold.to_dict(),
+            "warm": self.warm.to_dict(),
+        }
+
+
+def quantized_config(config: ModelConfig, case: PlanCase) -> tuple[ModelConfig, torch.dtype]:
+    """`config` as `cpm2 init` / `cpm2 quantize` would record `case`'s formats, and the store dtype."""
+    record: dict[str, Any] = {}
+    store_dtype = getattr(torch, case.compute_dtype)
+    if case.experts in ("int8", "int4"):
+        fmt = ExpertFormat.choose(config, case.experts, group_size=case.group_size if case.experts == "int4" else None)
+        record.update(fmt.record())
+        store_dtype = fmt.store_dtype
+    elif case.experts != case.compute_dtype:
+        raise ConfigError(
+            f"--experts {case.experts} with --dense {case.dense}: float experts compute in the dense "
+            f"dtype ({case.compute_dtype}); pass --experts {case.compute_dtype}, int8 or int4"
+        )
+    if case.dense == "int8":
+        record.update(dense_record("int8"))
+    if not record:
+        return config, store_dtype
+    return config.replace(extra={**config.extra, QUANTIZATION_KEY: record}), store_dtype
+
+
+@dataclass(frozen=True)
+class _Costs:
+    """The per-call costs one prediction uses, from the profile and the case."""
+
+    dense: MatmulRates
+    experts: MatmulRates
+    head: MatmulRates
+    dense_bytes_per_parameter: float
+    head_bytes_per_parameter: float
+    act_bytes: int
+    memcpy_gb_s: float
+    load_seconds: float
+    """β: one expert's load (read and bookkeeping)."""
+    expert_call_seconds: float
+    """Per expert computed, beyond its matmuls."""
+    expert_parameters: int
+    expert_bytes: int
+    """One expert in memory (what its kernel streams)."""
+    blob_bytes: float
+    """One expert as stored (what a load reads)."""
+    expert_matrices: int
+
+
+def _rates(profile: HardwareProfile) -> dict[str, MatmulRates]:
+    return profile.gpu.matmul if profile.gpu is not None else profile.cpu
+
+
+def _costs(config: ModelConfig, profile: HardwareProfile, case: PlanCase, plan: MemoryPlan) -> _Costs:
+    rates = _rates(profile)
+    act = _FLOAT_BYTES[case.compute_dtype]
+    dense_bpp = 1.0 if case.dense == "int8" else float(act)
+    parameters = config.d_ff * (3 if config.is_gated_ffn else 2) * config.d_model
+    link_gb_s = profile.disk_read_gb_s
+    latency = profile.disk_latency_us * 1e-6
+    if profile.gpu is not None:
+        host_holds_store = plan.host_tier == "pinned"
+        link_gb_s = profile.gpu.h2d_gb_s if host_holds_store else min(profile.gpu.h2d_gb_s, profile.disk_read_gb_s)
+        latency = 0.0 if host_holds_store else latency
+    blob = plan.store_bytes / max(1, plan.num_experts)
+    return _Costs(
+        dense=rates[case.dense],
+        experts=rates[case.experts],
+        head=rates[case.dense],
+        dense_bytes_per_parameter=dense_bpp,
+        head_bytes_per_parameter=dense_bpp,
+        act_bytes=act,
+        memcpy_gb_s=profile.memcpy_gb_s,
+        load_seconds=profile.overhead.load_us * 1e-6 + latency + blob / (link_gb_s * 1e9),
+        expert_call_seconds=profile.overhead.expert_us * 1e-6,
+        expert_parameters=parameters,
+        expert_bytes=plan.bytes_per_expert,
+        blob_bytes=blob,
+        expert_matrices=3 if config.is_gated_ffn else 2,
+    )
+
+
+def _matmul(rates: MatmulRates, *, rows: int, out_features: int, in_features: int, bytes_per_parameter: float) -> float:
+    parameters = out_features * in_features
+    return rates.seconds(rows=rows, weight_bytes=parameters * bytes_per_parameter, parameters=parameters)
+
+
+def _ffn_seconds(config: ModelConfig, c: _Costs, rows: int) -> float:
+    d, f = config.d_model, config.d_ff
+    shapes = [(f, d)] * (2 if config.is_gated_ffn else 1) + [(d, f)]
+    return sum(
+        _matmul(c.dense, rows=rows, out_features=o, in_features=i, bytes_per_parameter=c.dense_bytes_per_parameter)
+        for o, i in shapes
+    )
+
+
+def _attention_seconds(config: ModelConfig, c: _Costs, *, rows: int, keys: int, cross: bool) -> float:
+    """Projections (self: fused q/k/v and output; cross: query and output, its keys and values are
+    computed once per request) and the score/value products over `keys` cached positions per row."""
+    d, inner = config.d_model, config.num_heads * config.d_kv
+    shapes = [(inner, d), (d, inner)] if cross else [(3 * inner, d), (d, inner)]
+    seconds = sum(
+        _matmul(c.dense, rows=rows, out_features=o, in_features=i, bytes_per_parameter=c.dense_bytes_per_parameter)
+        for o, i in shapes
+    )
+    kv_bytes = rows * keys * 2 * inner * c.act_bytes
+    return seconds + kv_bytes / (c.memcpy_gb_s * 1e9)
+
+
+def _moe_layers(config: ModelConfig, stack: str) -> list[int]:
+    if config.moe is None:
+        return []
+    return list(config.moe.encoder_layers if stack == "encoder" else config.moe.decoder_layers)
+
+
+@dataclass
+class _Replay:
+    """The pool and routing of one replayed request, shared by its encoder pass and decode steps."""
+
+    config: ModelConfig
+    costs: _Costs
+    pool: ExpertPool
+    window: int
+    popularity: dict[str, torch.Tensor]
+    generator: torch.Generator
+    hits: int = 0
+    looked: int = 0
+
+    def layer(self, key: MoELayerKey, rows: int) -> tuple[float, float, float, float, int]:
+        """One MoE layer on `rows` tokens: (makespan, compute, transfer, stall, loads)."""
+        moe = self.config.moe
+        assert moe is not None
+        p = self.popularity.get(str(key))
+        if p is None:
+            p = torch.ones(moe.num_experts)
+        k = min(moe.top_k, moe.num_experts)
+        picks = torch.multinomial(p.expand(rows, -1), k, replacement=False, generator=self.generator)
+        counts = torch.bincount(picks.flatten(), minlength=moe.num_experts)
+        demand = [(int(e), int(n)) for e, n in enumerate(counts.tolist()) if n]
+        upcoming = [(key, e) for e, _ in demand]
+        jobs = []
+        for i, (expert, tokens) in enumerate(demand):
+            hit = self.pool.record_use((key, expert), upcoming=upcoming[i + 1 :])
+            self.hits += hit
+            self.looked += 1
+            compute = self.costs.expert_call_seconds + self.costs.experts.seconds(
+                rows=tokens, weight_bytes=self.costs.expert_bytes, parameters=self.costs.expert_parameters
+            )
+            compute += (self.costs.expert_matrices - 1) * self.costs.experts.call_us * 1e-6
+            jobs.append(Job(expert, compute, 0.0 if hit else self.costs.load_seconds))
+        schedule = simulate(order_jobs(jobs, "infmoe", slots=self.window), slots=self.window)
+        loads = sum(1 for j in jobs if j.transfer > 0)
+        return schedule.makespan, schedule.compute, schedule.transfer, schedule.stall, loads
+
+
+def _encode_seconds(config: ModelConfig, c: _Costs, replay: _Replay, profile: HardwareProfile, case: PlanCase) -> float:
+    rows = case.batch * case.source_len
+    moe = set(_moe_layers(config, "encoder"))
+    seconds = 0.0
+    for block in range(config.num_encoder_layers):
+        seconds += _attention_seconds(config, c, rows=rows, keys=case.source_len, cross=False)
+        seconds += profile.overhead.block_us * 1e-6
+        if block in moe:
+            seconds += replay.layer(MoELayerKey("encoder", block), rows)[0] + profile.overhead.moe_layer_us * 1e-6
+        else:
+            seconds += _ffn_seconds(config, c, rows)
+    # Every decoder block's cross-attention keys and values, once per request.
+    inner = config.num_heads * config.d_kv
+    seconds += config.num_decoder_layers * _matmul(
+        c.dense,
+        rows=rows,
+        out_features=2 * inner,
+        in_features=config.d_model,
+        bytes_per_parameter=c.dense_bytes_per_parameter,
+    )
+    return seconds
+
+
+@dataclass
+class _Totals:
+    """Seconds and loads summed over decode steps."""
+
+    steps: int = 0
+    step: float = 0.0
+    dense: float = 0.0
+    compute: float = 0.0
+    transfer: float = 0.0
+    stall: float = 0.0
+    loads: int = 0
+    hits: int = 0
+    looked: int = 0
+
+
+def _step(
+    config: ModelConfig,
+    c: _Costs,
+    replay: _Replay,
+    profile: HardwareProfile,
+    case: PlanCase,
+    *,
+    position: int,
+    into: _Totals,
+) -> float:
+    """One decode step at `position` added to `into`; returns its seconds."""
+    rows = case.batch
+    moe = set(_moe_layers(config, "decoder"))
+    dense = profile.overhead.step_us * 1e-6
+    compute = transfer = stall = 0.0
+    step = 0.0
+    loads = 0
+    hits, looked = replay.hits, replay.looked
+    for block in range(config.num_decoder_layers):
+        dense += _attention_seconds(config, c, rows=rows, keys=position + 1, cross=False)
+        dense += _attention_seconds(config, c, rows=rows, keys=case.source_len, cross=True)
+        dense += profile.overhead.block_us * 1e-6
+        if block in moe:
+            makespan, layer_compute, layer_transfer, layer_stall, layer_loads = replay.layer(
+                MoELayerKey("decoder", block), rows
+            )
+            step += makespan
+            compute += layer_compute
+            transfer += layer_transfer
+            stall += layer_stall
+            loads += layer_loads
+            dense += profile.overhead.moe_layer_us * 1e-6
+        else:
+            dense += _ffn_seconds(config, c, rows)
+    dense += _matmul(
+        c.head,
+        rows=rows,
+        out_features=config.vocab_size,
+        in_features=config.d_model,
+        bytes_per_parameter=c.head_bytes_per_parameter,
+    )
+    into.steps += 1
+    into.step += dense + step
+    into.dense += dense
+    into.compute += compute
+    into.transfer += transfer
+    into.stall += stall
+    into.loads += loads
+    into.hits += replay.hits - hits
+    into.looked += replay.looked - looked
+    return dense + step
+
+
+def predict(
+    config: ModelConfig,
+    profile: HardwareProfile,
+    case: PlanCase,
+    *,
+    popularity: dict[str, list[float]] | None = None,
+) -> Prediction:
+    """Memory, time to first token and decode speed of `config` on `profile` as `case` says.
+
+    `popularity`: tokens (or any weights) per expert of each MoE layer, keyed like `decoder.3`
+    (`bench.fullscale` and `bench.offload` record them); uniform routing where absent.
+    """
+    if config.moe is None:
+        raise ConfigError("cpm2 plan models offloaded experts; this config has none (cpm2 info sizes dense models)")
+    qconfig, store_dtype = quantized_config(config, case)
+    device = torch.device("cuda" if profile.gpu is not None else "cpu")
+    limit = profile.gpu.memory_bytes if profile.gpu is not None else profile.ram_bytes
+    compute_dtype = getattr(torch, case.compute_dtype)
+    summary = summarize(qconfig, compute_dtype)
+    plan = plan_memory(
+        qconfig,
+        dtype=compute_dtype,
+        device=device,
+        expert_memory=case.budget,
+        window=case.window,
+        host_tier="auto",
+        store_dtype=store_dtype,
+        machine=MachineMemory(auto_budget_bytes=None, host_ram_bytes=profile.ram_bytes),
+        summary=summary,
+    )
+    problems = []
+    if plan.is_too_small:
+        problems.append(
+            f"--expert-memory {case.budget} holds fewer than 2 experts (minimum {format_bytes(plan.min_budget_bytes)})"
+        )
+    act = _FLOAT_BYTES[case.compute_dtype]
+    dense_params = summary.dense_parameters
+    embed = config.vocab_size * config.d_model
+    if case.dense == "int8":
+        # Linears in int8 (a scale per row aside); the embedding lookup keeps its float matrix, and a
+        # tied head gets its own int8 copy (`engine.weights.loader.quantize_dense`).
+        dense_bytes = (dense_params - embed) + embed * act + (embed if config.tie_word_embeddings else 0)
+    else:
+        dense_bytes = dense_params * act
+    inner = config.num_heads * config.d_kv
+    positions = case.source_len + case.warmup + case.steps
+    kv = case.batch * inner * 2 * act * (config.num_decoder_layers * (positions + case.source_len))
+    memory = MemoryEstimate(
+        dense_bytes=dense_bytes,
+        pool_bytes=plan.pool_bytes if plan.is_offloaded else plan.expert_bytes,
+        staging_bytes=plan.staging_bytes,
+        kv_cache_bytes=kv,
+        slack_bytes=SLACK_BYTES if profile.gpu is None else 0,
+        limit_bytes=limit,
+    )
+    if not memory.fits:
+        where = "device memory" if profile.gpu is not None else "RAM"
+        problems.append(f"needs {format_bytes(memory.total_bytes)} of {where}, the machine has {format_bytes(limit)}")
+    costs = _costs(qconfig, profile, case, plan)
+    generator = torch.Generator().manual_seed(case.seed)
+    weights = {k: torch.tensor(v, dtype=torch.float64).clamp_min(1e-9) for k, v in (popularity or {}).items()}
+    slots = plan.num_slots if plan.is_offloaded else plan.num_experts
+    replay = _Replay(qconfig, costs, ExpertPool(max(1, slots)), case.window, weights, generator)
+    encode = _encode_seconds(qconfig, costs, replay, profile, case)
+    first = _Totals()
+    first_step = _step(qconfig, costs, replay, profile, case, position=0, into=first)
+    cold = _average(qconfig, costs, replay, profile, case, positions=range(1, case.steps), start=first)
+    for position in range(case.steps, case.warmup):  # the pool settles
+        _step(qconfig, costs, replay, profile, case, position=position, into=_Totals())
+    begin = max(case.warmup, case.steps)
+    warm = _average(qconfig, costs, replay, profile, case, positions=range(begin, begin + case.steps))
+    return Prediction(case, str(device), memory, plan, encode, cold, warm, problems, first_step)
+
+
+def _average(
+    config: ModelConfig,
+    costs: _Costs,
+    replay: _Replay,
+    profile: HardwareProfile,
+    case: PlanCase,
+    *,
+    positions: range,
+    start: _Totals | None = None,
+) -> StepEstimate:
+    """The decode steps at `positions` (after those already in `start`), averaged."""
+    totals = start or _Totals()
+    for position in positions:
+        _step(config, costs, replay, profile, case, position=position, into=totals)
+    n = max(1, totals.steps)
+    return StepEstimate(
+        step_seconds=totals.step / n,
+        dense_seconds=totals.dense / n,
+        expert_compute_seconds=totals.compute / n,
+        expert_read_seconds=totals.transfer / n,
+        stall_seconds=totals.stall / n,
+        hit_rate=totals.hits / totals.looked if totals.looked else math.nan,
+        bytes_read_per_step=totals.loads * costs.blob_bytes / n,
+        batch=case.batch,
+    )

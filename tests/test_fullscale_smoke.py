@@ -1,0 +1,126 @@
+"""`python -m bench.fullscale` end to end on a tiny NLLB-MoE-shaped config: it builds the model with
+`cpm2 init`, measures what it promises, removes the model unless kept, reuses a kept one, and
+refuses a kept model of another format.
+
+No timing is checked here (STYLE.md §14): only that the code runs and the report has its keys.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from bench.fullscale import CONFIG, FullscaleConfig, print_report, run
+from engine.errors import ConfigError
+from engine.weights.loader import inspect_config
+
+TINY_NLLB_MOE = {
+    "model_type": "nllb-moe",
+    "vocab_size": 1200,
+    "d_model": 32,
+    "encoder_layers": 2,
+    "decoder_layers": 2,
+    "encoder_attention_heads": 2,
+    "decoder_attention_heads": 2,
+    "encoder_ffn_dim": 64,
+    "decoder_ffn_dim": 64,
+    "encoder_sparse_step": 2,
+    "decoder_sparse_step": 2,
+    "num_experts": 8,
+    "max_position_embeddings": 64,
+    "pad_token_id": 1,
+    "eos_token_id": 2,
+    "decoder_start_token_id": 2,
+}
+
+
+@pytest.fixture
+def tiny_config(tmp_path: Path) -> Path:
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(TINY_NLLB_MOE))
+    return path
+
+
+def _cfg(config: Path, model_dir: Path, **changes: object) -> FullscaleConfig:
+    settings: dict[str, object] = {
+        "config": config,
+        "dir": model_dir,
+        "budget": "25%",
+        "group_size": 32,
+        "batches": (1, 2),
+        "steps": 2,
+        "warmup": 1,
+        "repeats": 1,
+        "source_len": 4,
+        "quick_profile": True,
+        "log": lambda _: None,
+        **changes,
+    }
+    return FullscaleConfig(**settings)  # type: ignore[arg-type]
+
+
+def test_fullscale_reports_runs_bounds_and_memory(tiny_config: Path, tmp_path: Path) -> None:
+    model_dir = tmp_path / "model"
+    report = run(_cfg(tiny_config, model_dir))
+    assert not model_dir.exists()  # removed: --keep was not given
+    assert report["init_seconds"] > 0
+    assert [(r["batch"], r["phase"]) for r in report["runs"]] == [(1, "cold"), (1, "warm"), (2, "cold"), (2, "warm")]
+    for r in report["runs"]:
+        assert r["tokens"] == r["batch"] * 2
+        assert r["bound_tokens_per_second"] == min(
+            r["compute_only_tokens_per_second"], r["read_bound_tokens_per_second"]
+        )
+        assert r["ratio_to_bound"] == pytest.approx(r["tokens_per_second"] / r["bound_tokens_per_second"])
+        assert r["experts"]["misses"] > 0  # a quarter of the experts: decoding loads some
+        assert r["predicted_tokens_per_second"] > 0  # the planner's prediction of the same case
+    assert (
+        report["rss_allowed_bytes"] == report["dense_resident_bytes"] + report["budget_bytes"] + report["slack_bytes"]
+    )
+    assert report["slack_bytes"] == 1.5 * 2**30
+    assert report["rss_after_load_bytes"] <= report["peak_rss_decoding_bytes"]
+    assert report["store_bytes"] > 4 * report["budget_bytes"] * 0.9
+    out = io.StringIO()
+    print_report(report, Console(file=out, width=160))
+    assert "of bound" in out.getvalue()
+
+
+def test_a_kept_model_is_reused_and_another_format_refused(tiny_config: Path, tmp_path: Path) -> None:
+    model_dir = tmp_path / "model"
+    run(_cfg(tiny_config, model_dir, keep=True, batches=(1,)))
+    assert (model_dir / "config.json").exists()
+    again = run(_cfg(tiny_config, model_dir, keep=True, batches=(1,)))
+    assert again["init_seconds"] == 0.0
+    with pytest.raises(ConfigError, match="another model"):
+        run(_cfg(tiny_config, model_dir, keep=True, group_size=64))
+    assert (model_dir / "config.json").exists()  # a refused run leaves a kept model alone
+
+
+def test_the_default_shape_is_nllb_moe_54b() -> None:
+    summary = inspect_config(CONFIG)
+    assert summary.config.d_model == 2048
+    assert summary.config.moe is not None
+    assert summary.config.moe.num_experts == 128
+    assert summary.config.moe.top_k == 2
+
+
+def test_plan_validation_compares_a_run_with_its_prediction(tiny_config: Path, tmp_path: Path) -> None:
+    """`bench.plan_validation` on a tiny model: a measured row and the planner's row for the same case."""
+    from bench.fullscale import ensure_model
+    from bench.plan_validation import ValidationConfig, measure_model
+    from engine.planner.measure import MeasureOptions, measure_profile
+
+    model_dir = tmp_path / "model"
+    ensure_model(_cfg(tiny_config, model_dir))
+    profile = measure_profile(MeasureOptions.quick(tmp_path))
+    cfg = ValidationConfig(batches=(1, 2), steps=2, warmup=1, repeats=1, log=lambda _: None)
+    rows = measure_model("tiny", model_dir, cfg, profile)
+    assert [r["batch"] for r in rows] == [1, 2]
+    for r in rows:
+        assert r["tokens_per_second_error"] == pytest.approx(
+            r["predicted_tokens_per_second"] / r["tokens_per_second"] - 1
+        )
+        assert 0 <= r["predicted_hit_rate"] <= 1

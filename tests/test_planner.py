@@ -1,0 +1,174 @@
+"""`cpm2 plan`: hardware profiles, the prediction's output and its monotonic sense, the CLI.
+
+What is checked is the planner's output and that it follows the provider's rules (a bigger budget
+hits more and reads less, int4 reads less than bf16, a budget too small or a machine too small is
+said plainly), not its accuracy: `bench/plan_validation.py` measures that against real runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+from cpm2.cli import main
+from engine.errors import ConfigError
+from engine.experts.pool import ExpertPool
+from engine.model import MoELayerKey
+from engine.planner.measure import MeasureOptions, measure_profile
+from engine.planner.predict import PlanCase, predict
+from engine.planner.profile import HardwareProfile, MatmulRates, OverheadProfile, load_profile, reference_profiles
+from engine.weights.loader import inspect_config
+
+CONFIGS = Path(__file__).parent / "fixtures" / "configs"
+SWITCH_BASE_8 = CONFIGS / "switch-base-8"
+
+
+def _profile(**changes: object) -> HardwareProfile:
+    rates = MatmulRates(gemv_gb_s=20.0, gemv16_gb_s=15.0, tflops=1.0, call_us=20.0)
+    settings: dict[str, object] = {
+        "name": "test",
+        "source": "made up for the tests",
+        "cpu_cores": 2,
+        "ram_bytes": 24 << 30,
+        "memcpy_gb_s": 8.0,
+        "disk_read_gb_s": 1.5,
+        "disk_latency_us": 100.0,
+        "cpu": dict.fromkeys(("float32", "bfloat16", "int8", "int4"), rates),
+        "overhead": OverheadProfile(step_us=200, block_us=100, moe_layer_us=150, expert_us=60, load_us=60),
+        **changes,
+    }
+    return HardwareProfile(**settings)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def switch8():  # type: ignore[no-untyped-def]
+    return inspect_config(SWITCH_BASE_8).config
+
+
+def test_profiles_round_trip_and_refuse_what_they_cannot_use(tmp_path: Path) -> None:
+    profile = _profile()
+    path = tmp_path / "p.json"
+    profile.save(path)
+    assert load_profile(path) == profile
+    data = json.loads(path.read_text())
+    del data["cpu"]["int4"]
+    path.write_text(json.dumps(data))
+    with pytest.raises(ConfigError, match="missing \\['int4'\\]"):
+        load_profile(path)
+    with pytest.raises(ConfigError, match="disk_read_gb_s must be > 0"):
+        _profile(disk_read_gb_s=0.0)
+    with pytest.raises(ConfigError, match="shipped: "):
+        load_profile("no-such-machine")
+
+
+def test_shipped_profiles_load_and_name_their_sources() -> None:
+    shipped = reference_profiles()
+    assert len(shipped) >= 3
+    for name in shipped:
+        profile = load_profile(name)
+        assert profile.source
+        assert profile.name == name
+    assert any(load_profile(name).gpu is not None for name in shipped)
+
+
+def test_pool_record_use_counts_hits_and_evicts_by_policy() -> None:
+    key = MoELayerKey("decoder", 1)
+    pool = ExpertPool(2, policy="lru")
+    assert pool.record_use((key, 0)) is False
+    assert pool.record_use((key, 1)) is False
+    assert pool.record_use((key, 0)) is True
+    assert pool.record_use((key, 2)) is False  # evicts 1, the least recently used
+    assert (key, 1) not in pool
+    assert (key, 0) in pool
+    assert pool.record_use((key, 3), upcoming=[(key, 0)]) is False  # 0 is still needed: 2 goes
+    assert (key, 0) in pool
+    assert (key, 2) not in pool
+
+
+def test_prediction_follows_the_budget_format_and_batch(switch8) -> None:  # type: ignore[no-untyped-def]
+    profile = _profile()
+
+    def run(**case: object):  # type: ignore[no-untyped-def]
+        return predict(switch8, profile, PlanCase(**{"batch": 1, "budget": "25%", **case}))  # type: ignore[arg-type]
+
+    small, large = run(budget="12.5%"), run(budget="50%")
+    assert small.warm.hit_rate < large.warm.hit_rate
+    assert small.warm.bytes_read_per_token > large.warm.bytes_read_per_token
+    assert small.warm.tokens_per_second < large.warm.tokens_per_second
+    bf16, int4 = run(), run(experts="int4")
+    assert int4.warm.bytes_read_per_token < bf16.warm.bytes_read_per_token / 3
+    same_bytes = run(budget="200MiB"), run(budget="200MiB", experts="int4")
+    assert same_bytes[1].plan.num_slots > 3 * same_bytes[0].plan.num_slots  # 3.6x the experts in as many bytes
+    assert same_bytes[1].warm.hit_rate > same_bytes[0].warm.hit_rate
+    one, sixteen = run(), run(batch=16)
+    assert sixteen.warm.tokens_per_second > one.warm.tokens_per_second
+    assert sixteen.encode_seconds > one.encode_seconds
+    for p in (small, large, bf16, int4, one, sixteen):
+        assert not p.problems
+        assert p.ttft_seconds > p.encode_seconds > 0
+        assert p.warm.step_seconds >= p.warm.dense_seconds
+        assert p.memory.pool_bytes == p.plan.num_slots * p.plan.bytes_per_expert
+    report = one.to_dict()
+    assert {"memory", "ttft_seconds", "cold", "warm", "pool_slots"} <= set(report)
+    assert json.loads(json.dumps(report)) == report
+
+
+def test_recorded_routing_changes_the_hit_rate(switch8) -> None:  # type: ignore[no-untyped-def]
+    moe = switch8.moe
+    skewed = {f"decoder.{layer}": [100.0] + [1.0] * (moe.num_experts - 1) for layer in moe.decoder_layers}
+    case = PlanCase(batch=1, budget="25%")
+    uniform = predict(switch8, _profile(), case)
+    popular = predict(switch8, _profile(), case, popularity=skewed)
+    assert popular.warm.hit_rate > uniform.warm.hit_rate
+
+
+def test_what_cannot_run_is_said(switch8) -> None:  # type: ignore[no-untyped-def]
+    tiny_ram = predict(switch8, _profile(ram_bytes=1 << 30), PlanCase(batch=1, budget="25%"))
+    assert any("of RAM" in p for p in tiny_ram.problems)
+    too_small = predict(switch8, _profile(), PlanCase(batch=1, budget="1MiB"))
+    assert any("fewer than 2 experts" in p for p in too_small.problems)
+    with pytest.raises(ConfigError, match="float experts compute in the dense dtype"):
+        predict(switch8, _profile(), PlanCase(batch=1, budget="25%", experts="float32"))
+    with pytest.raises(ConfigError, match="--experts int3"):
+        PlanCase(batch=1, budget="25%", experts="int3")
+
+
+def test_a_gpu_profile_plans_device_memory(switch8) -> None:  # type: ignore[no-untyped-def]
+    h100 = load_profile("h100-pcie-nvme")
+    assert h100.gpu is not None
+    p = predict(switch8, h100, PlanCase(batch=1, budget="25%"))
+    assert p.device == "cuda"
+    assert p.memory.limit_bytes == h100.gpu.memory_bytes
+    assert not p.problems
+
+
+def test_cli_plans_lists_and_measures(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    profile = tmp_path / "test.json"
+    _profile().save(profile)
+    args = ["plan", "--config", str(SWITCH_BASE_8), "--hardware", str(profile), "--experts", "bfloat16", "int4"]
+    assert main([*args, "--budget", "25%", "--batch", "1", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [p["case"]["experts"] for p in report["predictions"]] == ["bfloat16", "int4"]
+    assert main([*args, "--budget", "25%", "1MiB"]) == 0
+    out = capsys.readouterr().out
+    assert "tok/s warm" in out
+    assert "fewer than 2 experts" in out
+    assert main(["plan", "--list-hardware"]) == 0
+    assert "h100-pcie-nvme" in capsys.readouterr().out
+    assert main(["plan", "--config", str(SWITCH_BASE_8)]) == 2
+    assert "needs --config CONFIG.json and --hardware PROFILE" in capsys.readouterr().err
+
+
+def test_measure_writes_a_profile_the_planner_reads(tmp_path: Path) -> None:
+    measured = measure_profile(MeasureOptions.quick(tmp_path), name="here")
+    assert measured.disk_read_gb_s > 0
+    assert measured.cpu["int4"].gemv_gb_s > 0
+    assert measured.source.startswith("measured by cpm2 plan --measure")
+    assert not list(tmp_path.glob("cpm2-plan-*"))  # the scratch file is gone
+    path = tmp_path / "here.json"
+    measured.save(path)
+    again = load_profile(path)
+    assert dataclasses.asdict(again) == dataclasses.asdict(measured)
