@@ -29,8 +29,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import functools
+import json
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -50,17 +53,19 @@ from bench.offload_common import (
     drop_page_cache,
     load_cpm2,
     model_files,
+    store_read_gb_s,
 )
-from bench.plan_validation import compare
+from bench.plan_validation import compare, routing_counts
 from bench.soak import proc_status
+from engine.config import ModelConfig
 from engine.errors import ConfigError
 from engine.experts.store import ExpertStore
 from engine.model import ExpertWeights, MoELayerKey
 from engine.model.moe import ExpertDemand
 from engine.offload import InferenceModel
-from engine.planner.measure import MeasureOptions, blob_read_gb_s, measure_profile
+from engine.planner.measure import MeasureOptions, measure_profile
 from engine.planner.predict import PlanCase, predict
-from engine.planner.profile import HardwareProfile
+from engine.planner.profile import HardwareProfile, load_profile
 from engine.sizes import format_bytes, parse_bytes
 from engine.weights.init import PROGRESS_FILE
 from engine.weights.loader import inspect_checkpoint, inspect_config
@@ -89,7 +94,9 @@ class FullscaleConfig:
     runtime (0.35 GiB here before anything loads), activations and KV cache, oneDNN's primitive
     caches, the I/O threads' allocator arenas."""
     quick_profile: bool = False
-    """Measure the machine's profile roughly, in seconds (tests)."""
+    """Measure the machine's profile roughly, in seconds."""
+    hardware: str | None = None
+    """A profile (file or shipped name) to predict with instead of measuring this machine's."""
     out: Path = Path("bench/results/fullscale.json")
     log: Any = field(default=print, repr=False)
 
@@ -180,15 +187,6 @@ def _row(run: DecodeRun, *, phase: str, batch: int) -> dict[str, Any]:
     return {"phase": phase, "batch": batch, **run.to_dict()}
 
 
-def store_read_gb_s(store: ExpertStore, cfg: FullscaleConfig, *, count: int = 96) -> float:
-    """Cold read rate of `count` random experts of `store` through the provider's own reader."""
-    generator = torch.Generator().manual_seed(len(store.keys))
-    picks = torch.randint(len(store.keys) * store.num_experts, (count,), generator=generator).tolist()
-    locations = [store.location(store.keys[i // store.num_experts], i % store.num_experts) for i in picks]
-    drop_page_cache(model_files(cfg.dir / "experts"))
-    return blob_read_gb_s(locations, threads=cfg.io_threads, window=cfg.window)
-
-
 def _peak_rss() -> int:
     return int(proc_status(Path("/proc/self"))["VmHWM"] * 1024)
 
@@ -202,12 +200,12 @@ def measure(
     decoded: dict[int, tuple[list[DecodeRun], list[DecodeRun], list[float]]] = {}
     for batch in cfg.batches:
         decode = functools.partial(decode_cpm2, loaded, batch=batch, steps=cfg.steps, source_len=cfg.source_len)
-        colds, warms, rates = [], [], [store_read_gb_s(store, cfg)]
+        colds, warms, rates = [], [], [store_read_gb_s(store, threads=cfg.io_threads, window=cfg.window)]
         for repeat in range(cfg.repeats):
             cfg.log(f"batch {batch}: cold, warm ({repeat + 1} of {cfg.repeats})")
             colds.append(decode(warmup=0, seed=100 * batch + 2 * repeat, cold_files=files))
             warms.append(decode(warmup=cfg.warmup, seed=100 * batch + 2 * repeat + 1, cold_files=files))
-            rates.append(store_read_gb_s(store, cfg))
+            rates.append(store_read_gb_s(store, threads=cfg.io_threads, window=cfg.window))
         decoded[batch] = (colds, warms, rates)
     report["peak_rss_decoding_bytes"] = _peak_rss()
     rows = []
@@ -219,28 +217,17 @@ def measure(
         with experts_from_memory(loaded, store):
             compute = decode_cpm2(loaded, batch=batch, steps=cfg.steps, source_len=cfg.source_len, warmup=2)
         compute_seconds = compute.seconds / compute.tokens
-        case = PlanCase(
-            batch=batch,
-            budget=cfg.budget,
-            experts="int4",
-            group_size=cfg.group_size,
-            dense="int8",
-            source_len=cfg.source_len,
-            warmup=cfg.warmup,
-            steps=cfg.steps,
-            window=cfg.window,
-        )
         for phase, runs in (("cold", colds), ("warm", warms)):
             run = sorted(runs, key=lambda r: r.tokens_per_second)[len(runs) // 2]  # the median run
             row = _row(run, phase=phase, batch=batch)
             row["tokens_per_second_all"] = [r.tokens_per_second for r in runs]
-            popularity = {k: [float(x) for x in v] for k, v in run.expert_counts.items()}
-            row.update(compare(predict(loaded.model.config, profile, case, popularity=popularity), row))
+            row["routing_counts"] = routing_counts(runs)
+            row["read_bandwidth_all_gb_s"] = rates
+            row.update(predict_row(loaded.model.config, profile, row, cfg))
             read_seconds = run.storage_bytes_read / run.tokens / (bandwidth * 1e9)
             bound = 1 / max(compute_seconds, read_seconds)
             row.update(
                 read_bandwidth_gb_s=bandwidth,
-                read_bandwidth_all_gb_s=rates,
                 compute_only_tokens_per_second=1 / compute_seconds,
                 compute_only_encode_seconds=compute.encode_seconds,
                 read_bound_tokens_per_second=1 / read_seconds if read_seconds > 0 else float("inf"),
@@ -248,9 +235,13 @@ def measure(
                 ratio_to_bound=run.tokens_per_second / bound,
             )
             rows.append(row)
-    largest = max(cfg.batches)
-    case = PlanCase(
-        batch=largest,
+    report["predicted_memory"] = predict(loaded.model.config, profile, _case(cfg, max(cfg.batches))).memory.to_dict()
+    return rows
+
+
+def _case(cfg: FullscaleConfig, batch: int) -> PlanCase:
+    return PlanCase(
+        batch=batch,
         budget=cfg.budget,
         experts="int4",
         group_size=cfg.group_size,
@@ -260,8 +251,24 @@ def measure(
         steps=cfg.steps,
         window=cfg.window,
     )
-    report["predicted_memory"] = predict(loaded.model.config, profile, case).memory.to_dict()
-    return rows
+
+
+def predict_row(
+    config: ModelConfig, profile: HardwareProfile, row: dict[str, Any], cfg: FullscaleConfig
+) -> dict[str, Any]:
+    """The planner's figures for a measured `row` and their errors: this machine's profile with the
+    store's read rate measured around the row's runs (their median: the VM's disk dips for seconds
+    at a time, and one reading taken in a dip would stand for minutes), the routing they recorded."""
+    here = dataclasses.replace(profile, disk_read_gb_s=statistics.median(row["read_bandwidth_all_gb_s"]))
+    popularity = {k: [float(x) for x in v] for k, v in row["routing_counts"].items()}
+    return compare(predict(config, here, _case(cfg, row["batch"]), popularity=popularity), row)
+
+
+def repredict(report: dict[str, Any], cfg: FullscaleConfig) -> dict[str, Any]:
+    """`report`'s measured rows predicted again (the planner changed), with the profile it recorded."""
+    profile = HardwareProfile.from_dict(report["profile"], source="the report's profile")
+    config = inspect_config(Path(report["config"]["config"])).config
+    return {**report, "runs": [{**row, **predict_row(config, profile, row, cfg)} for row in report["runs"]]}
 
 
 def run(cfg: FullscaleConfig) -> dict[str, Any]:
@@ -274,8 +281,11 @@ def run(cfg: FullscaleConfig) -> dict[str, Any]:
         report["init_seconds"] = ensure_model(cfg)
         files = model_files(cfg.dir / "experts")
         cfg.log("measuring this machine's profile (cpm2 plan --measure)")
-        options = MeasureOptions.quick(cfg.dir) if cfg.quick_profile else MeasureOptions(scratch=cfg.dir)
-        profile = measure_profile(options, name="this-machine")
+        if cfg.hardware is not None:
+            profile = load_profile(cfg.hardware)
+        else:
+            options = MeasureOptions.quick(cfg.dir) if cfg.quick_profile else MeasureOptions(scratch=cfg.dir)
+            profile = measure_profile(options, name="this-machine")
         report["profile"] = profile.to_dict()
         report["store_bytes"] = sum(p.stat().st_size for p in files)
         report["model_bytes_on_disk"] = sum(p.stat().st_size for p in cfg.dir.rglob("*") if p.is_file())
@@ -363,6 +373,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=defaults.repeats, help="cold and warm runs per batch")
     parser.add_argument("--slack", default=defaults.slack, help="RSS allowed beyond dense + budget")
     parser.add_argument("--out", type=Path, default=defaults.out)
+    parser.add_argument("--hardware", help="predict with this profile instead of measuring this machine's")
+    parser.add_argument(
+        "--from", dest="source", type=Path, help="predict the measured runs of this report again (no new runs)"
+    )
     args = parser.parse_args(argv)
     cfg = FullscaleConfig(
         config=args.config,
@@ -374,10 +388,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         steps=args.steps,
         warmup=args.warmup,
         repeats=args.repeats,
+        hardware=args.hardware,
         slack=args.slack,
         out=args.out,
     )
-    report = run(cfg)
+    report = repredict(json.loads(args.source.read_text()), cfg) if args.source else run(cfg)
     publish(report, out=cfg.out, plot=None, show=print_report, draw=lambda r, p: None, width=140)
     return 0
 

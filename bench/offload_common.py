@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from engine.experts.stats import ExpertStats
+from engine.experts.store import ExpertStore
 from engine.model import ExpertWeights, MoELayerKey
 from engine.model.moe import ExpertDemand, MoEFeedForward
 from engine.offload import InferenceModel, OffloadConfig, load_for_inference
@@ -179,6 +180,18 @@ def measure_read_bandwidth(paths: Sequence[Path], *, readers: int, total_bytes: 
     return done / (time.perf_counter() - begin) / 1e9
 
 
+def store_read_gb_s(store: ExpertStore, *, threads: int = 4, window: int = 4, count: int = 96) -> float:
+    """Cold read rate (GB/s) of `count` random experts of `store` through the provider's own reader
+    (O_DIRECT, `threads` I/O threads, `window` blobs in flight)."""
+    from engine.planner.measure import blob_read_gb_s
+
+    generator = torch.Generator().manual_seed(len(store.keys))
+    picks = torch.randint(len(store.keys) * store.num_experts, (count,), generator=generator).tolist()
+    locations = [store.location(store.keys[i // store.num_experts], i % store.num_experts) for i in picks]
+    drop_page_cache(sorted({loc.path for loc in locations}))
+    return blob_read_gb_s(locations, threads=threads, window=window)
+
+
 def storage_read_bytes() -> int:
     """Bytes this process (its I/O threads included) has read from storage so far (`read_bytes` of
     /proc/self/io). Per process, not per device: another process reading the same disk meanwhile
@@ -217,7 +230,11 @@ class RoutingRecorder:
 
     def decoder_counts(self) -> dict[str, list[int]]:
         """Tokens per expert of each decoder layer, keyed `decoder.<block>`."""
-        return {str(k): c.tolist() for k, c in self.counts.items() if k.stack == "decoder"}
+        return self.stack_counts("decoder")
+
+    def stack_counts(self, stack: str) -> dict[str, list[int]]:
+        """Tokens per expert of each layer of `stack`, keyed `<stack>.<block>`."""
+        return {str(k): c.tolist() for k, c in self.counts.items() if k.stack == stack}
 
 
 def routing_summary(counts: Sequence[torch.Tensor], distinct: Sequence[int]) -> dict[str, Any]:
@@ -277,6 +294,8 @@ class DecodeRun:
     #: The encoder pass (prefill) of the batch: seconds and expert loads it needed.
     encode_seconds: float = 0.0
     encode_transfers: int = 0
+    #: Tokens per expert of each encoder layer in that pass (not in `to_dict`: bulky).
+    encoder_expert_counts: dict[str, list[int]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -334,6 +353,7 @@ def decode_cpm2(
         _sync(device)
         encode_seconds = time.perf_counter() - encode_begin
         encode_transfers = (loaded.provider.stats.transfers if loaded.provider else 0) - encode_before
+        encoder_counts = recorder.stack_counts("encoder")
         for t in range(warmup):
             model.logits(model.decode(model.embed(forced[t].unsqueeze(1)), state))
         recorder.counts = {k: torch.zeros_like(v) for k, v in recorder.counts.items()}
@@ -362,6 +382,7 @@ def decode_cpm2(
             recorder.decoder_counts(),
             encode_seconds=encode_seconds,
             encode_transfers=encode_transfers,
+            encoder_expert_counts=encoder_counts,
         )
     finally:
         _unwrap(model.moe_layers())

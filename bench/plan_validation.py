@@ -16,6 +16,8 @@ The full-scale run (`bench.fullscale`) predicts itself the same way, in its own 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import statistics
 import time
 from collections.abc import Sequence
@@ -28,7 +30,9 @@ from rich.table import Table
 
 from bench.machine import machine_info, publish
 from bench.offload import MODELS
-from bench.offload_common import CACHE_ROOT, DecodeRun, decode_cpm2, load_cpm2, model_files
+from bench.offload_common import CACHE_ROOT, DecodeRun, decode_cpm2, load_cpm2, model_files, store_read_gb_s
+from engine.config import ModelConfig
+from engine.experts.store import ExpertStore
 from engine.planner.measure import MeasureOptions, measure_profile
 from engine.planner.predict import PlanCase, Prediction, predict
 from engine.planner.profile import HardwareProfile
@@ -76,12 +80,35 @@ def _median(runs: list[DecodeRun]) -> DecodeRun:
     return sorted(runs, key=lambda r: r.tokens_per_second)[len(runs) // 2]
 
 
+def routing_counts(runs: Sequence[DecodeRun]) -> dict[str, list[int]]:
+    """Tokens per expert of every MoE layer over `runs`: their encoder passes' and timed steps'."""
+    total: dict[str, list[int]] = {}
+    for run in runs:
+        for layer, counts in {**run.encoder_expert_counts, **run.expert_counts}.items():
+            total[layer] = [a + b for a, b in zip(total.get(layer, [0] * len(counts)), counts, strict=True)]
+    return total
+
+
+def predict_row(
+    config: ModelConfig, profile: HardwareProfile, row: dict[str, Any], cfg: ValidationConfig
+) -> dict[str, Any]:
+    """The planner's figures for a measured `row` (its batch, the run's recorded routing) and their errors."""
+    case = PlanCase(batch=row["batch"], budget=cfg.budget, warmup=cfg.warmup, steps=cfg.steps)
+    # The rate of the model's own store, measured just before its runs: this VM's virtual disk
+    # serves a long-lived, often-read file faster than the profile's freshly written scratch file.
+    profile = dataclasses.replace(profile, disk_read_gb_s=row["store_read_gb_s"])
+    popularity = {k: [float(x) for x in v] for k, v in row["routing_counts"].items()}
+    return compare(predict(config, profile, case, popularity=popularity), row)
+
+
 def measure_model(name: str, model_dir: Path, cfg: ValidationConfig, profile: HardwareProfile) -> list[dict[str, Any]]:
     """Measured and predicted rows of one model at each batch size."""
     config = inspect_checkpoint(model_dir).config
     files = model_files(model_dir)
+    store = ExpertStore.open(model_dir, config)
     rows = []
     for batch in cfg.batches:
+        store_rate = store_read_gb_s(store)
         runs = []
         for repeat in range(cfg.repeats):
             cfg.log(f"{name} batch {batch} repeat {repeat + 1}")
@@ -91,18 +118,23 @@ def measure_model(name: str, model_dir: Path, cfg: ValidationConfig, profile: Ha
             finally:
                 loaded.close()
         run = _median(runs)
-        measured = {
+        row = {
             "model": name,
+            "path": str(model_dir),
             "batch": batch,
             **run.to_dict(),
             "tokens_per_second_all": [r.tokens_per_second for r in runs],
+            "routing_counts": routing_counts([run]),  # the repeats decode the same tokens
+            "store_read_gb_s": store_rate,
         }
-        case = PlanCase(batch=batch, budget=cfg.budget, warmup=cfg.warmup, steps=cfg.steps)
-        prediction = predict(
-            config, profile, case, popularity={k: list(map(float, v)) for k, v in run.expert_counts.items()}
-        )
-        rows.append({**measured, **compare(prediction, measured)})
+        rows.append({**row, **predict_row(config, profile, row, cfg)})
     return rows
+
+
+def _summarise(report: dict[str, Any]) -> None:
+    errors = [abs(r["tokens_per_second_error"]) for r in report["rows"]]
+    report["max_abs_tokens_per_second_error"] = max(errors)
+    report["median_abs_tokens_per_second_error"] = statistics.median(errors)
 
 
 def run(cfg: ValidationConfig) -> dict[str, Any]:
@@ -117,10 +149,20 @@ def run(cfg: ValidationConfig) -> dict[str, Any]:
     }
     for name in cfg.models:
         report["rows"] += measure_model(name, MODELS[name](), cfg, profile)
-    errors = [abs(r["tokens_per_second_error"]) for r in report["rows"]]
-    report["max_abs_tokens_per_second_error"] = max(errors)
-    report["median_abs_tokens_per_second_error"] = statistics.median(errors)
+    _summarise(report)
     return report
+
+
+def repredict(report: dict[str, Any], cfg: ValidationConfig) -> dict[str, Any]:
+    """`report`'s measured rows predicted again (the planner changed) with the profile it recorded."""
+    profile = HardwareProfile.from_dict(report["profile"], source="the report's profile")
+    rows = []
+    for row in report["rows"]:
+        config = inspect_checkpoint(Path(row["path"])).config
+        rows.append({**row, **predict_row(config, profile, row, cfg)})
+    again = {**report, "rows": rows}
+    _summarise(again)
+    return again
 
 
 def print_report(report: dict[str, Any], console: Console) -> None:
@@ -157,7 +199,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--models", nargs="+", default=list(ValidationConfig.models), choices=list(MODELS))
     parser.add_argument("--repeats", type=int, default=ValidationConfig.repeats)
     parser.add_argument("--out", type=Path, default=ValidationConfig.out)
+    parser.add_argument(
+        "--from", dest="source", type=Path, help="predict the measured rows of this report again (no new runs)"
+    )
     args = parser.parse_args(argv)
+    if args.source is not None:
+        report = repredict(json.loads(args.source.read_text()), ValidationConfig())
+        publish(report, out=args.out, plot=None, show=print_report, draw=lambda r, p: None, width=140)
+        return 0
     cfg = ValidationConfig(models=tuple(args.models), repeats=args.repeats, out=args.out)
     if args.quick:
         cfg = ValidationConfig(

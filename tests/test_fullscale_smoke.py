@@ -56,7 +56,7 @@ def _cfg(config: Path, model_dir: Path, **changes: object) -> FullscaleConfig:
         "warmup": 1,
         "repeats": 1,
         "source_len": 4,
-        "quick_profile": True,
+        "hardware": "xeon-2vcpu-24g",  # the prediction's accuracy is bench.plan_validation's business
         "log": lambda _: None,
         **changes,
     }
@@ -111,11 +111,11 @@ def test_plan_validation_compares_a_run_with_its_prediction(tiny_config: Path, t
     """`bench.plan_validation` on a tiny model: a measured row and the planner's row for the same case."""
     from bench.fullscale import ensure_model
     from bench.plan_validation import ValidationConfig, measure_model
-    from engine.planner.measure import MeasureOptions, measure_profile
+    from engine.planner.profile import load_profile
 
     model_dir = tmp_path / "model"
     ensure_model(_cfg(tiny_config, model_dir))
-    profile = measure_profile(MeasureOptions.quick(tmp_path))
+    profile = load_profile("xeon-2vcpu-24g")
     cfg = ValidationConfig(batches=(1, 2), steps=2, warmup=1, repeats=1, log=lambda _: None)
     rows = measure_model("tiny", model_dir, cfg, profile)
     assert [r["batch"] for r in rows] == [1, 2]

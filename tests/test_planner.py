@@ -27,7 +27,7 @@ SWITCH_BASE_8 = CONFIGS / "switch-base-8"
 
 
 def _profile(**changes: object) -> HardwareProfile:
-    rates = MatmulRates(gemv_gb_s=20.0, gemv16_gb_s=15.0, tflops=1.0, call_us=20.0)
+    rates = MatmulRates(gemv_gb_s=20.0, gemv16_gb_s=15.0, small_gemv_gb_s=12.0, tflops=1.0, call_us=20.0)
     settings: dict[str, object] = {
         "name": "test",
         "source": "made up for the tests",
@@ -172,3 +172,37 @@ def test_measure_writes_a_profile_the_planner_reads(tmp_path: Path) -> None:
     measured.save(path)
     again = load_profile(path)
     assert dataclasses.asdict(again) == dataclasses.asdict(measured)
+
+
+@pytest.mark.gpu
+def test_measure_profiles_the_gpu(tmp_path: Path) -> None:
+    import torch
+
+    from engine.planner.measure import gpu_profile
+
+    gpu = gpu_profile(MeasureOptions.quick(tmp_path), torch.device("cuda"))
+    assert gpu.h2d_gb_s > 0
+    assert gpu.memory_bytes > 0
+    assert gpu.matmul["bfloat16"].gemv_gb_s > 0
+
+
+@pytest.mark.parametrize("name", ["switch", "nllb-moe"])
+def test_the_planner_on_the_offload_bench_models(name: str) -> None:
+    """The shapes `bench.offload` and `bench.plan_validation` run, through the HF converter as the
+    benchmarks build them: every case predicts, int4 included."""
+    transformers = pytest.importorskip("transformers")
+    from bench.offload_common import NLLB_MOE_CONFIG, SWITCH_CONFIG
+    from engine.weights.hf import hf_to_config
+
+    if name == "switch":
+        hf = transformers.SwitchTransformersConfig(**SWITCH_CONFIG).to_dict()
+    else:
+        hf = transformers.NllbMoeConfig(**NLLB_MOE_CONFIG).to_dict()
+    config = hf_to_config(hf, has_lm_head=False, source=name)
+    profile = load_profile("xeon-2vcpu-24g")
+    for experts in ("bfloat16", "int4"):
+        for batch in (1, 16):
+            p = predict(config, profile, PlanCase(batch=batch, budget="25%", experts=experts, warmup=4, steps=16))
+            assert not p.problems
+            assert p.warm.tokens_per_second > 0
+            assert 0 <= p.warm.hit_rate <= 1

@@ -10,6 +10,7 @@ the Python and the dispatch is negligible.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import platform
 import statistics
@@ -33,9 +34,16 @@ from engine.model.kernels import active_kernels
 from engine.model.linear import linear
 from engine.model.moe import ExpertDemand
 from engine.model.quant import quantize_int8
-from engine.planner.profile import FORMATS, HardwareProfile, MatmulRates, OverheadProfile
+from engine.planner.profile import (
+    FORMATS,
+    GpuProfile,
+    HardwareProfile,
+    MatmulRates,
+    OverheadProfile,
+)
 
 Log = Callable[[str], object]
+CPU = torch.device("cpu")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -54,10 +62,23 @@ class MeasureOptions:
     blob_bytes: int = 16 << 20
     """One read: the size of a large expert (NLLB-MoE 54B's int4 experts are 18 MiB)."""
     repeats: int = 3
+    large_shape: tuple[int, int] = (4096, 4096)
+    """The large matrix streaming rates are measured on (`LARGE_PARAMETERS`)."""
+    small_shape: tuple[int, int] = (2048, 512)
+    """The small one (`SMALL_PARAMETERS`)."""
 
     @classmethod
     def quick(cls, scratch: Path) -> MeasureOptions:
-        return cls(scratch=scratch, matmul_bytes=8 << 20, disk_bytes=8 << 20, blob_bytes=1 << 20, repeats=1)
+        """Seconds instead of a minute: smaller matrices (rates are then rougher), one repeat."""
+        return cls(
+            scratch=scratch,
+            matmul_bytes=8 << 20,
+            disk_bytes=8 << 20,
+            blob_bytes=1 << 20,
+            repeats=1,
+            large_shape=(1024, 1024),
+            small_shape=(512, 512),
+        )
 
 
 def _best(fn: Callable[[], object], repeats: int) -> float:
@@ -69,18 +90,18 @@ def _best(fn: Callable[[], object], repeats: int) -> float:
     return best
 
 
-def _weights(fmt: str, count: int, out_features: int, in_features: int) -> list[Any]:
+def _weights(fmt: str, count: int, out_features: int, in_features: int, device: torch.device) -> list[Any]:
     generator = torch.Generator().manual_seed(0)
     made: list[Any] = []
     for _ in range(count):
         w = torch.randn(out_features, in_features, generator=generator)
         if fmt == "int8":
-            made.append(quantize_int8(w))
+            made.append(quantize_int8(w).to(device))
         elif fmt == "int4":
-            packing = active_kernels().int4_packing or "plain"
-            made.append(quantize_int4(w, group_size=128, packing=packing))
+            packing = active_kernels().int4_packing if device.type == "cpu" else None
+            made.append(quantize_int4(w, group_size=128, packing=packing or "plain").to(device))
         else:
-            made.append(w.to(getattr(torch, fmt)))
+            made.append(w.to(device=device, dtype=getattr(torch, fmt)))
     return made
 
 
@@ -88,32 +109,67 @@ def _bytes_per_parameter(fmt: str) -> float:
     return {"float32": 4.0, "bfloat16": 2.0, "int8": 1.0, "int4": 0.5}[fmt]
 
 
-@torch.inference_mode()
-def matmul_rates(fmt: str, options: MeasureOptions) -> MatmulRates:
-    """Streaming rate at 1 and 16 rows, arithmetic rate at 256 rows, and the fixed cost of a call."""
-    out_features, in_features = 4096, 1024
+def _per_call(
+    fmt: str,
+    shape: tuple[int, int],
+    rows: int,
+    options: MeasureOptions,
+    *,
+    budget: int | None = None,
+    device: torch.device = CPU,
+) -> float:
+    """Seconds per call at `rows` rows, cycling through enough weights of `shape` to stream from memory."""
+    out_features, in_features = shape
     per_weight = out_features * in_features * _bytes_per_parameter(fmt)
-    count = max(2, int(options.matmul_bytes // per_weight))
-    weights = _weights(fmt, count, out_features, in_features)
-    act = torch.float32 if fmt == "float32" else torch.bfloat16
+    count = max(2, int((budget or options.matmul_bytes) // per_weight))
+    weights = _weights(fmt, count, out_features, in_features, device)
+    x = torch.randn(rows, in_features, dtype=torch.float32 if fmt == "float32" else torch.bfloat16, device=device)
+    linear(x, weights[0])  # first call: kernel selection, primitive creation
 
-    def sweep(rows: int, group: Sequence[Any]) -> float:
-        x = torch.randn(rows, in_features, dtype=act)
-        linear(x, group[0])  # first call: kernel selection, primitive creation
-        return _best(lambda: [linear(x, w) for w in group], options.repeats) / len(group)
+    def calls() -> None:
+        for w in weights:
+            linear(x, w)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
 
-    gemv = sweep(1, weights)
-    gemv16 = sweep(16, weights)
-    many = sweep(256, weights[: max(1, len(weights) // 8)])
-    small = _weights(fmt, 1, 128, 128)
-    x = torch.randn(1, 128, dtype=act)
-    linear(x, small[0])
-    call = _best(lambda: [linear(x, small[0]) for _ in range(200)], options.repeats) / 200
+    return _best(calls, options.repeats) / len(weights)
+
+
+@torch.inference_mode()
+def matmul_rates(fmt: str, options: MeasureOptions, *, device: torch.device = CPU) -> MatmulRates:
+    """Streaming rates at 1 and 16 rows on a large matrix and at 1 row on a small one, arithmetic
+    rate at 256 rows, and the fixed cost of a call (a 128 x 128 matrix)."""
+    large, small = options.large_shape, options.small_shape
+    large_bytes = large[0] * large[1] * _bytes_per_parameter(fmt)
+    small_bytes = small[0] * small[1] * _bytes_per_parameter(fmt)
+    many = _per_call(fmt, large, 256, options, budget=options.matmul_bytes // 8, device=device)
     return MatmulRates(
-        gemv_gb_s=per_weight / gemv / 1e9,
-        gemv16_gb_s=per_weight / gemv16 / 1e9,
-        tflops=2 * 256 * out_features * in_features / many / 1e12,
-        call_us=call * 1e6,
+        gemv_gb_s=large_bytes / _per_call(fmt, large, 1, options, device=device) / 1e9,
+        gemv16_gb_s=large_bytes / _per_call(fmt, large, 16, options, device=device) / 1e9,
+        small_gemv_gb_s=small_bytes / _per_call(fmt, small, 1, options, device=device) / 1e9,
+        tflops=2 * 256 * large[0] * large[1] / many / 1e12,
+        call_us=_per_call(fmt, (128, 128), 1, options, budget=1, device=device) * 1e6,
+    )
+
+
+def gpu_profile(options: MeasureOptions, device: torch.device) -> GpuProfile:
+    """The GPU `device`: its memory, pinned host-to-device copy rate, and matmul rates per format."""
+    nbytes = 256 << 20
+    host = torch.ones(nbytes, dtype=torch.uint8).pin_memory()
+    target = torch.empty(nbytes, dtype=torch.uint8, device=device)
+
+    def copy() -> None:
+        target.copy_(host, non_blocking=True)
+        torch.cuda.synchronize(device)
+
+    copy()
+    h2d = nbytes / _best(copy, options.repeats) / 1e9
+    free, _ = torch.cuda.mem_get_info(device)
+    return GpuProfile(
+        name=torch.cuda.get_device_name(device),
+        memory_bytes=int(free),
+        h2d_gb_s=h2d,
+        matmul={fmt: matmul_rates(fmt, options, device=device) for fmt in FORMATS},
     )
 
 
@@ -225,27 +281,66 @@ class _Counting:
         yield from self.inner.fetch(layer, demand, hidden_ND)
 
 
-@torch.inference_mode()
 def _step_seconds(config: ModelConfig, *, batch: int, steps: int = 48) -> tuple[float, float]:
-    """(seconds per decode step, experts computed per step) of a random tiny model, best of 3 runs."""
+    """(seconds per decode step, experts computed per step) of a random tiny model, best of 5 runs."""
     torch.manual_seed(0)
-    model = Seq2SeqLM(config).eval()
+    return _decode_seconds(Seq2SeqLM(config).eval(), batch=batch, steps=steps)
+
+
+@torch.inference_mode()
+def _decode_seconds(model: Seq2SeqLM, *, batch: int, steps: int = 48) -> tuple[float, float]:
+    """(seconds per teacher-forced decode step, experts computed per step) of `model`, best of 5 runs."""
     counters = [_Counting(layer.expert_provider) for layer in model.moe_layers()]
     for layer, counter in zip(model.moe_layers(), counters, strict=True):
         layer.expert_provider = counter
-    ids = torch.randint(2, config.vocab_size, (batch, 8))
+    vocab = model.config.vocab_size
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(2, vocab, (batch, 8), generator=generator)
     valid = torch.ones_like(ids, dtype=torch.bool)
-    forced = torch.randint(2, config.vocab_size, (steps, batch, 1))
+    forced = torch.randint(2, vocab, (steps, batch, 1), generator=generator)
     best = float("inf")
-    for _ in range(3):
-        state = model.start_decoding(model.encode(model.embed(ids), valid), valid, capacity=steps)
-        for c in counters:
-            c.served = 0
-        begin = time.perf_counter()
-        for t in range(steps):
-            model.logits(model.decode(model.embed(forced[t]), state))
-        best = min(best, (time.perf_counter() - begin) / steps)
-    return best, sum(c.served for c in counters) / (3 * steps)
+    try:
+        for _ in range(5):
+            state = model.start_decoding(model.encode(model.embed(ids), valid), valid, capacity=steps)
+            for c in counters:
+                c.served = 0
+            begin = time.perf_counter()
+            for t in range(steps):
+                model.logits(model.decode(model.embed(forced[t]), state))
+            best = min(best, (time.perf_counter() - begin) / steps)
+    finally:
+        for layer, counter in zip(model.moe_layers(), counters, strict=True):
+            layer.expert_provider = counter.inner
+    return best, sum(c.served for c in counters) / steps  # counted over the last run
+
+
+def provider_load_us(scratch: Path, *, disk_latency_us: float) -> float:
+    """The offloading provider's own time per expert load (bookkeeping, handing the read to an I/O
+    thread, waiting on it), beyond the read itself: a tiny MoE model decoded offloaded in strict
+    mode, prefetch off (loads of a few KiB, so the read is its latency), against the same model
+    resident, per load."""
+    from engine.offload import OffloadConfig, load_for_inference
+    from engine.weights.init import write_random_model
+
+    with tempfile.TemporaryDirectory(prefix="cpm2-plan-", dir=scratch) as tmp:
+        model_dir = Path(tmp) / "model"
+        write_random_model(_tiny_config(decoder_layers=8, moe=True), model_dir, progress=False)
+        resident = load_for_inference(model_dir, offload=OffloadConfig(expert_memory="100%"), progress=False)
+        resident_step, _ = _decode_seconds(resident.model, batch=1)
+        offload = OffloadConfig(expert_memory="25%", direct_io=True, prefetch=False)
+        loaded = load_for_inference(model_dir, offload=offload, progress=False)
+        try:
+            assert loaded.provider is not None
+            before = loaded.provider.stats.transfers
+            offloaded_step, _ = _decode_seconds(loaded.model, batch=1)
+            # transfers counted over all 5 runs and their encoder passes: per step of the best run
+            # is not known, so the loads of one step are the average over every step decoded.
+            loads = (loaded.provider.stats.transfers - before) / (5 * 48)
+        finally:
+            loaded.close()
+    if loads <= 0:
+        return 0.0
+    return max(0.0, (offloaded_step - resident_step) / loads * 1e6 - disk_latency_us)
 
 
 def overheads(call_us: float) -> OverheadProfile:
@@ -254,8 +349,8 @@ def overheads(call_us: float) -> OverheadProfile:
     A tiny model's matmuls cost their call floor (`call_us`, subtracted per call), the rest is the
     engine's own time. Blocks: the slope between 2 and 8 dense decoder blocks. MoE: 8 MoE blocks
     against 8 dense ones, at batch 1 (one expert per layer) and 8 (several), solved for the layer's
-    and each expert's share. The provider's per-load bookkeeping is not measured here (it needs a
-    store on disk); it is taken as one expert's overhead.
+    and each expert's share. The provider's per-load time needs a store on disk
+    (`provider_load_us`); until measured it is taken as one expert's overhead.
     """
     calls_per_block = 6  # fused q/k/v, output, cross query, cross output, FFN in and out
     short, _ = _step_seconds(_tiny_config(decoder_layers=2, moe=False), batch=1)
@@ -288,7 +383,7 @@ def _ram_bytes() -> int:
 
 
 def measure_profile(options: MeasureOptions, *, name: str | None = None, log: Log = lambda _: None) -> HardwareProfile:
-    """This machine's profile (CPU only: a GPU's rates are not measured here)."""
+    """This machine's profile, with its first GPU's when torch sees one."""
     cpu = {}
     for fmt in FORMATS:
         log(f"matmul rates: {fmt}")
@@ -299,6 +394,11 @@ def measure_profile(options: MeasureOptions, *, name: str | None = None, log: Lo
     read, latency = disk_rates(options)
     log("engine overheads (tiny models)")
     overhead = overheads(statistics.median(r.call_us for r in cpu.values()))
+    overhead = dataclasses.replace(overhead, load_us=provider_load_us(options.scratch, disk_latency_us=latency))
+    gpu = None
+    if torch.cuda.is_available():
+        log("GPU: host-to-device copies and matmul rates")
+        gpu = gpu_profile(options, torch.device("cuda"))
     host = platform.node() or "this machine"
     return HardwareProfile(
         name=name or f"{host}-measured",
@@ -313,4 +413,5 @@ def measure_profile(options: MeasureOptions, *, name: str | None = None, log: Lo
         disk_latency_us=latency,
         cpu=cpu,
         overhead=overhead,
+        gpu=gpu,
     )

@@ -41,9 +41,9 @@ from engine.weights.quantize import QUANTIZATION_KEY, ExpertFormat, dense_record
 EXPERT_FORMATS = ("float32", "bfloat16", "int8", "int4")
 DENSE_FORMATS = ("float32", "bfloat16", "int8")
 _FLOAT_BYTES = {"float32": 4, "bfloat16": 2}
-#: RSS a process holds beyond weights, pool and KV cache (Python, torch, oneDNN caches, I/O threads):
-#: what `bench.fullscale` allows as slack.
-SLACK_BYTES = 1 << 30
+#: RSS a process holds beyond weights, pool and KV cache (Python, torch, oneDNN caches, I/O threads'
+#: arenas): the slack `bench.fullscale` states and holds to (NLLB-MoE 54B: 0.9 GiB measured).
+SLACK_BYTES = 3 << 29
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -421,11 +421,14 @@ def predict(
     case: PlanCase,
     *,
     popularity: dict[str, list[float]] | None = None,
+    prior: float = 1.0,
 ) -> Prediction:
     """Memory, time to first token and decode speed of `config` on `profile` as `case` says.
 
     `popularity`: tokens (or any weights) per expert of each MoE layer, keyed like `decoder.3`
-    (`bench.fullscale` and `bench.offload` record them); uniform routing where absent.
+    (`bench.fullscale` and `bench.offload` record them); uniform routing where absent. A recording
+    is a sample, and a short one has seen few of the experts: drawing from it alone would send every
+    future token to those, so `prior` tokens are added to every expert's count (a uniform prior).
     """
     if config.moe is None:
         raise ConfigError("cpm2 plan models offloaded experts; this config has none (cpm2 info sizes dense models)")
@@ -475,7 +478,9 @@ def predict(
         problems.append(f"needs {format_bytes(memory.total_bytes)} of {where}, the machine has {format_bytes(limit)}")
     costs = _costs(qconfig, profile, case, plan)
     generator = torch.Generator().manual_seed(case.seed)
-    weights = {k: torch.tensor(v, dtype=torch.float64).clamp_min(1e-9) for k, v in (popularity or {}).items()}
+    if prior < 0:
+        raise ConfigError(f"routing prior {prior}: must be >= 0")
+    weights = {k: torch.tensor(v, dtype=torch.float64) + prior for k, v in (popularity or {}).items()}
     slots = plan.num_slots if plan.is_offloaded else plan.num_experts
     replay = _Replay(qconfig, costs, ExpertPool(max(1, slots)), case.window, weights, generator)
     encode = _encode_seconds(qconfig, costs, replay, profile, case)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -21,6 +22,9 @@ from engine.errors import ConfigError
 
 #: Weight formats a profile gives matmul rates for: the engine's compute dtypes and quantised formats.
 FORMATS = ("float32", "bfloat16", "int8", "int4")
+#: The matrix sizes streaming rates are measured at (`MatmulRates`): 2048 x 512 and 4096 x 4096.
+SMALL_PARAMETERS = 2048 * 512
+LARGE_PARAMETERS = 4096 * 4096
 
 
 def _positive(owner: str, **values: float) -> None:
@@ -34,16 +38,27 @@ class MatmulRates:
     """How fast weights of one format are multiplied (`engine.model.linear`'s paths)."""
 
     gemv_gb_s: float
-    """Weight bytes per second at one input row (decoding at batch 1)."""
+    """Weight bytes per second at one input row (decoding at batch 1), on a large matrix
+    (`LARGE_PARAMETERS`: 4096 x 4096)."""
     gemv16_gb_s: float
-    """Weight bytes per second at 16 input rows (decoding a batch; one expert's tokens)."""
+    """Weight bytes per second at 16 input rows (decoding a batch; one expert's tokens), large matrix."""
+    small_gemv_gb_s: float
+    """Weight bytes per second at one input row on a small matrix (`SMALL_PARAMETERS`: 2048 x 512):
+    kernels stream small matrices slower (measured here: int8 6.6 GB/s at 2048 x 512, 15.5 at
+    2048 x 8192), so rates are interpolated between the two sizes by the matrix's size."""
     tflops: float
     """Arithmetic rate (10^12 multiply-adds x 2 per second) at hundreds of rows (an encoder pass)."""
     call_us: float
     """Fixed cost of one call: dispatch, and the floor a small matrix does not get under."""
 
     def __post_init__(self) -> None:
-        _positive("MatmulRates", gemv_gb_s=self.gemv_gb_s, gemv16_gb_s=self.gemv16_gb_s, tflops=self.tflops)
+        _positive(
+            "MatmulRates",
+            gemv_gb_s=self.gemv_gb_s,
+            gemv16_gb_s=self.gemv16_gb_s,
+            small_gemv_gb_s=self.small_gemv_gb_s,
+            tflops=self.tflops,
+        )
         if self.call_us < 0:
             raise ConfigError(f"MatmulRates: call_us must be >= 0, got {self.call_us}")
 
@@ -56,6 +71,10 @@ class MatmulRates:
             rate = self.gemv_gb_s + (self.gemv16_gb_s - self.gemv_gb_s) * (rows - 1) / 15
         else:
             rate = self.gemv16_gb_s
+        # Smaller matrices stream slower: scale by the small/large ratio, log-linearly in size.
+        span = math.log(LARGE_PARAMETERS / SMALL_PARAMETERS)
+        large_share = min(1.0, max(0.0, math.log(max(parameters, 1) / SMALL_PARAMETERS) / span))
+        rate *= (self.small_gemv_gb_s / self.gemv_gb_s) ** (1 - large_share)
         stream = weight_bytes / (rate * 1e9)
         arithmetic = 2 * rows * parameters / (self.tflops * 1e12)
         return self.call_us * 1e-6 + max(stream, arithmetic)
