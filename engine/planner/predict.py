@@ -314,10 +314,12 @@ class _Replay:
             hit = self.pool.record_use((key, expert), upcoming=upcoming[i + 1 :])
             self.hits += hit
             self.looked += 1
-            compute = self.costs.expert_call_seconds + self.costs.experts.seconds(
-                rows=tokens, weight_bytes=self.costs.expert_bytes, parameters=self.costs.expert_parameters
+            matrices = self.costs.expert_matrices  # each its own call, streamed at its own size's rate
+            compute = self.costs.expert_call_seconds + matrices * self.costs.experts.seconds(
+                rows=tokens,
+                weight_bytes=self.costs.expert_bytes / matrices,
+                parameters=self.costs.expert_parameters // matrices,
             )
-            compute += (self.costs.expert_matrices - 1) * self.costs.experts.call_us * 1e-6
             jobs.append(Job(expert, compute, 0.0 if hit else self.costs.load_seconds))
         schedule = simulate(order_jobs(jobs, "infmoe", slots=self.window), slots=self.window)
         loads = sum(1 for j in jobs if j.transfer > 0)
