@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import functools
 import json
 import shutil
@@ -55,7 +54,7 @@ from bench.offload_common import (
     model_files,
     store_read_gb_s,
 )
-from bench.plan_validation import compare, routing_counts
+from bench.plan_validation import predict_measured, routing_counts
 from bench.soak import proc_status
 from engine.config import ModelConfig
 from engine.errors import ConfigError
@@ -259,9 +258,8 @@ def predict_row(
     """The planner's figures for a measured `row` and their errors: this machine's profile with the
     store's read rate measured around the row's runs (their median: the VM's disk dips for seconds
     at a time, and one reading taken in a dip would stand for minutes), the routing they recorded."""
-    here = dataclasses.replace(profile, disk_read_gb_s=statistics.median(row["read_bandwidth_all_gb_s"]))
-    popularity = {k: [float(x) for x in v] for k, v in row["routing_counts"].items()}
-    return compare(predict(config, here, _case(cfg, row["batch"]), popularity=popularity), row)
+    rate = statistics.median(row["read_bandwidth_all_gb_s"])
+    return predict_measured(config, profile, _case(cfg, row["batch"]), row, disk_read_gb_s=rate)
 
 
 def repredict(report: dict[str, Any], cfg: FullscaleConfig) -> dict[str, Any]:

@@ -23,11 +23,13 @@ from typing import Any
 
 import torch
 
+from engine.experts.cpu import drop_from_page_cache
 from engine.experts.stats import ExpertStats
 from engine.experts.store import ExpertStore
 from engine.model import ExpertWeights, MoELayerKey
 from engine.model.moe import ExpertDemand, MoEFeedForward
 from engine.offload import InferenceModel, OffloadConfig, load_for_inference
+from engine.planner.measure import blob_read_gb_s
 
 #: HF SwitchTransformersConfig of the Switch-like benchmark model: every block sparse (6 + 6 MoE
 #: layers), 64 experts of d_model 512 x d_ff 2048: 4.2 MB per bf16 expert, 3.2 GB of experts.
@@ -134,15 +136,8 @@ def model_files(*dirs: Path) -> list[Path]:
     return sorted(found)
 
 
-def drop_page_cache(paths: Iterable[Path]) -> None:
-    """Evict `paths` from the page cache (pages mapped by a live mmap may survive; see §4.4)."""
-    for path in paths:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)  # dirty pages cannot be dropped
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
+#: Evict files from the page cache (the research notes' §4.4: pages a live mmap holds may survive).
+drop_page_cache = drop_from_page_cache
 
 
 def read_through(paths: Iterable[Path]) -> None:
@@ -183,8 +178,6 @@ def measure_read_bandwidth(paths: Sequence[Path], *, readers: int, total_bytes: 
 def store_read_gb_s(store: ExpertStore, *, threads: int = 4, window: int = 4, count: int = 96) -> float:
     """Cold read rate (GB/s) of `count` random experts of `store` through the provider's own reader
     (O_DIRECT, `threads` I/O threads, `window` blobs in flight)."""
-    from engine.planner.measure import blob_read_gb_s
-
     generator = torch.Generator().manual_seed(len(store.keys))
     picks = torch.randint(len(store.keys) * store.num_experts, (count,), generator=generator).tolist()
     locations = [store.location(store.keys[i // store.num_experts], i % store.num_experts) for i in picks]

@@ -89,7 +89,6 @@ def print_predictions(model: str, hardware: str, predictions: list[Prediction], 
         table.add_column(col, justify="right")
     for p in predictions:
         warm = p.warm
-        read_bound = warm.expert_read_seconds > warm.dense_seconds + warm.expert_compute_seconds
         table.add_row(
             p.case.experts,
             p.case.budget,
@@ -102,7 +101,7 @@ def print_predictions(model: str, hardware: str, predictions: list[Prediction], 
             f"{warm.tokens_per_second:.2f}",
             f"{warm.bytes_read_per_token / 1e6:.0f}",
             f"{warm.hit_rate:.2f}",
-            "reads" if read_bound else "compute",
+            warm.bound_by,
         )
     console.print(table)
     for p in predictions:

@@ -234,3 +234,17 @@ def test_the_dequant_path_works_in_and_out_of_inference_mode() -> None:
     with torch.no_grad():
         outside = int8_linear(x, weight)
     assert torch.equal(inside, outside)
+
+
+def test_quantizing_a_block_of_rows_at_a_time_changes_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`quantize_int8` works through a large matrix in blocks of rows (bounded temporaries): the
+    values and scales are those of the whole matrix at once, as rows are independent."""
+    w = torch.randn(37, 64, generator=torch.Generator().manual_seed(0)) * torch.linspace(0.1, 3, 37).unsqueeze(1)
+    w[5] = 0  # an all-zero row keeps scale 1
+    amax = w.abs().amax(dim=1)
+    scale = torch.where(amax > 0, amax / 127, torch.ones_like(amax))
+    q = torch.round(w / scale.unsqueeze(1)).clamp(-127, 127).to(torch.int8)
+    monkeypatch.setattr("engine.model.quant.QUANTIZE_CHUNK_ELEMENTS", 5 * 64)  # 8 blocks, the last short
+    blocked = quantize_int8(w)
+    assert torch.equal(blocked.q, q)
+    assert torch.equal(blocked.scale, scale)

@@ -7,7 +7,6 @@ minimum it needs, the pool never holds more experts than its slots, and the coun
 from __future__ import annotations
 
 import dataclasses
-import os
 import shutil
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import pytest
 import torch
 
 from engine.errors import ConfigError
+from engine.experts.cpu import drop_from_page_cache
 from engine.experts.order import ORDER_POLICIES
 from engine.experts.pool import CACHE_POLICIES, ExpertPool
 from engine.generation import GenerationRequest, Generator, SamplingParams
@@ -74,13 +74,7 @@ def reference(model_dir: Path) -> tuple[list[list[int]], torch.Tensor, int]:
 
 
 def _drop_page_cache(root: Path) -> None:
-    for path in root.rglob("*.safetensors"):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)  # dirty pages (a fresh copy) cannot be dropped
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
+    drop_from_page_cache(root.rglob("*.safetensors"))
 
 
 def _offloaded(model_dir: Path, tmp_path: Path, *, cold: bool = False, **options) -> InferenceModel:

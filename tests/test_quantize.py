@@ -9,6 +9,7 @@ logits exactly, as for float experts (tests/test_offload.py). The budget counts 
 
 from __future__ import annotations
 
+import gc
 import json
 from pathlib import Path
 
@@ -190,6 +191,13 @@ def test_dense_int8_runs_every_matmul_in_int8(name: str, hf_model_dirs: dict[str
     assert all(m.int8 is not None for m in linears)
     assert loaded.model.lm_head is not None
     assert loaded.model.lm_head.int8 is not None
+    # The float tensors left (embedding, norms) were copied out of the checkpoint's mapping, so
+    # nothing keeps it (and every page quantising read) in this process.
+    maps = Path("/proc/self/maps")
+    if maps.exists():
+        gc.collect()
+        mapped = maps.read_text()
+        assert not [p.name for p in out.glob("*.safetensors") if str(p.resolve()) in mapped]
     vocab = min(float_model.config.vocab_size, 1000)
     expected, got = _forward(float_model, vocab), _forward(loaded.model, vocab)
     assert (got - expected).abs().mean().item() < 0.1 * expected.std().item()

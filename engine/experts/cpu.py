@@ -28,7 +28,7 @@ import queue
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +53,18 @@ GIL_SWITCH_INTERVAL = 0.0005
 #: there would start an OpenMP team that lives as long as the thread, and a second live team slows
 #: every parallel region of the compute thread (`engine.serving.threads` has the measurement).
 SERIAL_CAST_ELEMENTS = 16384
+
+
+def drop_from_page_cache(paths: Iterable[Path]) -> None:
+    """Evict `paths` from the page cache, so the next read of them comes from storage (pages mapped
+    by a live mmap may survive)."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # dirty pages cannot be dropped
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
 
 
 class PageCache:

@@ -10,7 +10,6 @@ the Python and the dispatch is negligible.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import platform
 import statistics
@@ -26,7 +25,7 @@ from typing import Any
 import torch
 
 from engine.config import ModelConfig, MoEConfig
-from engine.experts.cpu import BlobReader, aligned_empty
+from engine.experts.cpu import BlobReader, aligned_empty, drop_from_page_cache
 from engine.experts.store import BlobLocation
 from engine.model import Seq2SeqLM
 from engine.model.int4 import quantize_int4
@@ -41,6 +40,7 @@ from engine.planner.profile import (
     MatmulRates,
     OverheadProfile,
 )
+from engine.summary import RUN_FORMATS
 
 Log = Callable[[str], object]
 CPU = torch.device("cpu")
@@ -48,7 +48,7 @@ CPU = torch.device("cpu")
 
 @dataclass(frozen=True, kw_only=True)
 class MeasureOptions:
-    """How much to measure: the defaults take about a minute on 2 cores; `quick` seconds (tests)."""
+    """How much to measure: the defaults took 18-38 s on this project's 2-core VM; `quick` a few seconds."""
 
     scratch: Path
     """Where the disk-read file is written (on the disk the experts will live on)."""
@@ -106,7 +106,7 @@ def _weights(fmt: str, count: int, out_features: int, in_features: int, device: 
 
 
 def _bytes_per_parameter(fmt: str) -> float:
-    return {"float32": 4.0, "bfloat16": 2.0, "int8": 1.0, "int4": 0.5}[fmt]
+    return RUN_FORMATS[fmt].bits_per_weight / 8  # the values alone: scales are beside the point here
 
 
 def _per_call(
@@ -179,15 +179,6 @@ def memcpy_gb_s(repeats: int = 3, nbytes: int = 256 << 20) -> float:
     return nbytes / _best(lambda: target.copy_(source), repeats) / 1e9
 
 
-def _drop_page_cache(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-
-
 def blob_read_gb_s(locations: Sequence[BlobLocation], *, threads: int, window: int) -> float:
     """Read rate (GB/s) of `locations` through the provider's reader: O_DIRECT, `threads` I/O
     threads, `window` blobs in flight (what a step's expert loads get)."""
@@ -236,13 +227,13 @@ def disk_rates(options: MeasureOptions) -> tuple[float, float]:
             for _ in range(options.disk_bytes >> 20):
                 f.write(chunk)
         blobs = options.disk_bytes // options.blob_bytes
-        _drop_page_cache(path)
+        drop_from_page_cache([path])
         rate = blob_read_gb_s(
             [BlobLocation(path, i * options.blob_bytes, options.blob_bytes) for i in range(blobs)],
             threads=options.io_threads,
             window=options.window,
         )
-        _drop_page_cache(path)
+        drop_from_page_cache([path])
         small = 4096
         picks = torch.randperm(options.disk_bytes // small, generator=torch.Generator().manual_seed(0))[:64]
         latency = _read_all(
@@ -343,14 +334,14 @@ def provider_load_us(scratch: Path, *, disk_latency_us: float) -> float:
     return max(0.0, (offloaded_step - resident_step) / loads * 1e6 - disk_latency_us)
 
 
-def overheads(call_us: float) -> OverheadProfile:
+def overheads(call_us: float, *, load_us: float) -> OverheadProfile:
     """Per-step, per-block, per-MoE-layer and per-expert costs from tiny models' decode steps.
 
     A tiny model's matmuls cost their call floor (`call_us`, subtracted per call), the rest is the
     engine's own time. Blocks: the slope between 2 and 8 dense decoder blocks. MoE: 8 MoE blocks
     against 8 dense ones, at batch 1 (one expert per layer) and 8 (several), solved for the layer's
-    and each expert's share. The provider's per-load time needs a store on disk
-    (`provider_load_us`); until measured it is taken as one expert's overhead.
+    and each expert's share. The provider's per-load time (`load_us`) needs a store on disk and is
+    measured by `provider_load_us`.
     """
     calls_per_block = 6  # fused q/k/v, output, cross query, cross output, FFN in and out
     short, _ = _step_seconds(_tiny_config(decoder_layers=2, moe=False), batch=1)
@@ -373,7 +364,7 @@ def overheads(call_us: float) -> OverheadProfile:
         block_us=block * 1e6,
         moe_layer_us=layer * 1e6,
         expert_us=expert * 1e6,
-        load_us=expert * 1e6,
+        load_us=load_us,
     )
 
 
@@ -393,8 +384,8 @@ def measure_profile(options: MeasureOptions, *, name: str | None = None, log: Lo
     log(f"disk reads ({options.disk_bytes >> 20} MiB under {options.scratch})")
     read, latency = disk_rates(options)
     log("engine overheads (tiny models)")
-    overhead = overheads(statistics.median(r.call_us for r in cpu.values()))
-    overhead = dataclasses.replace(overhead, load_us=provider_load_us(options.scratch, disk_latency_us=latency))
+    load = provider_load_us(options.scratch, disk_latency_us=latency)
+    overhead = overheads(statistics.median(r.call_us for r in cpu.values()), load_us=load)
     gpu = None
     if torch.cuda.is_available():
         log("GPU: host-to-device copies and matmul rates")

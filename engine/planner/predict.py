@@ -40,7 +40,6 @@ from engine.weights.quantize import QUANTIZATION_KEY, ExpertFormat, dense_record
 #: Expert formats the planner knows: as stored (a float dtype) or quantised.
 EXPERT_FORMATS = ("float32", "bfloat16", "int8", "int4")
 DENSE_FORMATS = ("float32", "bfloat16", "int8")
-_FLOAT_BYTES = {"float32": 4, "bfloat16": 2}
 #: RSS a process holds beyond weights, pool and KV cache (Python, torch, oneDNN caches, I/O threads'
 #: arenas): the slack `bench.fullscale` states and holds to (NLLB-MoE 54B: 0.9 GiB measured).
 SLACK_BYTES = 3 << 29
@@ -82,7 +81,7 @@ class PlanCase:
     @property
     def compute_dtype(self) -> str:
         """Activations' dtype: the dense format when it is a float one, else bfloat16."""
-        return self.dense if self.dense in _FLOAT_BYTES else "bfloat16"
+        return "bfloat16" if self.dense == "int8" else self.dense
 
 
 @dataclass(frozen=True)
@@ -108,11 +107,17 @@ class StepEstimate:
     def bytes_read_per_token(self) -> float:
         return self.bytes_read_per_step / self.batch
 
+    @property
+    def bound_by(self) -> str:
+        """`reads` when the link is busier than the compute, else `compute`."""
+        return "reads" if self.expert_read_seconds > self.dense_seconds + self.expert_compute_seconds else "compute"
+
     def to_dict(self) -> dict[str, Any]:
         return {
             **dataclasses.asdict(self),
             "tokens_per_second": self.tokens_per_second,
             "bytes_read_per_token": self.bytes_read_per_token,
+            "bound_by": self.bound_by,
         }
 
 
@@ -201,9 +206,7 @@ class _Costs:
 
     dense: MatmulRates
     experts: MatmulRates
-    head: MatmulRates
     dense_bytes_per_parameter: float
-    head_bytes_per_parameter: float
     act_bytes: int
     memcpy_gb_s: float
     load_seconds: float
@@ -224,7 +227,7 @@ def _rates(profile: HardwareProfile) -> dict[str, MatmulRates]:
 
 def _costs(config: ModelConfig, profile: HardwareProfile, case: PlanCase, plan: MemoryPlan) -> _Costs:
     rates = _rates(profile)
-    act = _FLOAT_BYTES[case.compute_dtype]
+    act = getattr(torch, case.compute_dtype).itemsize
     dense_bpp = 1.0 if case.dense == "int8" else float(act)
     parameters = config.d_ff * (3 if config.is_gated_ffn else 2) * config.d_model
     link_gb_s = profile.disk_read_gb_s
@@ -237,9 +240,7 @@ def _costs(config: ModelConfig, profile: HardwareProfile, case: PlanCase, plan: 
     return _Costs(
         dense=rates[case.dense],
         experts=rates[case.experts],
-        head=rates[case.dense],
         dense_bytes_per_parameter=dense_bpp,
-        head_bytes_per_parameter=dense_bpp,
         act_bytes=act,
         memcpy_gb_s=profile.memcpy_gb_s,
         load_seconds=profile.overhead.load_us * 1e-6 + latency + blob / (link_gb_s * 1e9),
@@ -399,11 +400,11 @@ def _step(
         else:
             dense += _ffn_seconds(config, c, rows)
     dense += _matmul(
-        c.head,
+        c.dense,
         rows=rows,
         out_features=config.vocab_size,
         in_features=config.d_model,
-        bytes_per_parameter=c.head_bytes_per_parameter,
+        bytes_per_parameter=c.dense_bytes_per_parameter,
     )
     into.steps += 1
     into.step += dense + step
@@ -455,7 +456,7 @@ def predict(
         problems.append(
             f"--expert-memory {case.budget} holds fewer than 2 experts (minimum {format_bytes(plan.min_budget_bytes)})"
         )
-    act = _FLOAT_BYTES[case.compute_dtype]
+    act = getattr(torch, case.compute_dtype).itemsize
     dense_params = summary.dense_parameters
     embed = config.vocab_size * config.d_model
     if case.dense == "int8":
