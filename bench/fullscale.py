@@ -52,6 +52,7 @@ from bench.offload_common import (
     drop_page_cache,
     load_cpm2,
     model_files,
+    store_files,
     store_read_gb_s,
 )
 from bench.plan_validation import predict_measured, routing_counts
@@ -195,7 +196,7 @@ def measure(
 ) -> list[dict[str, Any]]:
     """Cold and warm decoding at each batch size (their RSS peak into `report`), then the same
     decoding with experts served from memory (the compute bound), then the rows."""
-    files = model_files(cfg.dir / "experts")
+    files = store_files(cfg.dir)
     decoded: dict[int, tuple[list[DecodeRun], list[DecodeRun], list[float]]] = {}
     for batch in cfg.batches:
         decode = functools.partial(decode_cpm2, loaded, batch=batch, steps=cfg.steps, source_len=cfg.source_len)
@@ -277,7 +278,7 @@ def run(cfg: FullscaleConfig) -> dict[str, Any]:
     cfg.dir.parent.mkdir(parents=True, exist_ok=True)
     try:
         report["init_seconds"] = ensure_model(cfg)
-        files = model_files(cfg.dir / "experts")
+        files = store_files(cfg.dir)
         cfg.log("measuring this machine's profile (cpm2 plan --measure)")
         if cfg.hardware is not None:
             profile = load_profile(cfg.hardware)

@@ -44,7 +44,7 @@ from bench.offload_common import (
     ensure_switch_checkpoints,
     load_cpm2,
     measure_read_bandwidth,
-    model_files,
+    store_files,
     time_loads,
 )
 from bench.plots import pyplot, save
@@ -172,7 +172,7 @@ def measure_disk_tier(model_dir: Path, cfg: OffloadBenchConfig, bandwidth: float
     """Strict mode at 25 %, page cache evicted before each step; against the disk-read bound."""
     info = inspect_checkpoint(model_dir)
     summary = summarize(info.config, info.stored_dtype)
-    files = model_files(model_dir)
+    files = store_files(model_dir)
     rows = []
     for batch in cfg.batches:
         runs = []
@@ -206,7 +206,7 @@ def run(cfg: OffloadBenchConfig) -> dict[str, Any]:
         model_dir = MODELS[name]()
         info = inspect_checkpoint(model_dir)
         summary = summarize(info.config, info.stored_dtype)
-        files = model_files(model_dir / "experts")
+        files = store_files(model_dir)
         bandwidth = {readers: measure_read_bandwidth(files, readers=readers) for readers in (1, cfg.window)}
         cfg.log(f"{name}: read bandwidth {bandwidth}")
         for path in files:  # warm the page cache again for the page-cache mode

@@ -49,7 +49,7 @@ def _child(model_dir: Path, batches: Sequence[int], budget: str, steps: int) -> 
     """Runs inside either tree (its `bench.offload_common` and engine): tok/s per batch."""
     from bench.offload_common import decode_cpm2, load_cpm2, model_files
 
-    files = model_files(model_dir)
+    files = model_files(model_dir / "experts")  # the store only: see store_files
     out = {}
     for batch in batches:
         loaded = load_cpm2(model_dir, budget=budget, direct_io=True)

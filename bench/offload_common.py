@@ -25,7 +25,7 @@ import torch
 
 from engine.experts.cpu import drop_from_page_cache
 from engine.experts.stats import ExpertStats
-from engine.experts.store import ExpertStore
+from engine.experts.store import STORE_DIR, ExpertStore
 from engine.model import ExpertWeights, MoELayerKey
 from engine.model.moe import ExpertDemand, MoEFeedForward
 from engine.offload import InferenceModel, OffloadConfig, load_for_inference
@@ -134,6 +134,16 @@ def model_files(*dirs: Path) -> list[Path]:
     for d in dirs:
         found += [p for p in d.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".dat", ".bin")]
     return sorted(found)
+
+
+def store_files(model_dir: Path) -> list[Path]:
+    """The expert store's files: what a cold (disk-tier) step drops from the page cache.
+
+    The dense checkpoint is left cached: a server touches its pages every step, so they are never
+    cold in service, and dropping them too made each timed step fault the mapped dense weights back
+    in (5 MB a token on the CPM-2-like model at batch 1), a cost neither users nor `cpm2 plan` see.
+    """
+    return model_files(model_dir / STORE_DIR)
 
 
 #: Evict files from the page cache (the research notes' §4.4: pages a live mmap holds may survive).

@@ -62,6 +62,7 @@ from bench.offload_common import (
     measure_read_bandwidth,
     model_files,
     read_through,
+    store_files,
 )
 from bench.offload_hf import (
     HF_SYSTEMS,
@@ -178,7 +179,7 @@ def run(cfg: PeersBenchConfig, *, checkpoints: tuple[Path, Path] | None = None) 
     )
     bandwidth: dict[str, float] = {}
     if cfg.measure_bandwidth:
-        files = model_files(native_dir / "experts")
+        files = store_files(native_dir)
         bandwidth = {str(n): measure_read_bandwidth(files, readers=n) for n in (1, 4)}
         cfg.log(f"cold read bandwidth GB/s by readers: {bandwidth}")
     raw: dict[tuple[int, str, str], list[dict[str, Any]]] = {}

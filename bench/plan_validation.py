@@ -4,12 +4,14 @@
 
 In one run: this machine's profile (`cpm2 plan --measure`'s code, scratch file beside the models),
 then the offload benchmark models (`bench.offload_common`: Switch-like, CPM-2-like, NLLB-MoE-shaped,
-bf16 experts) decoded in strict mode at a 25 % budget with the store dropped from the page cache
-before each step (as `bench.offload`'s disk tier), at batch 1 and 16. Each run is predicted by
-`engine.planner.predict` for the same case, with routing drawn from the expert popularity the run
-itself recorded (the planner's input for a model whose routing is known; uniform otherwise).
+bf16 experts) decoded in strict mode at a 25 % budget with the expert store dropped from the page
+cache before each step (as `bench.offload`'s disk tier; the dense checkpoint stays cached), at
+batch 1 and 16. Each run is predicted by `engine.planner.predict` for the same case, with routing
+drawn from the expert popularity the run itself recorded (the planner's input for a model whose
+routing is known; uniform otherwise).
 
-Error = predicted / measured - 1, for decode tok/s and bytes read per token; target within 25 %.
+Error = predicted / measured - 1, for decode tok/s, prefill (encoder pass) seconds and bytes read
+per token; target within 25 %.
 The full-scale run (`bench.fullscale`) predicts itself the same way, in its own run.
 """
 
@@ -30,10 +32,10 @@ from rich.table import Table
 
 from bench.machine import machine_info, publish
 from bench.offload import MODELS
-from bench.offload_common import CACHE_ROOT, DecodeRun, decode_cpm2, load_cpm2, model_files, store_read_gb_s
+from bench.offload_common import CACHE_ROOT, DecodeRun, decode_cpm2, load_cpm2, store_files, store_read_gb_s
 from engine.config import ModelConfig
 from engine.experts.store import ExpertStore
-from engine.planner.measure import MeasureOptions, measure_profile
+from engine.planner.measure import MeasureOptions, measure_profile, remeasure_cpu
 from engine.planner.predict import PlanCase, predict
 from engine.planner.profile import HardwareProfile
 from engine.weights.loader import inspect_checkpoint
@@ -99,21 +101,31 @@ def routing_counts(runs: Sequence[DecodeRun]) -> dict[str, list[int]]:
 def predict_row(
     config: ModelConfig, profile: HardwareProfile, row: dict[str, Any], cfg: ValidationConfig
 ) -> dict[str, Any]:
-    """The planner's figures for a measured `row` (its batch, the run's recorded routing) and their errors."""
+    """The planner's figures for a measured `row` (its batch, the run's recorded routing) and their
+    errors, from the CPU rates measured just before its runs where the row has them."""
     case = PlanCase(batch=row["batch"], budget=cfg.budget, warmup=cfg.warmup, steps=cfg.steps)
-    # The rate of the model's own store, measured just before its runs: this VM's virtual disk
-    # served the long-lived stores at 1.36-2.19 GB/s where the profile's fresh scratch file gave 1.34.
+    if "profile" in row:
+        profile = HardwareProfile.from_dict(row["profile"], source="the row's profile")
+    # The rate of the model's own store, measured around its runs: this VM's virtual disk served the
+    # long-lived stores at 0.9-2.2 GB/s where the profile's fresh scratch file gave 0.9-1.3.
     return predict_measured(config, profile, case, row, disk_read_gb_s=row["store_read_gb_s"])
 
 
-def measure_model(name: str, model_dir: Path, cfg: ValidationConfig, profile: HardwareProfile) -> list[dict[str, Any]]:
+def measure_model(
+    name: str, model_dir: Path, cfg: ValidationConfig, profile: HardwareProfile, options: MeasureOptions
+) -> list[dict[str, Any]]:
     """Measured and predicted rows of one model at each batch size."""
     config = inspect_checkpoint(model_dir).config
-    files = model_files(model_dir)
+    files = store_files(model_dir)
     store = ExpertStore.open(model_dir, config)
     rows = []
     for batch in cfg.batches:
-        store_rate = store_read_gb_s(store)
+        # This VM's CPU speed drifts too (expert compute per step 30-40 % slower in a run ten
+        # minutes after another): the compute dtype's matmul rates are measured again right before
+        # each case (~3 s), as the store's read rate is around it.
+        cfg.log(f"{name} batch {batch}: this machine's CPU rates now")
+        now = remeasure_cpu(profile, options, formats=("bfloat16",))
+        before = store_read_gb_s(store)
         runs = []
         for repeat in range(cfg.repeats):
             cfg.log(f"{name} batch {batch} repeat {repeat + 1}")
@@ -122,6 +134,9 @@ def measure_model(name: str, model_dir: Path, cfg: ValidationConfig, profile: Ha
                 runs.append(decode_cpm2(loaded, batch=batch, steps=cfg.steps, warmup=cfg.warmup, cold_files=files))
             finally:
                 loaded.close()
+        # This VM's virtual disk drifts (0.9-1.9 GB/s between rows of one run): the rate the runs
+        # saw is taken as the mean of readings just before and just after them.
+        after = store_read_gb_s(store)
         run = _median(runs)
         row = {
             "model": name,
@@ -130,7 +145,9 @@ def measure_model(name: str, model_dir: Path, cfg: ValidationConfig, profile: Ha
             **run.to_dict(),
             "tokens_per_second_all": [r.tokens_per_second for r in runs],
             "routing_counts": routing_counts([run]),  # the repeats decode the same tokens
-            "store_read_gb_s": store_rate,
+            "store_read_gb_s": (before + after) / 2,
+            "store_read_gb_s_before_after": [before, after],
+            "profile": now.to_dict(),
         }
         rows.append({**row, **predict_row(config, profile, row, cfg)})
     return rows
@@ -153,7 +170,7 @@ def run(cfg: ValidationConfig) -> dict[str, Any]:
         "rows": [],
     }
     for name in cfg.models:
-        report["rows"] += measure_model(name, MODELS[name](), cfg, profile)
+        report["rows"] += measure_model(name, MODELS[name](), cfg, profile, options)
     _summarise(report)
     return report
 

@@ -55,10 +55,10 @@ from bench.offload_common import (
     measure_read_bandwidth,
     model_files,
     read_through,
+    store_files,
 )
 from bench.quant_report import print_report, tok_s, write_plot
 from bench.soak import proc_status
-from engine.experts.store import STORE_DIR
 from engine.model.int4 import DEFAULT_GROUP_SIZE, GROUP_SIZES
 from engine.offload import OffloadConfig, load_for_inference
 from engine.summary import summarize
@@ -144,7 +144,7 @@ def decode_once(model_dir: Path, mode: str, batch: int, budget: int, cfg: QuantB
         assert plan is not None  # every MoE model gets a plan
         if mode != "resident" and not loaded.is_offloaded:
             raise RuntimeError(f"{model_dir}: budget {budget} holds every expert; lower --budget-share")
-        cold_files = model_files(model_dir / STORE_DIR) if mode == "cold" else ()
+        cold_files = store_files(model_dir) if mode == "cold" else ()
         run = decode_cpm2(loaded, batch=batch, steps=cfg.steps, cold_files=cold_files)
     finally:
         loaded.close()
@@ -264,7 +264,7 @@ def run(cfg: QuantBenchConfig) -> dict[str, Any]:
         for name, path in paths.items():
             info = inspect_checkpoint(path)
             summary = summarize(info.config, info.stored_dtype).to_dict()
-            expert_files = model_files(path / "experts")
+            expert_files = store_files(path)
             models[name] = {
                 "summary": summary,
                 "stored_dtype": str(info.stored_dtype).removeprefix("torch."),
@@ -274,7 +274,7 @@ def run(cfg: QuantBenchConfig) -> dict[str, Any]:
         report.update(
             models=models, budget_bytes=budget, budget_rule=f"{cfg.budget_share:.0%} of the bf16 expert bytes"
         )
-        report["read_bandwidth_gb_s"] = measure_read_bandwidth(model_files(paths["bf16"] / "experts"), readers=4)
+        report["read_bandwidth_gb_s"] = measure_read_bandwidth(store_files(paths["bf16"]), readers=4)
         report["decode"] = measure_decode(paths, budget, cfg)
         report["quality"] = {
             "random": {

@@ -7,6 +7,7 @@ No timing is checked here (STYLE.md §14): only that the code runs and the repor
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 from pathlib import Path
@@ -111,15 +112,19 @@ def test_plan_validation_compares_a_run_with_its_prediction(tiny_config: Path, t
     """`bench.plan_validation` on a tiny model: a measured row and the planner's row for the same case."""
     from bench.fullscale import ensure_model
     from bench.plan_validation import ValidationConfig, measure_model
+    from engine.planner.measure import MeasureOptions
     from engine.planner.profile import load_profile
 
     model_dir = tmp_path / "model"
     ensure_model(_cfg(tiny_config, model_dir))
     profile = load_profile("xeon-2vcpu-24g")
     cfg = ValidationConfig(batches=(1, 2), steps=2, warmup=1, repeats=1, log=lambda _: None)
-    rows = measure_model("tiny", model_dir, cfg, profile)
+    rows = measure_model("tiny", model_dir, cfg, profile, MeasureOptions.quick(tmp_path))
     assert [r["batch"] for r in rows] == [1, 2]
     for r in rows:
+        # predicted from the CPU rates measured again just before the row's runs
+        assert r["profile"]["cpu"]["bfloat16"] != dataclasses.asdict(profile.cpu["bfloat16"])
+        assert r["profile"]["read_contention"] == profile.read_contention
         assert r["tokens_per_second_error"] == pytest.approx(
             r["predicted_tokens_per_second"] / r["tokens_per_second"] - 1
         )

@@ -60,6 +60,8 @@ def test_profiles_round_trip_and_refuse_what_they_cannot_use(tmp_path: Path) -> 
         load_profile(path)
     with pytest.raises(ConfigError, match="disk_read_gb_s must be > 0"):
         _profile(disk_read_gb_s=0.0)
+    with pytest.raises(ConfigError, match="read_contention must be in"):
+        _profile(read_contention=0.5)
     with pytest.raises(ConfigError, match="shipped: "):
         load_profile("no-such-machine")
 
@@ -114,6 +116,26 @@ def test_prediction_follows_the_budget_format_and_batch(switch8) -> None:  # typ
     report = one.to_dict()
     assert {"memory", "ttft_seconds", "cold", "warm", "pool_slots"} <= set(report)
     assert json.loads(json.dumps(report)) == report
+
+
+def test_reads_slow_the_experts_of_layers_that_load_and_latency_overlaps(switch8) -> None:  # type: ignore[no-untyped-def]
+    def run(profile: HardwareProfile, budget: str = "25%", batch: int = 1):  # type: ignore[no-untyped-def]
+        return predict(switch8, profile, PlanCase(batch=batch, budget=budget))
+
+    calm, contended = run(_profile()), run(_profile(read_contention=2.0))
+    assert contended.warm.expert_compute_seconds > 1.5 * calm.warm.expert_compute_seconds
+    assert contended.warm.dense_seconds == calm.warm.dense_seconds
+    resident = run(_profile(), "100%"), run(_profile(read_contention=2.0), "100%")
+    assert resident[0].warm.expert_read_seconds == 0
+    assert resident[1].warm.expert_compute_seconds == resident[0].warm.expert_compute_seconds
+    # A second of latency per read: paid in full by a lone load (batch 1: ~1 load a layer), shared
+    # by the reads in flight together when a layer loads many (a 16-row batch, an encoder pass).
+    slow = _profile(disk_latency_us=1e6)
+    for batch in (1, 16):
+        base, late = run(_profile(), batch=batch), run(slow, batch=batch)
+        loads = base.warm.bytes_read_per_step / base.plan.store_bytes * base.plan.num_experts
+        extra = (late.warm.expert_read_seconds - base.warm.expert_read_seconds) / loads
+        assert extra == pytest.approx(1.0 if batch == 1 else 0.25, rel=0.35)
 
 
 def test_recorded_routing_changes_the_hit_rate(switch8) -> None:  # type: ignore[no-untyped-def]

@@ -10,13 +10,16 @@ the Python and the dispatch is negligible.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import platform
 import statistics
 import tempfile
+import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
@@ -216,8 +219,9 @@ def _settle(future: Future[None]) -> Callable[[BaseException | None], None]:
     return done
 
 
-def disk_rates(options: MeasureOptions) -> tuple[float, float]:
-    """(read GB/s of expert-sized blobs, µs per small read) on a scratch file under `options.scratch`."""
+@contextmanager
+def _scratch_file(options: MeasureOptions) -> Iterator[Path]:
+    """A file of `options.disk_bytes` random bytes under `options.scratch`, removed afterwards."""
     options.scratch.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix="cpm2-plan-", dir=options.scratch)
     path = Path(name)
@@ -226,13 +230,23 @@ def disk_rates(options: MeasureOptions) -> tuple[float, float]:
         with os.fdopen(fd, "wb") as f:
             for _ in range(options.disk_bytes >> 20):
                 f.write(chunk)
-        blobs = options.disk_bytes // options.blob_bytes
+        yield path
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def _blobs(path: Path, options: MeasureOptions) -> list[BlobLocation]:
+    return [
+        BlobLocation(path, i * options.blob_bytes, options.blob_bytes)
+        for i in range(options.disk_bytes // options.blob_bytes)
+    ]
+
+
+def disk_rates(options: MeasureOptions) -> tuple[float, float]:
+    """(read GB/s of expert-sized blobs, µs per small read) on a scratch file under `options.scratch`."""
+    with _scratch_file(options) as path:
         drop_from_page_cache([path])
-        rate = blob_read_gb_s(
-            [BlobLocation(path, i * options.blob_bytes, options.blob_bytes) for i in range(blobs)],
-            threads=options.io_threads,
-            window=options.window,
-        )
+        rate = blob_read_gb_s(_blobs(path, options), threads=options.io_threads, window=options.window)
         drop_from_page_cache([path])
         small = 4096
         picks = torch.randperm(options.disk_bytes // small, generator=torch.Generator().manual_seed(0))[:64]
@@ -240,8 +254,36 @@ def disk_rates(options: MeasureOptions) -> tuple[float, float]:
             (BlobLocation(path, int(p) * small, small) for p in picks), threads=1, window=1, blob_bytes=small
         ) / len(picks)
         return rate, latency * 1e6
-    finally:
-        path.unlink(missing_ok=True)
+
+
+@torch.inference_mode()
+def read_contention(options: MeasureOptions, *, fmt: str = "bfloat16") -> float:
+    """How many times longer an expert's matmul (16 rows on the small matrix) takes while the
+    provider's reader streams blobs, against the same matmul alone: the I/O threads and their
+    completions share the cores (on a 2-vCPU VM 1.1-1.45x; on a machine with cores to spare ~1)."""
+    stop = threading.Event()
+    with _scratch_file(options) as path:
+        blobs = _blobs(path, options)
+
+        def stream() -> None:
+            while not stop.is_set():
+                drop_from_page_cache([path])
+                _read_all(blobs, threads=options.io_threads, window=options.window, blob_bytes=options.blob_bytes)
+
+        ratios = []
+        for _ in range(options.repeats):
+            alone = _per_call(fmt, options.small_shape, 16, options)
+            stop.clear()
+            reader = threading.Thread(target=stream, name="cpm2-plan-reads", daemon=True)
+            reader.start()
+            try:
+                time.sleep(0.05)  # reads in flight before the timing starts
+                during = _per_call(fmt, options.small_shape, 16, options)
+            finally:
+                stop.set()
+                reader.join()
+            ratios.append(during / alone)
+    return max(1.0, statistics.median(ratios))
 
 
 def _tiny_config(*, decoder_layers: int, moe: bool) -> ModelConfig:
@@ -373,6 +415,17 @@ def _ram_bytes() -> int:
     return int(pages)
 
 
+def remeasure_cpu(
+    profile: HardwareProfile, options: MeasureOptions, *, formats: Sequence[str] = FORMATS
+) -> HardwareProfile:
+    """`profile` with this machine's matmul rates of `formats` and copy rate measured again now (a
+    few seconds), for machines whose speed drifts (shared VMs): a prediction compared with a run is
+    made from the rates of the minutes around it. The engine overheads are kept: measured from
+    differences of tiny models' step times, one short reading swings by 2x."""
+    cpu = {**profile.cpu, **{fmt: matmul_rates(fmt, options) for fmt in formats}}
+    return dataclasses.replace(profile, cpu=cpu, memcpy_gb_s=memcpy_gb_s())
+
+
 def measure_profile(options: MeasureOptions, *, name: str | None = None, log: Log = lambda _: None) -> HardwareProfile:
     """This machine's profile, with its first GPU's when torch sees one."""
     cpu = {}
@@ -383,6 +436,8 @@ def measure_profile(options: MeasureOptions, *, name: str | None = None, log: Lo
     copy = statistics.median(memcpy_gb_s() for _ in range(options.repeats))
     log(f"disk reads ({options.disk_bytes >> 20} MiB under {options.scratch})")
     read, latency = disk_rates(options)
+    log("matmuls while the reader streams")
+    contention = read_contention(options)
     log("engine overheads (tiny models)")
     load = provider_load_us(options.scratch, disk_latency_us=latency)
     overhead = overheads(statistics.median(r.call_us for r in cpu.values()), load_us=load)
@@ -402,6 +457,7 @@ def measure_profile(options: MeasureOptions, *, name: str | None = None, log: Lo
         memcpy_gb_s=copy,
         disk_read_gb_s=read,
         disk_latency_us=latency,
+        read_contention=contention,
         cpu=cpu,
         overhead=overhead,
         gpu=gpu,

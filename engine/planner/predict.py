@@ -7,14 +7,19 @@ modelled costs: routing drawn per token from each layer's expert popularity (uni
 recorded one is given), the pool's own eviction policy (`engine.experts.pool.ExpertPool`) deciding
 hits and misses, and each MoE layer's experts ordered and timed by the InfMoE code the provider runs
 (`engine.experts.order`: Johnson's order under the slot limit, one link, one compute unit), with
-α (expert compute) and β (expert read) from the hardware profile's rates. Dense work is a roofline
-per matrix (the slower of streaming the weight and the arithmetic, plus the call's fixed cost) plus
-the engine's measured per-block overheads.
+α (expert compute) and β (expert read: its bytes at the link's rate, the provider's bookkeeping, and
+the read latency shared by the reads in flight together) from the hardware profile's rates, α
+slowed by the profile's measured `read_contention` in layers that read (on few cores the reader's
+threads take CPU from the matmuls). Dense work is a roofline per matrix (the slower of streaming
+the weight and the arithmetic, plus the call's fixed cost) plus the engine's measured per-block
+overheads.
 
 Modelled: strict offloading (O_DIRECT reads on CPU, pinned host or disk over the host link on a
-GPU), teacher-forced steps (every step routes fresh tokens), no prefetch (at batch 1 a guess pays
-only above ~0.75 precision, which routers do not reach: docs/offload.md). Not modelled: the page-cache
-mode (bounded by the kernel, not the budget), sampling and detokenising, other processes.
+GPU), teacher-forced steps (every step routes fresh tokens). Not modelled: prefetch (the provider
+only guesses as many loads as fit in the link's idle time before the next layer, so guesses move
+hits more than step time: on the CPM-2-like bench model at batch 1, prefetch on and off measured
+within the run-to-run spread), the page-cache mode (bounded by the kernel, not the budget),
+sampling and detokenising, other processes.
 """
 
 from __future__ import annotations
@@ -209,10 +214,15 @@ class _Costs:
     dense_bytes_per_parameter: float
     act_bytes: int
     memcpy_gb_s: float
-    load_seconds: float
-    """β: one expert's load (read and bookkeeping)."""
+    load_latency_seconds: float
+    """One read's fixed latency (submission, completion, the first sector): overlaps between reads in flight."""
+    load_link_seconds: float
+    """One expert's bytes over the link (at the rate measured with reads in flight) and the provider's
+    bookkeeping for it (`load_us`: on the engine's thread, so it does not overlap)."""
     expert_call_seconds: float
     """Per expert computed, beyond its matmuls."""
+    read_contention: float
+    """Matmuls' slowdown while reads are in flight (`HardwareProfile.read_contention`; 1 on a GPU)."""
     expert_parameters: int
     expert_bytes: int
     """One expert in memory (what its kernel streams)."""
@@ -243,8 +253,10 @@ def _costs(config: ModelConfig, profile: HardwareProfile, case: PlanCase, plan: 
         dense_bytes_per_parameter=dense_bpp,
         act_bytes=act,
         memcpy_gb_s=profile.memcpy_gb_s,
-        load_seconds=profile.overhead.load_us * 1e-6 + latency + blob / (link_gb_s * 1e9),
+        load_latency_seconds=latency,
+        load_link_seconds=profile.overhead.load_us * 1e-6 + blob / (link_gb_s * 1e9),
         expert_call_seconds=profile.overhead.expert_us * 1e-6,
+        read_contention=profile.read_contention if profile.gpu is None else 1.0,
         expert_parameters=parameters,
         expert_bytes=plan.bytes_per_expert,
         blob_bytes=blob,
@@ -295,6 +307,8 @@ class _Replay:
     window: int
     popularity: dict[str, torch.Tensor]
     generator: torch.Generator
+    resident: bool = False
+    """Every expert loaded at start (a budget that holds them all): no layer reads."""
     hits: int = 0
     looked: int = 0
 
@@ -310,18 +324,27 @@ class _Replay:
         counts = torch.bincount(picks.flatten(), minlength=moe.num_experts)
         demand = [(int(e), int(n)) for e, n in enumerate(counts.tolist()) if n]
         upcoming = [(key, e) for e, _ in demand]
+        hits = []
+        for i, (expert, _) in enumerate(demand):
+            hits.append(self.resident or self.pool.record_use((key, expert), upcoming=upcoming[i + 1 :]))
+        self.hits += sum(hits)
+        self.looked += len(demand)
+        # β: a load alone pays its read latency in full; with n of a layer's loads queued, up to
+        # `window` are in flight together and their latencies overlap (bytes and bookkeeping do not).
+        # One load a layer is decoding at batch 1; dozens are an encoder pass.
+        misses = len(hits) - sum(hits)
+        beta = self.costs.load_link_seconds + self.costs.load_latency_seconds / max(1, min(misses, self.window))
+        # A CPU layer that loads computes its experts while the reader's threads share the cores.
+        slowdown = self.costs.read_contention if misses else 1.0
         jobs = []
-        for i, (expert, tokens) in enumerate(demand):
-            hit = self.pool.record_use((key, expert), upcoming=upcoming[i + 1 :])
-            self.hits += hit
-            self.looked += 1
+        for (expert, tokens), hit in zip(demand, hits, strict=True):
             matrices = self.costs.expert_matrices  # each its own call, streamed at its own size's rate
-            compute = self.costs.expert_call_seconds + matrices * self.costs.experts.seconds(
+            compute = self.costs.expert_call_seconds + slowdown * matrices * self.costs.experts.seconds(
                 rows=tokens,
                 weight_bytes=self.costs.expert_bytes / matrices,
                 parameters=self.costs.expert_parameters // matrices,
             )
-            jobs.append(Job(expert, compute, 0.0 if hit else self.costs.load_seconds))
+            jobs.append(Job(expert, compute, 0.0 if hit else beta))
         schedule = simulate(order_jobs(jobs, "infmoe", slots=self.window), slots=self.window)
         loads = sum(1 for j in jobs if j.transfer > 0)
         return schedule.makespan, schedule.compute, schedule.transfer, schedule.stall, loads
@@ -485,7 +508,9 @@ def predict(
         raise ConfigError(f"routing prior {prior}: must be >= 0")
     weights = {k: torch.tensor(v, dtype=torch.float64) + prior for k, v in (popularity or {}).items()}
     slots = plan.num_slots if plan.is_offloaded else plan.num_experts
-    replay = _Replay(qconfig, costs, ExpertPool(max(1, slots)), case.window, weights, generator)
+    replay = _Replay(
+        qconfig, costs, ExpertPool(max(1, slots)), case.window, weights, generator, resident=not plan.is_offloaded
+    )
     encode = _encode_seconds(qconfig, costs, replay, profile, case)
     first = _Totals()
     first_step = _step(qconfig, costs, replay, profile, case, position=0, into=first)

@@ -148,6 +148,9 @@ class HardwareProfile:
     """CPU rates per weight format (keys from `FORMATS`)."""
     overhead: OverheadProfile
     gpu: GpuProfile | None = None
+    read_contention: float = 1.0
+    """How many times longer CPU matmuls take while expert reads are in flight (the reader's threads
+    and completions share the cores): measured on few-core machines, 1 where cores are to spare."""
 
     def __post_init__(self) -> None:
         _positive(
@@ -158,6 +161,8 @@ class HardwareProfile:
             disk_read_gb_s=self.disk_read_gb_s,
         )
         _check_formats(f"profile {self.name}", self.cpu)
+        if not 1.0 <= self.read_contention < 10.0:
+            raise ConfigError(f"profile {self.name}: read_contention must be in [1, 10), got {self.read_contention}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
