@@ -23,6 +23,7 @@ BENCHMARKS: tuple[tuple[str, ...], ...] = (
     ("bench.plan_validation",),
     ("bench.decode_vs_ct2",),
     ("bench.decoder_cache",),
+    ("bench.sampling",),
     ("bench.serve_load",),
     ("bench.serve_open_loop",),
     ("bench.burst",),

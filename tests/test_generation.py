@@ -9,7 +9,14 @@ import torch
 
 from engine.errors import InputError
 from engine.generation import GenerationRequest, Generator, SamplingParams
-from engine.generation.sampling import TokenChooser, apply_repetition_penalty, choose_tokens, warp
+from engine.generation.sampling import (
+    TokenChooser,
+    apply_repetition_penalty,
+    choose_tokens,
+    draw_rows,
+    warp,
+    warp_rows,
+)
 from engine.tokenizer import load_tokenizer
 from engine.weights.loader import load_model
 
@@ -47,6 +54,90 @@ def test_warpers_match_hf() -> None:
         assert torch.equal(torch.isinf(got), torch.isinf(expected[0]))
         finite = ~torch.isinf(got)
         torch.testing.assert_close(got[finite], expected[0][finite])
+
+
+def test_batched_warping_equals_each_row_warped_alone() -> None:
+    """Rows of mixed settings warped together keep exactly the tokens `warp` (HF's order of
+    processors) keeps for each row alone, whatever the other rows ask for."""
+    generator = torch.Generator().manual_seed(3)
+    settings = [
+        {"temperature": 0.7},
+        {"top_k": 20},
+        {"top_p": 0.8},
+        {"temperature": 1.3, "top_k": 50, "top_p": 0.9},
+        {"top_k": 400},  # more than the vocabulary: keeps everything
+        {"top_p": 1.0, "temperature": 0.5},
+        {"top_p": 1e-6},  # only the most likely token
+        {"temperature": 2.0, "top_p": 0.99},
+    ]
+    params = [SamplingParams(do_sample=True, **s) for s in settings]
+    for scale in (1.0, 3.0, 10.0):
+        scores = torch.randn(len(params), 300, generator=generator) * scale
+        together = warp_rows(scores, params)
+        for i, p in enumerate(params):
+            alone = warp(scores[i], p)
+            assert torch.equal(torch.isinf(together[i]), torch.isinf(alone)), (scale, settings[i])
+            finite = ~torch.isinf(alone)
+            torch.testing.assert_close(together[i][finite], alone[finite])
+            torch.testing.assert_close(warp_rows(scores[i : i + 1], [p])[0], together[i], rtol=0, atol=0)
+
+
+def test_ties_at_the_kth_score_are_kept_as_hf_does() -> None:
+    """bf16 logits tie often: HF's top-k keeps every token tied with the k-th score, so the batched
+    path must too, whether the ties end inside its candidates or run past them. (Which of several
+    tokens tied at a top-p cut stay is the sort's choice, in HF as here: there the kept scores agree.)"""
+    generator = torch.Generator().manual_seed(5)
+    scores = (torch.randn(4, 2000, generator=generator) * 2).to(torch.bfloat16).float()
+    settings = ((5, None), (40, 0.95), (7, 0.5), (40, None))
+    params = [SamplingParams(do_sample=True, top_k=k, top_p=p) for k, p in settings]
+    together = warp_rows(scores, params)
+    for i, p in enumerate(params):
+        alone = warp(scores[i], p)
+        for got in (together[i], warp_rows(scores[i : i + 1], [p])[0]):
+            if p.top_p is None:
+                assert torch.equal(torch.isinf(got), torch.isinf(alone))
+            else:
+                assert torch.equal(got[~torch.isinf(got)].sort().values, alone[~torch.isinf(alone)].sort().values)
+    assert (~torch.isinf(together[3])).sum() > 40  # tied past the 40th score
+
+
+def test_nucleus_on_a_large_vocabulary_keeps_the_exact_set() -> None:
+    """Top-p on 256k tokens keeps a token iff the probability mass strictly above it is < top_p, in
+    float64; HF's float32 ascending cumsum over the whole vocabulary drifts by ~1e-5 there and may
+    keep a token or two past the cut, which this does not."""
+    scores = torch.randn(2, 256_000, generator=torch.Generator().manual_seed(0)) * 3
+    params = [SamplingParams(do_sample=True, top_p=0.9), SamplingParams(do_sample=True, top_p=0.5, top_k=3000)]
+    warped = warp_rows(scores, params)
+    for i, p in enumerate(params):
+        row = scores[i].clone()
+        if p.top_k is not None:
+            row[row < row.topk(p.top_k).values[-1]] = -float("inf")
+        probs, order = row.softmax(-1).double().sort(descending=True)
+        above = probs.cumsum(0) - probs
+        expected = order[above < p.top_p]
+        kept = (~torch.isinf(warped[i])).nonzero().flatten()
+        assert sorted(kept.tolist()) == sorted(expected.tolist())
+        assert 1 < len(kept) < (p.top_k or 256_000)
+
+
+def test_draws_follow_their_rows_and_skip_impossible_tokens() -> None:
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.5], [0.2, 0.0, 0.8, 0.0], [0.0, 0.0, 0.0, 1.0]])
+    seen: list[list[int]] = [[], [], []]
+    generators = [torch.Generator().manual_seed(i) for i in range(3)]
+    for _ in range(2000):
+        for row, token in enumerate(draw_rows(probs, generators).tolist()):
+            seen[row].append(token)
+    assert set(seen[0]) == {1, 3}
+    assert set(seen[1]) == {0, 2}
+    assert set(seen[2]) == {3}
+    assert abs(seen[1].count(2) / 2000 - 0.8) < 0.03
+    # a row's draws depend on its generator alone, not on the rows beside it
+    mine, others = torch.Generator().manual_seed(7), [torch.Generator().manual_seed(9), generators[2]]
+    alone = [draw_rows(probs[1:2], [mine])[0].item() for _ in range(50)]
+    mine.manual_seed(7)
+    beside = [draw_rows(probs, [others[0], mine, others[1]])[1].item() for _ in range(50)]
+    assert beside == alone
+    assert len(set(alone)) == 2
 
 
 def test_repetition_penalty_matches_hf() -> None:
@@ -195,3 +286,20 @@ def test_tiny_logit_divisors_are_refused_up_front(field: str) -> None:
     with pytest.raises(InputError, match=f"{field} must be at least 0.0001"):
         SamplingParams(max_new_tokens=4, do_sample=True, **{field: 1e-40})
     SamplingParams(max_new_tokens=4, do_sample=True, **{field: 1e-3})
+
+
+def test_sampling_benchmark_writes_its_report(tmp_path: Path) -> None:
+    """`bench.sampling` times the row-at-a-time chooser against `choose_tokens`; both pick the same
+    greedy tokens (its baseline is the previous code path, kept in the benchmark)."""
+    import json
+
+    from bench.sampling import main, per_row
+
+    out = tmp_path / "sampling.json"
+    assert main(["--quick", "--repeats", "1", "--vocab", "500", "--out", str(out)]) == 0
+    records = json.loads(out.read_text())["records"]
+    assert {(r["rows"], r["setting"]) for r in records} >= {(1, "greedy"), (16, "top-k 50, top-p 0.9")}
+    assert all(r["per_row_ms"] > 0 and r["batched_ms"] > 0 for r in records)
+    logits = torch.randn(8, 500)
+    choosers = [TokenChooser.create(SamplingParams(), start_token=0, device=torch.device("cpu")) for _ in range(8)]
+    assert per_row(logits, choosers) == choose_tokens(logits, choosers)[0] == logits.argmax(-1).tolist()

@@ -1,0 +1,118 @@
+"""What choosing the next token costs a decode step: every row at once against a row at a time.
+
+    python -m bench.sampling           # ~1 min; results/sampling.json
+
+`per_row` is how `engine.generation.sampling.choose_tokens` chose before (a full log-softmax for the
+log-probabilities; per sampled row: `warp`, whose top-p sorts the whole vocabulary, a softmax and
+`torch.multinomial`); `batched` is `choose_tokens` now (one `warp_rows` for all sampled rows, top-p
+found in a small top-k, one inverse-CDF draw per row, log-probabilities of the chosen tokens only).
+Random float32 logits (x3) of a T5/CPM-2 vocabulary (32128) and NLLB's (256206), B rows all with the
+same settings; medians of `--repeats` calls, milliseconds per decode step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from bench.machine import machine_info, publish
+from engine.generation.params import SamplingParams
+from engine.generation.sampling import TokenChooser, choose_tokens, warp
+
+VOCABS = (32128, 256206)
+SETTINGS: dict[str, dict[str, Any]] = {
+    "greedy": {},
+    "temperature 0.8": {"temperature": 0.8},
+    "top-p 0.9": {"top_p": 0.9},
+    "top-k 50, top-p 0.9": {"top_k": 50, "top_p": 0.9},
+}
+
+
+def per_row(logits_BV: torch.Tensor, choosers: list[TokenChooser]) -> list[int]:
+    """The previous `choose_tokens` (no penalties, no forced tokens): a row at a time."""
+    logits_BV = logits_BV.float()
+    logprobs_BV = torch.log_softmax(logits_BV, dim=-1)
+    tokens_B = logits_BV.argmax(dim=-1)
+    for i, chooser in enumerate(choosers):
+        if chooser.generator is not None:
+            probs_V = warp(logits_BV[i], chooser.params).softmax(-1)
+            tokens_B[i] = int(torch.multinomial(probs_V, 1, generator=chooser.generator).item())
+    logprobs_BV.gather(-1, tokens_B.unsqueeze(-1)).tolist()
+    return tokens_B.tolist()
+
+
+def _median_ms(action: Callable[[], object], repeats: int) -> float:
+    action()
+    times = []
+    for _ in range(repeats):
+        begin = time.perf_counter()
+        action()
+        times.append(time.perf_counter() - begin)
+    return 1e3 * statistics.median(times)
+
+
+def measure(rows: Sequence[int], repeats: int, vocabs: Sequence[int] = VOCABS) -> list[dict[str, Any]]:
+    records = []
+    generator = torch.Generator().manual_seed(0)
+    cpu = torch.device("cpu")
+    for vocab in vocabs:
+        for batch in rows:
+            logits = torch.randn(batch, vocab, generator=generator) * 3
+            for name, setting in SETTINGS.items():
+                params = SamplingParams(**setting, seed=0) if setting else SamplingParams()
+                choosers = [TokenChooser.create(params, start_token=0, device=cpu) for _ in range(batch)]
+                before = _median_ms(lambda: per_row(logits, choosers), repeats)  # noqa: B023
+                now = _median_ms(lambda: choose_tokens(logits, choosers), repeats)  # noqa: B023
+                records.append(
+                    {"vocab": vocab, "rows": batch, "setting": name, "per_row_ms": before, "batched_ms": now}
+                )
+    return records
+
+
+def show(report: dict[str, Any], console: Console) -> None:
+    table = Table(title="choosing the next token of B rows (ms per decode step, median)")
+    for column in ("vocab", "B", "setting", "per row", "batched", "speed-up"):
+        table.add_column(column, justify="right")
+    for r in report["records"]:
+        table.add_row(
+            str(r["vocab"]),
+            str(r["rows"]),
+            r["setting"],
+            f"{r['per_row_ms']:.2f}",
+            f"{r['batched_ms']:.2f}",
+            f"{r['per_row_ms'] / r['batched_ms']:.1f}x",
+        )
+    console.print(table)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.sampling", description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="B = 1 and 16, 3 repeats")
+    parser.add_argument("--repeats", type=int, default=None, help="default 7; 3 with --quick")
+    parser.add_argument("--vocab", type=int, nargs="+", default=list(VOCABS), help="vocabulary sizes")
+    parser.add_argument("--out", type=Path, default=Path("bench/results/sampling.json"))
+    args = parser.parse_args(argv)
+    rows = (1, 16) if args.quick else (1, 16, 64)
+    out = args.out.with_suffix(".quick.json") if args.quick and argv is None else args.out
+    with torch.inference_mode():
+        records = measure(rows, args.repeats or (3 if args.quick else 7), args.vocab)
+    report = {
+        "benchmark": "sampling",
+        "machine": machine_info(),
+        "threads": torch.get_num_threads(),
+        "records": records,
+    }
+    publish(report, out=out, plot=None, show=show, draw=lambda _r, _p: None, width=120)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
