@@ -14,17 +14,14 @@ rows to join, `select` of the others to leave: every row's self- and cross-atten
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
-from collections.abc import Callable, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from rich.console import Console
 from rich.table import Table
 
-from bench.machine import machine_info, publish
+from bench.machine import add_rows_options, machine_info, median_ms, publish, rows_options
 from engine.model.cache import DecoderState
 
 LAYERS, HEADS, HEAD_DIM, SOURCE, CAPACITY = 6, 8, 64, 215, 64
@@ -55,16 +52,6 @@ def _join_by_copy(state: DecoderState, newcomer: DecoderState) -> list[torch.Ten
     return [*joined, torch.cat([state.cross_mask, newcomer.cross_mask])]
 
 
-def _median_ms(action: Callable[[], object], prepare: Callable[[], Any], repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        prepare()
-        start = time.perf_counter()
-        action()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
-
-
 def _record(num_rows: int, newcomer: DecoderState, repeats: int) -> dict[str, Any]:
     box: dict[str, DecoderState] = {}
 
@@ -75,10 +62,10 @@ def _record(num_rows: int, newcomer: DecoderState, repeats: int) -> dict[str, An
     rest = [i for i in range(num_rows) if i != middle]
     return {
         "rows": num_rows,
-        "join_copy_ms": _median_ms(lambda: _join_by_copy(box["state"], newcomer), fresh, repeats),
-        "join_slots_ms": _median_ms(lambda: box["state"].add(newcomer), lambda: fresh(spare=1), repeats),
-        "leave_copy_ms": _median_ms(lambda: box["state"].select(rest), fresh, repeats),
-        "leave_slots_ms": _median_ms(lambda: box["state"].remove([middle]), fresh, repeats),
+        "join_copy_ms": median_ms(lambda: _join_by_copy(box["state"], newcomer), repeats, prepare=fresh),
+        "join_slots_ms": median_ms(lambda: box["state"].add(newcomer), repeats, prepare=lambda: fresh(spare=1)),
+        "leave_copy_ms": median_ms(lambda: box["state"].select(rest), repeats, prepare=fresh),
+        "leave_slots_ms": median_ms(lambda: box["state"].remove([middle]), repeats, prepare=fresh),
         "row_kv_bytes": 2 * LAYERS * HEADS * HEAD_DIM * (SOURCE + CAPACITY) * 4,
     }
 
@@ -106,14 +93,11 @@ def show(report: dict[str, Any], console: Console) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.decoder_cache", description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="B = 1 and 16, 3 repeats")
-    parser.add_argument("--repeats", type=int, default=None, help="default 11; 3 with --quick")
-    parser.add_argument("--out", type=Path, default=Path("bench/results/decoder_cache.json"))
+    add_rows_options(parser, name="decoder_cache", repeats=11)
     args = parser.parse_args(argv)
-    rows = (1, 16) if args.quick else (1, 16, 64)
-    out = args.out.with_suffix(".quick.json") if args.quick and argv is None else args.out
+    rows, repeats, out = rows_options(args, argv, repeats=11)
     with torch.inference_mode():
-        records = measure(rows, args.repeats or (3 if args.quick else 11))
+        records = measure(rows, repeats)
     report = {"benchmark": "decoder_cache", "machine": machine_info(), "records": records}
     publish(report, out=out, plot=None, show=show, draw=lambda _r, _p: None, width=120)
     return 0

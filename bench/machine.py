@@ -9,6 +9,7 @@ engine runs.
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import gc
 import json
@@ -16,7 +17,7 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -174,6 +175,38 @@ def measure_gemv_bandwidth(
             "median_gb_s": num_bytes / statistics.median(times) / 1e9,
         }
     return result
+
+
+def median_ms(action: Callable[[], object], repeats: int, *, prepare: Callable[[], object] | None = None) -> float:
+    """Median milliseconds of `action` over `repeats` calls, each after `prepare` (untimed); without
+    `prepare`, one untimed call first (kernel selection, allocator warm-up)."""
+    if prepare is None:
+        action()
+    times = []
+    for _ in range(repeats):
+        if prepare is not None:
+            prepare()
+        begin = time.perf_counter()
+        action()
+        times.append(time.perf_counter() - begin)
+    return 1e3 * statistics.median(times)
+
+
+def add_rows_options(parser: argparse.ArgumentParser, *, name: str, repeats: int) -> None:
+    """`--quick` (B = 1 and 16, 3 repeats), `--repeats`, `--out` of a benchmark over B = 1 / 16 / 64 rows."""
+    parser.add_argument("--quick", action="store_true", help="B = 1 and 16, 3 repeats")
+    parser.add_argument("--repeats", type=int, default=None, help=f"default {repeats}; 3 with --quick")
+    parser.add_argument("--out", type=Path, default=Path(f"bench/results/{name}.json"))
+
+
+def rows_options(
+    args: argparse.Namespace, argv: Sequence[str] | None, *, repeats: int
+) -> tuple[tuple[int, ...], int, Path]:
+    """(rows, repeats, JSON path) from `add_rows_options`' options; a quick run from the command line
+    writes NAME.quick.json, so it does not replace the recorded results."""
+    rows = (1, 16) if args.quick else (1, 16, 64)
+    out = args.out.with_suffix(".quick.json") if args.quick and argv is None else args.out
+    return rows, args.repeats or (3 if args.quick else repeats), out
 
 
 def publish(

@@ -13,17 +13,14 @@ same settings; medians of `--repeats` calls, milliseconds per decode step.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
-from collections.abc import Callable, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from rich.console import Console
 from rich.table import Table
 
-from bench.machine import machine_info, publish
+from bench.machine import add_rows_options, machine_info, median_ms, publish, rows_options
 from engine.generation.params import SamplingParams
 from engine.generation.sampling import TokenChooser, choose_tokens, warp
 
@@ -49,16 +46,6 @@ def per_row(logits_BV: torch.Tensor, choosers: list[TokenChooser]) -> list[int]:
     return tokens_B.tolist()
 
 
-def _median_ms(action: Callable[[], object], repeats: int) -> float:
-    action()
-    times = []
-    for _ in range(repeats):
-        begin = time.perf_counter()
-        action()
-        times.append(time.perf_counter() - begin)
-    return 1e3 * statistics.median(times)
-
-
 def measure(rows: Sequence[int], repeats: int, vocabs: Sequence[int] = VOCABS) -> list[dict[str, Any]]:
     records = []
     generator = torch.Generator().manual_seed(0)
@@ -69,8 +56,8 @@ def measure(rows: Sequence[int], repeats: int, vocabs: Sequence[int] = VOCABS) -
             for name, setting in SETTINGS.items():
                 params = SamplingParams(**setting, seed=0) if setting else SamplingParams()
                 choosers = [TokenChooser.create(params, start_token=0, device=cpu) for _ in range(batch)]
-                before = _median_ms(lambda: per_row(logits, choosers), repeats)  # noqa: B023
-                now = _median_ms(lambda: choose_tokens(logits, choosers), repeats)  # noqa: B023
+                before = median_ms(lambda: per_row(logits, choosers), repeats)  # noqa: B023
+                now = median_ms(lambda: choose_tokens(logits, choosers), repeats)  # noqa: B023
                 records.append(
                     {"vocab": vocab, "rows": batch, "setting": name, "per_row_ms": before, "batched_ms": now}
                 )
@@ -95,15 +82,12 @@ def show(report: dict[str, Any], console: Console) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.sampling", description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="B = 1 and 16, 3 repeats")
-    parser.add_argument("--repeats", type=int, default=None, help="default 7; 3 with --quick")
+    add_rows_options(parser, name="sampling", repeats=7)
     parser.add_argument("--vocab", type=int, nargs="+", default=list(VOCABS), help="vocabulary sizes")
-    parser.add_argument("--out", type=Path, default=Path("bench/results/sampling.json"))
     args = parser.parse_args(argv)
-    rows = (1, 16) if args.quick else (1, 16, 64)
-    out = args.out.with_suffix(".quick.json") if args.quick and argv is None else args.out
+    rows, repeats, out = rows_options(args, argv, repeats=7)
     with torch.inference_mode():
-        records = measure(rows, args.repeats or (3 if args.quick else 7), args.vocab)
+        records = measure(rows, repeats, args.vocab)
     report = {
         "benchmark": "sampling",
         "machine": machine_info(),
