@@ -150,6 +150,43 @@ def demo_trace(demo_dir: Path, *, batch: int, examples_per_task: int) -> list[Ca
         recorder.close()
 
 
+def history_precision(calls: Sequence[Call], top_k: int) -> dict[str, float]:
+    """How well a request's own history predicts the experts each decoder layer needs next (issue
+    27's request-level prior, MoE-Infinity's traces), on a batch-1 trace (a request starts at an
+    encoder call after decoder calls). From the second step on, each decoder layer call is
+    predicted by the `top_k` experts that layer used most in the request so far (`most_used`; ties
+    by first use) or by the ones it used at the last step (`last_step`); precision = predicted and
+    needed / predicted. `seen_share`: the needed experts the request had already used at that layer."""
+    hits = {"most_used": 0, "last_step": 0}
+    predicted = {"most_used": 0, "last_step": 0}
+    needed = seen = 0
+    history: dict[str, dict[int, int]] = {}
+    last: dict[str, tuple[int, ...]] = {}
+    in_decoder = False
+    for layer, experts in calls:
+        if layer.startswith("encoder"):
+            if in_decoder:  # a new request
+                history, last, in_decoder = {}, {}, False
+            continue
+        in_decoder = True
+        counts = history.setdefault(layer, {})
+        if counts:
+            guesses = {
+                "most_used": set(sorted(counts, key=lambda e: -counts[e])[:top_k]),
+                "last_step": set(last[layer]),
+            }
+            for name, guess in guesses.items():
+                hits[name] += len(guess & set(experts))
+                predicted[name] += len(guess)
+            needed += len(experts)
+            seen += len(set(counts) & set(experts))
+        for e in experts:
+            counts[e] = counts.get(e, 0) + 1
+        last[layer] = experts
+    precision = {name: hits[name] / predicted[name] if predicted[name] else math.nan for name in hits}
+    return {**precision, "seen_share": seen / needed if needed else math.nan}
+
+
 # ---- the benchmark --------------------------------------------------------------------------------
 
 
@@ -187,6 +224,8 @@ def run(cfg: CachePolicyBenchConfig) -> dict[str, Any]:
             else:
                 calls = random_model_trace(model_dir, batch=batch, steps=cfg.steps)
             experts = {(layer, e) for layer, needed in calls for e in needed}
+            top_k = info.config.moe.top_k if info.config.moe is not None else 1
+            history = history_precision(calls, top_k) if batch == 1 else None
             for share in cfg.budgets:
                 slots = max(1, round(share * total))
                 rates = {p: replay(calls, slots, p, half_life=cfg.half_life) for p in POLICIES}
@@ -202,6 +241,7 @@ def run(cfg: CachePolicyBenchConfig) -> dict[str, Any]:
                         "lookups": sum(len(e) for _, e in calls),
                         "hit_rate": rates,
                         "gap_to_belady": {p: rates["belady"] - rates[p] for p in POLICIES if p != "belady"},
+                        "history_precision": history,
                     }
                 )
     return report
@@ -225,6 +265,16 @@ def print_report(report: dict[str, Any], console: Console) -> None:
             best,
         )
     console.print(table)
+    history = Table(title="request history as a predictor of the next decoder step's experts (batch 1)")
+    for col in ("model", "most-used precision", "last-step precision", "needed already used"):
+        history.add_column(col, justify="right")
+    shown = set()
+    for r in report["rows"]:
+        h = r.get("history_precision")
+        if h and r["model"] not in shown:
+            shown.add(r["model"])
+            history.add_row(r["model"], f"{h['most_used']:.2f}", f"{h['last_step']:.2f}", f"{h['seen_share']:.2f}")
+    console.print(history)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.cache_policies import POLICIES, replay
+from bench.cache_policies import POLICIES, history_precision, replay
 from bench.offload_common import RoutingRecorder
 from engine.experts.pool import ExpertPool
 from engine.generation import GenerationRequest, Generator, SamplingParams
@@ -34,6 +34,26 @@ def test_frequency_survives_one_off_experts() -> None:
     # A burst of 0, then pairs that LRU keeps instead of 0: LFU and LRFU keep 0.
     trace = _calls([0, 0, 0, 0, 1, 2, 0, 3, 4, 0, 5, 6, 0])
     assert replay(trace, 2, "lru") < replay(trace, 2, "lfu") == replay(trace, 2, "lrfu")
+
+
+def test_request_history_predictions_are_scored_per_request() -> None:
+    # Request 1 uses expert 3 at every step, request 2 goes 1, 2, 1. Most used: right 2 of 2 in
+    # request 1, 1 of 2 in request 2 (guess 1 misses 2; then 1 and 2 tie, the first used, 1, hits).
+    # Last step: 2 of 2, then 0 of 2.
+    trace = [
+        ("encoder.0", (5,)),
+        ("decoder.0", (3,)),
+        ("decoder.0", (3,)),
+        ("decoder.0", (3,)),
+        ("encoder.0", (6,)),  # the next request starts: its history is its own
+        ("decoder.0", (1,)),
+        ("decoder.0", (2,)),
+        ("decoder.0", (1,)),
+    ]
+    h = history_precision(trace, top_k=1)
+    assert h["most_used"] == pytest.approx(3 / 4)
+    assert h["last_step"] == pytest.approx(2 / 4)
+    assert h["seen_share"] == pytest.approx(3 / 4)  # 3, 3 and the second 1 had been used before
 
 
 @pytest.mark.parametrize("seed", range(4))
