@@ -118,3 +118,27 @@ def test_beam_alternatives_match_hf_num_return_sequences(name: str, hf_model_dir
             assert [got.token_ids, *[list(a.token_ids) for a in got.alternatives]] == expected
             # The scores HF reports for the returned sequences are the same normalised beam scores.
             assert [a.score for a in got.alternatives] == pytest.approx(out.sequences_scores.tolist()[1:], abs=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_equals_t5_layer_norm_bit_for_bit(dtype: torch.dtype) -> None:
+    """`RMSNorm` takes torch's fused kernel in float32 and HF's four ops in half precision: both give
+    exactly HF `T5LayerNorm`'s values, forward and (float32) backward."""
+    from transformers.models.t5.modeling_t5 import T5LayerNorm
+
+    from engine.model.norm import RMSNorm
+
+    torch.manual_seed(0)
+    ours, theirs = RMSNorm(768, 1e-6), T5LayerNorm(768, eps=1e-6)
+    with torch.no_grad():
+        ours.weight.uniform_(0.5, 1.5)
+        theirs.weight.copy_(ours.weight)
+    ours, theirs = ours.to(dtype), theirs.to(dtype)
+    for shape in [(1, 1, 768), (16, 1, 768), (3, 37, 768)]:
+        x = (torch.randn(*shape) * 3).to(dtype)
+        assert torch.equal(ours(x), theirs(x))
+    if dtype == torch.float32:
+        x = torch.randn(4, 9, 768, requires_grad=True)
+        grads = [torch.autograd.grad(norm(x).square().sum(), (x, norm.weight)) for norm in (ours, theirs)]
+        for a, b in zip(*grads, strict=True):
+            torch.testing.assert_close(a, b)
