@@ -112,20 +112,23 @@ def _bytes_per_parameter(fmt: str) -> float:
     return RUN_FORMATS[fmt].bits_per_weight / 8  # the values alone: scales are beside the point here
 
 
-def _per_call(
-    fmt: str,
-    shape: tuple[int, int],
-    rows: int,
-    options: MeasureOptions,
-    *,
-    budget: int | None = None,
-    device: torch.device = CPU,
-) -> float:
-    """Seconds per call at `rows` rows, cycling through enough weights of `shape` to stream from memory."""
+def _streamed(
+    fmt: str, shape: tuple[int, int], options: MeasureOptions, *, budget: int | None = None, device: torch.device = CPU
+) -> list[Any]:
+    """Enough weights of `shape` (`budget` bytes, default `options.matmul_bytes`) that cycling through
+    them streams from memory, not cache."""
     out_features, in_features = shape
     per_weight = out_features * in_features * _bytes_per_parameter(fmt)
     count = max(2, int((budget or options.matmul_bytes) // per_weight))
-    weights = _weights(fmt, count, out_features, in_features, device)
+    return _weights(fmt, count, out_features, in_features, device)
+
+
+def _per_call(
+    fmt: str, weights: Sequence[Any], rows: int, options: MeasureOptions, *, device: torch.device = CPU
+) -> float:
+    """Seconds per call at `rows` rows, cycling through `weights` (`_streamed`; float, int8 and int4
+    weights all have an (out, in) `shape`)."""
+    in_features = weights[0].shape[-1]
     x = torch.randn(rows, in_features, dtype=torch.float32 if fmt == "float32" else torch.bfloat16, device=device)
     linear(x, weights[0])  # first call: kernel selection, primitive creation
 
@@ -145,13 +148,21 @@ def matmul_rates(fmt: str, options: MeasureOptions, *, device: torch.device = CP
     large, small = options.large_shape, options.small_shape
     large_bytes = large[0] * large[1] * _bytes_per_parameter(fmt)
     small_bytes = small[0] * small[1] * _bytes_per_parameter(fmt)
-    many = _per_call(fmt, large, 256, options, budget=options.matmul_bytes // 8, device=device)
+    # Made once per shape: the 1-, 16- and 256-row calls share the large weights (an eighth of them
+    # for 256 rows, which are arithmetic-bound); freed before the small ones are made.
+    weights = _streamed(fmt, large, options, device=device)
+    many = _per_call(fmt, weights[: max(2, len(weights) // 8)], 256, options, device=device)
+    gemv = _per_call(fmt, weights, 1, options, device=device)
+    gemv16 = _per_call(fmt, weights, 16, options, device=device)
+    del weights
+    small_gemv = _per_call(fmt, _streamed(fmt, small, options, device=device), 1, options, device=device)
+    call = _per_call(fmt, _streamed(fmt, (128, 128), options, budget=1, device=device), 1, options, device=device)
     return MatmulRates(
-        gemv_gb_s=large_bytes / _per_call(fmt, large, 1, options, device=device) / 1e9,
-        gemv16_gb_s=large_bytes / _per_call(fmt, large, 16, options, device=device) / 1e9,
-        small_gemv_gb_s=small_bytes / _per_call(fmt, small, 1, options, device=device) / 1e9,
+        gemv_gb_s=large_bytes / gemv / 1e9,
+        gemv16_gb_s=large_bytes / gemv16 / 1e9,
+        small_gemv_gb_s=small_bytes / small_gemv / 1e9,
         tflops=2 * 256 * large[0] * large[1] / many / 1e12,
-        call_us=_per_call(fmt, (128, 128), 1, options, budget=1, device=device) * 1e6,
+        call_us=call * 1e6,
     )
 
 
@@ -242,47 +253,47 @@ def _blobs(path: Path, options: MeasureOptions) -> list[BlobLocation]:
     ]
 
 
-def disk_rates(options: MeasureOptions) -> tuple[float, float]:
-    """(read GB/s of expert-sized blobs, µs per small read) on a scratch file under `options.scratch`."""
-    with _scratch_file(options) as path:
-        drop_from_page_cache([path])
-        rate = blob_read_gb_s(_blobs(path, options), threads=options.io_threads, window=options.window)
-        drop_from_page_cache([path])
-        small = 4096
-        picks = torch.randperm(options.disk_bytes // small, generator=torch.Generator().manual_seed(0))[:64]
-        latency = _read_all(
-            (BlobLocation(path, int(p) * small, small) for p in picks), threads=1, window=1, blob_bytes=small
-        ) / len(picks)
-        return rate, latency * 1e6
+def disk_rates(path: Path, options: MeasureOptions) -> tuple[float, float]:
+    """(read GB/s of expert-sized blobs, µs per small read) on the scratch file `path` (`_scratch_file`)."""
+    drop_from_page_cache([path])
+    rate = blob_read_gb_s(_blobs(path, options), threads=options.io_threads, window=options.window)
+    drop_from_page_cache([path])
+    small = 4096
+    picks = torch.randperm(options.disk_bytes // small, generator=torch.Generator().manual_seed(0))[:64]
+    latency = _read_all(
+        (BlobLocation(path, int(p) * small, small) for p in picks), threads=1, window=1, blob_bytes=small
+    ) / len(picks)
+    return rate, latency * 1e6
 
 
 @torch.inference_mode()
-def read_contention(options: MeasureOptions, *, fmt: str = "bfloat16") -> float:
+def read_contention(path: Path, options: MeasureOptions, *, fmt: str = "bfloat16") -> float:
     """How many times longer an expert's matmul (16 rows on the small matrix) takes while the
-    provider's reader streams blobs, against the same matmul alone: the I/O threads and their
-    completions share the cores (on a 2-vCPU VM 1.1-1.45x; on a machine with cores to spare ~1)."""
+    provider's reader streams the scratch file `path`, against the same matmul alone: the I/O
+    threads and their completions share the cores (1.1-1.5x measured on this project's 2-vCPU VM;
+    ~1 on a machine with cores to spare)."""
     stop = threading.Event()
-    with _scratch_file(options) as path:
-        blobs = _blobs(path, options)
+    blobs = _blobs(path, options)
+    weights = _streamed(fmt, options.small_shape, options)
 
-        def stream() -> None:
-            while not stop.is_set():
-                drop_from_page_cache([path])
-                _read_all(blobs, threads=options.io_threads, window=options.window, blob_bytes=options.blob_bytes)
+    def stream() -> None:
+        while not stop.is_set():
+            drop_from_page_cache([path])
+            _read_all(blobs, threads=options.io_threads, window=options.window, blob_bytes=options.blob_bytes)
 
-        ratios = []
-        for _ in range(options.repeats):
-            alone = _per_call(fmt, options.small_shape, 16, options)
-            stop.clear()
-            reader = threading.Thread(target=stream, name="cpm2-plan-reads", daemon=True)
-            reader.start()
-            try:
-                time.sleep(0.05)  # reads in flight before the timing starts
-                during = _per_call(fmt, options.small_shape, 16, options)
-            finally:
-                stop.set()
-                reader.join()
-            ratios.append(during / alone)
+    ratios = []
+    for _ in range(options.repeats):
+        alone = _per_call(fmt, weights, 16, options)
+        stop.clear()
+        reader = threading.Thread(target=stream, name="cpm2-plan-reads", daemon=True)
+        reader.start()
+        try:
+            time.sleep(0.05)  # reads in flight before the timing starts
+            during = _per_call(fmt, weights, 16, options)
+        finally:
+            stop.set()
+            reader.join()
+        ratios.append(during / alone)
     return max(1.0, statistics.median(ratios))
 
 
@@ -434,10 +445,11 @@ def measure_profile(options: MeasureOptions, *, name: str | None = None, log: Lo
         cpu[fmt] = matmul_rates(fmt, options)
     log("memory copy")
     copy = statistics.median(memcpy_gb_s() for _ in range(options.repeats))
-    log(f"disk reads ({options.disk_bytes >> 20} MiB under {options.scratch})")
-    read, latency = disk_rates(options)
-    log("matmuls while the reader streams")
-    contention = read_contention(options)
+    with _scratch_file(options) as path:  # written once: both measurements read it
+        log(f"disk reads ({options.disk_bytes >> 20} MiB under {options.scratch})")
+        read, latency = disk_rates(path, options)
+        log("matmuls while the reader streams")
+        contention = read_contention(path, options)
     log("engine overheads (tiny models)")
     load = provider_load_us(options.scratch, disk_latency_us=latency)
     overhead = overheads(statistics.median(r.call_us for r in cpu.values()), load_us=load)

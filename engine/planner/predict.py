@@ -37,13 +37,13 @@ from engine.experts.order import Job, order_jobs, simulate
 from engine.experts.pool import ExpertPool
 from engine.memory_plan import MachineMemory, MemoryPlan, plan_memory
 from engine.model import MoELayerKey
-from engine.planner.profile import HardwareProfile, MatmulRates
+from engine.planner.profile import FORMATS, HardwareProfile, MatmulRates
 from engine.sizes import format_bytes
 from engine.summary import summarize
 from engine.weights.quantize import QUANTIZATION_KEY, ExpertFormat, dense_record
 
-#: Expert formats the planner knows: as stored (a float dtype) or quantised.
-EXPERT_FORMATS = ("float32", "bfloat16", "int8", "int4")
+#: Expert formats the planner knows: as stored (a float dtype) or quantised; a profile rates each.
+EXPERT_FORMATS = FORMATS
 DENSE_FORMATS = ("float32", "bfloat16", "int8")
 #: RSS a process holds beyond weights, pool and KV cache (Python, torch, oneDNN caches, I/O threads'
 #: arenas): the slack `bench.fullscale` states and holds to (NLLB-MoE 54B: 0.9 GiB measured).
