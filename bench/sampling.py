@@ -22,7 +22,7 @@ from rich.table import Table
 
 from bench.machine import add_rows_options, machine_info, median_ms, publish, rows_options
 from engine.generation.params import SamplingParams
-from engine.generation.sampling import TokenChooser, choose_tokens, warp
+from engine.generation.sampling import TokenChooser, choose_tokens
 
 VOCABS = (32128, 256206)
 SETTINGS: dict[str, dict[str, Any]] = {
@@ -31,6 +31,23 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "top-p 0.9": {"top_p": 0.9},
     "top-k 50, top-p 0.9": {"top_k": 50, "top_p": 0.9},
 }
+
+
+def warp(scores_V: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The previous per-row warper: temperature, then top-k, then top-p (a sort of the whole vocabulary)
+    on one row of float32 logits; removed tokens get -inf."""
+    if params.temperature is not None and params.temperature not in (0.0, 1.0):
+        scores_V = scores_V / params.temperature
+    if params.top_k is not None and params.top_k < scores_V.shape[-1]:
+        kth = torch.topk(scores_V, params.top_k).values[-1]
+        scores_V = scores_V.masked_fill(scores_V < kth, -float("inf"))
+    if params.top_p is not None and params.top_p < 1.0:
+        sorted_V, order_V = torch.sort(scores_V, descending=False)
+        cumulative_V = sorted_V.softmax(-1).cumsum(-1)
+        remove_V = cumulative_V <= (1 - params.top_p)
+        remove_V[-1] = False  # always keep the most likely token
+        scores_V = scores_V.masked_fill(remove_V.scatter(0, order_V, remove_V), -float("inf"))
+    return scores_V
 
 
 def per_row(logits_BV: torch.Tensor, choosers: list[TokenChooser]) -> list[int]:

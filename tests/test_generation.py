@@ -14,7 +14,6 @@ from engine.generation.sampling import (
     apply_repetition_penalty,
     choose_tokens,
     draw_rows,
-    warp,
     warp_rows,
 )
 from engine.tokenizer import load_tokenizer
@@ -32,33 +31,40 @@ def _request(generator: Generator, text: str, **params) -> GenerationRequest:
     return GenerationRequest(tuple(generator.tokenizer.encode(text)), SamplingParams(**params))
 
 
-def test_warpers_match_hf() -> None:
+def _hf_warp(scores_V: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """One row through HF's warpers, in the order and under the conditions `generate` adds them
+    (no top-p warper at top_p 1): the reference."""
     from transformers.generation.logits_process import (
         TemperatureLogitsWarper,
         TopKLogitsWarper,
         TopPLogitsWarper,
     )
 
+    scores = scores_V.unsqueeze(0).clone()
+    if params.temperature not in (None, 0.0, 1.0):
+        scores = TemperatureLogitsWarper(params.temperature)(None, scores)
+    if params.top_k is not None:
+        scores = TopKLogitsWarper(params.top_k)(None, scores)
+    if params.top_p is not None and params.top_p < 1.0:
+        scores = TopPLogitsWarper(params.top_p)(None, scores)
+    return scores[0]
+
+
+def test_warpers_match_hf() -> None:
     torch.manual_seed(0)
     scores = torch.randn(1, 300) * 3
     for temperature, top_k, top_p in [(0.7, None, None), (1.0, 20, None), (1.0, None, 0.8), (1.3, 50, 0.9)]:
-        expected = scores.clone()
-        if temperature != 1.0:
-            expected = TemperatureLogitsWarper(temperature)(None, expected)
-        if top_k is not None:
-            expected = TopKLogitsWarper(top_k)(None, expected)
-        if top_p is not None:
-            expected = TopPLogitsWarper(top_p)(None, expected)
         params = SamplingParams(do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p)
-        got = warp(scores[0], params)
-        assert torch.equal(torch.isinf(got), torch.isinf(expected[0]))
+        expected = _hf_warp(scores[0], params)
+        got = warp_rows(scores, [params])[0]
+        assert torch.equal(torch.isinf(got), torch.isinf(expected))
         finite = ~torch.isinf(got)
-        torch.testing.assert_close(got[finite], expected[0][finite])
+        torch.testing.assert_close(got[finite], expected[finite])
 
 
 def test_batched_warping_equals_each_row_warped_alone() -> None:
-    """Rows of mixed settings warped together keep exactly the tokens `warp` (HF's order of
-    processors) keeps for each row alone, whatever the other rows ask for."""
+    """Rows of mixed settings warped together keep exactly the tokens HF's warpers keep for each row
+    alone, whatever the other rows ask for, and each row equals itself warped alone."""
     generator = torch.Generator().manual_seed(3)
     settings = [
         {"temperature": 0.7},
@@ -75,7 +81,7 @@ def test_batched_warping_equals_each_row_warped_alone() -> None:
         scores = torch.randn(len(params), 300, generator=generator) * scale
         together = warp_rows(scores, params)
         for i, p in enumerate(params):
-            alone = warp(scores[i], p)
+            alone = _hf_warp(scores[i], p)
             assert torch.equal(torch.isinf(together[i]), torch.isinf(alone)), (scale, settings[i])
             finite = ~torch.isinf(alone)
             torch.testing.assert_close(together[i][finite], alone[finite])
@@ -92,7 +98,7 @@ def test_ties_at_the_kth_score_are_kept_as_hf_does() -> None:
     params = [SamplingParams(do_sample=True, top_k=k, top_p=p) for k, p in settings]
     together = warp_rows(scores, params)
     for i, p in enumerate(params):
-        alone = warp(scores[i], p)
+        alone = _hf_warp(scores[i], p)
         for got in (together[i], warp_rows(scores[i : i + 1], [p])[0]):
             if p.top_p is None:
                 assert torch.equal(torch.isinf(got), torch.isinf(alone))

@@ -60,24 +60,9 @@ def apply_repetition_penalty(scores_V: torch.Tensor, seen: set[int], penalty: fl
     return scores_V.index_copy(0, index, picked)
 
 
-def warp(scores_V: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """Temperature, then top-k, then top-p, on one row of float32 logits; removed tokens get -inf."""
-    if params.temperature is not None and params.temperature not in (0.0, 1.0):
-        scores_V = scores_V / params.temperature
-    if params.top_k is not None and params.top_k < scores_V.shape[-1]:
-        kth = torch.topk(scores_V, params.top_k).values[-1]
-        scores_V = scores_V.masked_fill(scores_V < kth, -float("inf"))
-    if params.top_p is not None and params.top_p < 1.0:
-        sorted_V, order_V = torch.sort(scores_V, descending=False)
-        cumulative_V = sorted_V.softmax(-1).cumsum(-1)
-        remove_V = cumulative_V <= (1 - params.top_p)
-        remove_V[-1] = False  # always keep the most likely token
-        scores_V = scores_V.masked_fill(remove_V.scatter(0, order_V, remove_V), -float("inf"))
-    return scores_V
-
-
 def warp_rows(scores_BV: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
-    """`warp` on every row at once, each with its own settings: (B, V) scores, removed tokens -inf."""
+    """Temperature, then top-k, then top-p (HF's warpers, in that order) on float32 logits, each row
+    with its own settings: (B, V) scores, removed tokens -inf (`warped_candidates`)."""
     values_BK, index_BK = warped_candidates(scores_BV, params)
     if index_BK is None:
         return values_BK
@@ -87,7 +72,7 @@ def warp_rows(scores_BV: torch.Tensor, params: Sequence[SamplingParams]) -> torc
 def warped_candidates(
     scores_BV: torch.Tensor, params: Sequence[SamplingParams]
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Temperature, top-k and top-p (as `warp`) for every row at once, each with its own settings,
+    """Temperature, top-k and top-p (HF's semantics) for every row at once, each with its own settings,
     without sorting the vocabulary: (values, token ids) of the tokens each row may still draw, the
     rest of its vocabulary removed; or (B, V) scores and None when a row needs the whole vocabulary.
 
@@ -98,8 +83,8 @@ def warped_candidates(
     `top_p` (HF sorts ascending and drops tokens whose cumulative mass is <= 1 - top_p: the same set
     in exact arithmetic); without top-k that set is found in the top `k` tokens, k grown 8x from 64
     until the cut falls inside, so a 256k vocabulary costs a softmax and small top-k passes instead
-    of a full sort (20 ms a row on 2 cores). A row's result does not depend on the other rows: k
-    only decides how much is looked at, not what is kept.
+    of a full sort (warping one such row that way took 20 ms on 2 cores). A row's result does not
+    depend on the other rows: k only decides how much is looked at, not what is kept.
     """
     vocab = scores_BV.shape[-1]
     device = scores_BV.device
@@ -124,13 +109,19 @@ def warped_candidates(
     if all(top_k) and not tie_past:
         values_BK = values_BK.masked_fill(values_BK < kth_B1, -float("inf"))
         if nucleus:
-            probs_BK = values_BK.float().softmax(-1)
-            above_BK = probs_BK.double().cumsum(-1) - probs_BK  # mass strictly above each (sorted) token
-            values_BK = values_BK.masked_fill((above_BK >= top_p_B1) & (top_p_B1 < 1.0), -float("inf"))
+            values_BK = values_BK.masked_fill(~_nucleus_keeps(values_BK.float().softmax(-1), top_p_B1), -float("inf"))
         return values_BK, index_BK
     kth_B1 = kth_B1.masked_fill(torch.tensor([[k == 0] for k in top_k], device=device), -float("inf"))
     scores_BV = scores_BV.masked_fill(scores_BV < kth_B1, -float("inf"))
     return (_nucleus_full(scores_BV, top_p_B1, limit=[k or vocab for k in top_k]) if nucleus else scores_BV), None
+
+
+def _nucleus_keeps(probs_BK: torch.Tensor, top_p_B1: torch.Tensor) -> torch.Tensor:
+    """Which of each row's candidates, sorted most likely first, top-p keeps: those with less than
+    `top_p` of the probability mass strictly above them (float64 sums); rows with top_p 1 keep all
+    (their mass may round past 1)."""
+    above_BK = probs_BK.double().cumsum(-1) - probs_BK
+    return (above_BK < top_p_B1) | (top_p_B1 >= 1.0)
 
 
 def _nucleus_full(
@@ -144,8 +135,7 @@ def _nucleus_full(
     k = min(vocab, 64)
     while True:
         probs_BK, index_BK = torch.topk(probs_BV, k, dim=-1)
-        above_BK = probs_BK.double().cumsum(-1) - probs_BK  # mass strictly above each candidate
-        keep_BK = above_BK < top_p_B1
+        keep_BK = _nucleus_keeps(probs_BK, top_p_B1)
         if not bool((keep_BK[:, -1] & (limit_B > k) & (top_p_B1[:, 0] < 1.0)).any()):
             break  # every row's cut falls inside its top k
         k = min(vocab, k * 8)
