@@ -111,9 +111,10 @@ def test_the_default_shape_is_nllb_moe_54b() -> None:
 def test_plan_validation_compares_a_run_with_its_prediction(tiny_config: Path, tmp_path: Path) -> None:
     """`bench.plan_validation` on a tiny model: a measured row and the planner's row for the same case."""
     from bench.fullscale import ensure_model
-    from bench.plan_validation import ValidationConfig, measure_model
+    from bench.plan_validation import ValidationConfig, measure_model, predict_row
     from engine.planner.measure import MeasureOptions
     from engine.planner.profile import load_profile
+    from engine.weights.loader import inspect_checkpoint
 
     model_dir = tmp_path / "model"
     ensure_model(_cfg(tiny_config, model_dir))
@@ -129,3 +130,12 @@ def test_plan_validation_compares_a_run_with_its_prediction(tiny_config: Path, t
             r["predicted_tokens_per_second"] / r["tokens_per_second"] - 1
         )
         assert 0 <= r["predicted_hit_rate"] <= 1
+    # The row's own rates are what it is predicted from: halving them slows the prediction.
+    row = rows[0]
+    halved = {
+        f: {k: x / 2 if k.endswith("_gb_s") else x for k, x in v.items()} for f, v in row["profile"]["cpu"].items()
+    }
+    slower = {**row["profile"], "cpu": halved}
+    config = inspect_checkpoint(model_dir).config
+    again = predict_row(config, profile, {**row, "profile": slower}, cfg)
+    assert again["predicted_tokens_per_second"] < row["predicted_tokens_per_second"]
