@@ -92,8 +92,9 @@ def run(cfg: OffloadABConfig, log: Any = print) -> dict[str, Any]:
         "machine": machine_info(),
         "runs": [],
     }
-    # A bench model by name, or any model directory (e.g. a `cpm2 quantize` copy) by its path.
-    models = {name: (Path(name) if Path(name).is_dir() else MODELS[name]()).resolve() for name in cfg.models}
+    # A bench model by name, or any model directory (e.g. a `cpm2 quantize` copy) by its path; the
+    # names come first, since a name may also be a folder here (`cpm2/` is a package).
+    models = {name: (MODELS[name]() if name in MODELS else Path(name)).resolve() for name in cfg.models}
     try:
         for repeat in range(cfg.repeats):
             for name, model_dir in models.items():
