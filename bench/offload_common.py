@@ -212,13 +212,15 @@ Call = tuple[str, tuple[int, ...]]
 
 class RoutingRecorder:
     """Wraps a model's expert providers to count, per layer, how many tokens each expert got, and to
-    keep the trace of calls (each layer call and the experts it needed, in order)."""
+    keep the trace of calls (each layer call and the experts it needed, in order; and per layer,
+    each call's (expert, tokens) pairs: `engine.planner.predict.RoutingTrace`)."""
 
     def __init__(self, layers: Sequence[MoEFeedForward]) -> None:
         self.layers = list(layers)
         self.counts: dict[MoELayerKey, torch.Tensor] = {}
         self.distinct: list[int] = []
         self.calls: list[Call] = []
+        self.trace: dict[str, list[list[tuple[int, int]]]] = {}
         for layer in layers:
             self.counts[layer.key] = torch.zeros(layer.num_experts, dtype=torch.long)
             layer.expert_provider = _Recording(self, layer.expert_provider)
@@ -267,6 +269,7 @@ class _Recording:
         for item in demand:
             self.recorder.counts[layer][item.expert] += item.num_tokens
         self.recorder.calls.append((str(layer), tuple(sorted(d.expert for d in demand))))
+        self.recorder.trace.setdefault(str(layer), []).append([(d.expert, d.num_tokens) for d in demand])
         if layer.stack == "decoder":
             self.recorder.distinct.append(len(demand))
         yield from self.inner.fetch(layer, demand, hidden_ND)
@@ -299,6 +302,8 @@ class DecodeRun:
     encode_transfers: int = 0
     #: Tokens per expert of each encoder layer in that pass (not in `to_dict`: bulky).
     encoder_expert_counts: dict[str, list[int]] = field(default_factory=dict)
+    #: Every layer call from the encoder pass to the last timed step (`RoutingRecorder.trace`).
+    routing_trace: dict[str, list[list[tuple[int, int]]]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -386,6 +391,7 @@ def decode_cpm2(
             encode_seconds=encode_seconds,
             encode_transfers=encode_transfers,
             encoder_expert_counts=encoder_counts,
+            routing_trace=recorder.trace,
         )
     finally:
         _unwrap(model.moe_layers())

@@ -147,6 +147,29 @@ def test_recorded_routing_changes_the_hit_rate(switch8) -> None:  # type: ignore
     assert popular.warm.hit_rate > uniform.warm.hit_rate
 
 
+def test_a_recorded_trace_is_replayed_call_by_call(switch8) -> None:  # type: ignore[no-untyped-def]
+    """Each layer call takes the next recorded call of its layer, whatever the draw would have been:
+    one expert needed again and again is read once and then hit; one new expert every call, at a
+    budget holding two of eight, misses every time."""
+    moe = switch8.moe
+    calls = 200  # more than the case's cold, settling and warm steps
+
+    def trace(expert_of_call):  # type: ignore[no-untyped-def]
+        return {f"decoder.{layer}": [[(expert_of_call(i), 1)] for i in range(calls)] for layer in moe.decoder_layers}
+
+    case = PlanCase(batch=1, budget="25%")
+    same = predict(switch8, _profile(), case, trace=trace(lambda i: 0))
+    assert same.warm.hit_rate == 1.0
+    assert same.warm.bytes_read_per_step == 0
+    assert same.warm.stall_seconds == 0
+    cycling = trace(lambda i: i % moe.num_experts)
+    fresh = predict(switch8, _profile(), case, trace=cycling)
+    assert fresh.warm.hit_rate < predict(switch8, _profile(), case).warm.hit_rate
+    # Every decoder call replayed: the draws' seed no longer matters to the decode steps.
+    reseeded = predict(switch8, _profile(), dataclasses.replace(case, seed=case.seed + 1), trace=cycling)
+    assert reseeded.warm == fresh.warm
+
+
 def test_what_cannot_run_is_said(switch8) -> None:  # type: ignore[no-untyped-def]
     tiny_ram = predict(switch8, _profile(ram_bytes=1 << 30), PlanCase(batch=1, budget="25%"))
     assert any("of RAM" in p for p in tiny_ram.problems)

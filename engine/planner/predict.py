@@ -4,15 +4,15 @@
 loading itself follows (`engine.memory_plan.plan_memory`: pool slots, staging, bytes per expert in
 the stored format). Time comes from replaying a request through the provider's own pieces with
 modelled costs: routing drawn per token from each layer's expert popularity (uniform unless a
-recorded one is given), the pool's own eviction policy (`engine.experts.pool.ExpertPool`) deciding
-hits and misses, and each MoE layer's experts ordered and timed by the InfMoE code the provider runs
-(`engine.experts.order`: Johnson's order under the slot limit, one link, one compute unit), with
-α (expert compute) and β (expert read: its bytes at the link's rate, the provider's bookkeeping, and
-the read latency shared by the reads in flight together) from the hardware profile's rates, α
-slowed by the profile's measured `read_contention` in layers that read (on few cores the reader's
-threads take CPU from the matmuls). Dense work is a roofline per matrix (the slower of streaming
-the weight and the arithmetic, plus the call's fixed cost) plus the engine's measured per-block
-overheads.
+recorded one is given) or replayed call by call from a recorded run's trace, the pool's own
+eviction policy (`engine.experts.pool.ExpertPool`) deciding hits and misses, and each MoE layer's
+experts ordered and timed by the InfMoE code the provider runs (`engine.experts.order`: Johnson's
+order under the slot limit, one link, one compute unit), with α (expert compute) and β (expert
+read: its bytes at the link's rate, the provider's bookkeeping, and the read latency shared by the
+reads in flight together) from the hardware profile's rates, α slowed by the profile's measured
+`read_contention` in layers that read (on few cores the reader's threads take CPU from the
+matmuls). Dense work is a roofline per matrix (the slower of streaming the weight and the
+arithmetic, plus the call's fixed cost) plus the engine's measured per-block overheads.
 
 Modelled: strict offloading (O_DIRECT reads on CPU, pinned host or disk over the host link on a
 GPU), teacher-forced steps (every step routes fresh tokens). Not modelled: prefetch (the provider
@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections import deque
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,6 +50,10 @@ DENSE_FORMATS = ("float32", "bfloat16", "int8")
 #: RSS a process holds beyond weights, pool and KV cache (Python, torch, oneDNN caches, I/O threads'
 #: arenas): the slack `bench.fullscale` states and holds to (NLLB-MoE 54B: 0.9 GiB measured).
 SLACK_BYTES = 3 << 29
+
+#: A recorded run's routing, call by call: for each MoE layer (keyed like `decoder.3`), its calls in
+#: order (the encoder pass's, then each decode step's), each the (expert, tokens) pairs it needed.
+RoutingTrace = Mapping[str, Sequence[Sequence[tuple[int, int]]]]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -309,20 +315,15 @@ class _Replay:
     generator: torch.Generator
     resident: bool = False
     """Every expert loaded at start (a budget that holds them all): no layer reads."""
+    trace: dict[str, deque[Sequence[tuple[int, int]]]] = field(default_factory=dict)
+    """Each layer's recorded calls still to replay; a layer's calls beyond them are drawn."""
     hits: int = 0
     looked: int = 0
 
     def layer(self, key: MoELayerKey, rows: int) -> tuple[float, float, float, float, int]:
         """One MoE layer on `rows` tokens: (makespan, compute, transfer, stall, loads)."""
-        moe = self.config.moe
-        assert moe is not None
-        p = self.popularity.get(str(key))
-        if p is None:
-            p = torch.ones(moe.num_experts)
-        k = min(moe.top_k, moe.num_experts)
-        picks = torch.multinomial(p.expand(rows, -1), k, replacement=False, generator=self.generator)
-        counts = torch.bincount(picks.flatten(), minlength=moe.num_experts)
-        demand = [(int(e), int(n)) for e, n in enumerate(counts.tolist()) if n]
+        recorded = self.trace.get(str(key))
+        demand = sorted((int(e), int(n)) for e, n in recorded.popleft()) if recorded else self._draw(key, rows)
         upcoming = [(key, e) for e, _ in demand]
         hits = []
         for i, (expert, _) in enumerate(demand):
@@ -348,6 +349,18 @@ class _Replay:
         schedule = simulate(order_jobs(jobs, "infmoe", slots=self.window), slots=self.window)
         loads = sum(1 for j in jobs if j.transfer > 0)
         return schedule.makespan, schedule.compute, schedule.transfer, schedule.stall, loads
+
+    def _draw(self, key: MoELayerKey, rows: int) -> list[tuple[int, int]]:
+        """(expert, tokens) for `rows` tokens each sent to the layer's top-k, drawn from its popularity."""
+        moe = self.config.moe
+        assert moe is not None
+        p = self.popularity.get(str(key))
+        if p is None:
+            p = torch.ones(moe.num_experts)
+        k = min(moe.top_k, moe.num_experts)
+        picks = torch.multinomial(p.expand(rows, -1), k, replacement=False, generator=self.generator)
+        counts = torch.bincount(picks.flatten(), minlength=moe.num_experts)
+        return [(int(e), int(n)) for e, n in enumerate(counts.tolist()) if n]
 
 
 def _encode_seconds(config: ModelConfig, c: _Costs, replay: _Replay, profile: HardwareProfile, case: PlanCase) -> float:
@@ -448,6 +461,7 @@ def predict(
     *,
     popularity: dict[str, list[float]] | None = None,
     prior: float = 1.0,
+    trace: RoutingTrace | None = None,
 ) -> Prediction:
     """Memory, time to first token and decode speed of `config` on `profile` as `case` says.
 
@@ -455,6 +469,13 @@ def predict(
     (`bench.fullscale` and `bench.offload` record them); uniform routing where absent. A recording
     is a sample, and a short one has seen few of the experts: drawing from it alone would send every
     future token to those, so `prior` tokens are added to every expert's count (a uniform prior).
+
+    `trace`: a recorded run's routing, replayed call by call instead of drawn (the encoder pass's
+    calls first, then the decode steps': the first `case.steps` are the cold steps, those from
+    max(`case.warmup`, `case.steps`) on the warm ones); layer calls beyond it are drawn as above.
+    This is how the planner is checked against real runs (`bench.plan_validation`): the routing of
+    a model with random routers is a property of its weights, not something the planner can know,
+    and replaying it leaves the error that is the planner's own.
     """
     if config.moe is None:
         raise ConfigError("cpm2 plan models offloaded experts; this config has none (cpm2 info sizes dense models)")
@@ -509,7 +530,14 @@ def predict(
     weights = {k: torch.tensor(v, dtype=torch.float64) + prior for k, v in (popularity or {}).items()}
     slots = plan.num_slots if plan.is_offloaded else plan.num_experts
     replay = _Replay(
-        qconfig, costs, ExpertPool(max(1, slots)), case.window, weights, generator, resident=not plan.is_offloaded
+        qconfig,
+        costs,
+        ExpertPool(max(1, slots)),
+        case.window,
+        weights,
+        generator,
+        resident=not plan.is_offloaded,
+        trace={layer: deque(calls) for layer, calls in (trace or {}).items()},
     )
     encode = _encode_seconds(qconfig, costs, replay, profile, case)
     first = _Totals()
