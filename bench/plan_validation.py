@@ -6,11 +6,12 @@ In one run: this machine's profile (`cpm2 plan --measure`'s code, scratch file b
 then the offload benchmark models (`bench.offload_common`: Switch-like, CPM-2-like, NLLB-MoE-shaped,
 bf16 experts) decoded in strict mode at a 25 % budget with the expert store dropped from the page
 cache before each step (as `bench.offload`'s disk tier; the dense checkpoint stays cached), at
-batch 1 and 16. Each run is predicted by `engine.planner.predict` for the same case, with the
-run's own routing replayed call by call (its trace: which experts each layer call needed, and for how
-many tokens), so the error is the planner's costs and schedule, not a guess at where random routers
-send tokens. Beside it, the prediction with routing drawn from the popularity the run recorded (the
-planner's input for a model whose routing is known only as totals; uniform otherwise).
+batch 1 and 16. Each run is predicted by `engine.planner.predict` for the same case as
+`cpm2 plan --routing` would: routing drawn from the expert popularity the run recorded (its totals
+per layer; uniform for a model nobody has run). Beside it, a diagnostic: the same prediction with
+the run's routing replayed call by call (its trace: which experts each layer call needed, and for
+how many tokens), which leaves only the planner's costs and schedule to err; where the two differ,
+the drawn routing's hits and reads are what moved the figure.
 
 Error = predicted / measured - 1, for decode tok/s, prefill (encoder pass) seconds and bytes read
 per token; target within 25 %.
@@ -62,18 +63,16 @@ def predict_measured(
     config: ModelConfig, profile: HardwareProfile, case: PlanCase, measured: dict[str, Any], *, disk_read_gb_s: float
 ) -> dict[str, Any]:
     """The planner's figures for a `measured` run and each relative error: `profile` with the
-    store's read rate `disk_read_gb_s` measured around the run, and the routing the run recorded,
-    replayed call by call where the run kept its trace (`routing_trace`), drawn from its totals
-    (`routing_counts`) otherwise. Compared: `tokens_per_second` (of its `phase`, warm by default),
-    `storage_bytes_per_token`, `encode_seconds`. With a trace, the errors of the prediction drawn
-    from the totals are given too (`drawn`)."""
+    store's read rate `disk_read_gb_s` measured around the run, and routing drawn from the totals
+    the run recorded (`routing_counts`). Compared: `tokens_per_second` (of its `phase`, warm by
+    default), `storage_bytes_per_token`, `encode_seconds`. Where the run kept its trace
+    (`routing_trace`), the same figures with it replayed call by call are under `replayed`."""
     popularity = {k: [float(x) for x in v] for k, v in measured["routing_counts"].items()}
     here = dataclasses.replace(profile, disk_read_gb_s=disk_read_gb_s)
-    trace = measured.get("routing_trace")
-    row = _predicted(predict(config, here, case, popularity=popularity, trace=trace), measured)
-    if trace:
-        drawn = _predicted(predict(config, here, case, popularity=popularity), measured)
-        row["drawn"] = {k: v for k, v in drawn.items() if k.endswith("_error") or k.startswith("predicted_")}
+    row = _predicted(predict(config, here, case, popularity=popularity), measured)
+    if trace := measured.get("routing_trace"):
+        replayed = _predicted(predict(config, here, case, popularity=popularity, trace=trace), measured)
+        row["replayed"] = replayed
     return row
 
 
@@ -172,9 +171,9 @@ def _summarise(report: dict[str, Any]) -> None:
     errors = [abs(r["tokens_per_second_error"]) for r in report["rows"]]
     report["max_abs_tokens_per_second_error"] = max(errors)
     report["median_abs_tokens_per_second_error"] = statistics.median(errors)
-    drawn = [abs(r["drawn"]["tokens_per_second_error"]) for r in report["rows"] if "drawn" in r]
-    if drawn:
-        report["max_abs_drawn_tokens_per_second_error"] = max(drawn)
+    replayed = [abs(r["replayed"]["tokens_per_second_error"]) for r in report["rows"] if "replayed" in r]
+    if replayed:
+        report["max_abs_replayed_tokens_per_second_error"] = max(replayed)
 
 
 def run(cfg: ValidationConfig) -> dict[str, Any]:
@@ -208,10 +207,10 @@ def repredict(report: dict[str, Any], cfg: ValidationConfig) -> dict[str, Any]:
 def print_report(report: dict[str, Any], console: Console) -> None:
     table = Table(title="cpm2 plan against measured runs (strict, 25 %, store dropped from the page cache every step)")
     columns = ("model", "batch", "tok/s", "predicted", "error", "MB read/tok", "predicted", "error", "hit", "pred hit")
-    for col in (*columns, "prefill s", "predicted", "error", "drawn: tok/s error", "prefill error"):
+    for col in (*columns, "prefill s", "predicted", "error", "replayed: tok/s error", "prefill error"):
         table.add_column(col, justify="right")
     for r in report["rows"]:
-        drawn = r.get("drawn", {})
+        replayed = r.get("replayed", {})
         table.add_row(
             r["model"],
             str(r["batch"]),
@@ -226,12 +225,13 @@ def print_report(report: dict[str, Any], console: Console) -> None:
             f"{r['encode_seconds']:.2f}",
             f"{r['predicted_encode_seconds']:.2f}",
             f"{r.get('encode_seconds_error', float('nan')):+.0%}",
-            f"{drawn.get('tokens_per_second_error', float('nan')):+.0%}",
-            f"{drawn.get('encode_seconds_error', float('nan')):+.0%}",
+            f"{replayed.get('tokens_per_second_error', float('nan')):+.0%}",
+            f"{replayed.get('encode_seconds_error', float('nan')):+.0%}",
         )
     console.print(table)
     console.print(
-        "predicted: the run's routing replayed call by call; drawn: routing drawn from the totals it recorded"
+        "predicted: routing drawn from the totals the run recorded (as cpm2 plan --routing); replayed: the "
+        "run's routing replayed call by call (the planner's costs and schedule alone)"
     )
     console.print(
         f"|error| of tok/s: median {report['median_abs_tokens_per_second_error']:.0%}, "

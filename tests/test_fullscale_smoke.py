@@ -130,14 +130,14 @@ def test_plan_validation_compares_a_run_with_its_prediction(tiny_config: Path, t
             r["predicted_tokens_per_second"] / r["tokens_per_second"] - 1
         )
         assert 0 <= r["predicted_hit_rate"] <= 1
-        # Predicted from the run's own routing, call by call: the encoder pass's call, then one per
-        # decode step (warm-up and timed) of every decoder MoE layer; the drawn prediction beside it.
+        # The run's routing call by call (the encoder pass's call, then one per decode step, warm-up
+        # and timed, of every decoder MoE layer), and the prediction that replays it beside.
         decoder = [calls for layer, calls in r["routing_trace"].items() if layer.startswith("decoder.")]
         assert decoder
         assert all(len(calls) == cfg.warmup + cfg.steps for calls in decoder)
         top_k = inspect_checkpoint(model_dir).config.moe.top_k  # type: ignore[union-attr]
         assert all(sum(n for _, n in call) == r["batch"] * top_k for calls in decoder for call in calls)
-        assert "tokens_per_second_error" in r["drawn"]
+        assert "tokens_per_second_error" in r["replayed"]
     # The row's own rates are what it is predicted from: halving them slows the prediction.
     row = rows[0]
     halved = {
