@@ -212,15 +212,14 @@ Call = tuple[str, tuple[int, ...]]
 
 class RoutingRecorder:
     """Wraps a model's expert providers to count, per layer, how many tokens each expert got, and to
-    keep the trace of calls (each layer call and the experts it needed, in order; and per layer,
-    each call's (expert, tokens) pairs: `engine.planner.predict.RoutingTrace`)."""
+    keep every layer call in order with the (expert, tokens) pairs it needed (`demands`), from which
+    `calls` and `trace` are read."""
 
     def __init__(self, layers: Sequence[MoEFeedForward]) -> None:
         self.layers = list(layers)
         self.counts: dict[MoELayerKey, torch.Tensor] = {}
         self.distinct: list[int] = []
-        self.calls: list[Call] = []
-        self.trace: dict[str, list[list[tuple[int, int]]]] = {}
+        self.demands: list[tuple[str, list[tuple[int, int]]]] = []
         for layer in layers:
             self.counts[layer.key] = torch.zeros(layer.num_experts, dtype=torch.long)
             layer.expert_provider = _Recording(self, layer.expert_provider)
@@ -240,6 +239,18 @@ class RoutingRecorder:
     def stack_counts(self, stack: str) -> dict[str, list[int]]:
         """Tokens per expert of each layer of `stack`, keyed `<stack>.<block>`."""
         return {str(k): c.tolist() for k, c in self.counts.items() if k.stack == stack}
+
+    @property
+    def calls(self) -> list[Call]:
+        """Each layer call and the experts it needed, in the order of the calls."""
+        return [(layer, tuple(sorted(e for e, _ in demand))) for layer, demand in self.demands]
+
+    def trace(self) -> dict[str, list[list[tuple[int, int]]]]:
+        """Per layer, its calls' (expert, tokens) pairs in order (`engine.planner.predict.RoutingTrace`)."""
+        out: dict[str, list[list[tuple[int, int]]]] = {}
+        for layer, demand in self.demands:
+            out.setdefault(layer, []).append(demand)
+        return out
 
 
 def routing_summary(counts: Sequence[torch.Tensor], distinct: Sequence[int]) -> dict[str, Any]:
@@ -268,8 +279,7 @@ class _Recording:
     def fetch(self, layer: MoELayerKey, demand: Sequence[ExpertDemand], hidden_ND: torch.Tensor) -> Any:
         for item in demand:
             self.recorder.counts[layer][item.expert] += item.num_tokens
-        self.recorder.calls.append((str(layer), tuple(sorted(d.expert for d in demand))))
-        self.recorder.trace.setdefault(str(layer), []).append([(d.expert, d.num_tokens) for d in demand])
+        self.recorder.demands.append((str(layer), [(d.expert, d.num_tokens) for d in demand]))
         if layer.stack == "decoder":
             self.recorder.distinct.append(len(demand))
         yield from self.inner.fetch(layer, demand, hidden_ND)
@@ -391,7 +401,7 @@ def decode_cpm2(
             encode_seconds=encode_seconds,
             encode_transfers=encode_transfers,
             encoder_expert_counts=encoder_counts,
-            routing_trace=recorder.trace,
+            routing_trace=recorder.trace(),
         )
     finally:
         _unwrap(model.moe_layers())
