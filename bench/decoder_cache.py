@@ -95,7 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.decoder_cache", description=__doc__.split("\n")[0])
     add_rows_options(parser, name="decoder_cache", repeats=11)
     args = parser.parse_args(argv)
-    rows, repeats, out = rows_options(args, argv, repeats=11)
+    rows, repeats, out = rows_options(args, argv)
     with torch.inference_mode():
         records = measure(rows, repeats)
     report = {"benchmark": "decoder_cache", "machine": machine_info(), "records": records}

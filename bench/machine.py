@@ -193,20 +193,20 @@ def median_ms(action: Callable[[], object], repeats: int, *, prepare: Callable[[
 
 
 def add_rows_options(parser: argparse.ArgumentParser, *, name: str, repeats: int) -> None:
-    """`--quick` (B = 1 and 16, 3 repeats), `--repeats`, `--out` of a benchmark over B = 1 / 16 / 64 rows."""
+    """`--quick` (B = 1 and 16, 3 repeats), `--repeats` (default `repeats`), `--out` of a benchmark
+    over B = 1 / 16 / 64 rows."""
     parser.add_argument("--quick", action="store_true", help="B = 1 and 16, 3 repeats")
     parser.add_argument("--repeats", type=int, default=None, help=f"default {repeats}; 3 with --quick")
     parser.add_argument("--out", type=Path, default=Path(f"bench/results/{name}.json"))
+    parser.set_defaults(default_repeats=repeats)
 
 
-def rows_options(
-    args: argparse.Namespace, argv: Sequence[str] | None, *, repeats: int
-) -> tuple[tuple[int, ...], int, Path]:
+def rows_options(args: argparse.Namespace, argv: Sequence[str] | None) -> tuple[tuple[int, ...], int, Path]:
     """(rows, repeats, JSON path) from `add_rows_options`' options; a quick run from the command line
     writes NAME.quick.json, so it does not replace the recorded results."""
     rows = (1, 16) if args.quick else (1, 16, 64)
     out = args.out.with_suffix(".quick.json") if args.quick and argv is None else args.out
-    return rows, args.repeats or (3 if args.quick else repeats), out
+    return rows, args.repeats or (3 if args.quick else args.default_repeats), out
 
 
 def publish(

@@ -102,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_rows_options(parser, name="sampling", repeats=7)
     parser.add_argument("--vocab", type=int, nargs="+", default=list(VOCABS), help="vocabulary sizes")
     args = parser.parse_args(argv)
-    rows, repeats, out = rows_options(args, argv, repeats=7)
+    rows, repeats, out = rows_options(args, argv)
     with torch.inference_mode():
         records = measure(rows, repeats, args.vocab)
     report = {
