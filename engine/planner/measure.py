@@ -38,6 +38,8 @@ from engine.model.moe import ExpertDemand
 from engine.model.quant import quantize_int8
 from engine.planner.profile import (
     FORMATS,
+    LARGE_SHAPE,
+    SMALL_SHAPE,
     GpuProfile,
     HardwareProfile,
     MatmulRates,
@@ -65,10 +67,10 @@ class MeasureOptions:
     blob_bytes: int = 16 << 20
     """One read: the size of a large expert (NLLB-MoE 54B's int4 experts are 18 MiB)."""
     repeats: int = 3
-    large_shape: tuple[int, int] = (4096, 4096)
-    """The large matrix streaming rates are measured on (`LARGE_PARAMETERS`)."""
-    small_shape: tuple[int, int] = (2048, 512)
-    """The small one (`SMALL_PARAMETERS`)."""
+    large_shape: tuple[int, int] = LARGE_SHAPE
+    """The large matrix streaming rates are measured on (the size `MatmulRates` interpolates from)."""
+    small_shape: tuple[int, int] = SMALL_SHAPE
+    """The small one."""
 
     @classmethod
     def quick(cls, scratch: Path) -> MeasureOptions:
@@ -370,15 +372,19 @@ def provider_load_us(scratch: Path, *, disk_latency_us: float) -> float:
         model_dir = Path(tmp) / "model"
         write_random_model(_tiny_config(decoder_layers=8, moe=True), model_dir, progress=False)
         resident = load_for_inference(model_dir, offload=OffloadConfig(expert_memory="100%"), progress=False)
-        resident_step, _ = _decode_seconds(resident.model, batch=1)
+        try:
+            resident_step, _ = _decode_seconds(resident.model, batch=1)
+        finally:
+            resident.close()
         offload = OffloadConfig(expert_memory="25%", direct_io=True, prefetch=False)
         loaded = load_for_inference(model_dir, offload=offload, progress=False)
         try:
             assert loaded.provider is not None
             before = loaded.provider.stats.transfers
             offloaded_step, _ = _decode_seconds(loaded.model, batch=1)
-            # transfers counted over all 5 runs and their encoder passes: per step of the best run
-            # is not known, so the loads of one step are the average over every step decoded.
+            # Transfers are counted over all 5 runs (the tiny model's encoder has no MoE layer, so
+            # every one is a decode step's): the loads of the best run's steps are not known apart,
+            # so a step's loads are the average over every step decoded.
             loads = (loaded.provider.stats.transfers - before) / (5 * 48)
         finally:
             loaded.close()

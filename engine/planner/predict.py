@@ -527,7 +527,9 @@ def predict(
     generator = torch.Generator().manual_seed(case.seed)
     if prior < 0:
         raise ConfigError(f"routing prior {prior}: must be >= 0")
-    weights = {k: torch.tensor(v, dtype=torch.float64) + prior for k, v in (popularity or {}).items()}
+    # Floored above 0: with no prior, a layer whose recording saw fewer experts than its top-k
+    # (or none) can still be drawn from.
+    weights = {k: (torch.tensor(v, dtype=torch.float64) + prior).clamp_min(1e-9) for k, v in (popularity or {}).items()}
     slots = plan.num_slots if plan.is_offloaded else plan.num_experts
     replay = _Replay(
         qconfig,

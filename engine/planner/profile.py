@@ -22,9 +22,11 @@ from engine.errors import ConfigError
 
 #: Weight formats a profile gives matmul rates for: the engine's compute dtypes and quantised formats.
 FORMATS = ("float32", "bfloat16", "int8", "int4")
-#: The matrix sizes streaming rates are measured at (`MatmulRates`): 2048 x 512 and 4096 x 4096.
-SMALL_PARAMETERS = 2048 * 512
-LARGE_PARAMETERS = 4096 * 4096
+#: The matrices streaming rates are measured on (`MatmulRates`, `engine.planner.measure`).
+SMALL_SHAPE = (2048, 512)
+LARGE_SHAPE = (4096, 4096)
+SMALL_PARAMETERS = SMALL_SHAPE[0] * SMALL_SHAPE[1]
+LARGE_PARAMETERS = LARGE_SHAPE[0] * LARGE_SHAPE[1]
 
 
 def _positive(owner: str, **values: float) -> None:
