@@ -55,7 +55,7 @@ from bench.offload_common import (
     store_files,
     store_read_gb_s,
 )
-from bench.plan_validation import predict_measured, routing_counts
+from bench.plan_validation import median_run, predict_measured, routing_counts
 from bench.soak import proc_status
 from engine.config import ModelConfig
 from engine.errors import ConfigError
@@ -218,7 +218,7 @@ def measure(
             compute = decode_cpm2(loaded, batch=batch, steps=cfg.steps, source_len=cfg.source_len, warmup=2)
         compute_seconds = compute.seconds / compute.tokens
         for phase, runs in (("cold", colds), ("warm", warms)):
-            run = sorted(runs, key=lambda r: r.tokens_per_second)[len(runs) // 2]  # the median run
+            run = median_run(runs)
             row = _row(run, phase=phase, batch=batch)
             row["tokens_per_second_all"] = [r.tokens_per_second for r in runs]
             row["routing_counts"] = routing_counts(runs)

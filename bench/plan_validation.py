@@ -98,7 +98,8 @@ def _predicted(prediction: Prediction, measured: dict[str, Any]) -> dict[str, An
     return row
 
 
-def _median(runs: list[DecodeRun]) -> DecodeRun:
+def median_run(runs: Sequence[DecodeRun]) -> DecodeRun:
+    """The run of median tok/s (the upper middle of an even count)."""
     return sorted(runs, key=lambda r: r.tokens_per_second)[len(runs) // 2]
 
 
@@ -150,7 +151,7 @@ def measure_model(
         # This VM's virtual disk drifts (0.9-1.9 GB/s between rows of one run): the rate the runs
         # saw is taken as the mean of readings just before and just after them.
         after = store_read_gb_s(store)
-        run = _median(runs)
+        run = median_run(runs)
         row = {
             "model": name,
             "path": str(model_dir),
@@ -193,7 +194,11 @@ def run(cfg: ValidationConfig) -> dict[str, Any]:
 
 
 def repredict(report: dict[str, Any], cfg: ValidationConfig) -> dict[str, Any]:
-    """`report`'s measured rows predicted again (the planner changed) with the profile it recorded."""
+    """`report`'s measured rows predicted again (the planner changed) with the profile it recorded,
+    for the budget and steps it ran (an older report may have warmed up fewer steps than today's
+    default)."""
+    ran = {k: report["config"][k] for k in ("budget", "steps", "warmup") if k in report.get("config", {})}
+    cfg = dataclasses.replace(cfg, **ran)
     profile = HardwareProfile.from_dict(report["profile"], source="the report's profile")
     rows = []
     for row in report["rows"]:
