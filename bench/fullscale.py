@@ -184,7 +184,7 @@ def experts_from_memory(loaded: InferenceModel, store: ExpertStore) -> Iterator[
 
 
 def _row(run: DecodeRun, *, phase: str, batch: int) -> dict[str, Any]:
-    return {"phase": phase, "batch": batch, **run.to_dict()}
+    return {"phase": phase, "batch": batch, **run.to_dict(), "routing_trace": run.routing_trace}
 
 
 def _peak_rss() -> int:
@@ -329,7 +329,7 @@ def print_report(report: dict[str, Any], console: Console) -> None:
     )
     table = Table(title="decode, strict mode, expert files dropped from the page cache every step")
     columns = ("batch", "phase", "tok/s", "compute-only", "read GB/s", "read bound", "of bound", "MB read/tok", "hit")
-    for col in (*columns, "prefill s", "planned tok/s", "error"):
+    for col in (*columns, "prefill s", "prefill GB/s", "planned tok/s", "error"):
         table.add_column(col, justify="right")
     for r in report["runs"]:
         e = r.get("experts", {})
@@ -344,6 +344,7 @@ def print_report(report: dict[str, Any], console: Console) -> None:
             f"{r['storage_bytes_per_token'] / 1e6:.0f}",
             f"{e.get('hit_rate', 0):.2f}",
             f"{r['encode_seconds']:.1f}",
+            f"{r.get('encode_storage_bytes_read', 0) / 1e9 / max(r['encode_seconds'], 1e-9):.2f}",
             f"{r['predicted_tokens_per_second']:.2f}",
             f"{r['tokens_per_second_error']:+.0%}",
         )

@@ -307,9 +307,12 @@ class DecodeRun:
     storage_bytes_read: int = 0
     #: Tokens per expert of each decoder layer over the timed steps (not in `to_dict`: bulky).
     expert_counts: dict[str, list[int]] = field(default_factory=dict)
-    #: The encoder pass (prefill) of the batch: seconds and expert loads it needed.
+    #: The encoder pass (prefill) of the batch: seconds, expert loads it needed, bytes it read from
+    #: storage, and the provider's counters over it.
     encode_seconds: float = 0.0
     encode_transfers: int = 0
+    encode_storage_bytes_read: int = 0
+    encode_stats: ExpertStats | None = None
     #: Tokens per expert of each encoder layer in that pass (not in `to_dict`: bulky).
     encoder_expert_counts: dict[str, list[int]] = field(default_factory=dict)
     #: Every layer call from the encoder pass to the last timed step (`RoutingRecorder.trace`).
@@ -325,7 +328,10 @@ class DecodeRun:
             "storage_bytes_per_token": self.storage_bytes_read / max(1, self.tokens),
             "encode_seconds": self.encode_seconds,
             "encode_transfers": self.encode_transfers,
+            "encode_storage_bytes_read": self.encode_storage_bytes_read,
         }
+        if self.encode_stats is not None:
+            out["encode_experts"] = self.encode_stats.to_dict()
         if self.stats is not None:
             out["experts"] = self.stats.to_dict()
             out["experts_per_layer"] = self.stats.layers_to_dict()
@@ -364,13 +370,17 @@ def decode_cpm2(
     forced = random_ids((warmup + steps, batch), vocab=vocab, seed=seed + 1).to(device)
     recorder = RoutingRecorder(model.moe_layers())
     try:
-        encode_before = loaded.provider.stats.transfers if loaded.provider else 0
+        if cold_files:
+            drop_page_cache(cold_files)
+        encode_before = loaded.provider.stats.snapshot() if loaded.provider else None
+        encode_read_before = storage_read_bytes()
         _sync(device)
         encode_begin = time.perf_counter()
         state = model.start_decoding(model.encode(model.embed(ids), valid), valid, capacity=warmup + steps)
         _sync(device)
         encode_seconds = time.perf_counter() - encode_begin
-        encode_transfers = (loaded.provider.stats.transfers if loaded.provider else 0) - encode_before
+        encode_storage = storage_read_bytes() - encode_read_before
+        encode_stats = (loaded.provider.stats - encode_before) if loaded.provider and encode_before else None
         encoder_counts = recorder.stack_counts("encoder")
         for t in range(warmup):
             model.logits(model.decode(model.embed(forced[t].unsqueeze(1)), state))
@@ -399,7 +409,9 @@ def decode_cpm2(
             storage,
             recorder.decoder_counts(),
             encode_seconds=encode_seconds,
-            encode_transfers=encode_transfers,
+            encode_transfers=encode_stats.transfers if encode_stats else 0,
+            encode_storage_bytes_read=encode_storage,
+            encode_stats=encode_stats,
             encoder_expert_counts=encoder_counts,
             routing_trace=recorder.trace(),
         )

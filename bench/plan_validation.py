@@ -39,7 +39,7 @@ from bench.offload_common import CACHE_ROOT, DecodeRun, decode_cpm2, load_cpm2, 
 from engine.config import ModelConfig
 from engine.experts.store import ExpertStore
 from engine.planner.measure import MeasureOptions, measure_profile, remeasure_cpu
-from engine.planner.predict import PlanCase, Prediction, predict
+from engine.planner.predict import PlanCase, Prediction, predict, routing_reuse
 from engine.planner.profile import HardwareProfile
 from engine.weights.loader import inspect_checkpoint
 
@@ -63,16 +63,22 @@ def predict_measured(
     config: ModelConfig, profile: HardwareProfile, case: PlanCase, measured: dict[str, Any], *, disk_read_gb_s: float
 ) -> dict[str, Any]:
     """The planner's figures for a `measured` run and each relative error: `profile` with the
-    store's read rate `disk_read_gb_s` measured around the run, and routing drawn from the totals
-    the run recorded (`routing_counts`). Compared: `tokens_per_second` (of its `phase`, warm by
-    default), `storage_bytes_per_token`, `encode_seconds`. Where the run kept its trace
-    (`routing_trace`), the same figures with it replayed call by call are under `replayed`."""
+    store's read rate `disk_read_gb_s` measured around the run, and routing drawn from the
+    statistics the run recorded: its totals (`routing_counts`) and, where it kept its trace
+    (`routing_trace`), how much each layer's calls reuse the experts of the call before
+    (`routing_reuse`, what `cpm2 plan --reuse` takes). Compared: `tokens_per_second` (of its
+    `phase`, warm by default), `storage_bytes_per_token`, `encode_seconds`. With a trace, the same
+    figures are under `replayed` with it replayed call by call, and under `independent` drawn from
+    the totals alone (every call afresh)."""
     popularity = {k: [float(x) for x in v] for k, v in measured["routing_counts"].items()}
     here = dataclasses.replace(profile, disk_read_gb_s=disk_read_gb_s)
-    row = _predicted(predict(config, here, case, popularity=popularity), measured)
-    if trace := measured.get("routing_trace"):
-        replayed = _predicted(predict(config, here, case, popularity=popularity, trace=trace), measured)
-        row["replayed"] = replayed
+    trace = measured.get("routing_trace")
+    reuse = routing_reuse(trace, popularity) if trace else {}
+    row = _predicted(predict(config, here, case, popularity=popularity, reuse=reuse), measured)
+    if trace:
+        row["routing_reuse"] = reuse
+        row["replayed"] = _predicted(predict(config, here, case, popularity=popularity, trace=trace), measured)
+        row["independent"] = _predicted(predict(config, here, case, popularity=popularity), measured)
     return row
 
 
@@ -235,8 +241,9 @@ def print_report(report: dict[str, Any], console: Console) -> None:
         )
     console.print(table)
     console.print(
-        "predicted: routing drawn from the totals the run recorded (as cpm2 plan --routing); replayed: the "
-        "run's routing replayed call by call (the planner's costs and schedule alone)"
+        "predicted: routing drawn from the totals the run recorded and its layers' reuse of earlier steps' "
+        "experts (as cpm2 plan --routing --reuse); replayed: the run's routing replayed call by call (the "
+        "planner's costs and schedule alone)"
     )
     console.print(
         f"|error| of tok/s: median {report['median_abs_tokens_per_second_error']:.0%}, "

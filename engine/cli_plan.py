@@ -55,6 +55,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
     config = inspect_config(args.config).config
     profile = load_profile(args.hardware)
     popularity = _popularity(args.routing)
+    if not 0 <= args.reuse <= 1:
+        raise ConfigError(f"--reuse {args.reuse}: a share in [0, 1] (0: every decode step routes afresh)")
+    decoder_layers = config.moe.decoder_layers if config.moe is not None else ()
+    reuse = {f"decoder.{layer}": args.reuse for layer in decoder_layers}
     predictions = [
         predict(
             config,
@@ -69,6 +73,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
                 window=args.window,
             ),
             popularity=popularity,
+            reuse=reuse,
         )
         for experts in args.experts
         for budget in args.budget
@@ -126,6 +131,13 @@ def add_plan_parser(subparsers: Any) -> None:
         "--routing",
         type=Path,
         help='tokens per expert per layer, {"decoder.3": [...]}: routing drawn from it (default uniform)',
+    )
+    p.add_argument(
+        "--reuse",
+        type=float,
+        default=0.0,
+        help="share of a decode step's expert choices that go to experts the request chose at earlier steps "
+        "(bench.plan_validation prints what runs show; default 0: every step routes afresh)",
     )
     p.add_argument("--json", action="store_true")
     p.add_argument("--measure", action="store_true", help="measure this machine and write its profile")

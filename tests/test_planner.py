@@ -12,13 +12,14 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from cpm2.cli import main
 from engine.errors import ConfigError
 from engine.experts.pool import ExpertPool
 from engine.model import MoELayerKey
 from engine.planner.measure import MeasureOptions, measure_profile
-from engine.planner.predict import PlanCase, predict
+from engine.planner.predict import PlanCase, predict, routing_reuse
 from engine.planner.profile import HardwareProfile, MatmulRates, OverheadProfile, load_profile, reference_profiles
 from engine.weights.loader import inspect_config
 
@@ -118,6 +119,24 @@ def test_prediction_follows_the_budget_format_and_batch(switch8) -> None:  # typ
     assert json.loads(json.dumps(report)) == report
 
 
+def test_a_blocks_own_time_follows_the_rows_it_touches(switch8) -> None:  # type: ignore[no-untyped-def]
+    measured = OverheadProfile(step_us=200, block_us=100, block16_us=250, moe_layer_us=150, expert_us=60, load_us=60)
+    assert measured.block_seconds(1) == pytest.approx(100e-6)
+    assert measured.block_seconds(8) == pytest.approx((100 + 150 * 7 / 15) * 1e-6)
+    assert measured.block_seconds(16) == measured.block_seconds(512) == pytest.approx(250e-6)
+    older = dataclasses.replace(measured, block16_us=None)  # profiles measured before block16_us
+    assert older.block_seconds(1) == older.block_seconds(16) == pytest.approx(100e-6)
+    with pytest.raises(ConfigError, match="block16_us must be >= 0"):
+        dataclasses.replace(measured, block16_us=-1.0)
+    # Batch 16 decodes 12 decoder blocks (Switch-base-8): 12 x 150 us more per step than with the old
+    # figure; batch 1 is as before.
+    for batch, extra in ((1, 0.0), (16, 12 * 150e-6)):
+        case = PlanCase(batch=batch, budget="100%")
+        new = predict(switch8, _profile(overhead=measured), case).warm.dense_seconds
+        old = predict(switch8, _profile(overhead=older), case).warm.dense_seconds
+        assert new - old == pytest.approx(extra)
+
+
 def test_reads_slow_the_experts_of_layers_that_load_and_latency_overlaps(switch8) -> None:  # type: ignore[no-untyped-def]
     def run(profile: HardwareProfile, budget: str = "25%", batch: int = 1):  # type: ignore[no-untyped-def]
         return predict(switch8, profile, PlanCase(batch=batch, budget=budget))
@@ -174,6 +193,40 @@ def test_a_recorded_trace_is_replayed_call_by_call(switch8) -> None:  # type: ig
     assert reseeded.warm == fresh.warm
 
 
+def test_reuse_is_measured_from_a_trace_and_drawn_with(switch8) -> None:  # type: ignore[no-untyped-def]
+    """`routing_reuse` finds how much a layer's calls return to experts chosen earlier, beyond what
+    its popularity explains; drawn with it, a request keeps to its experts and hits the pool more."""
+    moe = switch8.moe
+    uniform = [1.0] * moe.num_experts
+    always = [[(3, 1)] for _ in range(40)]  # the same expert every call
+    cycling = [[(i % moe.num_experts, 1)] for i in range(40)]  # each expert in turn
+    layers = {"decoder.1": always, "decoder.3": cycling, "encoder.1": [[(0, 4), (5, 2)]]}
+    reuse = routing_reuse(layers, dict.fromkeys(layers, uniform), prior=0)
+    assert reuse["decoder.1"] == pytest.approx(1.0)  # o = 1 on every call
+    # Cycling returns to seen experts only once all 8 were seen: less than popularity alone explains.
+    assert reuse["decoder.3"] == 0.0
+    assert "encoder.1" not in reuse  # called once: nothing to reuse
+    # Calls made the way `predict` draws them (half the time an expert chosen before, in proportion
+    # to its calls; else any, evenly): the estimate finds the half back.
+    generator = torch.Generator().manual_seed(0)
+    made: list[int] = []
+    for _ in range(2000):
+        earlier = made and torch.rand((), generator=generator) < 0.5
+        pool = made if earlier else range(moe.num_experts)
+        made.append(pool[int(torch.randint(len(pool), (), generator=generator))])
+    drawn = {"decoder.1": [[(e, 1)] for e in made]}
+    assert routing_reuse(drawn, {"decoder.1": uniform}, prior=0)["decoder.1"] == pytest.approx(0.5, abs=0.05)
+
+    case = PlanCase(batch=1, budget="25%")
+    sticky = {f"decoder.{layer}": 0.9 for layer in moe.decoder_layers}
+    fresh, kept = predict(switch8, _profile(), case), predict(switch8, _profile(), case, reuse=sticky)
+    assert kept.warm.hit_rate > fresh.warm.hit_rate
+    assert kept.warm.bytes_read_per_step < fresh.warm.bytes_read_per_step
+    assert predict(switch8, _profile(), case, reuse={}).warm == fresh.warm  # no reuse: as before
+    with pytest.raises(ConfigError, match="not a share in"):
+        predict(switch8, _profile(), case, reuse={"decoder.1": 1.5})
+
+
 def test_what_cannot_run_is_said(switch8) -> None:  # type: ignore[no-untyped-def]
     tiny_ram = predict(switch8, _profile(ram_bytes=1 << 30), PlanCase(batch=1, budget="25%"))
     assert any("of RAM" in p for p in tiny_ram.problems)
@@ -201,6 +254,11 @@ def test_cli_plans_lists_and_measures(tmp_path: Path, capsys: pytest.CaptureFixt
     assert main([*args, "--budget", "25%", "--batch", "1", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert [p["case"]["experts"] for p in report["predictions"]] == ["bfloat16", "int4"]
+    assert main([*args, "--budget", "25%", "--batch", "1", "--json", "--reuse", "0.9"]) == 0
+    sticky = json.loads(capsys.readouterr().out)
+    assert sticky["predictions"][0]["warm"]["hit_rate"] > report["predictions"][0]["warm"]["hit_rate"]
+    assert main([*args, "--reuse", "-0.1"]) == 2
+    assert "--reuse -0.1: a share in [0, 1]" in capsys.readouterr().err
     assert main([*args, "--budget", "25%", "1MiB"]) == 0
     out = capsys.readouterr().out
     assert "tok/s warm" in out
@@ -215,6 +273,7 @@ def test_measure_writes_a_profile_the_planner_reads(tmp_path: Path) -> None:
     measured = measure_profile(MeasureOptions.quick(tmp_path), name="here")
     assert measured.disk_read_gb_s > 0
     assert measured.cpu["int4"].gemv_gb_s > 0
+    assert measured.overhead.block16_us is not None
     assert measured.source.startswith("measured by cpm2 plan --measure")
     assert not list(tmp_path.glob("cpm2-plan-*"))  # the scratch file is gone
     path = tmp_path / "here.json"

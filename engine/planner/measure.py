@@ -327,15 +327,38 @@ class _Counting:
         yield from self.inner.fetch(layer, demand, hidden_ND)
 
 
+def _tiny_model(config: ModelConfig) -> Seq2SeqLM:
+    torch.manual_seed(0)
+    return Seq2SeqLM(config).eval()
+
+
 def _step_seconds(config: ModelConfig, *, batch: int, steps: int = 48) -> tuple[float, float]:
     """(seconds per decode step, experts computed per step) of a random tiny model, best of 5 runs."""
-    torch.manual_seed(0)
-    return _decode_seconds(Seq2SeqLM(config).eval(), batch=batch, steps=steps)
+    return _decode_seconds(_tiny_model(config), batch=batch, steps=steps)
+
+
+#: Decoder depths a block's own time is fitted over.
+BLOCK_DEPTHS = (2, 4, 8)
+
+
+def block_fit(*, batch: int, rounds: int = 5) -> tuple[float, float]:
+    """(seconds per decode step outside its blocks, seconds per dense decoder block) of tiny models
+    at `batch` rows: a least-squares line through their step times at `BLOCK_DEPTHS` blocks, each
+    depth's time the best of `rounds` runs taken in turn with the others'. Two depths measured one
+    after the other put this VM's drift into the slope: from 2 and 8 blocks, block_us came out at
+    123 to 485 µs in runs an hour apart, and a 12-block model's predicted step moved by 4 ms."""
+    models = {depth: _tiny_model(_tiny_config(decoder_layers=depth, moe=False)) for depth in BLOCK_DEPTHS}
+    best = dict.fromkeys(BLOCK_DEPTHS, float("inf"))
+    for _ in range(rounds):
+        for depth, model in models.items():
+            best[depth] = min(best[depth], _decode_seconds(model, batch=batch, runs=1)[0])
+    slope, intercept = statistics.linear_regression(list(best), list(best.values()))
+    return max(0.0, intercept), max(0.0, slope)
 
 
 @torch.inference_mode()
-def _decode_seconds(model: Seq2SeqLM, *, batch: int, steps: int = 48) -> tuple[float, float]:
-    """(seconds per teacher-forced decode step, experts computed per step) of `model`, best of 5 runs."""
+def _decode_seconds(model: Seq2SeqLM, *, batch: int, steps: int = 48, runs: int = 5) -> tuple[float, float]:
+    """(seconds per teacher-forced decode step, experts computed per step) of `model`, best of `runs`."""
     counters = [_Counting(layer.expert_provider) for layer in model.moe_layers()]
     for layer, counter in zip(model.moe_layers(), counters, strict=True):
         layer.expert_provider = counter
@@ -346,7 +369,7 @@ def _decode_seconds(model: Seq2SeqLM, *, batch: int, steps: int = 48) -> tuple[f
     forced = torch.randint(2, vocab, (steps, batch, 1), generator=generator)
     best = float("inf")
     try:
-        for _ in range(5):
+        for _ in range(runs):
             state = model.start_decoding(model.encode(model.embed(ids), valid), valid, capacity=steps)
             for c in counters:
                 c.served = 0
@@ -397,16 +420,16 @@ def overheads(call_us: float, *, load_us: float) -> OverheadProfile:
     """Per-step, per-block, per-MoE-layer and per-expert costs from tiny models' decode steps.
 
     A tiny model's matmuls cost their call floor (`call_us`, subtracted per call), the rest is the
-    engine's own time. Blocks: the slope between 2 and 8 dense decoder blocks. MoE: 8 MoE blocks
-    against 8 dense ones, at batch 1 (one expert per layer) and 8 (several), solved for the layer's
-    and each expert's share. The provider's per-load time (`load_us`) needs a store on disk and is
-    measured by `provider_load_us`.
+    engine's own time. Blocks: the slope of step time over decoder depth (`block_fit`), at 1 row
+    and at 16. MoE: 8 MoE blocks against 8 dense ones, at batch 1 (one expert per layer) and 8
+    (several), solved for the layer's and each expert's share. The provider's per-load time
+    (`load_us`) needs a store on disk and is measured by `provider_load_us`.
     """
-    calls_per_block = 6  # fused q/k/v, output, cross query, cross output, FFN in and out
-    short, _ = _step_seconds(_tiny_config(decoder_layers=2, moe=False), batch=1)
-    long, _ = _step_seconds(_tiny_config(decoder_layers=8, moe=False), batch=1)
-    block = max(0.0, (long - short) / 6 - calls_per_block * call_us * 1e-6)
-    step = max(0.0, short - 2 * (block + calls_per_block * call_us * 1e-6) - call_us * 1e-6)
+    calls = 6 * call_us * 1e-6  # a block's: fused q/k/v, output, cross query, cross output, FFN in and out
+    outside, per_block = block_fit(batch=1)
+    block = max(0.0, per_block - calls)
+    block16 = max(0.0, block_fit(batch=16)[1] - calls)
+    step = max(0.0, outside - call_us * 1e-6)  # less the head's call
     moe_extra = []
     experts = []
     for batch in (1, 8):
@@ -421,6 +444,7 @@ def overheads(call_us: float, *, load_us: float) -> OverheadProfile:
     return OverheadProfile(
         step_us=step * 1e6,
         block_us=block * 1e6,
+        block16_us=block16 * 1e6,
         moe_layer_us=layer * 1e6,
         expert_us=expert * 1e6,
         load_us=load_us,

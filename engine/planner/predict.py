@@ -317,6 +317,11 @@ class _Replay:
     """Every expert loaded at start (a budget that holds them all): no layer reads."""
     trace: dict[str, deque[Sequence[tuple[int, int]]]] = field(default_factory=dict)
     """Each layer's recorded calls still to replay; a layer's calls beyond them are drawn."""
+    reuse: Mapping[str, float] = field(default_factory=dict)
+    """Per layer, the share of a drawn call's choices sent to experts the request's earlier calls of
+    the layer chose (`routing_reuse`); the rest are drawn from the layer's popularity."""
+    history: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Each layer's calls so far: tokens per expert."""
     hits: int = 0
     looked: int = 0
 
@@ -324,6 +329,8 @@ class _Replay:
         """One MoE layer on `rows` tokens: (makespan, compute, transfer, stall, loads)."""
         recorded = self.trace.get(str(key))
         demand = sorted((int(e), int(n)) for e, n in recorded.popleft()) if recorded else self._draw(key, rows)
+        counts = _tokens_per_expert(demand, self._num_experts)
+        self.history[str(key)] = counts + self.history[str(key)] if str(key) in self.history else counts
         upcoming = [(key, e) for e, _ in demand]
         hits = []
         for i, (expert, _) in enumerate(demand):
@@ -350,17 +357,82 @@ class _Replay:
         loads = sum(1 for j in jobs if j.transfer > 0)
         return schedule.makespan, schedule.compute, schedule.transfer, schedule.stall, loads
 
+    @property
+    def _num_experts(self) -> int:
+        assert self.config.moe is not None
+        return self.config.moe.num_experts
+
     def _draw(self, key: MoELayerKey, rows: int) -> list[tuple[int, int]]:
-        """(expert, tokens) for `rows` tokens each sent to the layer's top-k, drawn from its popularity."""
+        """(expert, tokens) for `rows` tokens each sent to the layer's top-k, drawn from its popularity,
+        or, for a share `reuse` of the choices, from the experts the layer's earlier calls chose (in
+        proportion to their tokens)."""
         moe = self.config.moe
         assert moe is not None
         p = self.popularity.get(str(key))
         if p is None:
             p = torch.ones(moe.num_experts)
+        reuse = self.reuse.get(str(key), 0.0)
+        history = self.history.get(str(key))
+        if reuse > 0 and history is not None:
+            p = (1 - reuse) * p / p.sum() + reuse * history / history.sum()
         k = min(moe.top_k, moe.num_experts)
         picks = torch.multinomial(p.expand(rows, -1), k, replacement=False, generator=self.generator)
         counts = torch.bincount(picks.flatten(), minlength=moe.num_experts)
         return [(int(e), int(n)) for e, n in enumerate(counts.tolist()) if n]
+
+
+def _tokens_per_expert(demand: Sequence[tuple[int, int]], num_experts: int) -> torch.Tensor:
+    counts = torch.zeros(num_experts, dtype=torch.float64)
+    for expert, tokens in demand:
+        counts[expert] += tokens
+    return counts
+
+
+def routing_reuse(
+    trace: RoutingTrace, popularity: Mapping[str, Sequence[float]], *, prior: float = 1.0
+) -> dict[str, float]:
+    """Per MoE layer of a recorded `trace`, how much its calls return to the experts of the calls
+    before: the share r that `predict` draws with (`_Replay._draw`: a choice goes, with probability
+    r, to an expert the request's earlier calls of the layer chose, in proportion to their tokens,
+    else to one drawn from the layer's `popularity` plus `prior`).
+
+    A request's decode steps keep returning to a few experts per layer (MoE-Infinity's request-level
+    traces), which independent draws from the totals do not: drawn alone, the CPM-2-like and
+    NLLB-MoE-shaped bench runs were predicted to read 1.6x to 7x the bytes they read. r is the
+    maximum-likelihood share under that mixture (its log-likelihood is concave in r: the root of its
+    derivative, by bisection). Layers called once (an encoder's, in one pass) have nothing to reuse
+    and are left out."""
+    reuse = {}
+    for layer, calls in trace.items():
+        if layer not in popularity or len(calls) < 2:
+            continue
+        p_E = torch.tensor(popularity[layer], dtype=torch.float64) + prior
+        p_E = p_E / p_E.sum()
+        counts_CE = torch.stack([_tokens_per_expert(call, len(p_E)) for call in calls])
+        history_CE = counts_CE.cumsum(0)[:-1]  # each call's earlier calls
+        earlier_CE = history_CE / history_CE.sum(-1, keepdim=True).clamp_min(1)
+        reuse[layer] = _likeliest_share(counts_CE[1:], earlier_CE, p_E)
+    return reuse
+
+
+def _likeliest_share(chosen_CE: torch.Tensor, earlier_CE: torch.Tensor, p_E: torch.Tensor) -> float:
+    """The r in [0, 1] that makes the choices `chosen_CE` (tokens per expert of each call) likeliest
+    when each goes to `earlier_CE` (the call's earlier experts, as shares) with probability r, else
+    to `p_E`: the root of the log-likelihood's derivative, which falls as r grows."""
+
+    def slope(r: float) -> float:
+        mixed_CE = (r * earlier_CE + (1 - r) * p_E).clamp_min(1e-300)
+        return float((chosen_CE * (earlier_CE - p_E) / mixed_CE).sum())
+
+    if slope(0.0) <= 0:
+        return 0.0
+    if slope(1.0) >= 0:
+        return 1.0
+    low, high = 0.0, 1.0
+    for _ in range(40):
+        middle = (low + high) / 2
+        low, high = (middle, high) if slope(middle) > 0 else (low, middle)
+    return (low + high) / 2
 
 
 def _encode_seconds(config: ModelConfig, c: _Costs, replay: _Replay, profile: HardwareProfile, case: PlanCase) -> float:
@@ -369,7 +441,7 @@ def _encode_seconds(config: ModelConfig, c: _Costs, replay: _Replay, profile: Ha
     seconds = 0.0
     for block in range(config.num_encoder_layers):
         seconds += _attention_seconds(config, c, rows=rows, keys=case.source_len, cross=False)
-        seconds += profile.overhead.block_us * 1e-6
+        seconds += profile.overhead.block_seconds(rows)
         if block in moe:
             seconds += replay.layer(MoELayerKey("encoder", block), rows)[0] + profile.overhead.moe_layer_us * 1e-6
         else:
@@ -422,7 +494,7 @@ def _step(
     for block in range(config.num_decoder_layers):
         dense += _attention_seconds(config, c, rows=rows, keys=position + 1, cross=False)
         dense += _attention_seconds(config, c, rows=rows, keys=case.source_len, cross=True)
-        dense += profile.overhead.block_us * 1e-6
+        dense += profile.overhead.block_seconds(rows)
         if block in moe:
             makespan, layer_compute, layer_transfer, layer_stall, layer_loads = replay.layer(
                 MoELayerKey("decoder", block), rows
@@ -461,6 +533,7 @@ def predict(
     *,
     popularity: dict[str, list[float]] | None = None,
     prior: float = 1.0,
+    reuse: Mapping[str, float] | None = None,
     trace: RoutingTrace | None = None,
 ) -> Prediction:
     """Memory, time to first token and decode speed of `config` on `profile` as `case` says.
@@ -469,6 +542,10 @@ def predict(
     (`bench.fullscale` and `bench.offload` record them); uniform routing where absent. A recording
     is a sample, and a short one has seen few of the experts: drawing from it alone would send every
     future token to those, so `prior` tokens are added to every expert's count (a uniform prior).
+
+    `reuse`: per MoE layer, the share of a call's expert choices that go to the experts of the
+    layer's previous call (`routing_reuse` measures it on a recorded trace); 0 where absent: every
+    call drawn afresh from the popularity.
 
     `trace`: a recorded run's routing, replayed call by call instead of drawn (the encoder pass's
     calls first, then the decode steps': the first `case.steps` are the cold steps, those from
@@ -527,6 +604,9 @@ def predict(
     generator = torch.Generator().manual_seed(case.seed)
     if prior < 0:
         raise ConfigError(f"routing prior {prior}: must be >= 0")
+    for layer, share in (reuse or {}).items():
+        if not 0 <= share <= 1:
+            raise ConfigError(f"routing reuse of {layer}: {share} is not a share in [0, 1]")
     # Floored above 0: with no prior, a layer whose recording saw fewer experts than its top-k
     # (or none) can still be drawn from.
     weights = {k: (torch.tensor(v, dtype=torch.float64) + prior).clamp_min(1e-9) for k, v in (popularity or {}).items()}
@@ -540,6 +620,7 @@ def predict(
         generator,
         resident=not plan.is_offloaded,
         trace={layer: deque(calls) for layer, calls in (trace or {}).items()},
+        reuse=dict(reuse or {}),
     )
     encode = _encode_seconds(qconfig, costs, replay, profile, case)
     first = _Totals()

@@ -90,18 +90,28 @@ class OverheadProfile:
     step_us: float
     """Per decode step: embedding, final norm, head dispatch, the step's bookkeeping."""
     block_us: float
-    """Per transformer block and step: norms, attention's small ops, residual adds."""
+    """Per transformer block and step at one row: norms, attention's small ops, residual adds."""
     moe_layer_us: float
     """Per MoE layer and step: routing, dispatch and combine around the experts."""
     expert_us: float
     """Per expert computed: gathering its tokens, its activation, scattering the result."""
     load_us: float
     """Per expert loaded by the offloading provider: pool bookkeeping and issuing the read."""
+    block16_us: float | None = None
+    """`block_us` at 16 rows (a decode batch): the small ops grow with the rows they touch. None in
+    profiles measured before it was (then `block_us` at every batch)."""
 
     def __post_init__(self) -> None:
         for name, value in dataclasses.asdict(self).items():
-            if value < 0:
+            if value is not None and value < 0:
                 raise ConfigError(f"OverheadProfile: {name} must be >= 0, got {value}")
+
+    def block_seconds(self, rows: int) -> float:
+        """One block's own time at `rows` rows: between the two measured points linearly, the 16-row
+        figure beyond (an encoder pass's hundreds of rows are bound by its matmuls, not these)."""
+        at16 = self.block_us if self.block16_us is None else self.block16_us
+        share = min(1.0, max(0, rows - 1) / 15)
+        return (self.block_us + (at16 - self.block_us) * share) * 1e-6
 
 
 @dataclass(frozen=True, kw_only=True)
