@@ -215,9 +215,16 @@ def repredict(report: dict[str, Any], cfg: ValidationConfig) -> dict[str, Any]:
     return again
 
 
+def _mean_reuse(row: dict[str, Any]) -> str:
+    """The row's `routing_reuse` averaged over its layers (blank without a trace)."""
+    shares = list(row.get("routing_reuse", {}).values())
+    return f"{statistics.mean(shares):.2f}" if shares else ""
+
+
 def print_report(report: dict[str, Any], console: Console) -> None:
     table = Table(title="cpm2 plan against measured runs (strict, 25 %, store dropped from the page cache every step)")
     columns = ("model", "batch", "tok/s", "predicted", "error", "MB read/tok", "predicted", "error", "hit", "pred hit")
+    columns = (*columns, "reuse")
     for col in (*columns, "prefill s", "predicted", "error", "replayed: tok/s error", "prefill error"):
         table.add_column(col, justify="right")
     for r in report["rows"]:
@@ -233,6 +240,7 @@ def print_report(report: dict[str, Any], console: Console) -> None:
             f"{r.get('bytes_read_error', float('nan')):+.0%}",
             f"{r.get('experts', {}).get('hit_rate', float('nan')):.2f}",
             f"{r['predicted_hit_rate']:.2f}",
+            _mean_reuse(r),
             f"{r['encode_seconds']:.2f}",
             f"{r['predicted_encode_seconds']:.2f}",
             f"{r.get('encode_seconds_error', float('nan')):+.0%}",
