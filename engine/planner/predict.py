@@ -398,7 +398,7 @@ def routing_reuse(
 
     A request's decode steps keep returning to a few experts per layer (MoE-Infinity's request-level
     traces), which independent draws from the totals do not: drawn alone, the CPM-2-like and
-    NLLB-MoE-shaped bench runs were predicted to read 1.6x to 7x the bytes they read. r is the
+    NLLB-MoE-shaped bench runs were predicted to read 1.6x to 8x the bytes they read. r is the
     maximum-likelihood share under that mixture (its log-likelihood is concave in r: the root of its
     derivative, by bisection). Layers called once (an encoder's, in one pass) have nothing to reuse
     and are left out."""
@@ -543,9 +543,9 @@ def predict(
     is a sample, and a short one has seen few of the experts: drawing from it alone would send every
     future token to those, so `prior` tokens are added to every expert's count (a uniform prior).
 
-    `reuse`: per MoE layer, the share of a call's expert choices that go to the experts of the
-    layer's previous call (`routing_reuse` measures it on a recorded trace); 0 where absent: every
-    call drawn afresh from the popularity.
+    `reuse`: per MoE layer, the share of a call's expert choices that go to experts the request's
+    earlier calls of the layer chose, in proportion to their tokens (`routing_reuse` measures it on
+    a recorded trace); 0 where absent: every call drawn afresh from the popularity.
 
     `trace`: a recorded run's routing, replayed call by call instead of drawn (the encoder pass's
     calls first, then the decode steps': the first `case.steps` are the cold steps, those from
