@@ -246,7 +246,7 @@ class RoutingRecorder:
         return [(layer, tuple(sorted(e for e, _ in demand))) for layer, demand in self.demands]
 
     def trace(self) -> dict[str, list[list[tuple[int, int]]]]:
-        """Per layer, its calls' (expert, tokens) pairs in order (`engine.planner.predict.RoutingTrace`)."""
+        """Per layer, its calls' (expert, tokens) pairs in order (`engine.planner.routing.RoutingTrace`)."""
         out: dict[str, list[list[tuple[int, int]]]] = {}
         for layer, demand in self.demands:
             out.setdefault(layer, []).append(demand)
@@ -307,16 +307,20 @@ class DecodeRun:
     storage_bytes_read: int = 0
     #: Tokens per expert of each decoder layer over the timed steps (not in `to_dict`: bulky).
     expert_counts: dict[str, list[int]] = field(default_factory=dict)
-    #: The encoder pass (prefill) of the batch: seconds, expert loads it needed, bytes it read from
-    #: storage, and the provider's counters over it.
+    #: The encoder pass (prefill) of the batch: seconds, bytes it read from storage, and the
+    #: provider's counters over it.
     encode_seconds: float = 0.0
-    encode_transfers: int = 0
     encode_storage_bytes_read: int = 0
     encode_stats: ExpertStats | None = None
     #: Tokens per expert of each encoder layer in that pass (not in `to_dict`: bulky).
     encoder_expert_counts: dict[str, list[int]] = field(default_factory=dict)
     #: Every layer call from the encoder pass to the last timed step (`RoutingRecorder.trace`).
     routing_trace: dict[str, list[list[tuple[int, int]]]] = field(default_factory=dict)
+
+    @property
+    def encode_transfers(self) -> int:
+        """Expert loads the encoder pass needed."""
+        return self.encode_stats.transfers if self.encode_stats is not None else 0
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -409,7 +413,6 @@ def decode_cpm2(
             storage,
             recorder.decoder_counts(),
             encode_seconds=encode_seconds,
-            encode_transfers=encode_stats.transfers if encode_stats else 0,
             encode_storage_bytes_read=encode_storage,
             encode_stats=encode_stats,
             encoder_expert_counts=encoder_counts,

@@ -39,8 +39,9 @@ from bench.offload_common import CACHE_ROOT, DecodeRun, decode_cpm2, load_cpm2, 
 from engine.config import ModelConfig
 from engine.experts.store import ExpertStore
 from engine.planner.measure import MeasureOptions, measure_profile, remeasure_cpu
-from engine.planner.predict import PlanCase, Prediction, predict, routing_reuse
+from engine.planner.predict import PlanCase, Prediction, predict
 from engine.planner.profile import HardwareProfile
+from engine.planner.routing import routing_reuse
 from engine.weights.loader import inspect_checkpoint
 
 

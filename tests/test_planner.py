@@ -19,8 +19,9 @@ from engine.errors import ConfigError
 from engine.experts.pool import ExpertPool
 from engine.model import MoELayerKey
 from engine.planner.measure import MeasureOptions, measure_profile
-from engine.planner.predict import PlanCase, predict, routing_reuse
+from engine.planner.predict import PlanCase, predict
 from engine.planner.profile import HardwareProfile, MatmulRates, OverheadProfile, load_profile, reference_profiles
+from engine.planner.routing import routing_reuse
 from engine.weights.loader import inspect_config
 
 CONFIGS = Path(__file__).parent / "fixtures" / "configs"

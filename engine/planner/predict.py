@@ -3,8 +3,9 @@
 `predict` is a model of the offloading provider, not a second scheduler. Memory comes from the plan
 loading itself follows (`engine.memory_plan.plan_memory`: pool slots, staging, bytes per expert in
 the stored format). Time comes from replaying a request through the provider's own pieces with
-modelled costs: routing drawn per token from each layer's expert popularity (uniform unless a
-recorded one is given) or replayed call by call from a recorded run's trace, the pool's own
+modelled costs: routing (`engine.planner.routing`) drawn per token from each layer's expert
+popularity (uniform unless a recorded one is given) and its reuse of the request's earlier experts,
+or replayed call by call from a recorded run's trace, the pool's own
 eviction policy (`engine.experts.pool.ExpertPool`) deciding hits and misses, and each MoE layer's
 experts ordered and timed by the InfMoE code the provider runs (`engine.experts.order`: Johnson's
 order under the slot limit, one link, one compute unit), with α (expert compute) and β (expert
@@ -15,19 +16,19 @@ matmuls). Dense work is a roofline per matrix (the slower of streaming the weigh
 arithmetic, plus the call's fixed cost) plus the engine's measured per-block overheads.
 
 Modelled: strict offloading (O_DIRECT reads on CPU, pinned host or disk over the host link on a
-GPU), teacher-forced steps (every step routes fresh tokens). Not modelled: prefetch (the provider
-only guesses as many loads as fit in the link's idle time before the next layer, so guesses move
-hits more than step time: on the CPM-2-like bench model at batch 1, prefetch on and off measured
-within the run-to-run spread), the page-cache mode (bounded by the kernel, not the budget),
-sampling and detokenising, other processes.
+GPU), teacher-forced steps. Not modelled: prefetch (the provider only guesses as many loads as fit
+in the link's idle time before the next layer: on the CPM-2-like bench model at batch 1, prefetch
+on and off measured within the run-to-run spread, but on NLLB-MoE 54B, whose prefetch guesses
+were right 96 % of the time, it turns most batch-1 reads into hits: 0.47 measured against 0.08
+predicted), the page-cache mode (bounded by the kernel, not the budget), sampling and
+detokenising, other processes.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,6 +41,7 @@ from engine.experts.pool import ExpertPool
 from engine.memory_plan import MachineMemory, MemoryPlan, plan_memory
 from engine.model import MoELayerKey
 from engine.planner.profile import FORMATS, HardwareProfile, MatmulRates
+from engine.planner.routing import Routing, RoutingTrace
 from engine.sizes import format_bytes
 from engine.summary import summarize
 from engine.weights.quantize import QUANTIZATION_KEY, ExpertFormat, dense_record
@@ -50,10 +52,6 @@ DENSE_FORMATS = ("float32", "bfloat16", "int8")
 #: RSS a process holds beyond weights, pool and KV cache (Python, torch, oneDNN caches, I/O threads'
 #: arenas): the slack `bench.fullscale` states and holds to (NLLB-MoE 54B: 0.9 GiB measured).
 SLACK_BYTES = 3 << 29
-
-#: A recorded run's routing, call by call: for each MoE layer (keyed like `decoder.3`), its calls in
-#: order (the encoder pass's, then each decode step's), each the (expert, tokens) pairs it needed.
-RoutingTrace = Mapping[str, Sequence[Sequence[tuple[int, int]]]]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -307,30 +305,18 @@ def _moe_layers(config: ModelConfig, stack: str) -> list[int]:
 class _Replay:
     """The pool and routing of one replayed request, shared by its encoder pass and decode steps."""
 
-    config: ModelConfig
     costs: _Costs
     pool: ExpertPool
     window: int
-    popularity: dict[str, torch.Tensor]
-    generator: torch.Generator
+    routing: Routing
     resident: bool = False
     """Every expert loaded at start (a budget that holds them all): no layer reads."""
-    trace: dict[str, deque[Sequence[tuple[int, int]]]] = field(default_factory=dict)
-    """Each layer's recorded calls still to replay; a layer's calls beyond them are drawn."""
-    reuse: Mapping[str, float] = field(default_factory=dict)
-    """Per layer, the share of a drawn call's choices sent to experts the request's earlier calls of
-    the layer chose (`routing_reuse`); the rest are drawn from the layer's popularity."""
-    history: dict[str, torch.Tensor] = field(default_factory=dict)
-    """Each layer's calls so far: tokens per expert."""
     hits: int = 0
     looked: int = 0
 
     def layer(self, key: MoELayerKey, rows: int) -> tuple[float, float, float, float, int]:
         """One MoE layer on `rows` tokens: (makespan, compute, transfer, stall, loads)."""
-        recorded = self.trace.get(str(key))
-        demand = sorted((int(e), int(n)) for e, n in recorded.popleft()) if recorded else self._draw(key, rows)
-        counts = _tokens_per_expert(demand, self._num_experts)
-        self.history[str(key)] = counts + self.history[str(key)] if str(key) in self.history else counts
+        demand = self.routing.next_call(str(key), rows)
         upcoming = [(key, e) for e, _ in demand]
         hits = []
         for i, (expert, _) in enumerate(demand):
@@ -356,83 +342,6 @@ class _Replay:
         schedule = simulate(order_jobs(jobs, "infmoe", slots=self.window), slots=self.window)
         loads = sum(1 for j in jobs if j.transfer > 0)
         return schedule.makespan, schedule.compute, schedule.transfer, schedule.stall, loads
-
-    @property
-    def _num_experts(self) -> int:
-        assert self.config.moe is not None
-        return self.config.moe.num_experts
-
-    def _draw(self, key: MoELayerKey, rows: int) -> list[tuple[int, int]]:
-        """(expert, tokens) for `rows` tokens each sent to the layer's top-k, drawn from its popularity,
-        or, for a share `reuse` of the choices, from the experts the layer's earlier calls chose (in
-        proportion to their tokens)."""
-        moe = self.config.moe
-        assert moe is not None
-        p = self.popularity.get(str(key))
-        if p is None:
-            p = torch.ones(moe.num_experts)
-        reuse = self.reuse.get(str(key), 0.0)
-        history = self.history.get(str(key))
-        if reuse > 0 and history is not None:
-            p = (1 - reuse) * p / p.sum() + reuse * history / history.sum()
-        k = min(moe.top_k, moe.num_experts)
-        picks = torch.multinomial(p.expand(rows, -1), k, replacement=False, generator=self.generator)
-        counts = torch.bincount(picks.flatten(), minlength=moe.num_experts)
-        return [(int(e), int(n)) for e, n in enumerate(counts.tolist()) if n]
-
-
-def _tokens_per_expert(demand: Sequence[tuple[int, int]], num_experts: int) -> torch.Tensor:
-    counts = torch.zeros(num_experts, dtype=torch.float64)
-    for expert, tokens in demand:
-        counts[expert] += tokens
-    return counts
-
-
-def routing_reuse(
-    trace: RoutingTrace, popularity: Mapping[str, Sequence[float]], *, prior: float = 1.0
-) -> dict[str, float]:
-    """Per MoE layer of a recorded `trace`, how much its calls return to the experts of the calls
-    before: the share r that `predict` draws with (`_Replay._draw`: a choice goes, with probability
-    r, to an expert the request's earlier calls of the layer chose, in proportion to their tokens,
-    else to one drawn from the layer's `popularity` plus `prior`).
-
-    A request's decode steps keep returning to a few experts per layer (MoE-Infinity's request-level
-    traces), which independent draws from the totals do not: drawn alone, the CPM-2-like and
-    NLLB-MoE-shaped bench runs were predicted to read 1.6x to 8x the bytes they read. r is the
-    maximum-likelihood share under that mixture (its log-likelihood is concave in r: the root of its
-    derivative, by bisection). Layers called once (an encoder's, in one pass) have nothing to reuse
-    and are left out."""
-    reuse = {}
-    for layer, calls in trace.items():
-        if layer not in popularity or len(calls) < 2:
-            continue
-        p_E = torch.tensor(popularity[layer], dtype=torch.float64) + prior
-        p_E = p_E / p_E.sum()
-        counts_CE = torch.stack([_tokens_per_expert(call, len(p_E)) for call in calls])
-        history_CE = counts_CE.cumsum(0)[:-1]  # each call's earlier calls
-        earlier_CE = history_CE / history_CE.sum(-1, keepdim=True).clamp_min(1)
-        reuse[layer] = _likeliest_share(counts_CE[1:], earlier_CE, p_E)
-    return reuse
-
-
-def _likeliest_share(chosen_CE: torch.Tensor, earlier_CE: torch.Tensor, p_E: torch.Tensor) -> float:
-    """The r in [0, 1] that makes the choices `chosen_CE` (tokens per expert of each call) likeliest
-    when each goes to `earlier_CE` (the call's earlier experts, as shares) with probability r, else
-    to `p_E`: the root of the log-likelihood's derivative, which falls as r grows."""
-
-    def slope(r: float) -> float:
-        mixed_CE = (r * earlier_CE + (1 - r) * p_E).clamp_min(1e-300)
-        return float((chosen_CE * (earlier_CE - p_E) / mixed_CE).sum())
-
-    if slope(0.0) <= 0:
-        return 0.0
-    if slope(1.0) >= 0:
-        return 1.0
-    low, high = 0.0, 1.0
-    for _ in range(40):
-        middle = (low + high) / 2
-        low, high = (middle, high) if slope(middle) > 0 else (low, middle)
-    return (low + high) / 2
 
 
 def _encode_seconds(config: ModelConfig, c: _Costs, replay: _Replay, profile: HardwareProfile, case: PlanCase) -> float:
@@ -601,27 +510,9 @@ def predict(
         where = "device memory" if profile.gpu is not None else "RAM"
         problems.append(f"needs {format_bytes(memory.total_bytes)} of {where}, the machine has {format_bytes(limit)}")
     costs = _costs(qconfig, profile, case, plan)
-    generator = torch.Generator().manual_seed(case.seed)
-    if prior < 0:
-        raise ConfigError(f"routing prior {prior}: must be >= 0")
-    for layer, share in (reuse or {}).items():
-        if not 0 <= share <= 1:
-            raise ConfigError(f"routing reuse of {layer}: {share} is not a share in [0, 1]")
-    # Floored above 0: with no prior, a layer whose recording saw fewer experts than its top-k
-    # (or none) can still be drawn from.
-    weights = {k: (torch.tensor(v, dtype=torch.float64) + prior).clamp_min(1e-9) for k, v in (popularity or {}).items()}
+    routing = Routing.create(config.moe, seed=case.seed, popularity=popularity, prior=prior, reuse=reuse, trace=trace)
     slots = plan.num_slots if plan.is_offloaded else plan.num_experts
-    replay = _Replay(
-        qconfig,
-        costs,
-        ExpertPool(max(1, slots)),
-        case.window,
-        weights,
-        generator,
-        resident=not plan.is_offloaded,
-        trace={layer: deque(calls) for layer, calls in (trace or {}).items()},
-        reuse=dict(reuse or {}),
-    )
+    replay = _Replay(costs, ExpertPool(max(1, slots)), case.window, routing, resident=not plan.is_offloaded)
     encode = _encode_seconds(qconfig, costs, replay, profile, case)
     first = _Totals()
     first_step = _step(qconfig, costs, replay, profile, case, position=0, into=first)

@@ -1,0 +1,150 @@
+"""Where a predicted request's tokens go: each MoE layer call's experts, replayed from a recorded
+run or drawn from what one showed (each layer's popularity, and how much a request returns to the
+experts of its earlier calls).
+
+Shape legend: E experts of a layer, C calls of it.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.config import MoEConfig
+from engine.errors import ConfigError
+
+#: A recorded run's routing, call by call: for each MoE layer (keyed like `decoder.3`), its calls in
+#: order (the encoder pass's, then each decode step's), each the (expert, tokens) pairs it needed.
+RoutingTrace = Mapping[str, Sequence[Sequence[tuple[int, int]]]]
+
+
+def _weights(counts: Sequence[float], prior: float) -> torch.Tensor:
+    """A layer's recorded tokens per expert plus `prior` each: what draws are made in proportion to.
+    Floored above 0: with no prior, a layer whose recording saw fewer experts than its top-k (or
+    none) can still be drawn from."""
+    return (torch.tensor(counts, dtype=torch.float64) + prior).clamp_min(1e-9)
+
+
+def _tokens_per_expert(call: Sequence[tuple[int, int]], num_experts: int) -> torch.Tensor:
+    counts = torch.zeros(num_experts, dtype=torch.float64)
+    for expert, tokens in call:
+        counts[expert] += tokens
+    return counts
+
+
+@dataclass
+class Routing:
+    """The calls of one predicted request, layer by layer: the next recorded call of the layer while
+    the trace has one, else drawn (`next_call`)."""
+
+    moe: MoEConfig
+    generator: torch.Generator
+    popularity: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Per layer, weights to draw its experts in proportion to (uniform where absent)."""
+    reuse: Mapping[str, float] = field(default_factory=dict)
+    """Per layer, the share of a drawn call's choices sent to experts the request's earlier calls of
+    the layer chose (`routing_reuse`); the rest are drawn from the layer's popularity."""
+    trace: dict[str, deque[Sequence[tuple[int, int]]]] = field(default_factory=dict)
+    """Each layer's recorded calls still to replay; a layer's calls beyond them are drawn."""
+    history: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Each layer's calls so far: tokens per expert."""
+
+    @classmethod
+    def create(
+        cls,
+        moe: MoEConfig,
+        *,
+        seed: int,
+        popularity: Mapping[str, Sequence[float]] | None = None,
+        prior: float = 1.0,
+        reuse: Mapping[str, float] | None = None,
+        trace: RoutingTrace | None = None,
+    ) -> Routing:
+        """See `engine.planner.predict.predict` for what each argument means."""
+        if prior < 0:
+            raise ConfigError(f"routing prior {prior}: must be >= 0")
+        for layer, share in (reuse or {}).items():
+            if not 0 <= share <= 1:
+                raise ConfigError(f"routing reuse of {layer}: {share} is not a share in [0, 1]")
+        return cls(
+            moe,
+            torch.Generator().manual_seed(seed),
+            popularity={k: _weights(v, prior) for k, v in (popularity or {}).items()},
+            reuse=dict(reuse or {}),
+            trace={layer: deque(calls) for layer, calls in (trace or {}).items()},
+        )
+
+    def next_call(self, layer: str, rows: int) -> list[tuple[int, int]]:
+        """(expert, tokens) pairs of the layer's next call on `rows` tokens, by expert."""
+        recorded = self.trace.get(layer)
+        call = sorted((int(e), int(n)) for e, n in recorded.popleft()) if recorded else self._draw(layer, rows)
+        counts = _tokens_per_expert(call, self.moe.num_experts)
+        self.history[layer] = counts + self.history[layer] if layer in self.history else counts
+        return call
+
+    def _draw(self, layer: str, rows: int) -> list[tuple[int, int]]:
+        """`rows` tokens each sent to the layer's top-k, drawn from its popularity, or, for a share
+        `reuse` of the choices, from the experts the layer's earlier calls chose (in proportion to
+        their tokens)."""
+        num_experts = self.moe.num_experts
+        p = self.popularity.get(layer)
+        if p is None:
+            p = torch.ones(num_experts)
+        reuse = self.reuse.get(layer, 0.0)
+        history = self.history.get(layer)
+        if reuse > 0 and history is not None:
+            p = (1 - reuse) * p / p.sum() + reuse * history / history.sum()
+        k = min(self.moe.top_k, num_experts)
+        picks = torch.multinomial(p.expand(rows, -1), k, replacement=False, generator=self.generator)
+        counts = torch.bincount(picks.flatten(), minlength=num_experts)
+        return [(int(e), int(n)) for e, n in enumerate(counts.tolist()) if n]
+
+
+def routing_reuse(
+    trace: RoutingTrace, popularity: Mapping[str, Sequence[float]], *, prior: float = 1.0
+) -> dict[str, float]:
+    """Per MoE layer of a recorded `trace`, how much its calls return to the experts of the calls
+    before: the share r that `Routing` draws with (a choice goes, with probability r, to an expert
+    the request's earlier calls of the layer chose, in proportion to their tokens, else to one drawn
+    from the layer's `popularity` plus `prior`).
+
+    A request's decode steps keep returning to a few experts per layer (MoE-Infinity's request-level
+    traces), which independent draws from the totals do not: drawn alone, the CPM-2-like and
+    NLLB-MoE-shaped bench runs were predicted to read 1.6x to 8x the bytes they read. r is the
+    maximum-likelihood share under that mixture (its log-likelihood is concave in r: the root of its
+    derivative, by bisection). Layers called once (an encoder's, in one pass) have nothing to reuse
+    and are left out."""
+    reuse = {}
+    for layer, calls in trace.items():
+        if layer not in popularity or len(calls) < 2:
+            continue
+        p_E = _weights(popularity[layer], prior)
+        p_E = p_E / p_E.sum()
+        counts_CE = torch.stack([_tokens_per_expert(call, len(p_E)) for call in calls])
+        history_CE = counts_CE.cumsum(0)[:-1]  # each call's earlier calls
+        earlier_CE = history_CE / history_CE.sum(-1, keepdim=True).clamp_min(1)
+        reuse[layer] = _likeliest_share(counts_CE[1:], earlier_CE, p_E)
+    return reuse
+
+
+def _likeliest_share(chosen_CE: torch.Tensor, earlier_CE: torch.Tensor, p_E: torch.Tensor) -> float:
+    """The r in [0, 1] that makes the choices `chosen_CE` (tokens per expert of each call) likeliest
+    when each goes to `earlier_CE` (the call's earlier experts, as shares) with probability r, else
+    to `p_E`: the root of the log-likelihood's derivative, which falls as r grows."""
+
+    def slope(r: float) -> float:
+        mixed_CE = (r * earlier_CE + (1 - r) * p_E).clamp_min(1e-300)
+        return float((chosen_CE * (earlier_CE - p_E) / mixed_CE).sum())
+
+    if slope(0.0) <= 0:
+        return 0.0
+    if slope(1.0) >= 0:
+        return 1.0
+    low, high = 0.0, 1.0
+    for _ in range(40):
+        middle = (low + high) / 2
+        low, high = (middle, high) if slope(middle) > 0 else (low, middle)
+    return (low + high) / 2
