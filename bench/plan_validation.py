@@ -41,7 +41,7 @@ from engine.experts.store import ExpertStore
 from engine.planner.measure import MeasureOptions, measure_profile, remeasure_cpu
 from engine.planner.predict import PlanCase, Prediction, predict
 from engine.planner.profile import HardwareProfile
-from engine.planner.routing import routing_reuse
+from engine.planner.routing import routing_concentration, routing_reuse
 from engine.weights.loader import inspect_checkpoint
 
 
@@ -67,7 +67,8 @@ def predict_measured(
     store's read rate `disk_read_gb_s` measured around the run, and routing drawn from the
     statistics the run recorded: its totals (`routing_counts`) and, where it kept its trace
     (`routing_trace`), how much each layer's calls reuse the experts of the call before
-    (`routing_reuse`, what `cpm2 plan --reuse` takes). Compared: `tokens_per_second` (of its
+    (`routing_reuse`, what `cpm2 plan --reuse` takes) and how alike a request's tokens route in its
+    encoder pass (`routing_concentration`, `cpm2 plan --concentration`). Compared: `tokens_per_second` (of its
     `phase`, warm by default), `storage_bytes_per_token`, `encode_seconds`. With a trace, the same
     figures are under `replayed` with it replayed call by call, and under `independent` drawn from
     the totals alone (every call afresh)."""
@@ -75,9 +76,13 @@ def predict_measured(
     here = dataclasses.replace(profile, disk_read_gb_s=disk_read_gb_s)
     trace = measured.get("routing_trace")
     reuse = routing_reuse(trace, popularity) if trace else {}
-    row = _predicted(predict(config, here, case, popularity=popularity, reuse=reuse), measured)
+    top_k = config.moe.top_k if config.moe is not None else 1
+    concentration = routing_concentration(trace, popularity, top_k=top_k, requests=case.batch) if trace else {}
+    drawn = predict(config, here, case, popularity=popularity, reuse=reuse, concentration=concentration)
+    row = _predicted(drawn, measured)
     if trace:
         row["routing_reuse"] = reuse
+        row["routing_concentration"] = concentration
         row["replayed"] = _predicted(predict(config, here, case, popularity=popularity, trace=trace), measured)
         row["independent"] = _predicted(predict(config, here, case, popularity=popularity), measured)
     return row
@@ -222,10 +227,19 @@ def _mean_reuse(row: dict[str, Any]) -> str:
     return f"{statistics.mean(shares):.2f}" if shares else ""
 
 
+def _mean_concentration(row: dict[str, Any]) -> str:
+    """The row's encoder `routing_concentration` averaged over its layers ("-": every token drawn on
+    its own; blank without a trace)."""
+    if "routing_concentration" not in row:
+        return ""
+    alphas = list(row["routing_concentration"].values())
+    return f"{statistics.mean(alphas):.0f}" if alphas else "-"
+
+
 def print_report(report: dict[str, Any], console: Console) -> None:
     table = Table(title="cpm2 plan against measured runs (strict, 25 %, store dropped from the page cache every step)")
     columns = ("model", "batch", "tok/s", "predicted", "error", "MB read/tok", "predicted", "error", "hit", "pred hit")
-    columns = (*columns, "reuse")
+    columns = (*columns, "reuse", "enc α")
     for col in (*columns, "prefill s", "predicted", "error", "replayed: tok/s error", "prefill error"):
         table.add_column(col, justify="right")
     for r in report["rows"]:
@@ -242,6 +256,7 @@ def print_report(report: dict[str, Any], console: Console) -> None:
             f"{r.get('experts', {}).get('hit_rate', float('nan')):.2f}",
             f"{r['predicted_hit_rate']:.2f}",
             _mean_reuse(r),
+            _mean_concentration(r),
             f"{r['encode_seconds']:.2f}",
             f"{r['predicted_encode_seconds']:.2f}",
             f"{r.get('encode_seconds_error', float('nan')):+.0%}",
@@ -250,8 +265,9 @@ def print_report(report: dict[str, Any], console: Console) -> None:
         )
     console.print(table)
     console.print(
-        "predicted: routing drawn from the totals the run recorded and its layers' reuse of earlier steps' "
-        "experts (as cpm2 plan --routing --reuse); replayed: the run's routing replayed call by call (the "
+        "predicted: routing drawn from the totals the run recorded, its layers' reuse of earlier steps' "
+        "experts and how alike a request's input tokens route (enc α; as cpm2 plan --routing --reuse "
+        "--concentration); replayed: the run's routing replayed call by call (the "
         "planner's costs and schedule alone)"
     )
     console.print(

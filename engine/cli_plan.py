@@ -59,6 +59,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
         raise ConfigError(f"--reuse {args.reuse}: a share in [0, 1] (0: every decode step routes afresh)")
     decoder_layers = config.moe.decoder_layers if config.moe is not None else ()
     reuse = {f"decoder.{layer}": args.reuse for layer in decoder_layers}
+    if args.concentration is not None and not args.concentration > 0:
+        raise ConfigError(
+            f"--concentration {args.concentration}: must be > 0 (small: a request's input tokens share few experts; "
+            "leave it out for independent tokens)"
+        )
+    encoder_layers = config.moe.encoder_layers if config.moe is not None and args.concentration is not None else ()
+    concentration = {f"encoder.{layer}": args.concentration for layer in encoder_layers}
     predictions = [
         predict(
             config,
@@ -74,6 +81,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
             ),
             popularity=popularity,
             reuse=reuse,
+            concentration=concentration,
         )
         for experts in args.experts
         for budget in args.budget
@@ -138,6 +146,13 @@ def add_plan_parser(subparsers: Any) -> None:
         default=0.0,
         help="share of a decode step's expert choices that go to experts the request chose at earlier steps "
         "(bench.plan_validation prints what runs show; default 0: every step routes afresh)",
+    )
+    p.add_argument(
+        "--concentration",
+        type=float,
+        help="how alike a request's input tokens route in its encoder pass: the Dirichlet concentration of its "
+        "expert preferences (small: few experts a request; bench.plan_validation prints what runs show; default: "
+        "every token on its own, the most an encoder pass reads)",
     )
     p.add_argument("--json", action="store_true")
     p.add_argument("--measure", action="store_true", help="measure this machine and write its profile")

@@ -21,7 +21,7 @@ from engine.model import MoELayerKey
 from engine.planner.measure import MeasureOptions, measure_profile
 from engine.planner.predict import PlanCase, predict
 from engine.planner.profile import HardwareProfile, MatmulRates, OverheadProfile, load_profile, reference_profiles
-from engine.planner.routing import routing_reuse
+from engine.planner.routing import Routing, routing_concentration, routing_reuse
 from engine.weights.loader import inspect_config
 
 CONFIGS = Path(__file__).parent / "fixtures" / "configs"
@@ -228,6 +228,34 @@ def test_reuse_is_measured_from_a_trace_and_drawn_with(switch8) -> None:  # type
         predict(switch8, _profile(), case, reuse={"decoder.1": 1.5})
 
 
+def test_concentration_is_fitted_to_an_encoder_pass_and_drawn_with(switch8) -> None:  # type: ignore[no-untyped-def]
+    """`routing_concentration` finds how alike a request's tokens route in one call from the
+    distinct experts its recording touched; drawn with it, an encoder pass touches as many, and
+    reads less than independent tokens would."""
+    moe = switch8.moe
+    uniform = [1.0] * moe.num_experts
+    # Two requests of 16 tokens, each request's tokens on two experts: 4 of 8 touched, where 32
+    # independent tokens over 8 experts touch nearly all.
+    clumped = [[(0, 9), (1, 7), (4, 10), (6, 6)]]
+    spread = [[(e, 4) for e in range(moe.num_experts)]]
+    steps = [[(2, 1), (5, 1)] for _ in range(4)]  # decode steps: one token of each request
+    trace = {"encoder.1": clumped, "encoder.3": spread, "decoder.1": steps}
+    alpha = routing_concentration(trace, dict.fromkeys(trace, uniform), top_k=moe.top_k, requests=2)
+    assert set(alpha) == {"encoder.1"}  # spread: as independent as it gets; decode: nothing shared
+    assert 0 < alpha["encoder.1"] < 10
+    routing = Routing.create(moe, seed=7, popularity={"encoder.1": uniform}, concentration=alpha)
+    touched = [len(routing.next_call("encoder.1", 32, 2)) for _ in range(200)]
+    assert sum(touched) / len(touched) == pytest.approx(4, abs=0.5)
+    assert sum(n for _, n in routing.next_call("encoder.1", 32, 2)) == 32 * moe.top_k
+
+    case = PlanCase(batch=4, budget="25%", source_len=32)
+    shared = dict.fromkeys((f"encoder.{layer}" for layer in moe.encoder_layers), 0.5)
+    alone, together = predict(switch8, _profile(), case), predict(switch8, _profile(), case, concentration=shared)
+    assert together.encode_seconds < alone.encode_seconds
+    with pytest.raises(ConfigError, match="must be > 0"):
+        predict(switch8, _profile(), case, concentration={"encoder.1": 0.0})
+
+
 def test_what_cannot_run_is_said(switch8) -> None:  # type: ignore[no-untyped-def]
     tiny_ram = predict(switch8, _profile(ram_bytes=1 << 30), PlanCase(batch=1, budget="25%"))
     assert any("of RAM" in p for p in tiny_ram.problems)
@@ -260,6 +288,13 @@ def test_cli_plans_lists_and_measures(tmp_path: Path, capsys: pytest.CaptureFixt
     assert sticky["predictions"][0]["warm"]["hit_rate"] > report["predictions"][0]["warm"]["hit_rate"]
     assert main([*args, "--reuse", "-0.1"]) == 2
     assert "--reuse -0.1: a share in [0, 1]" in capsys.readouterr().err
+    assert main([*args, "--budget", "25%", "--batch", "4", "--json", "--concentration", "0.5"]) == 0
+    together = json.loads(capsys.readouterr().out)
+    assert main([*args, "--budget", "25%", "--batch", "4", "--json"]) == 0
+    alone = json.loads(capsys.readouterr().out)
+    assert together["predictions"][0]["ttft_seconds"] < alone["predictions"][0]["ttft_seconds"]
+    assert main([*args, "--concentration", "0"]) == 2
+    assert "--concentration 0.0: must be > 0" in capsys.readouterr().err
     assert main([*args, "--budget", "25%", "1MiB"]) == 0
     out = capsys.readouterr().out
     assert "tok/s warm" in out

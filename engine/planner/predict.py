@@ -314,9 +314,10 @@ class _Replay:
     hits: int = 0
     looked: int = 0
 
-    def layer(self, key: MoELayerKey, rows: int) -> tuple[float, float, float, float, int]:
-        """One MoE layer on `rows` tokens: (makespan, compute, transfer, stall, loads)."""
-        demand = self.routing.next_call(str(key), rows)
+    def layer(self, key: MoELayerKey, rows: int, requests: int) -> tuple[float, float, float, float, int]:
+        """One MoE layer on `rows` tokens of `requests` requests: (makespan, compute, transfer, stall,
+        loads)."""
+        demand = self.routing.next_call(str(key), rows, requests)
         upcoming = [(key, e) for e, _ in demand]
         hits = []
         for i, (expert, _) in enumerate(demand):
@@ -352,7 +353,8 @@ def _encode_seconds(config: ModelConfig, c: _Costs, replay: _Replay, profile: Ha
         seconds += _attention_seconds(config, c, rows=rows, keys=case.source_len, cross=False)
         seconds += profile.overhead.block_seconds(rows)
         if block in moe:
-            seconds += replay.layer(MoELayerKey("encoder", block), rows)[0] + profile.overhead.moe_layer_us * 1e-6
+            seconds += replay.layer(MoELayerKey("encoder", block), rows, case.batch)[0]
+            seconds += profile.overhead.moe_layer_us * 1e-6
         else:
             seconds += _ffn_seconds(config, c, rows)
     # Every decoder block's cross-attention keys and values, once per request.
@@ -406,7 +408,7 @@ def _step(
         dense += profile.overhead.block_seconds(rows)
         if block in moe:
             makespan, layer_compute, layer_transfer, layer_stall, layer_loads = replay.layer(
-                MoELayerKey("decoder", block), rows
+                MoELayerKey("decoder", block), rows, case.batch
             )
             step += makespan
             compute += layer_compute
@@ -443,6 +445,7 @@ def predict(
     popularity: dict[str, list[float]] | None = None,
     prior: float = 1.0,
     reuse: Mapping[str, float] | None = None,
+    concentration: Mapping[str, float] | None = None,
     trace: RoutingTrace | None = None,
 ) -> Prediction:
     """Memory, time to first token and decode speed of `config` on `profile` as `case` says.
@@ -455,6 +458,11 @@ def predict(
     `reuse`: per MoE layer, the share of a call's expert choices that go to experts the request's
     earlier calls of the layer chose, in proportion to their tokens (`routing_reuse` measures it on
     a recorded trace); 0 where absent: every call drawn afresh from the popularity.
+
+    `concentration`: per MoE layer, how alike a request's tokens in one call (its encoder pass)
+    route, the Dirichlet concentration α of its expert preferences (`routing_concentration` fits it
+    to a recorded trace); absent: each token drawn on its own, an upper bound on an encoder pass's
+    reads.
 
     `trace`: a recorded run's routing, replayed call by call instead of drawn (the encoder pass's
     calls first, then the decode steps': the first `case.steps` are the cold steps, those from
@@ -510,7 +518,15 @@ def predict(
         where = "device memory" if profile.gpu is not None else "RAM"
         problems.append(f"needs {format_bytes(memory.total_bytes)} of {where}, the machine has {format_bytes(limit)}")
     costs = _costs(qconfig, profile, case, plan)
-    routing = Routing.create(config.moe, seed=case.seed, popularity=popularity, prior=prior, reuse=reuse, trace=trace)
+    routing = Routing.create(
+        config.moe,
+        seed=case.seed,
+        popularity=popularity,
+        prior=prior,
+        reuse=reuse,
+        concentration=concentration,
+        trace=trace,
+    )
     slots = plan.num_slots if plan.is_offloaded else plan.num_experts
     replay = _Replay(costs, ExpertPool(max(1, slots)), case.window, routing, resident=not plan.is_offloaded)
     encode = _encode_seconds(qconfig, costs, replay, profile, case)

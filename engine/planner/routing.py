@@ -1,8 +1,8 @@
 """Where a predicted request's tokens go: each MoE layer call's experts, replayed from a recorded
-run or drawn from what one showed (each layer's popularity, and how much a request returns to the
-experts of its earlier calls).
+run or drawn from what one showed (each layer's popularity, how much a request returns to the
+experts of its earlier calls, and how much its tokens in one call share experts).
 
-Shape legend: E experts of a layer, C calls of it.
+Shape legend: E experts of a layer, C calls of it, R requests of a call, T tokens of a call.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from engine.config import MoEConfig
@@ -47,6 +48,13 @@ class Routing:
     reuse: Mapping[str, float] = field(default_factory=dict)
     """Per layer, the share of a drawn call's choices sent to experts the request's earlier calls of
     the layer chose (`routing_reuse`); the rest are drawn from the layer's popularity."""
+    concentration: Mapping[str, float] = field(default_factory=dict)
+    """Per layer, how alike a request's tokens in one call (its encoder pass) route: the Dirichlet
+    concentration α its expert preferences are drawn with around the call's weights
+    (`routing_concentration`); absent: every token drawn on its own."""
+    preferences: np.random.Generator = field(default_factory=lambda: np.random.default_rng(0))
+    """Draws the requests' preferences, apart from `generator` (an α leaves the draws of calls
+    without one as they were)."""
     trace: dict[str, deque[Sequence[tuple[int, int]]]] = field(default_factory=dict)
     """Each layer's recorded calls still to replay; a layer's calls beyond them are drawn."""
     history: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -61,6 +69,7 @@ class Routing:
         popularity: Mapping[str, Sequence[float]] | None = None,
         prior: float = 1.0,
         reuse: Mapping[str, float] | None = None,
+        concentration: Mapping[str, float] | None = None,
         trace: RoutingTrace | None = None,
     ) -> Routing:
         """See `engine.planner.predict.predict` for what each argument means."""
@@ -69,38 +78,80 @@ class Routing:
         for layer, share in (reuse or {}).items():
             if not 0 <= share <= 1:
                 raise ConfigError(f"routing reuse of {layer}: {share} is not a share in [0, 1]")
+        for layer, alpha in (concentration or {}).items():
+            if not alpha > 0:
+                raise ConfigError(f"routing concentration of {layer}: {alpha} must be > 0")
         return cls(
             moe,
             torch.Generator().manual_seed(seed),
             popularity={k: _weights(v, prior) for k, v in (popularity or {}).items()},
             reuse=dict(reuse or {}),
+            concentration=dict(concentration or {}),
+            preferences=np.random.default_rng(seed),
             trace={layer: deque(calls) for layer, calls in (trace or {}).items()},
         )
 
-    def next_call(self, layer: str, rows: int) -> list[tuple[int, int]]:
-        """(expert, tokens) pairs of the layer's next call on `rows` tokens, by expert."""
+    def next_call(self, layer: str, rows: int, requests: int = 1) -> list[tuple[int, int]]:
+        """(expert, tokens) pairs of the layer's next call on `rows` tokens of `requests` requests
+        (each an equal share of the rows), by expert."""
         recorded = self.trace.get(layer)
-        call = sorted((int(e), int(n)) for e, n in recorded.popleft()) if recorded else self._draw(layer, rows)
+        call = (
+            sorted((int(e), int(n)) for e, n in recorded.popleft()) if recorded else self._draw(layer, rows, requests)
+        )
         counts = _tokens_per_expert(call, self.moe.num_experts)
         self.history[layer] = counts + self.history[layer] if layer in self.history else counts
         return call
 
-    def _draw(self, layer: str, rows: int) -> list[tuple[int, int]]:
+    def _draw(self, layer: str, rows: int, requests: int) -> list[tuple[int, int]]:
         """`rows` tokens each sent to the layer's top-k, drawn from its popularity, or, for a share
         `reuse` of the choices, from the experts the layer's earlier calls chose (in proportion to
-        their tokens)."""
-        num_experts = self.moe.num_experts
-        p = self.popularity.get(layer)
-        if p is None:
-            p = torch.ones(num_experts)
+        their tokens); with a `concentration`, each request's tokens from preferences of its own."""
+        p_E = self.popularity.get(layer)
+        if p_E is None:
+            p_E = torch.ones(self.moe.num_experts)
         reuse = self.reuse.get(layer, 0.0)
         history = self.history.get(layer)
         if reuse > 0 and history is not None:
-            p = (1 - reuse) * p / p.sum() + reuse * history / history.sum()
-        k = min(self.moe.top_k, num_experts)
-        picks = torch.multinomial(p.expand(rows, -1), k, replacement=False, generator=self.generator)
-        counts = torch.bincount(picks.flatten(), minlength=num_experts)
+            p_E = (1 - reuse) * p_E / p_E.sum() + reuse * history / history.sum()
+        counts = _draw_counts(
+            p_E,
+            rows=rows,
+            requests=requests,
+            top_k=self.moe.top_k,
+            alpha=self.concentration.get(layer),
+            generator=self.generator,
+            preferences=self.preferences,
+        )
         return [(int(e), int(n)) for e, n in enumerate(counts.tolist()) if n]
+
+
+def _draw_counts(
+    p_E: torch.Tensor,
+    *,
+    rows: int,
+    requests: int,
+    top_k: int,
+    alpha: float | None,
+    generator: torch.Generator,
+    preferences: np.random.Generator,
+) -> torch.Tensor:
+    """Tokens per expert of `rows` tokens each sent to `top_k` experts drawn in proportion to `p_E`.
+    With `alpha`, a request's tokens share experts: each of the `requests` (an equal share of the
+    rows; only where a request has more than one) draws its preferences from Dirichlet(alpha * p),
+    the Pólya urn of its tokens (a small alpha: few experts per request; a large one: independent)."""
+    num_experts = len(p_E)
+    k = min(top_k, num_experts)
+    if alpha is None or rows <= requests:
+        weights_TE = p_E.expand(rows, -1)
+    else:
+        p = (p_E / p_E.sum()).double().numpy()
+        # numpy's Dirichlet, unlike torch's, draws small concentrations without underflowing to 0.
+        theta_RE = torch.from_numpy(preferences.dirichlet(alpha * p + 1e-12, size=requests))
+        owner_T = torch.arange(rows) * requests // rows  # each request's rows together
+        # Floored above 0: top-k without replacement needs k experts that can be drawn.
+        weights_TE = theta_RE[owner_T].clamp_min(1e-12)
+    picks = torch.multinomial(weights_TE, k, replacement=False, generator=generator)
+    return torch.bincount(picks.flatten(), minlength=num_experts)
 
 
 def routing_reuse(
@@ -148,3 +199,61 @@ def _likeliest_share(chosen_CE: torch.Tensor, earlier_CE: torch.Tensor, p_E: tor
         middle = (low + high) / 2
         low, high = (middle, high) if slope(middle) > 0 else (low, middle)
     return (low + high) / 2
+
+
+def routing_concentration(
+    trace: RoutingTrace,
+    popularity: Mapping[str, Sequence[float]],
+    *,
+    top_k: int,
+    requests: int,
+    prior: float = 1.0,
+    seed: int = 0,
+    draws: int = 16,
+) -> dict[str, float]:
+    """Per MoE layer of a recorded `trace` whose first call held several tokens of each of its
+    `requests` (an encoder pass), the concentration α with which `Routing` draws that call so that it
+    touches, on average over `draws`, as many distinct experts as the recording did: what an encoder
+    pass reads.
+
+    A request's tokens in one pass share experts: the NLLB-MoE-shaped bench model's encoder layers
+    sent 64 choices of a 32-token input to 22-27 of 128 experts, where drawing each token on its own
+    from the recorded totals plus the prior touched about twice as many and predicted its prefill
+    +75 %. The distinct count grows with α (a large α: independent tokens), so α is found by
+    bisection on log α over the planner's own draws, the same seeds at every α. Layers whose
+    recording touched no fewer experts than independent draws do are left out (independent)."""
+    concentration = {}
+    for layer, calls in trace.items():
+        if layer not in popularity or not calls:
+            continue
+        first = calls[0]
+        rows = round(sum(n for _, n in first) / top_k)
+        if rows <= requests:
+            continue  # one token a request (a decode step): nothing shared within the call
+        p_E = _weights(popularity[layer], prior)
+
+        def distinct(alpha: float | None, p_E: torch.Tensor = p_E, rows: int = rows) -> float:
+            generator, preferences = torch.Generator().manual_seed(seed), np.random.default_rng(seed)
+            counts = [
+                _draw_counts(
+                    p_E,
+                    rows=rows,
+                    requests=requests,
+                    top_k=top_k,
+                    alpha=alpha,
+                    generator=generator,
+                    preferences=preferences,
+                )
+                for _ in range(draws)
+            ]
+            return float(sum(int((c > 0).sum()) for c in counts)) / draws
+
+        target = len(first)
+        if target >= distinct(None):
+            continue
+        low, high = -3.0, 6.0  # log10 α: from a request's tokens on one expert set to independent
+        for _ in range(24):
+            middle = (low + high) / 2
+            low, high = (middle, high) if distinct(10**middle) < target else (low, middle)
+        concentration[layer] = 10 ** ((low + high) / 2)
+    return concentration
