@@ -151,7 +151,10 @@ def measure_model(
         # each case (~3 s), as the store's read rate is around it.
         cfg.log(f"{name} batch {batch}: this machine's CPU rates now")
         now = remeasure_cpu(profile, options, formats=("bfloat16",))
-        before = store_read_gb_s(store)
+        # This VM's virtual disk drifts (0.9-1.9 GB/s between rows of one run, 1.24-1.56 around one
+        # row's three repeats): the store's read rate is read before every repeat and after the
+        # last, and the rate the median run saw is the mean of the readings just around it.
+        readings = [store_read_gb_s(store)]
         runs = []
         for repeat in range(cfg.repeats):
             cfg.log(f"{name} batch {batch} repeat {repeat + 1}")
@@ -160,10 +163,9 @@ def measure_model(
                 runs.append(decode_cpm2(loaded, batch=batch, steps=cfg.steps, warmup=cfg.warmup, cold_files=files))
             finally:
                 loaded.close()
-        # This VM's virtual disk drifts (0.9-1.9 GB/s between rows of one run): the rate the runs
-        # saw is taken as the mean of readings just before and just after them.
-        after = store_read_gb_s(store)
+            readings.append(store_read_gb_s(store))
         run = median_run(runs)
+        at = runs.index(run)
         row = {
             "model": name,
             "path": str(model_dir),
@@ -172,8 +174,9 @@ def measure_model(
             "tokens_per_second_all": [r.tokens_per_second for r in runs],
             "routing_counts": routing_counts([run]),  # the repeats decode the same tokens
             "routing_trace": run.routing_trace,
-            "store_read_gb_s": (before + after) / 2,
-            "store_read_gb_s_before_after": [before, after],
+            "store_read_gb_s": (readings[at] + readings[at + 1]) / 2,
+            "store_read_gb_s_before_after": readings[at : at + 2],
+            "store_read_gb_s_all": readings,
             "profile": now.to_dict(),
         }
         rows.append({**row, **predict_row(config, profile, row, cfg)})

@@ -126,6 +126,10 @@ def test_plan_validation_compares_a_run_with_its_prediction(tiny_config: Path, t
         # predicted from the CPU rates measured again just before the row's runs
         assert r["profile"]["cpu"]["bfloat16"] != dataclasses.asdict(profile.cpu["bfloat16"])
         assert r["profile"]["read_contention"] == profile.read_contention
+        # the store's read rate read before the repeat and after it, the run's rate their mean
+        assert len(r["store_read_gb_s_all"]) == cfg.repeats + 1
+        assert r["store_read_gb_s"] == pytest.approx(sum(r["store_read_gb_s_all"]) / 2)
+        assert "routing_concentration" in r
         assert r["tokens_per_second_error"] == pytest.approx(
             r["predicted_tokens_per_second"] / r["tokens_per_second"] - 1
         )
