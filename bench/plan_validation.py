@@ -224,19 +224,13 @@ def repredict(report: dict[str, Any], cfg: ValidationConfig) -> dict[str, Any]:
     return again
 
 
-def _mean_reuse(row: dict[str, Any]) -> str:
-    """The row's `routing_reuse` averaged over its layers (blank without a trace)."""
-    shares = list(row.get("routing_reuse", {}).values())
-    return f"{statistics.mean(shares):.2f}" if shares else ""
-
-
-def _mean_concentration(row: dict[str, Any]) -> str:
-    """The row's encoder `routing_concentration` averaged over its layers ("-": every token drawn on
-    its own; blank without a trace)."""
-    if "routing_concentration" not in row:
+def _layer_mean(row: dict[str, Any], key: str, digits: int, *, none: str) -> str:
+    """The row's per-layer figures under `key` (`routing_reuse`, `routing_concentration`) averaged over
+    its layers: blank without a trace, `none` where no layer has one."""
+    if key not in row:
         return ""
-    alphas = list(row["routing_concentration"].values())
-    return f"{statistics.mean(alphas):.0f}" if alphas else "-"
+    values = list(row[key].values())
+    return f"{statistics.mean(values):.{digits}f}" if values else none
 
 
 def print_report(report: dict[str, Any], console: Console) -> None:
@@ -258,8 +252,8 @@ def print_report(report: dict[str, Any], console: Console) -> None:
             f"{r.get('bytes_read_error', float('nan')):+.0%}",
             f"{r.get('experts', {}).get('hit_rate', float('nan')):.2f}",
             f"{r['predicted_hit_rate']:.2f}",
-            _mean_reuse(r),
-            _mean_concentration(r),
+            _layer_mean(r, "routing_reuse", 2, none=""),
+            _layer_mean(r, "routing_concentration", 0, none="-"),  # "-": every token on its own
             f"{r['encode_seconds']:.2f}",
             f"{r['predicted_encode_seconds']:.2f}",
             f"{r.get('encode_seconds_error', float('nan')):+.0%}",

@@ -64,8 +64,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
             f"--concentration {args.concentration}: must be > 0 (small: a request's input tokens share few experts; "
             "leave it out for independent tokens)"
         )
-    encoder_layers = config.moe.encoder_layers if config.moe is not None and args.concentration is not None else ()
-    concentration = {f"encoder.{layer}": args.concentration for layer in encoder_layers}
+    encoder_layers = config.moe.encoder_layers if config.moe is not None else ()
+    concentration = {f"encoder.{layer}": args.concentration for layer in encoder_layers if args.concentration}
     predictions = [
         predict(
             config,

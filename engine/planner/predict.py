@@ -309,15 +309,16 @@ class _Replay:
     pool: ExpertPool
     window: int
     routing: Routing
+    requests: int
+    """Requests in the batch (a call's rows are theirs in equal shares)."""
     resident: bool = False
     """Every expert loaded at start (a budget that holds them all): no layer reads."""
     hits: int = 0
     looked: int = 0
 
-    def layer(self, key: MoELayerKey, rows: int, requests: int) -> tuple[float, float, float, float, int]:
-        """One MoE layer on `rows` tokens of `requests` requests: (makespan, compute, transfer, stall,
-        loads)."""
-        demand = self.routing.next_call(str(key), rows, requests)
+    def layer(self, key: MoELayerKey, rows: int) -> tuple[float, float, float, float, int]:
+        """One MoE layer on `rows` tokens of the batch: (makespan, compute, transfer, stall, loads)."""
+        demand = self.routing.next_call(str(key), rows, self.requests)
         upcoming = [(key, e) for e, _ in demand]
         hits = []
         for i, (expert, _) in enumerate(demand):
@@ -353,8 +354,7 @@ def _encode_seconds(config: ModelConfig, c: _Costs, replay: _Replay, profile: Ha
         seconds += _attention_seconds(config, c, rows=rows, keys=case.source_len, cross=False)
         seconds += profile.overhead.block_seconds(rows)
         if block in moe:
-            seconds += replay.layer(MoELayerKey("encoder", block), rows, case.batch)[0]
-            seconds += profile.overhead.moe_layer_us * 1e-6
+            seconds += replay.layer(MoELayerKey("encoder", block), rows)[0] + profile.overhead.moe_layer_us * 1e-6
         else:
             seconds += _ffn_seconds(config, c, rows)
     # Every decoder block's cross-attention keys and values, once per request.
@@ -408,7 +408,7 @@ def _step(
         dense += profile.overhead.block_seconds(rows)
         if block in moe:
             makespan, layer_compute, layer_transfer, layer_stall, layer_loads = replay.layer(
-                MoELayerKey("decoder", block), rows, case.batch
+                MoELayerKey("decoder", block), rows
             )
             step += makespan
             compute += layer_compute
@@ -528,7 +528,8 @@ def predict(
         trace=trace,
     )
     slots = plan.num_slots if plan.is_offloaded else plan.num_experts
-    replay = _Replay(costs, ExpertPool(max(1, slots)), case.window, routing, resident=not plan.is_offloaded)
+    pool = ExpertPool(max(1, slots))
+    replay = _Replay(costs, pool, case.window, routing, requests=case.batch, resident=not plan.is_offloaded)
     encode = _encode_seconds(qconfig, costs, replay, profile, case)
     first = _Totals()
     first_step = _step(qconfig, costs, replay, profile, case, position=0, into=first)

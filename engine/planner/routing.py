@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 import torch
@@ -219,7 +220,7 @@ def routing_concentration(
     A request's tokens in one pass share experts: the NLLB-MoE-shaped bench model's encoder layers
     sent 64 choices of a 32-token input to 22-27 of 128 experts, where drawing each token on its own
     from the recorded totals plus the prior touched about twice as many and predicted its prefill
-    +75 %. The distinct count grows with α (a large α: independent tokens), so α is found by
+    +74 % and +76 %. The distinct count grows with α (a large α: independent tokens), so α is found by
     bisection on log α over the planner's own draws, the same seeds at every α. Layers whose
     recording touched no fewer experts than independent draws do are left out (independent)."""
     concentration = {}
@@ -231,29 +232,34 @@ def routing_concentration(
         if rows <= requests:
             continue  # one token a request (a decode step): nothing shared within the call
         p_E = _weights(popularity[layer], prior)
-
-        def distinct(alpha: float | None, p_E: torch.Tensor = p_E, rows: int = rows) -> float:
-            generator, preferences = torch.Generator().manual_seed(seed), np.random.default_rng(seed)
-            counts = [
-                _draw_counts(
-                    p_E,
-                    rows=rows,
-                    requests=requests,
-                    top_k=top_k,
-                    alpha=alpha,
-                    generator=generator,
-                    preferences=preferences,
-                )
-                for _ in range(draws)
-            ]
-            return float(sum(int((c > 0).sum()) for c in counts)) / draws
-
+        distinct = partial(_mean_distinct, p_E, rows=rows, requests=requests, top_k=top_k, seed=seed, draws=draws)
         target = len(first)
-        if target >= distinct(None):
+        if target >= distinct(alpha=None):
             continue
         low, high = -3.0, 6.0  # log10 α: from a request's tokens on one expert set to independent
         for _ in range(24):
             middle = (low + high) / 2
-            low, high = (middle, high) if distinct(10**middle) < target else (low, middle)
+            low, high = (middle, high) if distinct(alpha=10**middle) < target else (low, middle)
         concentration[layer] = 10 ** ((low + high) / 2)
     return concentration
+
+
+def _mean_distinct(
+    p_E: torch.Tensor, *, rows: int, requests: int, top_k: int, alpha: float | None, seed: int, draws: int
+) -> float:
+    """Distinct experts a call drawn as `_draw_counts` does touches, averaged over `draws` draws made
+    from `seed` afresh (the same random numbers at every `alpha`, so the count moves with α alone)."""
+    generator, preferences = torch.Generator().manual_seed(seed), np.random.default_rng(seed)
+    touched = 0
+    for _ in range(draws):
+        counts = _draw_counts(
+            p_E,
+            rows=rows,
+            requests=requests,
+            top_k=top_k,
+            alpha=alpha,
+            generator=generator,
+            preferences=preferences,
+        )
+        touched += int((counts > 0).sum())
+    return touched / draws
