@@ -80,12 +80,41 @@ def predict_measured(
     concentration = routing_concentration(trace, popularity, top_k=top_k, requests=case.batch) if trace else {}
     drawn = predict(config, here, case, popularity=popularity, reuse=reuse, concentration=concentration)
     row = _predicted(drawn, measured)
+    decode_link, encode_link = _link_gb_s(measured.get("experts")), _link_gb_s(measured.get("encode_experts"))
+    if decode_link and encode_link:
+        # The store's readings around a run and the rate the run's own reads ran at differ by up to
+        # 50 % on this VM (2.7-2.9 GB/s while reading in the runs, 1.8-1.9 in the readings either
+        # side): predicted again at the run's own rates, the error left is the planner's alone.
+        def at(rate: float) -> Prediction:
+            return predict(
+                config,
+                dataclasses.replace(profile, disk_read_gb_s=rate),
+                case,
+                popularity=popularity,
+                reuse=reuse,
+                concentration=concentration,
+            )
+
+        decode, encode = _predicted(at(decode_link), measured), _predicted(at(encode_link), measured)
+        row["at_link_rate"] = {
+            "decode_link_gb_s": decode_link,
+            "encode_link_gb_s": encode_link,
+            "tokens_per_second_error": decode["tokens_per_second_error"],
+            "encode_seconds_error": encode.get("encode_seconds_error"),
+        }
     if trace:
         row["routing_reuse"] = reuse
         row["routing_concentration"] = concentration
         row["replayed"] = _predicted(predict(config, here, case, popularity=popularity, trace=trace), measured)
         row["independent"] = _predicted(predict(config, here, case, popularity=popularity), measured)
     return row
+
+
+def _link_gb_s(stats: dict[str, Any] | None) -> float | None:
+    """The rate a run's reads ran at while any was in flight (the provider's link time), or None."""
+    if not stats or stats.get("transfer_seconds", 0) <= 0:
+        return None
+    return float(stats["bytes_moved"]) / stats["transfer_seconds"] / 1e9
 
 
 def _predicted(prediction: Prediction, measured: dict[str, Any]) -> dict[str, Any]:
@@ -261,11 +290,28 @@ def print_report(report: dict[str, Any], console: Console) -> None:
             f"{replayed.get('encode_seconds_error', float('nan')):+.0%}",
         )
     console.print(table)
+    rates = Table(title="the store's read rate against the rate the run's own reads ran at (the provider's link time)")
+    for col in ("model", "batch", "store GB/s", "run's decode GB/s", "tok/s error at it", "run's prefill GB/s"):
+        rates.add_column(col, justify="right")
+    rates.add_column("prefill error at it", justify="right")
+    for r in report["rows"]:
+        at_link = r.get("at_link_rate")
+        if at_link:
+            rates.add_row(
+                r["model"],
+                str(r["batch"]),
+                f"{r['store_read_gb_s']:.2f}",
+                f"{at_link['decode_link_gb_s']:.2f}",
+                f"{at_link['tokens_per_second_error']:+.0%}",
+                f"{at_link['encode_link_gb_s']:.2f}",
+                f"{at_link['encode_seconds_error'] or float('nan'):+.0%}",
+            )
+    console.print(rates)
     console.print(
         "predicted: routing drawn from the totals the run recorded, its layers' reuse of earlier steps' "
         "experts and how alike a request's input tokens route (enc α; as cpm2 plan --routing --reuse "
         "--concentration); replayed: the run's routing replayed call by call (the "
-        "planner's costs and schedule alone)"
+        "planner's costs and schedule alone); at it: predicted again at the rate the run's reads ran at"
     )
     console.print(
         f"|error| of tok/s: median {report['median_abs_tokens_per_second_error']:.0%}, "

@@ -142,6 +142,13 @@ def test_plan_validation_compares_a_run_with_its_prediction(tiny_config: Path, t
         top_k = inspect_checkpoint(model_dir).config.moe.top_k  # type: ignore[union-attr]
         assert all(sum(n for _, n in call) == r["batch"] * top_k for calls in decoder for call in calls)
         assert "tokens_per_second_error" in r["replayed"]
+        # Predicted again at the rate the run's own reads ran at (the provider's link time).
+        if r["experts"]["transfer_seconds"] > 0 and r["encode_experts"]["transfer_seconds"] > 0:
+            at = r["at_link_rate"]
+            rate = r["experts"]["bytes_moved"] / r["experts"]["transfer_seconds"] / 1e9
+            assert at["decode_link_gb_s"] == pytest.approx(rate)
+            assert {"tokens_per_second_error", "encode_seconds_error", "encode_link_gb_s"} <= set(at)
+    assert any("at_link_rate" in r for r in rows)
     # The row's own rates are what it is predicted from: halving them slows the prediction.
     row = rows[0]
     halved = {

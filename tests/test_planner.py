@@ -158,6 +158,33 @@ def test_reads_slow_the_experts_of_layers_that_load_and_latency_overlaps(switch8
         assert extra == pytest.approx(1.0 if batch == 1 else 0.25, rel=0.35)
 
 
+def test_the_providers_hand_offs_overlap_between_loads_in_flight(switch8) -> None:  # type: ignore[no-untyped-def]
+    # load_us 400 alone, 175 per load with 4 in flight: s + o = 400, s + o / 4 = 175 -> o 300, s 100.
+    measured = OverheadProfile(
+        step_us=200, block_us=100, moe_layer_us=150, expert_us=60, load_us=400, load_window_us=175
+    )
+    assert measured.load_seconds(1) == pytest.approx(400e-6)
+    assert measured.load_seconds(2) == pytest.approx((100 + 300 / 2) * 1e-6)
+    assert measured.load_seconds(4) == measured.load_seconds(40) == pytest.approx(175e-6)
+    assert measured.load_seconds(40, window=2) == pytest.approx(250e-6)  # at most `window` in flight
+    assert measured.load_seconds(40, window=1) == pytest.approx(400e-6)
+    older = dataclasses.replace(measured, load_window_us=None)  # profiles measured before it was
+    assert older.load_seconds(40) == pytest.approx(400e-6)
+    with pytest.raises(ConfigError, match="load_window_us must be >= 0"):
+        dataclasses.replace(measured, load_window_us=-1.0)
+
+    def run(overhead: OverheadProfile, batch: int):  # type: ignore[no-untyped-def]
+        return predict(switch8, _profile(overhead=overhead), PlanCase(batch=batch, budget="25%"))
+
+    # An encoder pass queues dozens of loads a layer: each pays 175 us of the provider's time, not
+    # 400. A batch-1 decode step loads one expert a layer: as before.
+    for batch in (1, 16):
+        new, old = run(measured, batch), run(older, batch)
+        assert new.encode_seconds < old.encode_seconds
+    one = run(measured, 1), run(older, 1)
+    assert one[0].warm.expert_read_seconds == pytest.approx(one[1].warm.expert_read_seconds)
+
+
 def test_recorded_routing_changes_the_hit_rate(switch8) -> None:  # type: ignore[no-untyped-def]
     moe = switch8.moe
     skewed = {f"decoder.{layer}": [100.0] + [1.0] * (moe.num_experts - 1) for layer in moe.decoder_layers}
@@ -310,6 +337,8 @@ def test_measure_writes_a_profile_the_planner_reads(tmp_path: Path) -> None:
     assert measured.disk_read_gb_s > 0
     assert measured.cpu["int4"].gemv_gb_s > 0
     assert measured.overhead.block16_us is not None
+    assert measured.overhead.load_window_us is not None
+    assert measured.overhead.load_window_us <= measured.overhead.load_us
     assert measured.source.startswith("measured by cpm2 plan --measure")
     assert not list(tmp_path.glob("cpm2-plan-*"))  # the scratch file is gone
     path = tmp_path / "here.json"

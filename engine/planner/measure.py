@@ -39,6 +39,7 @@ from engine.model.quant import quantize_int8
 from engine.planner.profile import (
     FORMATS,
     LARGE_SHAPE,
+    LOAD_WINDOW,
     SMALL_SHAPE,
     GpuProfile,
     HardwareProfile,
@@ -383,47 +384,63 @@ def _decode_seconds(model: Seq2SeqLM, *, batch: int, steps: int = 48, runs: int 
     return best, sum(c.served for c in counters) / steps  # counted over the last run
 
 
-def provider_load_us(scratch: Path, *, disk_latency_us: float) -> float:
-    """The offloading provider's own time per expert load (bookkeeping, handing the read to an I/O
-    thread, waiting on it), beyond the read itself: a tiny MoE model decoded offloaded in strict
-    mode, prefetch off (loads of a few KiB, so the read is its latency), against the same model
-    resident, per load."""
+def provider_load_us(scratch: Path, *, disk_latency_us: float) -> tuple[float, float]:
+    """(`load_us`, `load_window_us`): the offloading provider's own time per expert load
+    (bookkeeping, handing the read to an I/O thread, the wake-ups on its completion), beyond the read
+    itself, with one load in flight and with `LOAD_WINDOW`. A tiny MoE model decoded offloaded in
+    strict mode, prefetch off (loads of a few KiB, so a read is its latency), against the same model
+    resident, per load: at batch 1 (one expert a layer: one load at a time) and at batch 16 (most of
+    a layer's 8 experts: several loads queued, up to the window in flight)."""
     from engine.offload import OffloadConfig, load_for_inference
     from engine.weights.init import write_random_model
 
+    per_load: dict[int, tuple[float, float]] = {}  # batch -> (µs per load, loads per layer call)
     with tempfile.TemporaryDirectory(prefix="cpm2-plan-", dir=scratch) as tmp:
         model_dir = Path(tmp) / "model"
         write_random_model(_tiny_config(decoder_layers=8, moe=True), model_dir, progress=False)
-        resident = load_for_inference(model_dir, offload=OffloadConfig(expert_memory="100%"), progress=False)
-        try:
-            resident_step, _ = _decode_seconds(resident.model, batch=1)
-        finally:
-            resident.close()
-        offload = OffloadConfig(expert_memory="25%", direct_io=True, prefetch=False)
-        loaded = load_for_inference(model_dir, offload=offload, progress=False)
-        try:
-            assert loaded.provider is not None
-            before = loaded.provider.stats.transfers
-            offloaded_step, _ = _decode_seconds(loaded.model, batch=1)
+        for batch in (1, 16):
+            resident = load_for_inference(model_dir, offload=OffloadConfig(expert_memory="100%"), progress=False)
+            try:
+                resident_step, _ = _decode_seconds(resident.model, batch=batch)
+            finally:
+                resident.close()
+            offload = OffloadConfig(expert_memory="25%", direct_io=True, prefetch=False, window=LOAD_WINDOW)
+            loaded = load_for_inference(model_dir, offload=offload, progress=False)
+            try:
+                assert loaded.provider is not None
+                before = loaded.provider.stats.snapshot()
+                offloaded_step, _ = _decode_seconds(loaded.model, batch=batch)
+                stats = loaded.provider.stats - before
+            finally:
+                loaded.close()
             # Transfers are counted over all 5 runs (the tiny model's encoder has no MoE layer, so
             # every one is a decode step's): the loads of the best run's steps are not known apart,
             # so a step's loads are the average over every step decoded.
-            loads = (loaded.provider.stats.transfers - before) / (5 * 48)
-        finally:
-            loaded.close()
-    if loads <= 0:
-        return 0.0
-    return max(0.0, (offloaded_step - resident_step) / loads * 1e6 - disk_latency_us)
+            loads = stats.transfers / (5 * 48)
+            if loads <= 0:
+                return 0.0, 0.0
+            queued = stats.transfers / max(1, stats.layer_calls)
+            latency = disk_latency_us / min(max(1.0, queued), LOAD_WINDOW)  # reads in flight share it
+            per_load[batch] = (max(0.0, (offloaded_step - resident_step) / loads * 1e6 - latency), queued)
+    alone, _ = per_load[1]
+    together, queued = per_load[16]
+    # together = s + o / q with q loads in flight; alone = s + o. Solved for o, reported at the window.
+    in_flight = min(max(1.0, queued), LOAD_WINDOW)
+    if in_flight <= 1.0 or together >= alone:
+        return alone, alone
+    overlapping = (alone - together) / (1 - 1 / in_flight)
+    serial = max(0.0, alone - overlapping)
+    return alone, serial + min(alone, overlapping) / LOAD_WINDOW
 
 
-def overheads(call_us: float, *, load_us: float) -> OverheadProfile:
+def overheads(call_us: float, *, load_us: float, load_window_us: float | None = None) -> OverheadProfile:
     """Per-step, per-block, per-MoE-layer and per-expert costs from tiny models' decode steps.
 
     A tiny model's matmuls cost their call floor (`call_us`, subtracted per call), the rest is the
     engine's own time. Blocks: the slope of step time over decoder depth (`block_fit`), at 1 row
     and at 16. MoE: 8 MoE blocks against 8 dense ones, at batch 1 (one expert per layer) and 8
     (several), solved for the layer's and each expert's share. The provider's per-load time
-    (`load_us`) needs a store on disk and is measured by `provider_load_us`.
+    (`load_us`, `load_window_us`) needs a store on disk and is measured by `provider_load_us`.
     """
     calls = 6 * call_us * 1e-6  # a block's: fused q/k/v, output, cross query, cross output, FFN in and out
     outside, per_block = block_fit(batch=1)
@@ -448,6 +465,7 @@ def overheads(call_us: float, *, load_us: float) -> OverheadProfile:
         moe_layer_us=layer * 1e6,
         expert_us=expert * 1e6,
         load_us=load_us,
+        load_window_us=load_window_us,
     )
 
 
@@ -481,8 +499,8 @@ def measure_profile(options: MeasureOptions, *, name: str | None = None, log: Lo
         log("matmuls while the reader streams")
         contention = read_contention(path, options)
     log("engine overheads (tiny models)")
-    load = provider_load_us(options.scratch, disk_latency_us=latency)
-    overhead = overheads(statistics.median(r.call_us for r in cpu.values()), load_us=load)
+    load, load_window = provider_load_us(options.scratch, disk_latency_us=latency)
+    overhead = overheads(statistics.median(r.call_us for r in cpu.values()), load_us=load, load_window_us=load_window)
     gpu = None
     if torch.cuda.is_available():
         log("GPU: host-to-device copies and matmul rates")

@@ -9,11 +9,12 @@ or replayed call by call from a recorded run's trace, the pool's own
 eviction policy (`engine.experts.pool.ExpertPool`) deciding hits and misses, and each MoE layer's
 experts ordered and timed by the InfMoE code the provider runs (`engine.experts.order`: Johnson's
 order under the slot limit, one link, one compute unit), with α (expert compute) and β (expert
-read: its bytes at the link's rate, the provider's bookkeeping, and the read latency shared by the
-reads in flight together) from the hardware profile's rates, α slowed by the profile's measured
-`read_contention` in layers that read (on few cores the reader's threads take CPU from the
-matmuls). Dense work is a roofline per matrix (the slower of streaming the weight and the
-arithmetic, plus the call's fixed cost) plus the engine's measured per-block overheads.
+read: its bytes at the link's rate, the provider's bookkeeping, and the read's latency and the
+provider's hand-offs, shared by the reads in flight together) from the hardware profile's rates,
+α slowed by the profile's measured `read_contention` in layers that read (on few cores the
+reader's threads take CPU from the matmuls). Dense work is a roofline per matrix (the slower of
+streaming the weight and the arithmetic, plus the call's fixed cost) plus the engine's measured
+per-block overheads.
 
 Modelled: strict offloading (O_DIRECT reads on CPU, pinned host or disk over the host link on a
 GPU), teacher-forced steps. Not modelled: prefetch (the provider only guesses as many loads as fit
@@ -40,7 +41,7 @@ from engine.experts.order import Job, order_jobs, simulate
 from engine.experts.pool import ExpertPool
 from engine.memory_plan import MachineMemory, MemoryPlan, plan_memory
 from engine.model import MoELayerKey
-from engine.planner.profile import FORMATS, HardwareProfile, MatmulRates
+from engine.planner.profile import FORMATS, HardwareProfile, MatmulRates, OverheadProfile
 from engine.planner.routing import Routing, RoutingTrace
 from engine.sizes import format_bytes
 from engine.summary import summarize
@@ -221,8 +222,10 @@ class _Costs:
     load_latency_seconds: float
     """One read's fixed latency (submission, completion, the first sector): overlaps between reads in flight."""
     load_link_seconds: float
-    """One expert's bytes over the link (at the rate measured with reads in flight) and the provider's
-    bookkeeping for it (`load_us`: on the engine's thread, so it does not overlap)."""
+    """One expert's bytes over the link (at the rate measured with reads in flight)."""
+    overhead: OverheadProfile
+    """The provider's own time per load (`OverheadProfile.load_seconds`: partly overlapping with the
+    other loads in flight)."""
     expert_call_seconds: float
     """Per expert computed, beyond its matmuls."""
     read_contention: float
@@ -258,7 +261,8 @@ def _costs(config: ModelConfig, profile: HardwareProfile, case: PlanCase, plan: 
         act_bytes=act,
         memcpy_gb_s=profile.memcpy_gb_s,
         load_latency_seconds=latency,
-        load_link_seconds=profile.overhead.load_us * 1e-6 + blob / (link_gb_s * 1e9),
+        load_link_seconds=blob / (link_gb_s * 1e9),
+        overhead=profile.overhead,
         expert_call_seconds=profile.overhead.expert_us * 1e-6,
         read_contention=profile.read_contention if profile.gpu is None else 1.0,
         expert_parameters=parameters,
@@ -325,11 +329,17 @@ class _Replay:
             hits.append(self.resident or self.pool.record_use((key, expert), upcoming=upcoming[i + 1 :]))
         self.hits += sum(hits)
         self.looked += len(demand)
-        # β: a load alone pays its read latency in full; with n of a layer's loads queued, up to
-        # `window` are in flight together and their latencies overlap (bytes and bookkeeping do not).
-        # One load a layer is decoding at batch 1; dozens are an encoder pass.
+        # β: a load alone pays its read latency and the provider's hand-offs in full; with n of a
+        # layer's loads queued, up to `window` are in flight together and their latencies and
+        # wake-ups overlap (bytes and the engine thread's bookkeeping do not). One load a layer is
+        # decoding at batch 1; dozens are an encoder pass.
         misses = len(hits) - sum(hits)
-        beta = self.costs.load_link_seconds + self.costs.load_latency_seconds / max(1, min(misses, self.window))
+        in_flight = max(1, min(misses, self.window))
+        beta = (
+            self.costs.load_link_seconds
+            + self.costs.load_latency_seconds / in_flight
+            + self.costs.overhead.load_seconds(misses, window=self.window)
+        )
         # A CPU layer that loads computes its experts while the reader's threads share the cores.
         slowdown = self.costs.read_contention if misses else 1.0
         jobs = []

@@ -27,6 +27,8 @@ SMALL_SHAPE = (2048, 512)
 LARGE_SHAPE = (4096, 4096)
 SMALL_PARAMETERS = SMALL_SHAPE[0] * SMALL_SHAPE[1]
 LARGE_PARAMETERS = LARGE_SHAPE[0] * LARGE_SHAPE[1]
+#: Loads in flight `OverheadProfile.load_window_us` is measured with (`--expert-window`'s default).
+LOAD_WINDOW = 4
 
 
 def _positive(owner: str, **values: float) -> None:
@@ -96,15 +98,32 @@ class OverheadProfile:
     expert_us: float
     """Per expert computed: gathering its tokens, its activation, scattering the result."""
     load_us: float
-    """Per expert loaded by the offloading provider: pool bookkeeping and issuing the read."""
+    """Per expert loaded by the offloading provider, one load in flight (decoding at batch 1): pool
+    bookkeeping, handing the read to an I/O thread, and the wake-ups on its completion."""
     block16_us: float | None = None
     """`block_us` at 16 rows (a decode batch): the small ops grow with the rows they touch. None in
     profiles measured before it was (then `block_us` at every batch)."""
+    load_window_us: float | None = None
+    """`load_us` per load while a layer queues `LOAD_WINDOW` or more (an encoder pass, a decode
+    batch): the hand-offs and wake-ups of loads in flight together overlap, the engine thread's
+    bookkeeping does not (`load_seconds`). None in profiles measured before it was (then every load
+    costs `load_us`, as if alone)."""
 
     def __post_init__(self) -> None:
         for name, value in dataclasses.asdict(self).items():
             if value is not None and value < 0:
                 raise ConfigError(f"OverheadProfile: {name} must be >= 0, got {value}")
+
+    def load_seconds(self, loads: int, *, window: int = LOAD_WINDOW) -> float:
+        """The provider's own time per load when a layer queues `loads` with up to `window` in
+        flight: a serial part s (the engine thread's bookkeeping) plus an overlapping part o shared
+        by the loads in flight, s + o / min(loads, window). s and o solve the two measured points,
+        `load_us` = s + o (one load) and `load_window_us` = s + o / `LOAD_WINDOW`."""
+        if self.load_window_us is None or loads <= 1:
+            return self.load_us * 1e-6
+        overlapping = max(0.0, self.load_us - self.load_window_us) * LOAD_WINDOW / (LOAD_WINDOW - 1)
+        serial = max(0.0, self.load_us - overlapping)
+        return (serial + overlapping / min(loads, max(1, window))) * 1e-6
 
     def block_seconds(self, rows: int) -> float:
         """One block's own time at `rows` rows: between the two measured points linearly, the 16-row
