@@ -71,7 +71,8 @@ def predict_measured(
     encoder pass (`routing_concentration`, `cpm2 plan --concentration`). Compared: `tokens_per_second` (of its
     `phase`, warm by default), `storage_bytes_per_token`, `encode_seconds`. With a trace, the same
     figures are under `replayed` with it replayed call by call, and under `independent` drawn from
-    the totals alone (every call afresh)."""
+    the totals alone (every call afresh). Where the run read in both phases, `at_link_rate` has the
+    tok/s and prefill errors predicted at the rates its own decode and prefill reads ran at."""
     popularity = {k: [float(x) for x in v] for k, v in measured["routing_counts"].items()}
     here = dataclasses.replace(profile, disk_read_gb_s=disk_read_gb_s)
     trace = measured.get("routing_trace")
@@ -83,8 +84,9 @@ def predict_measured(
     decode_link, encode_link = _link_gb_s(measured.get("experts")), _link_gb_s(measured.get("encode_experts"))
     if decode_link and encode_link:
         # The store's readings around a run and the rate the run's own reads ran at differ by up to
-        # 50 % on this VM (2.7-2.9 GB/s while reading in the runs, 1.8-1.9 in the readings either
-        # side): predicted again at the run's own rates, the error left is the planner's alone.
+        # 50 % on this VM, either way (2.7-3.0 GB/s in one run's reads, 1.8-1.9 in the readings either
+        # side; 2.0-2.5 against 2.3-2.9 in another): predicted again at the run's own rates, the
+        # error left is the planner's model of the step, the disk's drift taken out.
         def at(rate: float) -> Prediction:
             return predict(
                 config,
