@@ -79,25 +79,21 @@ def predict_measured(
     reuse = routing_reuse(trace, popularity) if trace else {}
     top_k = config.moe.top_k if config.moe is not None else 1
     concentration = routing_concentration(trace, popularity, top_k=top_k, requests=case.batch) if trace else {}
-    drawn = predict(config, here, case, popularity=popularity, reuse=reuse, concentration=concentration)
-    row = _predicted(drawn, measured)
+
+    def drawn(rate: float) -> dict[str, Any]:
+        """Routing drawn from the run's statistics, the store read at `rate` GB/s."""
+        at = dataclasses.replace(profile, disk_read_gb_s=rate)
+        prediction = predict(config, at, case, popularity=popularity, reuse=reuse, concentration=concentration)
+        return _predicted(prediction, measured)
+
+    row = drawn(disk_read_gb_s)
     decode_link, encode_link = _link_gb_s(measured.get("experts")), _link_gb_s(measured.get("encode_experts"))
     if decode_link and encode_link:
         # The store's readings around a run and the rate the run's own reads ran at differ by up to
         # 50 % on this VM, either way (2.7-3.0 GB/s in one run's reads, 1.8-1.9 in the readings either
         # side; 2.0-2.5 against 2.3-2.9 in another): predicted again at the run's own rates, the
         # error left is the planner's model of the step, the disk's drift taken out.
-        def at(rate: float) -> Prediction:
-            return predict(
-                config,
-                dataclasses.replace(profile, disk_read_gb_s=rate),
-                case,
-                popularity=popularity,
-                reuse=reuse,
-                concentration=concentration,
-            )
-
-        decode, encode = _predicted(at(decode_link), measured), _predicted(at(encode_link), measured)
+        decode, encode = drawn(decode_link), drawn(encode_link)
         row["at_link_rate"] = {
             "decode_link_gb_s": decode_link,
             "encode_link_gb_s": encode_link,

@@ -20,7 +20,14 @@ from engine.experts.pool import ExpertPool
 from engine.model import MoELayerKey
 from engine.planner.measure import MeasureOptions, measure_profile
 from engine.planner.predict import PlanCase, predict
-from engine.planner.profile import HardwareProfile, MatmulRates, OverheadProfile, load_profile, reference_profiles
+from engine.planner.profile import (
+    HardwareProfile,
+    MatmulRates,
+    OverheadProfile,
+    load_profile,
+    overlapping_part,
+    reference_profiles,
+)
 from engine.planner.routing import Routing, routing_concentration, routing_reuse
 from engine.weights.loader import inspect_config
 
@@ -163,18 +170,18 @@ def test_the_providers_hand_offs_overlap_between_loads_in_flight(switch8) -> Non
     measured = OverheadProfile(
         step_us=200, block_us=100, moe_layer_us=150, expert_us=60, load_us=400, load_window_us=175
     )
-    assert measured.load_seconds(1) == pytest.approx(400e-6)
-    assert measured.load_seconds(2) == pytest.approx((100 + 300 / 2) * 1e-6)
-    assert measured.load_seconds(4) == measured.load_seconds(40) == pytest.approx(175e-6)
-    assert measured.load_seconds(40, window=2) == pytest.approx(250e-6)  # at most `window` in flight
-    assert measured.load_seconds(40, window=1) == pytest.approx(400e-6)
+    assert measured.load_parts() == pytest.approx((100e-6, 300e-6))
     older = dataclasses.replace(measured, load_window_us=None)  # profiles measured before it was
-    assert older.load_seconds(40) == pytest.approx(400e-6)
+    assert older.load_parts() == pytest.approx((400e-6, 0.0))
     with pytest.raises(ConfigError, match="load_window_us must be >= 0"):
         dataclasses.replace(measured, load_window_us=-1.0)
+    # What `provider_load_us` solves at the loads in flight it saw: 2 in flight, 250 a load -> o 300.
+    assert overlapping_part(400, 250, in_flight=2) == pytest.approx(300)
+    assert overlapping_part(400, 400, in_flight=4) == overlapping_part(400, 100, in_flight=1) == 0
+    assert overlapping_part(400, 0, in_flight=4) == 400  # s >= 0: o at most the whole
 
-    def run(overhead: OverheadProfile, batch: int):  # type: ignore[no-untyped-def]
-        return predict(switch8, _profile(overhead=overhead), PlanCase(batch=batch, budget="25%"))
+    def run(overhead: OverheadProfile, batch: int, window: int = 4):  # type: ignore[no-untyped-def]
+        return predict(switch8, _profile(overhead=overhead), PlanCase(batch=batch, budget="25%", window=window))
 
     # An encoder pass queues dozens of loads a layer: each pays 175 us of the provider's time, not
     # 400. A batch-1 decode step loads one expert a layer: as before.
@@ -183,6 +190,14 @@ def test_the_providers_hand_offs_overlap_between_loads_in_flight(switch8) -> Non
         assert new.encode_seconds < old.encode_seconds
     one = run(measured, 1), run(older, 1)
     assert one[0].warm.expert_read_seconds == pytest.approx(one[1].warm.expert_read_seconds)
+    # A second of the provider's time a load, 0.2 s of it serial: paid in full by a lone load, 0.2 +
+    # 0.8 / 4 by the loads of a 16-row batch with 4 in flight, in full again with 1 in flight.
+    slow = OverheadProfile(step_us=200, block_us=100, moe_layer_us=150, expert_us=60, load_us=1e6, load_window_us=4e5)
+    for batch, window, per_load in ((1, 4, 1.0), (16, 4, 0.4), (16, 1, 1.0)):
+        base, late = run(older, batch, window), run(slow, batch, window)
+        loads = base.warm.bytes_read_per_step / base.plan.store_bytes * base.plan.num_experts
+        extra = (late.warm.expert_read_seconds - base.warm.expert_read_seconds) / loads
+        assert extra == pytest.approx(per_load, rel=0.35)
 
 
 def test_recorded_routing_changes_the_hit_rate(switch8) -> None:  # type: ignore[no-untyped-def]

@@ -41,7 +41,7 @@ from engine.experts.order import Job, order_jobs, simulate
 from engine.experts.pool import ExpertPool
 from engine.memory_plan import MachineMemory, MemoryPlan, plan_memory
 from engine.model import MoELayerKey
-from engine.planner.profile import FORMATS, HardwareProfile, MatmulRates, OverheadProfile
+from engine.planner.profile import FORMATS, HardwareProfile, MatmulRates
 from engine.planner.routing import Routing, RoutingTrace
 from engine.sizes import format_bytes
 from engine.summary import summarize
@@ -220,12 +220,11 @@ class _Costs:
     act_bytes: int
     memcpy_gb_s: float
     load_latency_seconds: float
-    """One read's fixed latency (submission, completion, the first sector): overlaps between reads in flight."""
+    """One read's fixed latency (submission, completion, the first sector) and the provider's
+    hand-offs for it (`OverheadProfile.load_parts`): overlaps between reads in flight."""
     load_link_seconds: float
-    """One expert's bytes over the link (at the rate measured with reads in flight)."""
-    overhead: OverheadProfile
-    """The provider's own time per load (`OverheadProfile.load_seconds`: partly overlapping with the
-    other loads in flight)."""
+    """One expert's bytes over the link (at the rate measured with reads in flight) and the provider's
+    bookkeeping for it (on the engine's thread, so it does not overlap)."""
     expert_call_seconds: float
     """Per expert computed, beyond its matmuls."""
     read_contention: float
@@ -254,15 +253,15 @@ def _costs(config: ModelConfig, profile: HardwareProfile, case: PlanCase, plan: 
         link_gb_s = profile.gpu.h2d_gb_s if host_holds_store else min(profile.gpu.h2d_gb_s, profile.disk_read_gb_s)
         latency = 0.0 if host_holds_store else latency
     blob = plan.store_bytes / max(1, plan.num_experts)
+    serial, overlapping = profile.overhead.load_parts()
     return _Costs(
         dense=rates[case.dense],
         experts=rates[case.experts],
         dense_bytes_per_parameter=dense_bpp,
         act_bytes=act,
         memcpy_gb_s=profile.memcpy_gb_s,
-        load_latency_seconds=latency,
-        load_link_seconds=blob / (link_gb_s * 1e9),
-        overhead=profile.overhead,
+        load_latency_seconds=latency + overlapping,
+        load_link_seconds=serial + blob / (link_gb_s * 1e9),
         expert_call_seconds=profile.overhead.expert_us * 1e-6,
         read_contention=profile.read_contention if profile.gpu is None else 1.0,
         expert_parameters=parameters,
@@ -334,12 +333,7 @@ class _Replay:
         # wake-ups overlap (bytes and the engine thread's bookkeeping do not). One load a layer is
         # decoding at batch 1; dozens are an encoder pass.
         misses = len(hits) - sum(hits)
-        in_flight = max(1, min(misses, self.window))
-        beta = (
-            self.costs.load_link_seconds
-            + self.costs.load_latency_seconds / in_flight
-            + self.costs.overhead.load_seconds(misses, window=self.window)
-        )
+        beta = self.costs.load_link_seconds + self.costs.load_latency_seconds / max(1, min(misses, self.window))
         # A CPU layer that loads computes its experts while the reader's threads share the cores.
         slowdown = self.costs.read_contention if misses else 1.0
         jobs = []

@@ -84,6 +84,14 @@ class MatmulRates:
         return self.call_us * 1e-6 + max(stream, arithmetic)
 
 
+def overlapping_part(alone: float, together: float, *, in_flight: float) -> float:
+    """o of a per-load cost measured `alone` = s + o (one load in flight) and `together` = s + o / n
+    (`in_flight` = n loads in flight), with s, o >= 0: 0 where nothing overlaps."""
+    if in_flight <= 1 or together >= alone:
+        return 0.0
+    return min(alone, (alone - together) / (1 - 1 / in_flight))
+
+
 @dataclass(frozen=True, kw_only=True)
 class OverheadProfile:
     """The engine's own time per unit of work beyond its matmuls (Python, small ops, bookkeeping),
@@ -106,7 +114,7 @@ class OverheadProfile:
     load_window_us: float | None = None
     """`load_us` per load while a layer queues `LOAD_WINDOW` or more (an encoder pass, a decode
     batch): the hand-offs and wake-ups of loads in flight together overlap, the engine thread's
-    bookkeeping does not (`load_seconds`). None in profiles measured before it was (then every load
+    bookkeeping does not (`load_parts`). None in profiles measured before it was (then every load
     costs `load_us`, as if alone)."""
 
     def __post_init__(self) -> None:
@@ -114,16 +122,15 @@ class OverheadProfile:
             if value is not None and value < 0:
                 raise ConfigError(f"OverheadProfile: {name} must be >= 0, got {value}")
 
-    def load_seconds(self, loads: int, *, window: int = LOAD_WINDOW) -> float:
-        """The provider's own time per load when a layer queues `loads` with up to `window` in
-        flight: a serial part s (the engine thread's bookkeeping) plus an overlapping part o shared
-        by the loads in flight, s + o / min(loads, window). s and o solve the two measured points,
-        `load_us` = s + o (one load) and `load_window_us` = s + o / `LOAD_WINDOW`."""
-        if self.load_window_us is None or loads <= 1:
-            return self.load_us * 1e-6
-        overlapping = max(0.0, self.load_us - self.load_window_us) * LOAD_WINDOW / (LOAD_WINDOW - 1)
-        serial = max(0.0, self.load_us - overlapping)
-        return (serial + overlapping / min(loads, max(1, window))) * 1e-6
+    def load_parts(self) -> tuple[float, float]:
+        """(serial, overlapping) seconds of the provider's own time per load: the engine thread's
+        bookkeeping, paid by every load in turn, and the hand-offs and wake-ups, shared by the loads
+        in flight together like a read's latency. They solve the two measured points, `load_us` =
+        serial + overlapping (one load) and `load_window_us` = serial + overlapping / `LOAD_WINDOW`."""
+        if self.load_window_us is None:
+            return self.load_us * 1e-6, 0.0
+        overlapping = overlapping_part(self.load_us, self.load_window_us, in_flight=LOAD_WINDOW)
+        return (self.load_us - overlapping) * 1e-6, overlapping * 1e-6
 
     def block_seconds(self, rows: int) -> float:
         """One block's own time at `rows` rows: between the two measured points linearly, the 16-row
