@@ -22,6 +22,7 @@ BENCHMARKS: tuple[tuple[str, ...], ...] = (
     ("bench.quant",),
     ("bench.plan_validation",),
     ("bench.decode_vs_ct2",),
+    ("bench.compiled_step",),
     ("bench.decoder_cache",),
     ("bench.sampling",),
     ("bench.serve_load",),

@@ -1,0 +1,78 @@
+"""`bench.compiled_step` on a tiny T5: eager and compiled decoders run side by side and report."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+pytest.importorskip("transformers")
+
+from bench.compiled_step import (
+    CANDIDATES,
+    VARIANTS,
+    CompileBenchConfig,
+    _parse_args,
+    compile_decoder,
+    print_report,
+    run,
+)
+from bench.decode_models import BenchModel
+from engine.errors import ConfigError
+
+TINY = BenchModel(
+    name="t5-tiny",
+    hf_class="T5ForConditionalGeneration",
+    config={
+        "vocab_size": 64,
+        "d_model": 32,
+        "d_kv": 8,
+        "d_ff": 64,
+        "num_heads": 4,
+        "num_layers": 1,
+        "num_decoder_layers": 2,
+        "feed_forward_proj": "gated-gelu",
+        "tie_word_embeddings": False,
+        "decoder_start_token_id": 0,
+        "pad_token_id": 0,
+        "eos_token_id": 1,
+    },
+    summary="tiny T5",
+    min_prompt_id=3,
+)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None, reason="inductor needs a C++ compiler")
+def test_compiled_step_reports_every_variant(tmp_path: Path) -> None:
+    cfg = CompileBenchConfig(
+        model=TINY, cache_root=tmp_path, batch_sizes=(1, 3), new_tokens=3, prompt_length=5, repeats=1
+    )
+    report = run(cfg, log=lambda _msg: None)
+    json.dumps(report)  # what publish writes
+    assert [r["batch_size"] for r in report["results"]] == [1, 3]
+    for row in report["results"]:
+        assert set(VARIANTS) <= row.keys()
+        for variant in VARIANTS[1:]:
+            assert row["ratio_median"][variant] > 0
+            # Float32 on a tiny model: the compiled kernels choose the same greedy tokens.
+            assert row["agreement"][variant]["num_compared"] == cfg.new_tokens * row["batch_size"]
+    assert set(report["verdict"]["wins"]) == set(CANDIDATES)
+    out = io.StringIO()
+    print_report(report, Console(file=out, width=200))
+    assert "compiled ÷ eager" in out.getvalue()
+
+
+def test_refusals() -> None:
+    with pytest.raises(ConfigError, match="unknown variant"):
+        compile_decoder(None, "jit")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="new_tokens"):
+        CompileBenchConfig(new_tokens=1)
+    with pytest.raises(SystemExit):
+        _parse_args(["--model", "nope"])
+    cfg, out = _parse_args(["--quick"])
+    assert (cfg.new_tokens, cfg.repeats, out) == (8, 1, Path("bench/results/compiled_step.quick.json"))
