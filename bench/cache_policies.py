@@ -3,7 +3,7 @@
     python -m bench.cache_policies          # ~2 min on 2 cores; --quick for a smoke run
 
 A trace is the sequence of MoE layer calls a model makes, each with the experts it needs, recorded
-from the model itself (`bench.offload_common.RoutingRecorder` wraps its expert providers; the
+from the model itself (`engine.planner.recording.RoutingRecorder` wraps its expert providers; the
 experts stay resident, only the routing is kept). Each trace is replayed through a pool of `slots`
 experts shared by all layers, as the offloading provider's pool is: every expert a call needs is
 looked up (hit) or brought in (miss), and while a call runs its own experts are never evicted (the
@@ -37,8 +37,9 @@ from rich.console import Console
 from rich.table import Table
 
 from bench.machine import machine_info, publish
-from bench.offload_common import Call, RoutingRecorder, load_cpm2, random_ids
+from bench.offload_common import Call, load_cpm2, random_ids
 from engine.experts.pool import LRFU_HALF_LIFE
+from engine.planner.recording import RoutingRecorder
 from engine.summary import summarize
 from engine.weights.loader import inspect_checkpoint
 

@@ -27,9 +27,9 @@ from engine.experts.cpu import drop_from_page_cache
 from engine.experts.stats import ExpertStats
 from engine.experts.store import STORE_DIR, ExpertStore
 from engine.model import ExpertWeights, MoELayerKey
-from engine.model.moe import ExpertDemand, MoEFeedForward
 from engine.offload import InferenceModel, OffloadConfig, load_for_inference
 from engine.planner.measure import blob_read_gb_s
+from engine.planner.recording import RoutingRecorder, unwrap
 
 #: HF SwitchTransformersConfig of the Switch-like benchmark model: every block sparse (6 + 6 MoE
 #: layers), 64 experts of d_model 512 x d_ff 2048: 4.2 MB per bf16 expert, 3.2 GB of experts.
@@ -210,91 +210,6 @@ def storage_read_bytes() -> int:
 Call = tuple[str, tuple[int, ...]]
 
 
-class RoutingRecorder:
-    """Wraps a model's expert providers to count, per layer, how many tokens each expert got, and to
-    keep every layer call in order with the (expert, tokens) pairs it needed (`demands`), from which
-    `calls` and `trace` are read."""
-
-    def __init__(self, layers: Sequence[MoEFeedForward]) -> None:
-        self.layers = list(layers)
-        self.counts: dict[MoELayerKey, torch.Tensor] = {}
-        self.distinct: list[int] = []
-        self.demands: list[tuple[str, list[tuple[int, int]]]] = []
-        for layer in layers:
-            self.counts[layer.key] = torch.zeros(layer.num_experts, dtype=torch.long)
-            layer.expert_provider = _Recording(self, layer.expert_provider)
-
-    def close(self) -> None:
-        """Hand the layers their own providers back."""
-        _unwrap(self.layers)
-
-    def summary(self, stack: str = "decoder") -> dict[str, Any]:
-        """Load balance of the recorded routing (see `routing_summary`)."""
-        return routing_summary([c for k, c in self.counts.items() if k.stack == stack], self.distinct)
-
-    def decoder_counts(self) -> dict[str, list[int]]:
-        """Tokens per expert of each decoder layer, keyed `decoder.<block>`."""
-        return self.stack_counts("decoder")
-
-    def stack_counts(self, stack: str) -> dict[str, list[int]]:
-        """Tokens per expert of each layer of `stack`, keyed `<stack>.<block>`."""
-        return {str(k): c.tolist() for k, c in self.counts.items() if k.stack == stack}
-
-    @property
-    def calls(self) -> list[Call]:
-        """Each layer call and the experts it needed, in the order of the calls."""
-        return [(layer, tuple(sorted(e for e, _ in demand))) for layer, demand in self.demands]
-
-    def trace(self) -> dict[str, list[list[tuple[int, int]]]]:
-        """Per layer, its calls' (expert, tokens) pairs in order (`engine.planner.routing.RoutingTrace`)."""
-        out: dict[str, list[list[tuple[int, int]]]] = {}
-        for layer, demand in self.demands:
-            out.setdefault(layer, []).append(demand)
-        return out
-
-
-def routing_summary(counts: Sequence[torch.Tensor], distinct: Sequence[int]) -> dict[str, Any]:
-    """Load balance of per-layer expert counts: normalised entropy (1 = uniform) and max/mean load."""
-    rows = [c for c in counts if c.sum() > 0]
-    if not rows:
-        return {}
-    entropies, imbalance = [], []
-    for row in rows:
-        p = row.double() / row.sum()
-        nz = p[p > 0]
-        entropies.append(float(-(nz * nz.log()).sum() / torch.log(torch.tensor(float(len(p))))))
-        imbalance.append(float(row.max() / row.double().mean()))
-    return {
-        "normalised_entropy_mean": sum(entropies) / len(entropies),
-        "max_over_mean_load_mean": sum(imbalance) / len(imbalance),
-        "distinct_experts_per_layer_call_mean": sum(distinct) / max(1, len(distinct)),
-    }
-
-
-@dataclass
-class _Recording:
-    recorder: RoutingRecorder
-    inner: Any
-
-    def fetch(self, layer: MoELayerKey, demand: Sequence[ExpertDemand], hidden_ND: torch.Tensor) -> Any:
-        for item in demand:
-            self.recorder.counts[layer][item.expert] += item.num_tokens
-        self.recorder.demands.append((str(layer), [(d.expert, d.num_tokens) for d in demand]))
-        if layer.stack == "decoder":
-            self.recorder.distinct.append(len(demand))
-        yield from self.inner.fetch(layer, demand, hidden_ND)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
-
-
-def _unwrap(layers: Sequence[MoEFeedForward]) -> None:
-    for layer in layers:
-        provider = layer.expert_provider
-        if isinstance(provider, _Recording):
-            layer.expert_provider = provider.inner
-
-
 @dataclass
 class DecodeRun:
     """One timed teacher-forced decode."""
@@ -419,7 +334,7 @@ def decode_cpm2(
             routing_trace=recorder.trace(),
         )
     finally:
-        _unwrap(model.moe_layers())
+        unwrap(model.moe_layers())
 
 
 def expert_weights_of(loaded: InferenceModel, key: MoELayerKey, expert: int) -> ExpertWeights:

@@ -21,13 +21,8 @@ from typing import Any
 
 import torch
 
-from bench.offload_common import (
-    DecodeRun,
-    drop_page_cache,
-    random_ids,
-    routing_summary,
-    storage_read_bytes,
-)
+from bench.offload_common import DecodeRun, drop_page_cache, random_ids, storage_read_bytes
+from engine.planner.recording import routing_summary
 
 #: The HF systems, in the order they run within a repeat, and what each is.
 HF_SYSTEMS: dict[str, str] = {

@@ -4,7 +4,9 @@ soft prompts, languages of translation models, offloaded experts)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,7 @@ from engine.languages import Languages, encode_source, force_target, translation
 from engine.model.transformer import Seq2SeqLM
 from engine.offload import load_for_inference
 from engine.peft import is_peft_path, read_peft_dir
+from engine.planner.recording import RoutingRecord, RoutingRecorder
 from engine.prompts import SoftPrompt, parse_soft_prompt
 from engine.tokenizer import MissingDependencyError, Tokenizer, check_special_ids, load_tokenizer
 from engine.weights.loader import inspect_config
@@ -39,6 +42,8 @@ def _sampling_params(args: argparse.Namespace) -> SamplingParams:
 def cmd_generate(args: argparse.Namespace) -> int:
     params = _sampling_params(args)
     texts, id_rows = _generate_inputs(args)
+    if args.record_routing is not None:
+        _check_routing_target(args.record_routing, args.model)
     if id_rows:  # checked against the config before any weight is loaded
         vocab_size = inspect_config(args.model).config.vocab_size
         for spec, ids in zip(args.input_ids, id_rows, strict=True):
@@ -75,7 +80,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
         )
         prompt = _read_prompt(args.prompt, loaded.model) if args.prompt else None
         requests = [_request(tokenizer, t, args.text_pair, params, prompt) for t in sources]
-        for result in generator.generate(requests):
+        with contextlib.ExitStack() as recording:
+            recorder = (
+                recording.enter_context(RoutingRecorder(loaded.model.moe_layers())) if args.record_routing else None
+            )
+            results = generator.generate(requests)
+        for result in results:
             # Without a tokenizer there is no text, only ids (printed as --input-ids takes them).
             text = result.text if tokenizer is not None else None
             if args.json:
@@ -87,12 +97,32 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 print(json.dumps(out, ensure_ascii=False))
             else:
                 print(text if text is not None else ",".join(map(str, result.token_ids)))
+        if recorder is not None:  # after the outputs: a failed write loses none of them
+            assert config.moe is not None  # _check_routing_target refused dense models
+            # Beam-search requests are encoded one at a time; the others in one pass together.
+            encoded_together = 1 if params.num_beams > 1 else len(requests)
+            record = RoutingRecord.from_recorder(
+                recorder, top_k=config.moe.top_k, requests=encoded_together, source=str(args.model)
+            )
+            record.save(args.record_routing)
         if provider is not None and args.details:
             memory = {"budget_bytes": loaded.budget_bytes, **provider.memory()}
             print(json.dumps({"expert_stats": provider.stats.to_dict(), "expert_memory": memory}), file=sys.stderr)
     finally:
         loaded.close()
     return 0
+
+
+def _check_routing_target(path: Path, model: Path) -> None:
+    """Refuse `--record-routing` before any weight loads: a dense model, or a file that cannot be written."""
+    if inspect_config(model).config.moe is None:
+        raise ConfigError(f"--record-routing: {model} has no MoE layers, so there is no routing to record")
+    if path.is_dir():
+        raise ConfigError(f"--record-routing {path}: a directory; give a file name (e.g. {path / 'routing.json'})")
+    if not path.parent.is_dir():
+        raise ConfigError(f"--record-routing {path}: the folder {path.parent} does not exist; create it first")
+    if not os.access(path.parent, os.W_OK):
+        raise ConfigError(f"--record-routing {path}: the folder {path.parent} is not writable")
 
 
 def _generate_inputs(args: argparse.Namespace) -> tuple[list[str], list[tuple[int, ...]]]:
@@ -207,6 +237,13 @@ def add_generate_parser(subparsers: Any) -> None:
     p.add_argument("--text-pair", help="second segment of a two-part task (a prompt's infix goes before it)")
     p.add_argument(
         "--prompt", type=Path, help="soft prompt file (safetensors, see `cpm2 prompt`) or PEFT prompt-tuning directory"
+    )
+    p.add_argument(
+        "--record-routing",
+        type=Path,
+        metavar="FILE",
+        help="write the routing these inputs took (tokens per expert, reuse and concentration per MoE layer) to "
+        "FILE, for `cpm2 plan --routing FILE`",
     )
     add_offload_args(p)
     p.set_defaults(handler=cmd_generate)

@@ -20,20 +20,9 @@ from engine.errors import ConfigError
 from engine.planner.measure import MeasureOptions, measure_profile
 from engine.planner.predict import DENSE_FORMATS, EXPERT_FORMATS, PlanCase, Prediction, predict
 from engine.planner.profile import load_profile, reference_profiles
+from engine.planner.recording import RoutingRecord
 from engine.sizes import format_bytes
 from engine.weights.loader import inspect_config
-
-
-def _popularity(path: Path | None) -> dict[str, list[float]] | None:
-    if path is None:
-        return None
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise ConfigError(f"--routing {path}: not readable JSON ({error})") from error
-    if not isinstance(data, dict) or not all(isinstance(v, list) for v in data.values()):
-        raise ConfigError(f'--routing {path}: expected {{"decoder.3": [tokens per expert, ...], ...}}')
-    return {str(k): [float(x) for x in v] for k, v in data.items()}
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -54,18 +43,26 @@ def cmd_plan(args: argparse.Namespace) -> int:
         raise ConfigError("cpm2 plan needs --config CONFIG.json and --hardware PROFILE (or --measure, --list-hardware)")
     config = inspect_config(args.config).config
     profile = load_profile(args.hardware)
-    popularity = _popularity(args.routing)
-    if not 0 <= args.reuse <= 1:
-        raise ConfigError(f"--reuse {args.reuse}: a share in [0, 1] (0: every decode step routes afresh)")
-    decoder_layers = config.moe.decoder_layers if config.moe is not None else ()
-    reuse = {f"decoder.{layer}": args.reuse for layer in decoder_layers}
-    if args.concentration is not None and not args.concentration > 0:
-        raise ConfigError(
-            f"--concentration {args.concentration}: must be > 0 (small: a request's input tokens share few experts; "
-            "leave it out for independent tokens)"
-        )
-    encoder_layers = config.moe.encoder_layers if config.moe is not None else ()
-    concentration = {f"encoder.{layer}": args.concentration for layer in encoder_layers if args.concentration}
+    record = RoutingRecord.load(args.routing) if args.routing is not None else RoutingRecord(popularity={})
+    if args.routing is not None:
+        record.check(config, path=args.routing)
+    popularity = record.popularity or None
+    # --reuse and --concentration, where given, override what a recording fitted, in every layer.
+    reuse = record.reuse
+    if args.reuse is not None:
+        if not 0 <= args.reuse <= 1:
+            raise ConfigError(f"--reuse {args.reuse}: a share in [0, 1] (0: every decode step routes afresh)")
+        decoder_layers = config.moe.decoder_layers if config.moe is not None else ()
+        reuse = {f"decoder.{layer}": args.reuse for layer in decoder_layers}
+    concentration = record.concentration
+    if args.concentration is not None:
+        if not args.concentration > 0:
+            raise ConfigError(
+                f"--concentration {args.concentration}: must be > 0 (small: a request's input tokens share few "
+                "experts; leave it out for independent tokens)"
+            )
+        encoder_layers = config.moe.encoder_layers if config.moe is not None else ()
+        concentration = {f"encoder.{layer}": args.concentration for layer in encoder_layers}
     predictions = [
         predict(
             config,
@@ -138,21 +135,22 @@ def add_plan_parser(subparsers: Any) -> None:
     p.add_argument(
         "--routing",
         type=Path,
-        help='tokens per expert per layer, {"decoder.3": [...]}: routing drawn from it (default uniform)',
+        help="routing recorded by `cpm2 generate --record-routing FILE` (popularity, reuse and concentration per "
+        'layer), or bare tokens per expert per layer, {"decoder.3": [...]}: routing drawn from it (default uniform)',
     )
     p.add_argument(
         "--reuse",
         type=float,
-        default=0.0,
-        help="share of a decode step's expert choices that go to experts the request chose at earlier steps "
-        "(bench.plan_validation prints what runs show; default 0: every step routes afresh)",
+        help="share of a decode step's expert choices that go to experts the request chose at earlier steps, in "
+        "every decoder layer (bench.plan_validation prints what runs show; default: the --routing recording's, "
+        "else 0: every step routes afresh)",
     )
     p.add_argument(
         "--concentration",
         type=float,
         help="how alike a request's input tokens route in its encoder pass: the Dirichlet concentration of its "
         "expert preferences (small: few experts a request; bench.plan_validation prints what runs show; default: "
-        "every token on its own, the most an encoder pass reads)",
+        "the --routing recording's, else every token on its own, the most an encoder pass reads)",
     )
     p.add_argument("--json", action="store_true")
     p.add_argument("--measure", action="store_true", help="measure this machine and write its profile")

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from bench.cache_policies import POLICIES, history_precision, replay
-from bench.offload_common import RoutingRecorder
 from engine.experts.pool import ExpertPool
 from engine.generation import GenerationRequest, Generator, SamplingParams
 from engine.offload import OffloadConfig, load_for_inference
+from engine.planner.recording import RoutingRecorder
 
 
 def _calls(experts: list[int]) -> list[tuple[str, tuple[int, ...]]]:
