@@ -52,6 +52,7 @@ from bench.decode_vs_hf import (
     CACHE_ROOT,
     Cpm2System,
     DecodeSystem,
+    check_timing,
     ensure_checkpoint,
     make_prompts,
     measure_batch,
@@ -90,15 +91,7 @@ class CompileBenchConfig:
     attempts_per_repeat: int = 3
 
     def __post_init__(self) -> None:
-        if not self.batch_sizes or any(b < 1 for b in self.batch_sizes):
-            raise ConfigError(f"batch sizes must be positive integers, got {list(self.batch_sizes)}")
-        if self.new_tokens < 2:
-            raise ConfigError(f"new_tokens must be at least 2 (t_N - t_1 needs N > 1), got {self.new_tokens}")
-        for name in ("prompt_length", "repeats", "attempts_per_repeat", "threads"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.warmup < 0:
-            raise ConfigError(f"warmup must be >= 0, got {self.warmup}")
+        check_timing(self, "threads")
 
 
 def compile_decoder(model: Seq2SeqLM, variant: str) -> Seq2SeqLM:

@@ -106,17 +106,7 @@ class DecodeBenchConfig:
     def __post_init__(self) -> None:
         if parse_dtype(self.dtype) not in (torch.float32, torch.bfloat16):
             raise ConfigError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
-        if not self.batch_sizes or any(b < 1 for b in self.batch_sizes):
-            raise ConfigError(f"batch sizes must be positive integers, got {list(self.batch_sizes)}")
-        if self.new_tokens < 2:
-            raise ConfigError(f"new_tokens must be at least 2 (t_N - t_1 needs N > 1), got {self.new_tokens}")
-        for name in ("prompt_length", "repeats", "attempts_per_repeat", "gemv_bytes"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if not 0 <= self.max_foreign_cpu <= 1:
-            raise ConfigError(f"max_foreign_cpu must be in [0, 1], got {self.max_foreign_cpu}")
-        if self.warmup < 0:
-            raise ConfigError(f"warmup must be >= 0, got {self.warmup}")
+        check_timing(self, "gemv_bytes")
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -226,6 +216,23 @@ class TimingConfig(Protocol):
     def attempts_per_repeat(self) -> int: ...
     @property
     def max_foreign_cpu(self) -> float: ...
+
+
+def check_timing(cfg: Any, *at_least_one: str) -> None:
+    """The checks every decode benchmark's config shares (its `batch_sizes`, `new_tokens`,
+    `prompt_length`, `repeats`, `attempts_per_repeat`, `max_foreign_cpu`, `warmup`), and that each
+    field named in `at_least_one` is at least 1."""
+    if not cfg.batch_sizes or any(b < 1 for b in cfg.batch_sizes):
+        raise ConfigError(f"batch sizes must be positive integers, got {list(cfg.batch_sizes)}")
+    if cfg.new_tokens < 2:
+        raise ConfigError(f"new_tokens must be at least 2 (t_N - t_1 needs N > 1), got {cfg.new_tokens}")
+    for name in ("prompt_length", "repeats", "attempts_per_repeat", *at_least_one):
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"{name} must be at least 1, got {getattr(cfg, name)}")
+    if not 0 <= cfg.max_foreign_cpu <= 1:
+        raise ConfigError(f"max_foreign_cpu must be in [0, 1], got {cfg.max_foreign_cpu}")
+    if cfg.warmup < 0:
+        raise ConfigError(f"warmup must be >= 0, got {cfg.warmup}")
 
 
 def _timed(system: DecodeSystem, prompts: list[list[int]], num_tokens: int) -> float:
