@@ -128,14 +128,18 @@ def measure(cfg: CompileBenchConfig, note: Callable[[str], None]) -> list[dict[s
         Cpm2System(compile_decoder(load_for_inference(checkpoint, progress=False, pack=v == "eager").model, v), name=v)
         for v in VARIANTS
     ]
-    first_prompts = make_prompts(1, length=cfg.prompt_length, vocab_size=vocab, seed=cfg.seed, low=3)
+    first_prompts = make_prompts(
+        1, length=cfg.prompt_length, vocab_size=vocab, seed=cfg.seed, low=cfg.model.min_prompt_id
+    )
     # The first call compiles (dynamic shapes: later batch sizes and lengths reuse the graphs).
     first = {s.name: _first_call(s, first_prompts, cfg.new_tokens) for s in systems}
     graphs = [_graphs_compiled()]
     note("first calls: " + ", ".join(f"{k} {v:.1f} s" for k, v in first.items()) + f"; {graphs[0]} graphs compiled")
     rows = []
     for batch in cfg.batch_sizes:
-        prompts = make_prompts(batch, length=cfg.prompt_length, vocab_size=vocab, seed=cfg.seed, low=3)
+        prompts = make_prompts(
+            batch, length=cfg.prompt_length, vocab_size=vocab, seed=cfg.seed, low=cfg.model.min_prompt_id
+        )
         tokens = {s.name: s.generate(prompts, cfg.new_tokens) for s in systems}
         timings = measure_batch(systems, prompts, cfg)
         graphs.append(_graphs_compiled())
