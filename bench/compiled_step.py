@@ -16,8 +16,8 @@ runs on, so the answer is re-measured rather than assumed on each new CPU:
   block's norms, cross-attention and feed-forward layer; self-attention, which writes the cache,
   and the cache's bookkeeping stay eager. Compiling the whole decoder traces that bookkeeping too:
   its per-row lengths are a Python list and its layer indices module integers, so dynamo breaks
-  the graph at every cache write and recompiles per layer and per length (~50 graphs at N=32);
-  this variant measures what compiling gains where nothing breaks.
+  the graph at every cache write and recompiles per layer and per length (the report counts the
+  graphs compiled); this variant measures what compiling gains where nothing breaks.
 
 Method as `bench.decode_vs_ct2`: one random T5 v1.1 checkpoint (`ensure_checkpoint`), greedy, exactly
 N tokens and 1 token from the same prompts, decode rate `B·(N-1) / (t_N - t_1)`, systems alternating
@@ -53,9 +53,11 @@ from bench.decode_vs_hf import (
     Cpm2System,
     DecodeSystem,
     check_timing,
+    elapsed_log,
     ensure_checkpoint,
     make_prompts,
     measure_batch,
+    timed_generate,
     token_agreement,
 )
 from bench.machine import machine_info, publish
@@ -114,12 +116,6 @@ def _graphs_compiled() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
-def _first_call(system: DecodeSystem, prompts: list[list[int]], n: int) -> float:
-    start = time.perf_counter()
-    system.generate(prompts, n)
-    return time.perf_counter() - start
-
-
 def measure(cfg: CompileBenchConfig, note: Callable[[str], None]) -> list[dict[str, Any]]:
     """Every batch size: each variant's timings, its ratio over eager and its tokens against eager's."""
     checkpoint = ensure_checkpoint(cfg.cache_root / cfg.model.name, cfg.model, seed=cfg.seed)
@@ -132,7 +128,7 @@ def measure(cfg: CompileBenchConfig, note: Callable[[str], None]) -> list[dict[s
         1, length=cfg.prompt_length, vocab_size=vocab, seed=cfg.seed, low=cfg.model.min_prompt_id
     )
     # The first call compiles (dynamic shapes: later batch sizes and lengths reuse the graphs).
-    first = {s.name: _first_call(s, first_prompts, cfg.new_tokens) for s in systems}
+    first = {s.name: timed_generate(s, first_prompts, cfg.new_tokens) for s in systems}
     graphs = [_graphs_compiled()]
     note("first calls: " + ", ".join(f"{k} {v:.1f} s" for k, v in first.items()) + f"; {graphs[0]} graphs compiled")
     rows = []
@@ -171,11 +167,7 @@ def run(cfg: CompileBenchConfig, *, log: Callable[[str], object] = print) -> dic
     """Run the whole benchmark and return the report (what the JSON file holds)."""
     import torch._inductor.config as inductor_config
 
-    started = time.perf_counter()
-
-    def note(message: str) -> None:
-        log(f"[{time.perf_counter() - started:6.1f} s] {message}")
-
+    note = elapsed_log(log)
     torch.set_num_threads(cfg.threads)
     with inductor_config.patch(freezing=True):
         results = measure(cfg, note)

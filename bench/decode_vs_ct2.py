@@ -46,6 +46,7 @@ from bench.decode_vs_hf import (
     Cpm2System,
     DecodeSystem,
     check_timing,
+    elapsed_log,
     ensure_checkpoint,
     ensure_int8,
     make_prompts,
@@ -266,11 +267,7 @@ def run(cfg: Ct2BenchConfig, *, log: Callable[[str], object] = print) -> dict[st
     """Run the whole benchmark and return the report (what the JSON file holds)."""
     import ctranslate2
 
-    started = time.perf_counter()
-
-    def note(message: str) -> None:
-        log(f"[{time.perf_counter() - started:6.1f} s] {message}")
-
+    note = elapsed_log(log)
     torch.set_num_threads(cfg.threads)
     machine = {**machine_info(), "ctranslate2": ctranslate2.__version__}
     results = [r for model in cfg.models for r in measure_model(model, cfg, note)]

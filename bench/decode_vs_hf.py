@@ -235,10 +235,21 @@ def check_timing(cfg: Any, *at_least_one: str) -> None:
         raise ConfigError(f"warmup must be >= 0, got {cfg.warmup}")
 
 
-def _timed(system: DecodeSystem, prompts: list[list[int]], num_tokens: int) -> float:
+def timed_generate(system: DecodeSystem, prompts: list[list[int]], num_tokens: int) -> float:
+    """Seconds `system` takes to generate `num_tokens` tokens for every prompt."""
     start = time.perf_counter()
     system.generate(prompts, num_tokens)
     return time.perf_counter() - start
+
+
+def elapsed_log(log: Callable[[str], object]) -> Callable[[str], None]:
+    """`log`, each message prefixed with the seconds since this call (a benchmark's progress notes)."""
+    started = time.perf_counter()
+
+    def note(message: str) -> None:
+        log(f"[{time.perf_counter() - started:6.1f} s] {message}")
+
+    return note
 
 
 def compare_tokens(hf: list[list[int]], cpm2: list[list[int]], *, eos: int) -> tuple[bool, int]:
@@ -299,7 +310,9 @@ def measure_batch(systems: Sequence[DecodeSystem], prompts: list[list[int]], cfg
     ):
         order = list(systems) if len(attempts) % 2 == 0 else list(reversed(systems))
         meter.start()
-        times = {s.name: {"t_1_s": _timed(s, prompts, 1), "t_n_s": _timed(s, prompts, n)} for s in order}
+        times = {
+            s.name: {"t_1_s": timed_generate(s, prompts, 1), "t_n_s": timed_generate(s, prompts, n)} for s in order
+        }
         share = meter.foreign_share()
         is_clean = share is None or share <= cfg.max_foreign_cpu
         attempts.append({"order": [s.name for s in order], "foreign_cpu_share": share, "is_clean": is_clean, **times})
@@ -317,11 +330,7 @@ def measure_batch(systems: Sequence[DecodeSystem], prompts: list[list[int]], cfg
 
 def run(cfg: DecodeBenchConfig, *, log: Callable[[str], object] = print) -> dict[str, Any]:
     """Run the whole benchmark and return the report (what the JSON file holds)."""
-    started = time.perf_counter()
-
-    def note(message: str) -> None:
-        log(f"[{time.perf_counter() - started:6.1f} s] {message}")
-
+    note = elapsed_log(log)
     machine = machine_info()
     path = ensure_checkpoint(cfg.checkpoint_dir, cfg.model, seed=cfg.seed)
     note(f"checkpoint: {path} ({cfg.model.name})")

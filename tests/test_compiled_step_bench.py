@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from rich.console import Console
+from torch._dynamo.utils import counters
 
 pytest.importorskip("transformers")
 
@@ -23,7 +24,9 @@ from bench.compiled_step import (
     run,
 )
 from bench.decode_models import BenchModel
+from engine.config import ModelConfig
 from engine.errors import ConfigError
+from engine.model import Seq2SeqLM
 
 TINY = BenchModel(
     name="t5-tiny",
@@ -50,6 +53,7 @@ TINY = BenchModel(
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None, reason="inductor needs a C++ compiler")
 def test_compiled_step_reports_every_variant(tmp_path: Path) -> None:
+    counters.clear()  # dynamo's graph count is per process: count this run's alone
     cfg = CompileBenchConfig(
         model=TINY, cache_root=tmp_path, batch_sizes=(1, 3), new_tokens=3, prompt_length=5, repeats=1
     )
@@ -65,9 +69,30 @@ def test_compiled_step_reports_every_variant(tmp_path: Path) -> None:
             # Float32 on a tiny model: the compiled kernels choose the same greedy tokens.
             assert row["agreement"][variant]["num_compared"] == cfg.new_tokens * row["batch_size"]
     assert set(report["verdict"]["wins"]) == set(CANDIDATES)
+    # The compiled variants did compile: graphs before the timed runs, and their first calls paid for it.
+    first_row = report["results"][0]
+    assert first_row["graphs_compiled_before"] > 0
+    assert first_row["graphs_compiled"] >= first_row["graphs_compiled_before"]
     out = io.StringIO()
     print_report(report, Console(file=out, width=200))
     assert "compiled ÷ eager" in out.getvalue()
+
+
+def test_variants_compile_what_they_name() -> None:
+    config = ModelConfig(
+        vocab_size=64, d_model=32, num_heads=4, d_kv=8, d_ff=64, num_encoder_layers=1, num_decoder_layers=2
+    )
+    whole = compile_decoder(Seq2SeqLM(config), "compiled")
+    assert whole.decoder._compiled_call_impl is not None
+    assert all(block._compiled_call_impl is None for block in whole.decoder.layers())
+    parts = compile_decoder(Seq2SeqLM(config), "compiled_sublayers")
+    assert parts.decoder._compiled_call_impl is None
+    for block in parts.decoder.layers():
+        assert block.attn._compiled_call_impl is None  # self-attention writes the cache: stays eager
+        for sublayer in (block.attn_norm, block.cross_norm, block.cross, block.ff_norm, block.mlp):
+            assert sublayer._compiled_call_impl is not None
+    for eager in ("eager", "eager_unpacked"):
+        assert compile_decoder(Seq2SeqLM(config), eager).decoder._compiled_call_impl is None
 
 
 def test_refusals() -> None:
