@@ -41,7 +41,7 @@ from engine.experts.store import ExpertStore
 from engine.planner.measure import MeasureOptions, measure_profile, remeasure_cpu
 from engine.planner.predict import PlanCase, Prediction, predict
 from engine.planner.profile import HardwareProfile
-from engine.planner.routing import routing_concentration, routing_reuse
+from engine.planner.recording import RoutingRecord
 from engine.weights.loader import inspect_checkpoint
 
 
@@ -73,17 +73,19 @@ def predict_measured(
     figures are under `replayed` with it replayed call by call, and under `independent` drawn from
     the totals alone (every call afresh). Where the run read in both phases, `at_link_rate` has the
     tok/s and prefill errors predicted at the rates its own decode and prefill reads ran at."""
-    popularity = {k: [float(x) for x in v] for k, v in measured["routing_counts"].items()}
     here = dataclasses.replace(profile, disk_read_gb_s=disk_read_gb_s)
     trace = measured.get("routing_trace")
-    reuse = routing_reuse(trace, popularity) if trace else {}
     top_k = config.moe.top_k if config.moe is not None else 1
-    concentration = routing_concentration(trace, popularity, top_k=top_k, requests=case.batch) if trace else {}
+    # What `cpm2 generate --record-routing` writes for `cpm2 plan --routing`, from the run's recording.
+    record = RoutingRecord.fit(measured["routing_counts"], trace or {}, top_k=top_k, requests=case.batch)
+    popularity = record.popularity
 
     def drawn(rate: float) -> dict[str, Any]:
         """Routing drawn from the run's statistics, the store read at `rate` GB/s."""
         at = dataclasses.replace(profile, disk_read_gb_s=rate)
-        prediction = predict(config, at, case, popularity=popularity, reuse=reuse, concentration=concentration)
+        prediction = predict(
+            config, at, case, popularity=popularity, reuse=record.reuse, concentration=record.concentration
+        )
         return _predicted(prediction, measured)
 
     row = drawn(disk_read_gb_s)
@@ -101,8 +103,8 @@ def predict_measured(
             "encode_seconds_error": encode.get("encode_seconds_error"),
         }
     if trace:
-        row["routing_reuse"] = reuse
-        row["routing_concentration"] = concentration
+        row["routing_reuse"] = record.reuse
+        row["routing_concentration"] = record.concentration
         row["replayed"] = _predicted(predict(config, here, case, popularity=popularity, trace=trace), measured)
         row["independent"] = _predicted(predict(config, here, case, popularity=popularity), measured)
     return row

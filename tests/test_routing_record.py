@@ -135,3 +135,23 @@ def test_a_record_checks_against_a_config(recorded: Path, tiny_model_dir: Path, 
     record.check(inspect_config(tiny_model_dir).config, path=recorded)
     with pytest.raises(ConfigError, match="no MoE layers to route"):
         record.check(inspect_config(hf_model_dirs["t5-v1.1"]).config, path=recorded)
+
+
+def test_fit_reads_reuse_and_concentration_from_the_trace() -> None:
+    """`RoutingRecord.fit` (what `--record-routing` and `bench.plan_validation` write and use): a decoder
+    layer that keeps one expert is fitted reuse 1 and one that cycles 0; two requests whose encoder
+    tokens keep to two experts each are fitted a concentration, which the same call read as 32
+    one-token requests is not (nothing shared within a request)."""
+    uniform = [1.0] * 8
+    trace = {
+        "decoder.1": [[(3, 1)] for _ in range(20)],
+        "decoder.3": [[(i % 8, 1)] for i in range(20)],
+        "encoder.1": [[(0, 9), (1, 7), (4, 10), (6, 6)]],
+    }
+    popularity = dict.fromkeys(trace, uniform)
+    record = RoutingRecord.fit(popularity, trace, top_k=1, requests=2)
+    assert record.reuse["decoder.1"] > 0.9
+    assert record.reuse["decoder.3"] == 0.0
+    assert set(record.concentration) == {"encoder.1"}
+    assert RoutingRecord.fit(popularity, trace, top_k=1, requests=32).concentration == {}
+    assert RoutingRecord.fit(popularity, {}, top_k=1, requests=2) == RoutingRecord(popularity=popularity, requests=2)

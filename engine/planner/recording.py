@@ -138,18 +138,32 @@ class RoutingRecord:
     """What was recorded (the model directory)."""
 
     @classmethod
-    def from_recorder(cls, recorder: RoutingRecorder, *, top_k: int, requests: int, source: str) -> RoutingRecord:
-        """The recorder's counts, and reuse and concentration fitted to its trace. `requests`: how
-        many requests shared the first encoder pass (the concentration's fit reads that call)."""
-        popularity = {str(k): [float(x) for x in c.tolist()] for k, c in recorder.counts.items()}
-        trace: RoutingTrace = recorder.trace()
+    def fit(
+        cls,
+        popularity: Mapping[str, Sequence[float]],
+        trace: RoutingTrace,
+        *,
+        top_k: int,
+        requests: int,
+        source: str = "",
+    ) -> RoutingRecord:
+        """Tokens per expert (`popularity`), and reuse and concentration fitted to `trace` (none
+        where it is empty). `requests`: how many requests shared the first call of each encoder
+        layer (the concentration's fit reads that call)."""
+        counts = {k: [float(x) for x in v] for k, v in popularity.items()}
         return cls(
-            popularity=popularity,
-            reuse=routing_reuse(trace, popularity),
-            concentration=routing_concentration(trace, popularity, top_k=top_k, requests=requests),
+            popularity=counts,
+            reuse=routing_reuse(trace, counts),
+            concentration=routing_concentration(trace, counts, top_k=top_k, requests=requests),
             requests=requests,
             source=source,
         )
+
+    @classmethod
+    def from_recorder(cls, recorder: RoutingRecorder, *, top_k: int, requests: int, source: str) -> RoutingRecord:
+        """`fit` to what `recorder` saw: its counts and its trace."""
+        popularity = {str(k): c.tolist() for k, c in recorder.counts.items()}
+        return cls.fit(popularity, recorder.trace(), top_k=top_k, requests=requests, source=source)
 
     def check(self, config: ModelConfig, *, path: Path) -> None:
         """Refuse a record whose layers or expert counts are not `config`'s (recorded on another model)."""
