@@ -329,12 +329,16 @@ class _Counting:
         yield from self.inner.fetch(layer, demand, hidden_ND)
 
 
+#: A tiny model's timing: the best of this many runs of this many teacher-forced decode steps.
+DECODE_RUNS, DECODE_STEPS = 5, 48
+
+
 def _tiny_model(config: ModelConfig) -> Seq2SeqLM:
     torch.manual_seed(0)
     return Seq2SeqLM(config).eval()
 
 
-def _step_seconds(config: ModelConfig, *, batch: int, steps: int = 48) -> tuple[float, float]:
+def _step_seconds(config: ModelConfig, *, batch: int, steps: int = DECODE_STEPS) -> tuple[float, float]:
     """(seconds per decode step, experts computed per step) of a random tiny model, best of 5 runs."""
     return _decode_seconds(_tiny_model(config), batch=batch, steps=steps)
 
@@ -359,7 +363,9 @@ def block_fit(*, batch: int, rounds: int = 5) -> tuple[float, float]:
 
 
 @torch.inference_mode()
-def _decode_seconds(model: Seq2SeqLM, *, batch: int, steps: int = 48, runs: int = 5) -> tuple[float, float]:
+def _decode_seconds(
+    model: Seq2SeqLM, *, batch: int, steps: int = DECODE_STEPS, runs: int = DECODE_RUNS
+) -> tuple[float, float]:
     """(seconds per teacher-forced decode step, experts computed per step) of `model`, best of `runs`."""
     counters = [_Counting(layer.expert_provider) for layer in model.moe_layers()]
     for layer, counter in zip(model.moe_layers(), counters, strict=True):
@@ -417,10 +423,10 @@ def provider_load_us(scratch: Path, *, disk_latency_us: float) -> tuple[float, f
                 stats = loaded.provider.stats - before
             finally:
                 loaded.close()
-            # Transfers are counted over all 5 runs (the tiny model's encoder has no MoE layer, so
+            # Transfers are counted over all the runs (the tiny model's encoder has no MoE layer, so
             # every one is a decode step's): the loads of the best run's steps are not known apart,
             # so a step's loads are the average over every step decoded.
-            loads = stats.transfers / (5 * 48)
+            loads = stats.transfers / (DECODE_RUNS * DECODE_STEPS)
             if loads <= 0:
                 return 0.0, 0.0
             in_flight = min(max(1.0, stats.transfers / max(1, stats.layer_calls)), LOAD_WINDOW)
