@@ -8,7 +8,7 @@ Shape legend: E experts of a layer, C calls of it, R requests of a call, T token
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -195,10 +195,15 @@ def _likeliest_share(chosen_CE: torch.Tensor, earlier_CE: torch.Tensor, p_E: tor
         return 0.0
     if slope(1.0) >= 0:
         return 1.0
-    low, high = 0.0, 1.0
-    for _ in range(40):
+    return _bisect(lambda r: slope(r) > 0, 0.0, 1.0, steps=40)
+
+
+def _bisect(below: Callable[[float], bool], low: float, high: float, *, steps: int) -> float:
+    """The point in [low, high] where `below` turns from True to False (it must turn once), to
+    within (high - low) / 2**steps: each step keeps the half where it turns."""
+    for _ in range(steps):
         middle = (low + high) / 2
-        low, high = (middle, high) if slope(middle) > 0 else (low, middle)
+        low, high = (middle, high) if below(middle) else (low, middle)
     return (low + high) / 2
 
 
@@ -236,12 +241,15 @@ def routing_concentration(
         target = len(first)
         if target >= distinct(alpha=None):
             continue
-        low, high = -3.0, 6.0  # log10 α: from a request's tokens on one expert set to independent
-        for _ in range(24):
-            middle = (low + high) / 2
-            low, high = (middle, high) if distinct(alpha=10**middle) < target else (low, middle)
-        concentration[layer] = 10 ** ((low + high) / 2)
+        # On log10 α from -3 (a request's tokens on one expert set) to 6 (independent tokens).
+        fewer = partial(_touches_fewer, distinct, target)
+        concentration[layer] = 10 ** _bisect(fewer, -3.0, 6.0, steps=24)
     return concentration
+
+
+def _touches_fewer(distinct: Callable[..., float], target: float, log_alpha: float) -> bool:
+    """Whether draws at α = 10**`log_alpha` touch fewer distinct experts than `target`."""
+    return distinct(alpha=10**log_alpha) < target
 
 
 def _mean_distinct(
