@@ -43,8 +43,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
         raise ConfigError("cpm2 plan needs --config CONFIG.json and --hardware PROFILE (or --measure, --list-hardware)")
     config = inspect_config(args.config).config
     profile = load_profile(args.hardware)
-    record = RoutingRecord.load(args.routing) if args.routing is not None else RoutingRecord(popularity={})
+    record = RoutingRecord(popularity={})  # uniform routing, unless a recording says otherwise
     if args.routing is not None:
+        record = RoutingRecord.load(args.routing)
         record.check(config, path=args.routing)
     popularity = record.popularity or None
     # --reuse and --concentration, where given, override what a recording fitted, in every layer.
