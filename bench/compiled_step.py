@@ -47,12 +47,11 @@ from rich.table import Table
 
 from bench.ct2_worker import EOS
 from bench.decode_models import BenchModel
-from bench.decode_vs_ct2 import MODELS
+from bench.decode_vs_ct2 import MODELS, DecodeTiming
 from bench.decode_vs_hf import (
     CACHE_ROOT,
     Cpm2System,
     DecodeSystem,
-    check_timing,
     elapsed_log,
     ensure_checkpoint,
     make_prompts,
@@ -76,24 +75,11 @@ LABELS = {"eager": "eager", "eager_unpacked": "unpacked", "compiled": "compiled"
 
 
 @dataclass(frozen=True, kw_only=True)
-class CompileBenchConfig:
+class CompileBenchConfig(DecodeTiming):
     """One run of the benchmark."""
 
     model: BenchModel = MODELS["t5-v1_1-d512"]
     cache_root: Path = CACHE_ROOT
-    seed: int = 0
-    batch_sizes: tuple[int, ...] = (1, 16)
-    new_tokens: int = 32
-    """N: tokens generated per row in the long run (the short run generates 1)."""
-    prompt_length: int = 32
-    repeats: int = 3
-    warmup: int = 1
-    threads: int = 2
-    max_foreign_cpu: float = 0.1
-    attempts_per_repeat: int = 3
-
-    def __post_init__(self) -> None:
-        check_timing(self, "threads")
 
 
 def compile_decoder(model: Seq2SeqLM, variant: str) -> Seq2SeqLM:

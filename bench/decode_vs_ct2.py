@@ -100,13 +100,9 @@ MODELS: dict[str, BenchModel] = {
 
 
 @dataclass(frozen=True, kw_only=True)
-class Ct2BenchConfig:
-    """One run of the benchmark."""
+class DecodeTiming:
+    """How a decode benchmark that sets its thread count times its systems (`measure_batch`)."""
 
-    models: tuple[BenchModel, ...] = tuple(MODELS.values())
-    """The shapes measured, each a random T5 v1.1 checkpoint."""
-    cache_root: Path = CACHE_ROOT
-    """Checkpoints go to `<cache_root>/<name>`, their int8 and CTranslate2 copies beside them."""
     seed: int = 0
     batch_sizes: tuple[int, ...] = (1, 16)
     new_tokens: int = 32
@@ -116,14 +112,27 @@ class Ct2BenchConfig:
     """Clean timed repetitions per (model, batch); each times every system once."""
     warmup: int = 1
     threads: int = 2
-    """torch's threads and CTranslate2's `intra_threads`."""
+    """torch's threads (and CTranslate2's `intra_threads`)."""
     max_foreign_cpu: float = 0.1
     attempts_per_repeat: int = 3
 
     def __post_init__(self) -> None:
+        check_timing(self, "threads")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Ct2BenchConfig(DecodeTiming):
+    """One run of the benchmark."""
+
+    models: tuple[BenchModel, ...] = tuple(MODELS.values())
+    """The shapes measured, each a random T5 v1.1 checkpoint."""
+    cache_root: Path = CACHE_ROOT
+    """Checkpoints go to `<cache_root>/<name>`, their int8 and CTranslate2 copies beside them."""
+
+    def __post_init__(self) -> None:
         if not self.models:
             raise ConfigError("models must name at least one model")
-        check_timing(self, "threads")
+        super().__post_init__()
 
 
 def word_tokenizer(vocab_size: int) -> Any:
