@@ -5,9 +5,11 @@
 The model is `cpm2 init --preset small` (6 + 6 MoE blocks of 16 gated-GELU experts, d_model 512,
 d_ff 1024), written in float32 and in bfloat16 from the same seed, and the float32 copy quantised
 with `cpm2 quantize --experts int8` (per-row int8, `engine.model.quant`) and `--experts int4`
-(groups of 64 inputs, packed for this machine's int4 kernel, `engine.model.int4`). All four live in
-a temporary directory under `.cache/bench/` that is deleted at the end. Each decodes in the dtype of
-its dense weights (the quantised models in float32 through their kernels, see bench/int8_kernels.py).
+(groups of 64 inputs, packed for this machine's int4 kernel, `engine.model.int4`), each also with
+`--dense int8` (`int8+d8`, `int4+d8`: every dense matmul in int8 too, as a user who quantises the
+whole model runs it). All six live in a temporary directory under `.cache/bench/` that is deleted at
+the end. Each decodes in the dtype of its dense weights (the quantised models in float32 through their
+kernels, see bench/int8_kernels.py).
 
 Every offloaded run gets the same budget in bytes: `--budget-share` (10 %) of the bfloat16 experts,
 so the float32 experts are 20x, the bfloat16 10x, the int8 5x and the int4 2.8x the pool (at 25 %
@@ -26,8 +28,8 @@ Decoding is teacher-forced on seeded random ids (`bench.offload_common.decode_cp
 decoding of a random-weight model repeats one token and hence one expert set, which would let any
 cache look perfect. Only decode steps are timed, after 4 untimed ones (`B*steps / t`). The systems
 being compared alternate within each repeat; medians of `repeats`, each repeat's foreign CPU share
-recorded. Quality: held-out exact match of the shipped demo model (float32) against its int8 copy
-and int4 copies at every group size, scored as the server loads them
+recorded. Quality: held-out exact match of the shipped demo model (float32) against its int8 copy,
+int4 copies at every group size and both with int8 dense matmuls, scored as the server loads them
 (`training.demo.evaluate_model_dir`), and the random model's logit error from the quantize reports.
 """
 
@@ -65,9 +67,17 @@ from engine.summary import summarize
 from engine.weights.loader import inspect_checkpoint
 from engine.weights.quantize import quantize_model
 
-#: Stored formats, in table order; `int8` and `int4` are the float32 model quantised.
-FORMATS = ("fp32", "bf16", "int8", "int4")
-QUANTIZED = ("int8", "int4")
+#: The float32 model quantised: format -> (`cpm2 quantize --experts`, `--dense`). `+d8` is the same
+#: experts with every dense matmul in int8 as well (quantised when the model loads): at batch 1 a
+#: step reads the dense weights once per token, so with small experts they are most of its bytes.
+QUANTIZED: dict[str, tuple[str, str | None]] = {
+    "int8": ("int8", None),
+    "int4": ("int4", None),
+    "int8+d8": ("int8", "int8"),
+    "int4+d8": ("int4", "int8"),
+}
+#: Stored formats, in table order.
+FORMATS = ("fp32", "bf16", *QUANTIZED)
 #: (format, mode) pairs each batch size runs, alternated within a repeat.
 SYSTEMS = tuple((fmt, mode) for mode in ("resident", "cold", "warm") for fmt in FORMATS)
 #: Quantised / baseline tok/s: offloaded from a cold disk tier against the 16-bit run, and resident
@@ -101,21 +111,26 @@ def _cpm2(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "cpm2", *args], check=True)
 
 
-def _quantize(src: Path, dst: Path, fmt: str, check_inputs: int, group_size: int = DEFAULT_GROUP_SIZE) -> Any:
-    """`cpm2 quantize --experts int8|int4` (int4 packed for this machine's kernel); the report."""
+def _quantize(
+    src: Path, dst: Path, fmt: str, check_inputs: int, group_size: int = DEFAULT_GROUP_SIZE, dense: str | None = None
+) -> Any:
+    """`cpm2 quantize --experts int8|int4 [--dense int8]` (int4 packed for this machine's kernel); the report."""
     group = {"group_size": group_size} if fmt == "int4" else {}
-    return quantize_model(src, dst, experts=fmt, check_inputs=check_inputs, progress=False, **group)
+    return quantize_model(src, dst, experts=fmt, dense=dense, check_inputs=check_inputs, progress=False, **group)
 
 
 def build_models(cfg: QuantBenchConfig, work: Path) -> tuple[dict[str, Path], dict[str, dict[str, Any]]]:
-    """The fp32, bf16, int8 and int4 (from fp32) models under `work`, and the quantize reports."""
+    """The fp32 and bf16 models and the quantised copies of fp32 under `work`; the quantize reports."""
     paths = {name: work / name for name in FORMATS}
     for name, dtype in (("fp32", "float32"), ("bf16", "bfloat16")):
         args = ["init", "--preset", cfg.preset, "--out", str(paths[name]), "--dtype", dtype, "--seed", "0", "--quiet"]
         for override in cfg.overrides:
             args += ["--set", override]
         _cpm2(*args)
-    reports = {fmt: _quantize(paths["fp32"], paths[fmt], fmt, cfg.check_inputs).to_dict() for fmt in QUANTIZED}
+    reports = {
+        name: _quantize(paths["fp32"], paths[name], experts, cfg.check_inputs, dense=dense).to_dict()
+        for name, (experts, dense) in QUANTIZED.items()
+    }
     return paths, reports
 
 
@@ -188,24 +203,39 @@ def measure_decode(paths: dict[str, Path], budget: int, cfg: QuantBenchConfig) -
 
 def targets(rows: list[dict[str, Any]], demo: dict[str, Any] | None, batches: Sequence[int]) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for fmt in QUANTIZED:
+    for fmt, (experts, _) in QUANTIZED.items():
         for name, (base, mode, target) in {
-            f"{fmt}_over_bf16_cold": ("bf16", "cold", COLD_TARGETS[fmt]),
+            f"{fmt}_over_bf16_cold": ("bf16", "cold", COLD_TARGETS[experts]),
             f"{fmt}_over_fp32_resident": ("fp32", "resident", RESIDENT_TARGET),
         }.items():
             for batch in batches:
                 ratio = tok_s(rows, fmt, mode, batch) / tok_s(rows, base, mode, batch)
                 out[f"{name}_batch{batch}"] = {"ratio": ratio, "target": target, "is_met": ratio >= target}
     if demo is not None:
-        for fmt, variant in (("int8", "int8"), ("int4", f"int4-g{DEFAULT_GROUP_SIZE}")):
+        for fmt, (experts, dense) in QUANTIZED.items():
+            variant = demo_variant(experts, DEFAULT_GROUP_SIZE if experts == "int4" else 0, dense)
             drop = demo["max_drop_points"][variant]
-            target = DROP_TARGETS[fmt]
+            target = DROP_TARGETS[experts]
             out[f"demo_{fmt}_max_drop_points"] = {"drop": drop, "target": target, "is_met": drop <= target}
     return out
 
 
-#: The demo model's quantised copies: int8, and int4 at every group size (which one recovers what).
-DEMO_VARIANTS = {"int8": ("int8", 0), **{f"int4-g{g}": ("int4", g) for g in GROUP_SIZES}}
+def demo_variant(experts: str, group_size: int, dense: str | None) -> str:
+    """The demo copy's name: `int8`, `int4-g64`, and `+d8` where the dense matmuls are int8 too."""
+    return experts + (f"-g{group_size}" if group_size else "") + ("+d8" if dense == "int8" else "")
+
+
+#: The demo model's quantised copies, name -> (experts, group size, dense): int8, int4 at every group
+#: size (which one recovers what), and both with int8 dense matmuls at the default group size.
+DEMO_VARIANTS = {
+    demo_variant(experts, group_size, dense): (experts, group_size, dense)
+    for experts, group_size, dense in (
+        ("int8", 0, None),
+        *(("int4", g, None) for g in GROUP_SIZES),
+        ("int8", 0, "int8"),
+        ("int4", DEFAULT_GROUP_SIZE, "int8"),
+    )
+}
 
 
 def measure_demo(cfg: QuantBenchConfig, work: Path) -> dict[str, Any]:
@@ -214,9 +244,9 @@ def measure_demo(cfg: QuantBenchConfig, work: Path) -> dict[str, Any]:
 
     dirs = {"fp32": cfg.demo_dir}
     reports = {}
-    for variant, (fmt, group_size) in DEMO_VARIANTS.items():
+    for variant, (fmt, group_size, dense) in DEMO_VARIANTS.items():
         dirs[variant] = work / f"demo-{variant}"
-        report = _quantize(cfg.demo_dir, dirs[variant], fmt, cfg.check_inputs, group_size or DEFAULT_GROUP_SIZE)
+        report = _quantize(cfg.demo_dir, dirs[variant], fmt, cfg.check_inputs, group_size or DEFAULT_GROUP_SIZE, dense)
         reports[variant] = {
             "logit_max_abs_diff": report.logit_max_abs_diff,
             "top1_agreement": report.top1_agreement,
@@ -258,7 +288,7 @@ def run(cfg: QuantBenchConfig) -> dict[str, Any]:
         "work_dir": str(work),
     }
     try:
-        cfg.log(f"building {cfg.preset} in fp32 and bf16, quantising fp32 to int8 and int4 under {work}")
+        cfg.log(f"building {cfg.preset} in fp32 and bf16, quantising fp32 to {', '.join(QUANTIZED)} under {work}")
         paths, quant_reports = build_models(cfg, work)
         models = {}
         for name, path in paths.items():

@@ -10,7 +10,12 @@ from rich.table import Table
 
 from bench.plots import pyplot, save
 
-_QUANTIZED_LABEL = {"int8": " + int8 experts", "int4": " + int4 experts (groups of 64)"}
+_QUANTIZED_LABEL = {
+    "int8": " + int8 experts",
+    "int4": " + int4 experts (groups of 64)",
+    "int8+d8": " + int8 experts, int8 dense",
+    "int4+d8": " + int4 experts (groups of 64), int8 dense",
+}
 
 
 def tok_s(rows: list[dict[str, Any]], fmt: str, mode: str, batch: int) -> float:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from bench.quant import FORMATS, SYSTEMS, main
+from bench.quant import FORMATS, QUANTIZED, SYSTEMS, main
 
 
 def test_quant_benchmark_writes_report(tmp_path: Path) -> None:
@@ -43,16 +43,16 @@ def test_quant_benchmark_writes_report(tmp_path: Path) -> None:
         # Every offloaded run got the same budget and had to offload.
         assert (row["num_slots"] > 0) == (row["mode"] != "resident")
     quality = report["quality"]
-    assert set(quality["random"]) == {"int8", "int4"}
-    for fmt in ("int8", "int4"):
+    assert set(quality["random"]) == set(QUANTIZED)
+    for fmt in QUANTIZED:
         assert {"logit_max_abs_diff", "top1_agreement"} <= quality["random"][fmt].keys()
     demo = quality["demo"]
     assert demo["num_examples_per_task"] == 2
-    variants = {"int8", "int4-g32", "int4-g64", "int4-g128"}
+    variants = {"int8", "int4-g32", "int4-g64", "int4-g128", "int8+d8", "int4-g64+d8"}
     assert set(demo["scores"]) == {"fp32"} | variants
     assert set(demo["drop_points"]) == set(demo["max_drop_points"]) == variants
     assert all(set(demo["scores"][v]) == set(demo["scores"]["fp32"]) for v in variants)
-    for fmt in ("int8", "int4"):
+    for fmt in QUANTIZED:
         assert {f"{fmt}_over_bf16_cold_batch{b}" for b in (1, 4)} <= report["targets"].keys()
         assert f"demo_{fmt}_max_drop_points" in report["targets"]
     # The temporary models are gone; the plot was drawn when matplotlib is installed.
