@@ -20,6 +20,7 @@ BENCHMARKS: tuple[tuple[str, ...], ...] = (
     ("bench.int8_kernels",),
     ("bench.int4_kernels",),
     ("bench.quant",),
+    ("bench.prediction",),
     ("bench.plan_validation",),
     ("bench.decode_vs_ct2",),
     ("bench.compiled_step",),

@@ -11,7 +11,7 @@ from engine.errors import ConfigError
 from engine.experts.order import ORDER_POLICIES
 from engine.experts.pool import CACHE_POLICIES
 from engine.model.kernels import KERNEL_MODES
-from engine.offload import EXPERT_IO, OffloadConfig, direct_io
+from engine.offload import EXPERT_IO, PREDICTIONS, OffloadConfig, direct_io
 from engine.weights.builtin import resolve_model
 
 MODEL_HELP = "native cpm2 or HF T5/mT5/Switch/M2M-100/NLLB directory, or builtin:<preset> (e.g. builtin:tiny)"
@@ -53,6 +53,13 @@ def add_offload_args(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--expert-direct-io", action="store_true", help="the same as --expert-io strict")
     group.add_argument("--no-expert-prefetch", action="store_true", help="no next-layer prefetch")
+    group.add_argument(
+        "--expert-prediction",
+        default="calibrated",
+        choices=PREDICTIONS,
+        help="router: the next layer's router on this layer's input; calibrated (default): plus a "
+        "correction learned from the first routes served, kept where it predicts better",
+    )
     group.add_argument("--expert-store-dir", type=Path, help="where to write an expert store if the model has none")
 
 
@@ -79,6 +86,7 @@ def offload_config(args: argparse.Namespace) -> OffloadConfig:
         io_threads=args.expert_io_threads,
         direct_io=direct_io(args.expert_io, force_direct=args.expert_direct_io),
         prefetch=not args.no_expert_prefetch,
+        prediction=args.expert_prediction,
         host_tier=args.expert_host_tier,
         store_dir=args.expert_store_dir,
     )

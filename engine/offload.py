@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -42,6 +43,8 @@ from engine.weights.loader import (
 from engine.weights.loader import parse_dtype as parse_dtype
 from engine.weights.quantize import expert_store_dtype, quantized_dense
 
+#: `--expert-prediction` choices (`OffloadConfig.prediction`).
+PREDICTIONS: tuple[str, ...] = ("calibrated", "router")
 #: `--expert-io` modes: `auto` (strict when a budget is given), `strict` (O_DIRECT), `page-cache`.
 EXPERT_IO: tuple[str, ...] = ("auto", "strict", "page-cache")
 
@@ -68,6 +71,10 @@ class OffloadConfig:
     """Eviction policy of the pool across layers and steps."""
     prefetch: bool = True
     """Predict the next layer's experts with its router and load them early."""
+    prediction: Literal["calibrated", "router"] = "calibrated"
+    """How prefetch predicts: `router` applies the next layer's router to this layer's input;
+    `calibrated` (default) also learns a linear correction to it from the first routes it serves and
+    keeps it for the layers where it predicts better on held-out tokens (`engine.experts.predictor`)."""
     window: int = 4
     """Loads kept in flight ahead of compute (InfMoE's K slots)."""
     io_threads: int = 4
@@ -89,6 +96,8 @@ class OffloadConfig:
             raise ConfigError(f"expert cache policy must be one of {', '.join(CACHE_POLICIES)}, got {self.cache!r}")
         if self.window < 1 or self.io_threads < 1:
             raise ConfigError("expert window and io threads must be at least 1")
+        if self.prediction not in PREDICTIONS:
+            raise ConfigError(f"expert prediction must be one of {', '.join(PREDICTIONS)}, got {self.prediction!r}")
         if self.host_tier not in ("auto", "pinned", "disk"):
             raise ConfigError(f"host tier must be auto, pinned or disk, got {self.host_tier!r}")
 
@@ -316,6 +325,7 @@ def _load(
         order=offload.order,
         window=window,
         prefetch=offload.prefetch,
+        calibrate_prediction=offload.prediction == "calibrated",
     )
     provider.attach(model.moe_layers())
     return InferenceModel(model, info, provider, plan=plan)

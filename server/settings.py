@@ -40,6 +40,9 @@ class Settings(BaseSettings):
     )
     expert_memory: str | None = Field(None, description="expert pool budget: 512MiB or 25%% (default: auto)")
     expert_order: Literal["infmoe", "cached-first", "index"] = Field("infmoe", description="expert order")
+    expert_prediction: Literal["calibrated", "router"] = Field(
+        "calibrated", description="how prefetch predicts the next layer's experts (see --expert-prediction)"
+    )
     expert_io: Literal["auto", "strict", "page-cache"] = Field(
         "auto",
         description="strict: O_DIRECT, RAM holds only the pool (the budget bounds expert memory); page-cache: "
@@ -113,6 +116,7 @@ class Settings(BaseSettings):
             offload=OffloadConfig(
                 expert_memory=self.expert_memory,
                 order=self.expert_order,
+                prediction=self.expert_prediction,
                 direct_io=direct_io(self.expert_io, force_direct=self.expert_direct_io),
             ),
             max_batch_size=self.max_batch_size,

@@ -205,13 +205,13 @@ def test_guesses_are_made_only_where_they_pay(tiny_model_dir: Path, tmp_path: Pa
 def test_one_token_ranking_equals_the_batched_ranking(top_k: int) -> None:
     """Batch 1 ranks the next layer's experts in Python; the order and the prediction are those of
     the tensor path (votes, then probability mass) for a one-token batch."""
-    from engine.experts.provider import _rank_experts
+    from engine.experts.provider import rank_experts
 
     generator = torch.Generator().manual_seed(0)
     for _ in range(20):
         scores_1E = torch.randn(1, 16, generator=generator)
-        predicted, ranked = _rank_experts(scores_1E, top_k)
-        two_rows = _rank_experts(scores_1E.expand(2, 16), top_k)  # same token twice: the tensor path
+        predicted, ranked = rank_experts(scores_1E, top_k)
+        two_rows = rank_experts(scores_1E.expand(2, 16), top_k)  # same token twice: the tensor path
         assert (predicted, ranked) == two_rows
         assert predicted == set(scores_1E[0].topk(top_k).indices.tolist())
 
@@ -225,13 +225,13 @@ def test_predictions_that_cannot_load_anything_are_sampled(
     from engine.experts import provider as provider_module
 
     rankings: list[int] = []
-    rank = provider_module._rank_experts
+    rank = provider_module.rank_experts
 
     def counting(scores_NE: torch.Tensor, top_k: int) -> tuple[set[int], list[int]]:
         rankings.append(scores_NE.shape[0])
         return rank(scores_NE, top_k)
 
-    monkeypatch.setattr(provider_module, "_rank_experts", counting)
+    monkeypatch.setattr(provider_module, "rank_experts", counting)
     loaded = _offloaded(tiny_model_dir, tmp_path, expert_memory="60%", direct_io=True)
     try:
         provider = loaded.provider

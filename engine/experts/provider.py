@@ -21,9 +21,10 @@ import torch
 
 from engine.experts.order import CostModel, OrderPolicy, jobs_for, order_jobs
 from engine.experts.pool import ExpertId, ExpertPool, PoolEntry
+from engine.experts.predictor import NextLayerPredictor
 from engine.experts.stats import ExpertStats, LayerCounts
 from engine.model import ExpertWeights, MoELayerKey
-from engine.model.moe import CentroidRouter, ExpertDemand, LearnedRouter, MoEFeedForward
+from engine.model.moe import ExpertDemand, MoEFeedForward
 
 #: Below this running precision, predictions no longer trigger loads (they would mostly be wasted).
 PREFETCH_MIN_PRECISION = 0.3
@@ -91,6 +92,7 @@ class OffloadedExpertProvider:
         order: OrderPolicy = "infmoe",
         window: int = 2,
         prefetch: bool = True,
+        calibrate_prediction: bool = True,
     ) -> None:
         self.transfers = transfers
         self.pool = pool
@@ -100,10 +102,14 @@ class OffloadedExpertProvider:
         # At least one slot must stay free of loads-ahead for the expert being computed.
         self.window = max(1, min(window, pool.num_slots - 1))
         self.prefetch = prefetch
+        self.calibrate_prediction = calibrate_prediction and prefetch
         self.stats = ExpertStats()
-        # For each MoE layer, the next `PREFETCH_DEPTH` MoE layers of the same stack, their routers and
-        # how many experts each sends a token to.
-        self._next_routers: dict[MoELayerKey, list[tuple[MoELayerKey, CentroidRouter | LearnedRouter, int]]] = {}
+        # For each MoE layer, the next `PREFETCH_DEPTH` MoE layers of the same stack, each one's
+        # predictor (its router, corrected from the traffic while `calibrate_prediction`) and how many
+        # experts it sends a token to.
+        self._next_routers: dict[MoELayerKey, list[tuple[MoELayerKey, NextLayerPredictor, int]]] = {}
+        # The last layer's input while its successor's predictor learns: (layer, its input rows).
+        self._last_input: tuple[MoELayerKey, torch.Tensor] | None = None
         self._predicted: dict[MoELayerKey, set[int]] = {}
         self._precision = 1.0  # running precision of next-layer predictions
         self._idle_calls = 0  # layer calls since a prediction was last made with nothing to load
@@ -131,7 +137,13 @@ class OffloadedExpertProvider:
             layer.expert_provider = self
         for i, current in enumerate(layers):
             ahead = [m for m in layers[i + 1 : i + 1 + PREFETCH_DEPTH] if m.key.stack == current.key.stack]
-            self._next_routers[current.key] = [(m.key, m.router, m.moe.top_k) for m in ahead]
+            self._next_routers[current.key] = [
+                (m.key, NextLayerPredictor(m.router, m.moe.top_k), m.moe.top_k) for m in ahead
+            ]
+
+    def predictors(self) -> dict[str, NextLayerPredictor]:
+        """Each MoE layer's next-layer predictor, by the name of the layer it predicts."""
+        return {str(key): p for ahead in self._next_routers.values() for key, p, _ in ahead[:1]}
 
     # ---- the per-layer schedule --------------------------------------------------------------
 
@@ -143,6 +155,8 @@ class OffloadedExpertProvider:
         counts = stats.layer(str(layer))
         self._note_gap()
         self._score_prediction(layer, demand, counts)
+        if self.calibrate_prediction:
+            self._learn_prediction(layer, hidden_ND)
         cached = set()
         # Experts whose pages the OS already holds are used where they are (CPU; see cpu.py).
         in_place: dict[ExpertId, ExpertWeights] = {}
@@ -270,7 +284,8 @@ class OffloadedExpertProvider:
     ) -> None:
         """Start loads for the experts the next MoE layers will probably need (never evicting `protect`).
 
-        The routers of the next `PREFETCH_DEPTH` layers are applied to this layer's input. Their
+        The next `PREFETCH_DEPTH` layers' predictors (each one's router, corrected where the traffic
+        has shown a correction predicts better: `engine.experts.predictor`) score this layer's input. Their
         top-k experts (k = the layer's `top_k`: the second choice of a top-2 router is the runner-up
         of its logits) are the predictions (the next layer's are scored for precision and recall);
         loads go to the next layer's predictions, then further layers' predictions, then the next
@@ -292,10 +307,9 @@ class OffloadedExpertProvider:
                 return  # nothing would be loaded or hinted: predict only to keep the precision current
         candidates: list[tuple[ExpertId, bool]] = []
         runners_up: list[tuple[ExpertId, bool]] = []
-        for depth, (next_key, router, top_k) in enumerate(following):
-            with torch.no_grad():
-                scores_NE = router.scores(hidden_ND.unsqueeze(0))[0].float()
-            predicted, ranked_list = _rank_experts(scores_NE, top_k)
+        for depth, (next_key, predictor, top_k) in enumerate(following):
+            scores_NE = predictor.scores(hidden_ND)
+            predicted, ranked_list = rank_experts(scores_NE, top_k)
             if depth == 0:
                 self._predicted[next_key] = predicted
             candidates += [((next_key, e), True) for e in ranked_list[: len(predicted)]]
@@ -320,6 +334,19 @@ class OffloadedExpertProvider:
             assert entry is not None
             entry.prefetched = True
             self.stats.prefetches += 1
+
+    def _learn_prediction(self, layer: MoELayerKey, hidden_ND: torch.Tensor) -> None:
+        """Teach the predictor of `layer` by the previous layer's input, then keep this one's input
+        while the next layer's predictor still learns."""
+        last, self._last_input = self._last_input, None
+        if last is not None and last[1].shape[0] == hidden_ND.shape[0]:
+            previous, previous_ND = last
+            ahead = self._next_routers.get(previous, [])
+            if ahead and ahead[0][0] == layer:
+                ahead[0][1].learn(previous_ND, hidden_ND)
+        ahead = self._next_routers.get(layer, [])
+        if ahead and ahead[0][1].is_learning and hidden_ND.shape[0] > 0:
+            self._last_input = (layer, hidden_ND)
 
     def _guesses_that_pay(self, gap: float) -> int:
         """How many guessed loads the link can take before the next layer's demand loads.
@@ -384,7 +411,7 @@ class OffloadedExpertProvider:
         self.transfers.close()
 
 
-def _rank_experts(scores_NE: torch.Tensor, top_k: int) -> tuple[set[int], list[int]]:
+def rank_experts(scores_NE: torch.Tensor, top_k: int) -> tuple[set[int], list[int]]:
     """The experts a router's scores (N tokens, E experts) send some token to (each token's top
     `top_k`), and every expert ranked by how many tokens chose it, then by probability mass."""
     N, E = scores_NE.shape

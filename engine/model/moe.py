@@ -73,8 +73,10 @@ class ExpertProvider(Protocol):
         """Yield `(expert, weights)` once for every expert in `demand`, in the order to run them.
 
         The layer computes each expert as it is yielded, so a provider can start moving the next
-        expert while the current one computes. `hidden_ND` is the layer's routed input (read-only),
-        which lets a provider speculate about later layers' experts.
+        expert while the current one computes. `hidden_ND` is the layer's input, one row per routed
+        token (padding left out) in token order, the same rows at every MoE layer of one forward
+        pass (read-only): it lets a provider speculate about later layers' experts, and learn how
+        one layer's input foretells the next one's routes.
         """
         ...
 
@@ -277,7 +279,8 @@ class MoEFeedForward(nn.Module):
 
         routed_ND = x_MD.index_select(0, token_N)
         out_ND = torch.empty_like(routed_ND)
-        for e, weights in self.expert_provider.fetch(self.key, demand, routed_ND):
+        tokens_ND = x_MD if valid_BS is None or self.moe.route_padding else x_MD[valid_BS.reshape(-1)]
+        for e, weights in self.expert_provider.fetch(self.key, demand, tokens_ND):
             rows = slice(starts[e], starts[e] + counts[e])
             out_ND[rows] = feed_forward(routed_ND[rows], weights, self.act)
         if self.moe.expert_output_scale != 1.0:
