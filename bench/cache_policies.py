@@ -39,6 +39,7 @@ from rich.table import Table
 from bench.machine import machine_info, publish
 from bench.offload_common import Call, load_cpm2, random_ids
 from engine.experts.pool import LRFU_HALF_LIFE
+from engine.model import Seq2SeqLM
 from engine.planner.recording import RoutingRecorder
 from engine.summary import summarize
 from engine.weights.loader import inspect_checkpoint
@@ -127,15 +128,16 @@ def random_model_trace(model_dir: Path, *, batch: int, steps: int, source_len: i
         recorder.close()
 
 
-def demo_trace(demo_dir: Path, *, batch: int, examples_per_task: int) -> list[Call]:
-    """The demo model serving its tasks with their prompts, `batch` requests at a time, greedy."""
+def serve_demo_tasks(demo_dir: Path, watch: Callable[[Seq2SeqLM], Any], *, batch: int, examples_per_task: int) -> Any:
+    """The demo model serving its tasks with their prompts, `batch` requests at a time, greedy;
+    `watch(model)` wraps its layers first and returns a watcher with `close()`, which is returned."""
     from engine.prompts import parse_soft_prompt
     from training.demo import load_served
     from training.evaluate import evaluate_tasks
     from training.tasks import generate_task
 
     model, tokenizer = load_served(demo_dir)
-    recorder = RoutingRecorder(model.moe_layers())
+    watcher = watch(model)
     try:
         for prompt_path in sorted((demo_dir / "prompts").glob("*.safetensors")):
             soft = parse_soft_prompt(
@@ -146,9 +148,17 @@ def demo_trace(demo_dir: Path, *, batch: int, examples_per_task: int) -> list[Ca
             )
             examples = generate_task(prompt_path.stem, "test", num_examples=examples_per_task)
             evaluate_tasks(model, tokenizer, examples, prompt=soft, batch_size=batch, max_new_tokens=24)
-        return recorder.calls
+        return watcher
     finally:
-        recorder.close()
+        watcher.close()
+
+
+def demo_trace(demo_dir: Path, *, batch: int, examples_per_task: int) -> list[Call]:
+    """The demo model's routing while it serves its tasks (`serve_demo_tasks`)."""
+    recorder = serve_demo_tasks(
+        demo_dir, lambda model: RoutingRecorder(model.moe_layers()), batch=batch, examples_per_task=examples_per_task
+    )
+    return list(recorder.calls)
 
 
 def history_precision(calls: Sequence[Call], top_k: int) -> dict[str, float]:

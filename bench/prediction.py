@@ -31,6 +31,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from bench.cache_policies import serve_demo_tasks
 from bench.machine import machine_info, publish
 from bench.offload_common import load_cpm2, random_ids
 from engine.experts.predictor import NextLayerPredictor
@@ -146,26 +147,10 @@ class _Scoring:
 
 def score_demo(demo_dir: Path, *, batch: int, examples_per_task: int) -> dict[str, Any]:
     """The demo model serving its tasks with their prompts, `batch` requests at a time, greedy."""
-    from engine.prompts import parse_soft_prompt
-    from training.demo import load_served
-    from training.evaluate import evaluate_tasks
-    from training.tasks import generate_task
-
-    model, tokenizer = load_served(demo_dir)
-    scorer = PredictionScorer(model.moe_layers())
-    try:
-        for prompt_path in sorted((demo_dir / "prompts").glob("*.safetensors")):
-            soft = parse_soft_prompt(
-                prompt_path.read_bytes(),
-                d_model=model.config.d_model,
-                dtype=model.embed.weight.dtype,
-                max_virtual_tokens=512,
-            )
-            examples = generate_task(prompt_path.stem, "test", num_examples=examples_per_task)
-            evaluate_tasks(model, tokenizer, examples, prompt=soft, batch_size=batch, max_new_tokens=24)
-        return scorer.report()
-    finally:
-        scorer.close()
+    scorer = serve_demo_tasks(
+        demo_dir, lambda model: PredictionScorer(model.moe_layers()), batch=batch, examples_per_task=examples_per_task
+    )
+    return scorer.report()
 
 
 def score_random(model_dir: Path, *, batch: int, steps: int, sequences: int, source_len: int = 32) -> dict[str, Any]:
