@@ -21,7 +21,6 @@ another. Resident experts: only the routing matters here, not where experts live
 from __future__ import annotations
 
 import argparse
-import itertools
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,7 +33,7 @@ from rich.table import Table
 from bench.cache_policies import serve_demo_tasks
 from bench.machine import machine_info, publish
 from bench.offload_common import load_cpm2, random_ids
-from engine.experts.predictor import NextLayerPredictor
+from engine.experts.predictor import PredictorChain
 from engine.experts.provider import rank_experts
 from engine.model import MoELayerKey
 from engine.model.moe import ExpertDemand, MoEFeedForward
@@ -55,6 +54,11 @@ class Tally:
         self.used += len(guess & needed)
         self.needed += len(needed)
 
+    def merge(self, other: Tally) -> None:
+        self.predicted += other.predicted
+        self.used += other.used
+        self.needed += other.needed
+
     def rates(self) -> dict[str, float]:
         return {
             "precision": self.used / self.predicted if self.predicted else float("nan"),
@@ -68,14 +72,9 @@ class PredictionScorer:
 
     def __init__(self, layers: Sequence[MoEFeedForward]) -> None:
         self.layers = list(layers)
-        self.next: dict[MoELayerKey, tuple[MoELayerKey, MoEFeedForward, NextLayerPredictor]] = {}
-        for current, following in itertools.pairwise(self.layers):
-            if following.key.stack == current.key.stack:
-                predictor = NextLayerPredictor(following.router, following.moe.top_k)
-                self.next[current.key] = (following.key, following, predictor)
+        self.chain = PredictorChain(self.layers)  # what the provider learns with, depth 1
         self.tallies: dict[str, dict[str, Tally]] = {}
         self._guesses: dict[MoELayerKey, tuple[dict[str, set[int]], bool]] = {}
-        self._last: tuple[MoELayerKey, torch.Tensor] | None = None
         for layer in self.layers:
             layer.expert_provider = _Scoring(self, layer.expert_provider)
 
@@ -89,22 +88,16 @@ class PredictionScorer:
                 tallies[name].add(guess, needed)
                 if was_fitted:
                     tallies[f"{name}_while_fitted"].add(guess, needed)
-        last, self._last = self._last, None
-        if last is not None and last[0] in self.next and last[1].shape[0] == hidden_ND.shape[0]:
-            next_key, _, predictor = self.next[last[0]]
-            if next_key == layer:
-                predictor.learn(last[1], hidden_ND)
-        if layer in self.next and hidden_ND.shape[0] > 0:
-            next_key, following, predictor = self.next[layer]
-            top_k = following.moe.top_k
-            with torch.no_grad():
-                plain_NE = following.router.scores(hidden_ND.unsqueeze(0))[0].float()
+        ahead = self.chain.ahead(layer)
+        if ahead and hidden_ND.shape[0] > 0:
+            next_key, predictor = ahead[0]
             guesses = {
-                "router": rank_experts(plain_NE, top_k)[0],
-                "calibrated": rank_experts(predictor.scores(hidden_ND), top_k)[0],
+                "router": rank_experts(predictor.plain_scores(hidden_ND), predictor.top_k)[0],
+                "calibrated": rank_experts(predictor.scores(hidden_ND), predictor.top_k)[0],
             }
             self._guesses[next_key] = (guesses, predictor.fitted is not None)
-            self._last = (layer, hidden_ND)
+        # Learns after predicting: each call is scored before anything has learnt from it.
+        self.chain.observe(layer, hidden_ND)
 
     def report(self) -> dict[str, Any]:
         per_layer = {
@@ -115,17 +108,15 @@ class PredictionScorer:
             if not layer.startswith("decoder"):
                 continue  # encoder calls route many tokens each, so nearly every guess is needed
             for name, t in tallies.items():
-                total[name].predicted += t.predicted
-                total[name].used += t.used
-                total[name].needed += t.needed
+                total[name].merge(t)
         fits = {
-            str(next_key): {
+            layer: {
                 "tokens_seen": p.tokens_seen,
                 "fit_kept": p.fitted is not None,
                 "heldout_precision_router": p.precision_plain,
                 "heldout_precision_fitted": p.precision_fitted,
             }
-            for next_key, _, p in self.next.values()
+            for layer, p in self.chain.by_layer().items()
         }
         return {"per_layer": per_layer, "decoder": {n: t.rates() for n, t in total.items()}, "fits": fits}
 
@@ -255,7 +246,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         out=args.out,
     )
     if args.quick:
-        cfg.models, cfg.demo_examples, cfg.out = ("demo",), 8, args.out.with_suffix(".quick.json")
+        cfg.models, cfg.out = ("demo",), args.out.with_suffix(".quick.json")
+        cfg.demo_examples = min(cfg.demo_examples, 8)
     report = run(cfg)
     publish(report, out=cfg.out, plot=None, show=print_report, draw=lambda r, p: None, width=150)
     return 0

@@ -3,6 +3,7 @@ only where it predicts better on held-out tokens."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from engine.errors import ConfigError
-from engine.experts.predictor import MAX_HOLDOUT, NextLayerPredictor, overlap
+from engine.experts.predictor import MAX_HOLDOUT, NextLayerPredictor, overlap, router_linear
 from engine.generation import GenerationRequest, Generator, SamplingParams
 from engine.model.moe import CentroidRouter, LearnedRouter
 from engine.offload import OffloadConfig, load_for_inference
@@ -112,12 +113,13 @@ def test_the_provider_teaches_each_predictor_the_tokens_it_serves(
         provider = loaded.provider
         assert provider is not None
         layers = loaded.model.moe_layers()
-        predictors = provider.predictors()
+        predictors = provider.predictors.by_layer()
         assert set(predictors) == {str(b.key) for a, b in itertools.pairwise(layers) if a.key.stack == b.key.stack}
         assert [r.token_ids for r in Generator(loaded.model).generate(requests)] == expected
         seen = {name: p.tokens_seen for name, p in predictors.items()}
         if prediction == "router":
             assert set(seen.values()) == {0}
+            assert all(p.gram_FF is None and p.cross_FE is None for p in predictors.values())  # nothing held
             return
         input_tokens = sum(len(r.input_ids) for r in requests)
         decoded = sum(r.params.max_new_tokens for r in requests)
@@ -130,3 +132,41 @@ def test_the_provider_teaches_each_predictor_the_tokens_it_serves(
 def test_prediction_choice_is_checked() -> None:
     with pytest.raises(ConfigError, match="expert prediction must be one of calibrated, router"):
         OffloadConfig(prediction="oracle")  # type: ignore[arg-type]
+
+
+def test_a_kept_fit_decides_what_the_provider_guesses(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The provider's guesses come from each predictor's scores: a fit that sends every token to
+    expert 3 makes every guess expert 3."""
+    from engine.experts import provider as provider_module
+
+    guessed: list[int] = []
+    rank = provider_module.rank_experts
+
+    def recording(scores_NE: torch.Tensor, top_k: int) -> tuple[set[int], list[int]]:
+        predicted, ranked = rank(scores_NE, top_k)
+        guessed.extend(predicted)
+        return predicted, ranked
+
+    monkeypatch.setattr(provider_module, "rank_experts", recording)
+    offload = OffloadConfig(store_dir=tmp_path / "store", expert_memory="40%", direct_io=True, prediction="router")
+    loaded = load_for_inference(tiny_model_dir, offload=offload, progress=False)
+    try:
+        provider = loaded.provider
+        assert provider is not None
+        provider.cost = dataclasses.replace(provider.cost, beta=1e-9)  # every guess pays
+        requests = [GenerationRequest((5, 9, 13, 2, 7), SamplingParams(max_new_tokens=4, ignore_eos=True))]
+        predictors = provider.predictors.by_layer().values()
+        for fitted in (False, True):
+            for p in predictors:
+                E, D = router_linear(p.router)[0].shape
+                to_3 = torch.nn.functional.one_hot(torch.tensor(3), E).float()
+                p.fitted = (torch.zeros(E, D), to_3) if fitted else None
+            guessed.clear()
+            provider._precision, provider._missed = 1.0, {}
+            Generator(loaded.model).generate(requests)
+            assert guessed
+            assert (set(guessed) == {3}) == fitted, guessed
+    finally:
+        loaded.close()

@@ -240,7 +240,7 @@ def test_predictions_that_cannot_load_anything_are_sampled(
         prefetch_next = provider._prefetch_next
 
         def recording(layer: MoELayerKey, *args: object, **kwargs: object) -> None:
-            if provider._next_routers.get(layer):
+            if provider.predictors.ahead(layer):
                 calls.append(layer)
             prefetch_next(layer, *args, **kwargs)  # type: ignore[arg-type]
 

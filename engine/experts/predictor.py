@@ -19,10 +19,12 @@ linear in each other), which is why a layer keeps the router unless its held-out
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 
-from engine.model.moe import CentroidRouter, LearnedRouter
+from engine.model.moe import CentroidRouter, LearnedRouter, MoEFeedForward, MoELayerKey
 
 #: Every this-many-th token is held out of the fit to judge it.
 HOLDOUT_EVERY = 4
@@ -32,8 +34,8 @@ MAX_HOLDOUT = 1024
 RIDGE = (1e-3, 1e-2, 1e-1, 1.0)
 #: A fit replaces the plain router only when its held-out precision is at least this much higher.
 MIN_GAIN = 0.02
-#: Tokens gathered before they are added to the statistics: one (D+1)^2 update of 64 rows costs about
-#: what 3 single-row ones do (0.37 ms a row at d_model 2048 on 2 cores, one at a time).
+#: Tokens gathered before they are added to the statistics: at d_model 2048 on 2 cores a one-row
+#: `learn` took 0.37 ms adding each row as it came, 0.10 ms adding them 64 at a time.
 FLUSH_ROWS = 64
 
 
@@ -56,7 +58,14 @@ def overlap(scores_NE: torch.Tensor, truth_NE: torch.Tensor, top_k: int) -> floa
 class NextLayerPredictor:
     """Scores the experts of one MoE layer (the next) from the previous MoE layer's input."""
 
-    def __init__(self, router: CentroidRouter | LearnedRouter, top_k: int, *, max_tokens: int | None = None) -> None:
+    def __init__(
+        self,
+        router: CentroidRouter | LearnedRouter,
+        top_k: int,
+        *,
+        learns: bool = True,
+        max_tokens: int | None = None,
+    ) -> None:
         self.router = router
         self.top_k = top_k
         E, D = router_linear(router)[0].shape
@@ -64,8 +73,10 @@ class NextLayerPredictor:
         # Enough tokens to fit D + 1 unknowns per expert several times over (the demo model's fit held
         # out 0.69-0.81 after 14x; a random model's does not improve with more).
         self.max_tokens = max_tokens if max_tokens is not None else 16 * self.num_features
-        self.gram_FF: torch.Tensor | None = torch.zeros(self.num_features, self.num_features)
-        self.cross_FE: torch.Tensor | None = torch.zeros(self.num_features, E)
+        # The statistics, (D + 1)^2 + (D + 1) E floats, exist only while it learns: never when it does not.
+        n = self.num_features
+        self.gram_FF: torch.Tensor | None = torch.zeros(n, n) if learns else None
+        self.cross_FE: torch.Tensor | None = torch.zeros(n, E) if learns else None
         self.holdout_inputs: list[torch.Tensor] = []  # rows of the previous layer's input
         self.holdout_truth: list[torch.Tensor] = []  # the next router's logits on its own input
         self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (features, residual) not yet added
@@ -83,10 +94,15 @@ class NextLayerPredictor:
         return self.gram_FF is not None
 
     @torch.no_grad()
+    def plain_scores(self, hidden_ND: torch.Tensor) -> torch.Tensor:
+        """The next router's own scores (N, E), float32, for rows `hidden_ND`."""
+        return self.router.scores(hidden_ND.unsqueeze(0))[0].float()
+
+    @torch.no_grad()
     def scores(self, hidden_ND: torch.Tensor) -> torch.Tensor:
         """The next layer's expert scores (N, E) for the previous layer's input rows."""
         if self.fitted is None:
-            return self.router.scores(hidden_ND.unsqueeze(0))[0].float()
+            return self.plain_scores(hidden_ND)
         weight_ED, bias_E = self.fitted
         return F.linear(hidden_ND.float(), weight_ED, bias_E)
 
@@ -96,8 +112,8 @@ class NextLayerPredictor:
         if self.gram_FF is None or self.cross_FE is None:
             return
         x_ND = previous_ND.float()
-        truth_NE = self.router.scores(next_ND.unsqueeze(0))[0].float()
-        residual_NE = truth_NE - self.router.scores(x_ND.unsqueeze(0))[0].float()
+        truth_NE = self.plain_scores(next_ND)
+        residual_NE = truth_NE - self.plain_scores(x_ND)
         held_N = (torch.arange(x_ND.shape[0]) + self.tokens_seen) % HOLDOUT_EVERY == 0
         self.tokens_seen += x_ND.shape[0]
         if bool(held_N.any()):
@@ -105,10 +121,11 @@ class NextLayerPredictor:
             self.holdout_truth.append(truth_NE[held_N])
             self._trim_holdout()
         fit_N = ~held_N
-        if bool(fit_N.any()):
+        fitted_rows = int(fit_N.sum())
+        if fitted_rows:
             self._pending.append((F.pad(x_ND[fit_N], (0, 1), value=1.0), residual_NE[fit_N]))
-            self._pending_rows += int(fit_N.sum())
-            self.tokens_fitted += int(fit_N.sum())
+            self._pending_rows += fitted_rows
+            self.tokens_fitted += fitted_rows
             if self._pending_rows >= FLUSH_ROWS:
                 self._flush()
         if self.tokens_seen >= self.max_tokens:
@@ -143,7 +160,7 @@ class NextLayerPredictor:
             return
         x_ND = torch.cat(self.holdout_inputs)
         truth_NE = torch.cat(self.holdout_truth)
-        plain_NE = self.router.scores(x_ND.unsqueeze(0))[0].float()
+        plain_NE = self.plain_scores(x_ND)
         self.precision_plain = overlap(plain_NE, truth_NE, self.top_k)
         gram = self.gram_FF.double()
         cross = self.cross_FE.double()
@@ -151,8 +168,8 @@ class NextLayerPredictor:
         best: tuple[float, torch.Tensor] | None = None
         for strength in RIDGE:
             eye = torch.eye(self.num_features, dtype=torch.float64) * (strength * scale)
-            # Positive definite (a Gram matrix plus a ridge): Cholesky, half the work of a general
-            # solve (~60 ms at d_model 2048 on 2 cores, where a refit of 4 strengths stalls a step).
+            # Positive definite (a Gram matrix plus a ridge): Cholesky, not a general solve (a refit of
+            # the 4 strengths took 0.41 s against 0.46 s at d_model 2048 on 2 cores; it stalls a step).
             factor, info = torch.linalg.cholesky_ex(gram + eye)
             if int(info) != 0:
                 continue
@@ -171,3 +188,40 @@ class NextLayerPredictor:
         delta_FE = best[1]
         bias = delta_FE[-1] if bias_E is None else bias_E + delta_FE[-1]
         self.fitted = (weight_ED + delta_FE[:-1].T, bias)
+
+
+class PredictorChain:
+    """Each MoE layer's predictors of the next `depth` MoE layers of its stack, and the learning that
+    pairs one layer call's input rows with the next layer call's (the same tokens: an MoE layer hands
+    its provider its input rows in token order). Only the next layer's predictor learns."""
+
+    def __init__(self, layers: Sequence[MoEFeedForward], *, depth: int = 1, learns: bool = True) -> None:
+        self._ahead: dict[MoELayerKey, list[tuple[MoELayerKey, NextLayerPredictor]]] = {}
+        for i, current in enumerate(layers):
+            following = [m for m in layers[i + 1 : i + 1 + depth] if m.key.stack == current.key.stack]
+            self._ahead[current.key] = [
+                (m.key, NextLayerPredictor(m.router, m.moe.top_k, learns=learns and d == 0))
+                for d, m in enumerate(following)
+            ]
+        # The last layer call's input while its successor's predictor learns: (layer, its input rows).
+        self._last_input: tuple[MoELayerKey, torch.Tensor] | None = None
+
+    def ahead(self, layer: MoELayerKey) -> list[tuple[MoELayerKey, NextLayerPredictor]]:
+        """The next MoE layers of `layer`'s stack and their predictors, nearest first."""
+        return self._ahead.get(layer, [])
+
+    def by_layer(self) -> dict[str, NextLayerPredictor]:
+        """Each next-layer predictor, by the name of the layer it predicts."""
+        return {str(ahead[0][0]): ahead[0][1] for ahead in self._ahead.values() if ahead}
+
+    def observe(self, layer: MoELayerKey, hidden_ND: torch.Tensor) -> None:
+        """Teach `layer`'s predictor with the previous call's input, if that was its predecessor's with
+        the same rows; then keep this call's input while the next layer's predictor still learns."""
+        last, self._last_input = self._last_input, None
+        if last is not None and last[1].shape[0] == hidden_ND.shape[0]:
+            ahead = self.ahead(last[0])
+            if ahead and ahead[0][0] == layer:
+                ahead[0][1].learn(last[1], hidden_ND)
+        ahead = self.ahead(layer)
+        if ahead and ahead[0][1].is_learning and hidden_ND.shape[0] > 0:
+            self._last_input = (layer, hidden_ND)

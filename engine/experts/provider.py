@@ -21,7 +21,7 @@ import torch
 
 from engine.experts.order import CostModel, OrderPolicy, jobs_for, order_jobs
 from engine.experts.pool import ExpertId, ExpertPool, PoolEntry
-from engine.experts.predictor import NextLayerPredictor
+from engine.experts.predictor import PredictorChain
 from engine.experts.stats import ExpertStats, LayerCounts
 from engine.model import ExpertWeights, MoELayerKey
 from engine.model.moe import ExpertDemand, MoEFeedForward
@@ -104,12 +104,9 @@ class OffloadedExpertProvider:
         self.prefetch = prefetch
         self.calibrate_prediction = calibrate_prediction and prefetch
         self.stats = ExpertStats()
-        # For each MoE layer, the next `PREFETCH_DEPTH` MoE layers of the same stack, each one's
-        # predictor (its router, corrected from the traffic while `calibrate_prediction`) and how many
-        # experts it sends a token to.
-        self._next_routers: dict[MoELayerKey, list[tuple[MoELayerKey, NextLayerPredictor, int]]] = {}
-        # The last layer's input while its successor's predictor learns: (layer, its input rows).
-        self._last_input: tuple[MoELayerKey, torch.Tensor] | None = None
+        # For each MoE layer, the next `PREFETCH_DEPTH` MoE layers of the same stack and their
+        # predictors (each one's router, corrected from the traffic while `calibrate_prediction`).
+        self.predictors = PredictorChain([], learns=False)
         self._predicted: dict[MoELayerKey, set[int]] = {}
         self._precision = 1.0  # running precision of next-layer predictions
         self._idle_calls = 0  # layer calls since a prediction was last made with nothing to load
@@ -135,15 +132,7 @@ class OffloadedExpertProvider:
         """Serve `layers` (a model's MoE layers, in order) and learn each one's successor's router."""
         for layer in layers:
             layer.expert_provider = self
-        for i, current in enumerate(layers):
-            ahead = [m for m in layers[i + 1 : i + 1 + PREFETCH_DEPTH] if m.key.stack == current.key.stack]
-            self._next_routers[current.key] = [
-                (m.key, NextLayerPredictor(m.router, m.moe.top_k), m.moe.top_k) for m in ahead
-            ]
-
-    def predictors(self) -> dict[str, NextLayerPredictor]:
-        """Each MoE layer's next-layer predictor, by the name of the layer it predicts."""
-        return {str(key): p for ahead in self._next_routers.values() for key, p, _ in ahead[:1]}
+        self.predictors = PredictorChain(layers, depth=PREFETCH_DEPTH, learns=self.calibrate_prediction)
 
     # ---- the per-layer schedule --------------------------------------------------------------
 
@@ -155,8 +144,6 @@ class OffloadedExpertProvider:
         counts = stats.layer(str(layer))
         self._note_gap()
         self._score_prediction(layer, demand, counts)
-        if self.calibrate_prediction:
-            self._learn_prediction(layer, hidden_ND)
         cached = set()
         # Experts whose pages the OS already holds are used where they are (CPU; see cpu.py).
         in_place: dict[ExpertId, ExpertWeights] = {}
@@ -197,6 +184,9 @@ class OffloadedExpertProvider:
                 self._prefetch_next(layer, hidden_ND, demand_loads=demand_loads, protect=order)
 
         issue(0)
+        # Learning from this call's input waits until its demand loads are on the link: it then
+        # overlaps their reads instead of delaying them (a refit can take tens of ms).
+        self.predictors.observe(layer, hidden_ND)
         for position, expert in enumerate(order):
             entry = None
             if expert in in_place:
@@ -293,7 +283,7 @@ class OffloadedExpertProvider:
         layer). Looking two layers ahead measured no better than one on the benchmark models
         (random routers, 2-core CPU), so the depth is 1.
         """
-        following = self._next_routers.get(layer, [])
+        following = self.predictors.ahead(layer)
         if not following or hidden_ND.shape[0] == 0:
             return
         # Loads are spent on guesses only while they keep paying off, and only as many as pay.
@@ -307,9 +297,8 @@ class OffloadedExpertProvider:
                 return  # nothing would be loaded or hinted: predict only to keep the precision current
         candidates: list[tuple[ExpertId, bool]] = []
         runners_up: list[tuple[ExpertId, bool]] = []
-        for depth, (next_key, predictor, top_k) in enumerate(following):
-            scores_NE = predictor.scores(hidden_ND)
-            predicted, ranked_list = rank_experts(scores_NE, top_k)
+        for depth, (next_key, predictor) in enumerate(following):
+            predicted, ranked_list = rank_experts(predictor.scores(hidden_ND), predictor.top_k)
             if depth == 0:
                 self._predicted[next_key] = predicted
             candidates += [((next_key, e), True) for e in ranked_list[: len(predicted)]]
@@ -334,19 +323,6 @@ class OffloadedExpertProvider:
             assert entry is not None
             entry.prefetched = True
             self.stats.prefetches += 1
-
-    def _learn_prediction(self, layer: MoELayerKey, hidden_ND: torch.Tensor) -> None:
-        """Teach the predictor of `layer` by the previous layer's input, then keep this one's input
-        while the next layer's predictor still learns."""
-        last, self._last_input = self._last_input, None
-        if last is not None and last[1].shape[0] == hidden_ND.shape[0]:
-            previous, previous_ND = last
-            ahead = self._next_routers.get(previous, [])
-            if ahead and ahead[0][0] == layer:
-                ahead[0][1].learn(previous_ND, hidden_ND)
-        ahead = self._next_routers.get(layer, [])
-        if ahead and ahead[0][1].is_learning and hidden_ND.shape[0] > 0:
-            self._last_input = (layer, hidden_ND)
 
     def _guesses_that_pay(self, gap: float) -> int:
         """How many guessed loads the link can take before the next layer's demand loads.

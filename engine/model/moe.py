@@ -279,7 +279,10 @@ class MoEFeedForward(nn.Module):
 
         routed_ND = x_MD.index_select(0, token_N)
         out_ND = torch.empty_like(routed_ND)
-        tokens_ND = x_MD if valid_BS is None or self.moe.route_padding else x_MD[valid_BS.reshape(-1)]
+        # The provider's view of the tokens (`ExpertProvider.fetch`); copied only when some are padding.
+        tokens_ND = x_MD
+        if valid_BS is not None and not self.moe.route_padding and not bool(valid_BS.all()):
+            tokens_ND = x_MD[valid_BS.reshape(-1)]
         for e, weights in self.expert_provider.fetch(self.key, demand, tokens_ND):
             rows = slice(starts[e], starts[e] + counts[e])
             out_ND[rows] = feed_forward(routed_ND[rows], weights, self.act)
