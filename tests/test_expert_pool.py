@@ -243,6 +243,58 @@ def test_random_operations_never_hand_out_a_slot_twice(policy: str, seed: int) -
     assert set(pool.entries) == {e.expert for e in fresh}
 
 
+def _scanned_victim(pool: ExpertPool, upcoming: list[ExpertId], spare: bool) -> PoolEntry | None:
+    """The eviction rule written as a scan of every entry (what the pool's heap must agree with)."""
+    candidates = [e for e in pool.entries.values() if e.pins == 0 and not e.is_loading]
+    position = {expert: i for i, expert in enumerate(upcoming)}
+    idle = [e for e in candidates if e.expert not in position]
+    if idle:
+        keys = {
+            "lru": lambda e: (e.last_use,),
+            "lfu": lambda e: (e.uses, e.last_use),
+            "lrfu": lambda e: (e.weight_at(pool._clock), e.last_use),
+        }
+        return min(idle, key=keys[pool.policy])
+    if spare or not candidates:
+        return None
+    return max(candidates, key=lambda e: position[e.expert])
+
+
+@pytest.mark.parametrize("policy", CACHE_POLICIES)
+@pytest.mark.parametrize("seed", range(4))
+def test_victim_and_loading_agree_with_a_scan_of_every_entry(policy: str, seed: int) -> None:
+    """The heap and the in-flight list answer as a scan of all slots would, through thousands of
+    admits, uses, pins, finished loads and removals (the heap compacts several times on the way)."""
+    rng = random.Random(seed)
+    pool = ExpertPool(rng.randint(8, 24), policy)  # type: ignore[arg-type]
+    experts = [_eid(e, layer) for layer in (LAYER, OTHER) for e in range(20)]
+    for _ in range(3000):
+        present = list(pool.entries.values())
+        upcoming = rng.sample(experts, rng.randint(0, 6))
+        spare = rng.random() < 0.3
+        assert pool.victim(upcoming=upcoming, spare_upcoming=spare) is _scanned_victim(pool, upcoming, spare)
+        assert pool.loading() == [e for e in pool.entries.values() if e.is_loading]
+        op = rng.choice(["admit", "admit", "touch", "touch", "touch", "pin", "unpin", "finish", "remove"])
+        if op == "admit":
+            absent = [x for x in experts if x not in pool]
+            if absent:
+                pool.admit(rng.choice(absent), upcoming=upcoming, spare_upcoming=spare)
+        elif present:
+            entry = rng.choice(present)
+            if op == "touch":
+                pool.touch(entry)
+            elif op == "pin":
+                entry.pins += 1
+            elif op == "unpin" and entry.pins:
+                entry.pins -= 1
+            elif op == "finish":
+                entry.weights = WEIGHTS
+            elif op == "remove":
+                pool.remove(entry.expert)
+        _check_invariants(pool)
+    assert len(pool._heap) <= 2 * len(pool.entries) + 65
+
+
 # ---- within a layer: the known future ---------------------------------------------------------------
 
 

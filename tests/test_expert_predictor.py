@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from engine.errors import ConfigError
-from engine.experts.predictor import MAX_HOLDOUT, NextLayerPredictor, overlap, router_linear
+from engine.experts.predictor import FLUSH_ROWS, MAX_HOLDOUT, NextLayerPredictor, overlap, router_linear
 from engine.generation import GenerationRequest, Generator, SamplingParams
 from engine.model.moe import CentroidRouter, LearnedRouter
 from engine.offload import OffloadConfig, load_for_inference
@@ -87,6 +87,43 @@ def test_stops_learning_and_frees_its_statistics_at_max_tokens() -> None:
     predictor.learn(*_stream(32, seed=999, map_DD=map_DD))
     assert predictor.tokens_seen == seen
     assert _precision(predictor, *_stream(500, seed=7, map_DD=map_DD)) > 0.9
+
+
+def test_one_token_at_a_time_learns_what_whole_batches_do() -> None:
+    """Batch-1 decoding hands the predictor one token a call: it counts each at once, scores them
+    `FLUSH_ROWS` at a time, and refits at the same token counts as when tokens come in bulk, with the
+    same statistics, held-out set and fit (up to float rounding of the scores)."""
+    router = _router(5)
+    map_DD = torch.linalg.qr(torch.randn(D, D, generator=torch.Generator().manual_seed(6)))[0]
+    previous, following = _stream(700, seed=11, map_DD=map_DD)
+    single = NextLayerPredictor(router, top_k=1, max_tokens=650)
+    bulk = NextLayerPredictor(router, top_k=1, max_tokens=650)
+    refits_single, refits_bulk = [], []
+    for i in range(40):  # below FLUSH_ROWS and before the first refit is due (34 fitted tokens)
+        single.learn(previous[i : i + 1], following[i : i + 1])
+    assert FLUSH_ROWS > 40
+    assert single.tokens_seen == 40
+    assert single.gram_FF is not None
+    assert not single.gram_FF.any(), "nothing scored before a flush"
+    for i in range(40, 700):
+        judged = single.precision_plain
+        single.learn(previous[i : i + 1], following[i : i + 1])
+        if single.precision_plain is not judged:
+            refits_single.append(single.tokens_seen)
+    for i in range(0, 700, 5):
+        judged = bulk.precision_plain
+        bulk.learn(previous[i : i + 5], following[i : i + 5])
+        if bulk.precision_plain is not judged:
+            refits_bulk.append(bulk.tokens_seen)
+    # Refits at 2 x 17 fitted tokens (token 46), 8 x 17 (182) and the last at max_tokens; a bulk call
+    # of 5 tokens reaches each count within its call.
+    assert refits_single == [46, 182, 650]
+    assert [-(-t // 5) * 5 for t in refits_single] == refits_bulk
+    assert not single.is_learning
+    assert not bulk.is_learning
+    assert single.fitted is not None
+    assert bulk.fitted is not None
+    torch.testing.assert_close(single.fitted[0], bulk.fitted[0], atol=2e-3, rtol=2e-3)
 
 
 def test_overlap_counts_shared_top_k() -> None:
