@@ -181,6 +181,23 @@ def test_pool_needs_a_slot() -> None:
         ExpertPool(0)
 
 
+def _change(pool: ExpertPool, entry: PoolEntry, op: str) -> None:
+    """One random operation on a resident `entry`: a use, a pin or unpin, its load finishing, removal."""
+    if op == "touch":
+        uses = entry.uses
+        pool.touch(entry)
+        assert entry.uses == uses + 1
+    elif op == "pin":
+        entry.pins += 1
+    elif op == "unpin" and entry.pins:
+        entry.pins -= 1
+    elif op == "finish":
+        entry.weights = WEIGHTS
+    elif op == "remove":
+        pool.remove(entry.expert)
+        assert entry.expert not in pool
+
+
 @pytest.mark.parametrize("policy", CACHE_POLICIES)
 @pytest.mark.parametrize("seed", range(6))
 def test_random_operations_never_hand_out_a_slot_twice(policy: str, seed: int) -> None:
@@ -216,20 +233,7 @@ def test_random_operations_never_hand_out_a_slot_twice(policy: str, seed: int) -
                 assert pool.get(expert) is entry
                 assert entry.is_loading
         elif present:
-            entry = rng.choice(present)
-            if op == "touch":
-                uses = entry.uses
-                pool.touch(entry)
-                assert entry.uses == uses + 1
-            elif op == "pin":
-                entry.pins += 1
-            elif op == "unpin" and entry.pins:
-                entry.pins -= 1
-            elif op == "finish":
-                entry.weights = WEIGHTS
-            elif op == "remove":
-                pool.remove(entry.expert)
-                assert entry.expert not in pool
+            _change(pool, rng.choice(present), op)
         _check_invariants(pool)
     # Drain: once the old entries are evictable, filling the pool with new pinned experts uses every
     # slot exactly once.
@@ -280,17 +284,7 @@ def test_victim_and_loading_agree_with_a_scan_of_every_entry(policy: str, seed: 
             if absent:
                 pool.admit(rng.choice(absent), upcoming=upcoming, spare_upcoming=spare)
         elif present:
-            entry = rng.choice(present)
-            if op == "touch":
-                pool.touch(entry)
-            elif op == "pin":
-                entry.pins += 1
-            elif op == "unpin" and entry.pins:
-                entry.pins -= 1
-            elif op == "finish":
-                entry.weights = WEIGHTS
-            elif op == "remove":
-                pool.remove(entry.expert)
+            _change(pool, rng.choice(present), op)
         _check_invariants(pool)
     assert len(pool._heap) <= 2 * len(pool.entries) + 65
 
