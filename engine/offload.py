@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 
@@ -44,7 +44,8 @@ from engine.weights.loader import parse_dtype as parse_dtype
 from engine.weights.quantize import expert_store_dtype, quantized_dense
 
 #: `--expert-prediction` choices (`OffloadConfig.prediction`).
-PREDICTIONS: tuple[str, ...] = ("calibrated", "router")
+Prediction = Literal["calibrated", "router"]
+PREDICTIONS: tuple[Prediction, ...] = get_args(Prediction)
 #: `--expert-io` modes: `auto` (strict when a budget is given), `strict` (O_DIRECT), `page-cache`.
 EXPERT_IO: tuple[str, ...] = ("auto", "strict", "page-cache")
 
@@ -71,7 +72,7 @@ class OffloadConfig:
     """Eviction policy of the pool across layers and steps."""
     prefetch: bool = True
     """Predict the next layer's experts with its router and load them early."""
-    prediction: Literal["calibrated", "router"] = "calibrated"
+    prediction: Prediction = "calibrated"
     """How prefetch predicts: `router` applies the next layer's router to this layer's input;
     `calibrated` (default) also learns a linear correction to it from the first routes it serves and
     keeps it for the layers where it predicts better on held-out tokens (`engine.experts.predictor`)."""

@@ -13,7 +13,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from engine.model.kernels import KernelMode
-from engine.offload import OffloadConfig, direct_io
+from engine.offload import OffloadConfig, Prediction, direct_io
 from engine.serving.engine import EngineConfig
 
 DEFAULT_MODEL = "builtin:tiny"
@@ -40,7 +40,7 @@ class Settings(BaseSettings):
     )
     expert_memory: str | None = Field(None, description="expert pool budget: 512MiB or 25%% (default: auto)")
     expert_order: Literal["infmoe", "cached-first", "index"] = Field("infmoe", description="expert order")
-    expert_prediction: Literal["calibrated", "router"] = Field(
+    expert_prediction: Prediction = Field(
         "calibrated", description="how prefetch predicts the next layer's experts (see --expert-prediction)"
     )
     expert_io: Literal["auto", "strict", "page-cache"] = Field(

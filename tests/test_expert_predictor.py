@@ -124,6 +124,17 @@ def test_one_token_at_a_time_learns_what_whole_batches_do() -> None:
     assert single.fitted is not None
     assert bulk.fitted is not None
     torch.testing.assert_close(single.fitted[0], bulk.fitted[0], atol=2e-3, rtol=2e-3)
+    # What the batched path adds is what each token adds on its own: the statistics of every token
+    # not numbered 4k, and the 4k-th ones held out, whatever the calls' boundaries.
+    counted = NextLayerPredictor(router, top_k=1, max_tokens=10**6)
+    for i in range(301):
+        counted.learn(previous[i : i + 1], following[i : i + 1])
+    counted.refit()  # adds what is pending
+    fit = torch.arange(301) % 4 != 0
+    features = torch.nn.functional.pad(previous[:301][fit], (0, 1), value=1.0)
+    assert counted.gram_FF is not None
+    torch.testing.assert_close(counted.gram_FF, features.T @ features, atol=1e-3, rtol=1e-4)
+    torch.testing.assert_close(torch.cat(counted.holdout_inputs), previous[:301][~fit])
 
 
 def test_overlap_counts_shared_top_k() -> None:
@@ -169,6 +180,18 @@ def test_the_provider_teaches_each_predictor_the_tokens_it_serves(
 def test_prediction_choice_is_checked() -> None:
     with pytest.raises(ConfigError, match="expert prediction must be one of calibrated, router"):
         OffloadConfig(prediction="oracle")  # type: ignore[arg-type]
+
+
+def test_the_server_takes_the_choice_from_its_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from pydantic import ValidationError
+
+    from server.settings import Settings
+
+    monkeypatch.setenv("CPM2_EXPERT_PREDICTION", "router")
+    assert Settings().engine_config(tmp_path).offload.prediction == "router"
+    monkeypatch.setenv("CPM2_EXPERT_PREDICTION", "oracle")
+    with pytest.raises(ValidationError, match="calibrated"):
+        Settings()
 
 
 def test_a_kept_fit_decides_what_the_provider_guesses(

@@ -128,13 +128,13 @@ class NextLayerPredictor:
         first = self.tokens_seen
         self.tokens_seen += N
         self.tokens_fitted += N - _held_out(first, N)
-        small = self._pending_rows + N < FLUSH_ROWS
-        # Rows kept for later are copied: the caller's tensors may be views of buffers it reuses.
-        self._pending.append((previous_ND.clone(), next_ND.clone()) if small else (previous_ND, next_ND))
-        self._pending_rows += N
         final = self.tokens_seen >= self.max_tokens
         due = self.tokens_fitted >= self._next_refit
-        if not (small and not final and not due):
+        kept = self._pending_rows + N < FLUSH_ROWS and not (final or due)
+        # Rows kept for later are copied: the caller's tensors may be views of buffers it reuses.
+        self._pending.append((previous_ND.clone(), next_ND.clone()) if kept else (previous_ND, next_ND))
+        self._pending_rows += N
+        if not kept:
             self._add_pending()
         if final:
             self.refit()
