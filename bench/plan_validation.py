@@ -41,7 +41,7 @@ from engine.experts.store import ExpertStore
 from engine.planner.measure import MeasureOptions, measure_profile, remeasure_cpu
 from engine.planner.predict import PlanCase, Prediction, predict
 from engine.planner.profile import HardwareProfile
-from engine.planner.recording import RoutingRecord
+from engine.planner.recording import RoutingRecord, prediction_precision
 from engine.weights.loader import inspect_checkpoint
 
 
@@ -77,14 +77,26 @@ def predict_measured(
     trace = measured.get("routing_trace")
     top_k = config.moe.top_k if config.moe is not None else 1
     # What `cpm2 generate --record-routing` writes for `cpm2 plan --routing`, from the run's recording.
-    record = RoutingRecord.fit(measured["routing_counts"], trace or {}, top_k=top_k, requests=case.batch)
-    popularity = record.popularity
+    record = RoutingRecord.fit(
+        measured["routing_counts"],
+        trace or {},
+        top_k=top_k,
+        requests=case.batch,
+        precision=prediction_precision(measured.get("experts_per_layer", {})),
+    )
+    popularity, precision = record.popularity, record.precision
 
     def drawn(rate: float) -> dict[str, Any]:
         """Routing drawn from the run's statistics, the store read at `rate` GB/s."""
         at = dataclasses.replace(profile, disk_read_gb_s=rate)
         prediction = predict(
-            config, at, case, popularity=popularity, reuse=record.reuse, concentration=record.concentration
+            config,
+            at,
+            case,
+            popularity=popularity,
+            reuse=record.reuse,
+            concentration=record.concentration,
+            precision=precision,
         )
         return _predicted(prediction, measured)
 
@@ -105,8 +117,10 @@ def predict_measured(
     if trace:
         row["routing_reuse"] = record.reuse
         row["routing_concentration"] = record.concentration
-        row["replayed"] = _predicted(predict(config, here, case, popularity=popularity, trace=trace), measured)
-        row["independent"] = _predicted(predict(config, here, case, popularity=popularity), measured)
+        replayed = predict(config, here, case, popularity=popularity, trace=trace, precision=precision)
+        row["replayed"] = _predicted(replayed, measured)
+        independent = predict(config, here, case, popularity=popularity, precision=precision)
+        row["independent"] = _predicted(independent, measured)
     return row
 
 

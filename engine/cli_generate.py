@@ -18,7 +18,7 @@ from engine.languages import Languages, encode_source, force_target, translation
 from engine.model.transformer import Seq2SeqLM
 from engine.offload import load_for_inference
 from engine.peft import is_peft_path, read_peft_dir
-from engine.planner.recording import RoutingRecord, RoutingRecorder
+from engine.planner.recording import RoutingRecord, RoutingRecorder, prediction_precision
 from engine.prompts import SoftPrompt, parse_soft_prompt
 from engine.tokenizer import MissingDependencyError, Tokenizer, check_special_ids, load_tokenizer
 from engine.weights.loader import inspect_config
@@ -102,7 +102,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
             # Beam-search requests are encoded one at a time; the others in one pass together.
             encoded_together = 1 if params.num_beams > 1 else len(requests)
             record = RoutingRecord.from_recorder(
-                recorder, top_k=config.moe.top_k, requests=encoded_together, source=str(args.model)
+                recorder,
+                top_k=config.moe.top_k,
+                requests=encoded_together,
+                source=str(args.model),
+                precision=prediction_precision(provider.stats.layers_to_dict()) if provider is not None else None,
             )
             record.save(args.record_routing)
         if provider is not None and args.details:

@@ -56,7 +56,20 @@ def test_all_cached_runs_back_to_back() -> None:
 
 def test_single_load_stalls_for_its_transfer() -> None:
     # Link 0-5, compute waits until 5 and runs 5-7.
-    assert simulate([Job(0, 2.0, 5.0)], slots=1) == Schedule(makespan=7.0, stall=5.0, compute=2.0, transfer=5.0)
+    assert simulate([Job(0, 2.0, 5.0)], slots=1) == Schedule(
+        makespan=7.0, stall=5.0, compute=2.0, transfer=5.0, link_end=5.0
+    )
+
+
+def test_a_read_in_flight_delays_the_first_load_not_the_cached_experts() -> None:
+    # The link is busy until 3 (a read already in flight); cached expert 1 computes 0-2, the load
+    # runs 3-7, its compute 7-8.
+    jobs = [Job(1, 2.0, 0.0), Job(0, 1.0, 4.0)]
+    assert simulate(jobs, slots=1, link_busy=3.0) == Schedule(
+        makespan=8.0, stall=5.0, compute=3.0, transfer=4.0, link_end=7.0
+    )
+    # With nothing to load, the link is still busy until the read in flight lands.
+    assert simulate(jobs[:1], slots=1, link_busy=3.0).link_end == 3.0
 
 
 def test_second_load_hides_behind_first_compute() -> None:

@@ -105,6 +105,8 @@ class Schedule:
     stall: float
     compute: float
     transfer: float
+    link_end: float = 0.0
+    """When the link is free again: its last transfer done (or the read in flight at the start)."""
 
     @property
     def bound(self) -> float:
@@ -112,15 +114,16 @@ class Schedule:
         return max(self.compute, self.transfer)
 
 
-def simulate(jobs: Sequence[Job], *, slots: int) -> Schedule:
+def simulate(jobs: Sequence[Job], *, slots: int, link_busy: float = 0.0) -> Schedule:
     """Run `jobs` in the given order: one link, one compute unit, at most `slots` loaded-not-computed.
 
-    A transfer may start when the link is free and a slot is free; a slot is freed when the compute
-    of the expert in it finishes (cached experts occupy no new slot).
+    A transfer may start when the link is free (after `link_busy`: a read already in flight) and a
+    slot is free; a slot is freed when the compute of the expert in it finishes (cached experts
+    occupy no new slot).
     """
     if slots < 1:
         raise ValueError("need at least one slot")
-    link_free = 0.0
+    link_free = link_busy
     compute_free = 0.0
     stall = 0.0
     slot_release: list[float] = []  # compute-finish times of experts holding a slot, oldest first
@@ -142,6 +145,7 @@ def simulate(jobs: Sequence[Job], *, slots: int) -> Schedule:
         stall=stall,
         compute=sum(j.compute for j in jobs),
         transfer=sum(j.transfer for j in jobs),
+        link_end=link_free,
     )
 
 

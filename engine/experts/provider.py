@@ -325,25 +325,7 @@ class OffloadedExpertProvider:
             self.stats.prefetches += 1
 
     def _guesses_that_pay(self, gap: float) -> int:
-        """How many guessed loads the link can take before the next layer's demand loads.
-
-        Guesses queue behind this layer's demand loads and run while the dense work up to the next
-        MoE layer (`gap`) leaves the link idle. Those that fit in the gap cost the link nothing;
-        one more is made only if it is likely to save more than it delays the next layer: with
-        precision p it saves the part of a transfer that fits (r) and, when wrong, makes the next
-        demand load wait for the rest (beta - r). Measured on the benchmark's Switch-like model in
-        strict mode (one disk, beta 2.3-3.9 ms per 4 MiB expert depending on the hour): at batch 1
-        (gaps 1.1 ms, p 0.4) no guess pays, and the old rule's up to `window` guesses per layer read
-        2x the bytes and decoded 10-12 % slower than no prefetch at all; at batch 16 (gaps 1.9 ms,
-        p 0.52) one guess per layer pays, where the old rule made none and the disk idled.
-        """
-        beta = self.cost.beta
-        if beta <= 0:
-            return self.window
-        free = int(gap // beta)
-        rest = gap - free * beta
-        p = self._precision
-        return free + (1 if p * rest > (1 - p) * (beta - rest) else 0)
+        return guesses_that_pay(gap, beta=self.cost.beta, precision=self._precision, window=self.window)
 
     def _score_prediction(self, layer: MoELayerKey, demand: Sequence[ExpertDemand], layer_counts: LayerCounts) -> None:
         """Score the prediction made for `layer`, in the totals and in the layer's own counters."""
@@ -385,6 +367,26 @@ class OffloadedExpertProvider:
         for entry in self.pool.loading():
             self._ready(entry)
         self.transfers.close()
+
+
+def guesses_that_pay(gap: float, *, beta: float, precision: float, window: int) -> int:
+    """How many guessed loads the link can take before the next layer's demand loads.
+
+    Guesses queue behind this layer's demand loads and run while the dense work up to the next
+    MoE layer (`gap`) leaves the link idle. Those that fit in the gap cost the link nothing;
+    one more is made only if it is likely to save more than it delays the next layer: with
+    precision p it saves the part of a transfer that fits (r) and, when wrong, makes the next
+    demand load wait for the rest (beta - r). Measured on the benchmark's Switch-like model in
+    strict mode (one disk, beta 2.3-3.9 ms per 4 MiB expert depending on the hour): at batch 1
+    (gaps 1.1 ms, p 0.4) no guess pays, and the old rule's up to `window` guesses per layer read
+    2x the bytes and decoded 10-12 % slower than no prefetch at all; at batch 16 (gaps 1.9 ms,
+    p 0.52) one guess per layer pays, where the old rule made none and the disk idled.
+    """
+    if beta <= 0:
+        return window
+    free = int(gap // beta)
+    rest = gap - free * beta
+    return free + (1 if precision * rest > (1 - precision) * (beta - rest) else 0)
 
 
 def rank_experts(scores_NE: torch.Tensor, top_k: int) -> tuple[set[int], list[int]]:

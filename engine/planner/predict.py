@@ -17,11 +17,9 @@ streaming the weight and the arithmetic, plus the call's fixed cost) plus the en
 per-block overheads.
 
 Modelled: strict offloading (O_DIRECT reads on CPU, pinned host or disk over the host link on a
-GPU), teacher-forced steps. Not modelled: prefetch (the provider only guesses as many loads as fit
-in the link's idle time before the next layer: on the CPM-2-like bench model at batch 1, prefetch
-on and off measured within the run-to-run spread, but on NLLB-MoE 54B, whose prefetch guesses
-were right 96 % of the time, it turns most batch-1 reads into hits: 0.47 measured against 0.08
-predicted), the page-cache mode (bounded by the kernel, not the budget), sampling and
+GPU), teacher-forced steps, and prefetch where the precision of the provider's predictions is given
+(`engine.planner.replay`: the guessed loads its rule makes, right as often as that precision says).
+Not modelled: the page-cache mode (bounded by the kernel, not the budget), sampling and
 detokenising, other processes.
 """
 
@@ -31,17 +29,18 @@ import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
+import numpy as np
 import torch
 
 from engine.config import ModelConfig
 from engine.errors import ConfigError
-from engine.experts.order import Job, order_jobs, simulate
 from engine.experts.pool import ExpertPool
 from engine.memory_plan import MachineMemory, MemoryPlan, plan_memory
 from engine.model import MoELayerKey
 from engine.planner.profile import FORMATS, HardwareProfile, MatmulRates
+from engine.planner.replay import Costs, Replay
 from engine.planner.routing import Routing, RoutingTrace
 from engine.sizes import format_bytes
 from engine.summary import summarize
@@ -210,38 +209,11 @@ def quantized_config(config: ModelConfig, case: PlanCase) -> tuple[ModelConfig, 
     return config.replace(extra={**config.extra, QUANTIZATION_KEY: record}), store_dtype
 
 
-@dataclass(frozen=True)
-class _Costs:
-    """The per-call costs one prediction uses, from the profile and the case."""
-
-    dense: MatmulRates
-    experts: MatmulRates
-    dense_bytes_per_parameter: float
-    act_bytes: int
-    memcpy_gb_s: float
-    load_latency_seconds: float
-    """One read's fixed latency (submission, completion, the first sector) and the provider's
-    hand-offs for it (`OverheadProfile.load_parts`): overlaps between reads in flight."""
-    load_link_seconds: float
-    """One expert's bytes over the link (at the rate measured with reads in flight) and the provider's
-    bookkeeping for it (on the engine's thread, so it does not overlap)."""
-    expert_call_seconds: float
-    """Per expert computed, beyond its matmuls."""
-    read_contention: float
-    """Matmuls' slowdown while reads are in flight (`HardwareProfile.read_contention`; 1 on a GPU)."""
-    expert_parameters: int
-    expert_bytes: int
-    """One expert in memory (what its kernel streams)."""
-    blob_bytes: float
-    """One expert as stored (what a load reads)."""
-    expert_matrices: int
-
-
 def _rates(profile: HardwareProfile) -> dict[str, MatmulRates]:
     return profile.gpu.matmul if profile.gpu is not None else profile.cpu
 
 
-def _costs(config: ModelConfig, profile: HardwareProfile, case: PlanCase, plan: MemoryPlan) -> _Costs:
+def _costs(config: ModelConfig, profile: HardwareProfile, case: PlanCase, plan: MemoryPlan) -> Costs:
     rates = _rates(profile)
     act = getattr(torch, case.compute_dtype).itemsize
     dense_bpp = 1.0 if case.dense == "int8" else float(act)
@@ -254,7 +226,7 @@ def _costs(config: ModelConfig, profile: HardwareProfile, case: PlanCase, plan: 
         latency = 0.0 if host_holds_store else latency
     blob = plan.store_bytes / max(1, plan.num_experts)
     serial, overlapping = profile.overhead.load_parts()
-    return _Costs(
+    return Costs(
         dense=rates[case.dense],
         experts=rates[case.experts],
         dense_bytes_per_parameter=dense_bpp,
@@ -276,7 +248,7 @@ def _matmul(rates: MatmulRates, *, rows: int, out_features: int, in_features: in
     return rates.seconds(rows=rows, weight_bytes=parameters * bytes_per_parameter, parameters=parameters)
 
 
-def _ffn_seconds(config: ModelConfig, c: _Costs, rows: int) -> float:
+def _ffn_seconds(config: ModelConfig, c: Costs, rows: int) -> float:
     d, f = config.d_model, config.d_ff
     shapes = [(f, d)] * (2 if config.is_gated_ffn else 1) + [(d, f)]
     return sum(
@@ -285,7 +257,7 @@ def _ffn_seconds(config: ModelConfig, c: _Costs, rows: int) -> float:
     )
 
 
-def _attention_seconds(config: ModelConfig, c: _Costs, *, rows: int, keys: int, cross: bool) -> float:
+def _attention_seconds(config: ModelConfig, c: Costs, *, rows: int, keys: int, cross: bool) -> float:
     """Projections (self: fused q/k/v and output; cross: query and output, its keys and values are
     computed once per request) and the score/value products over `keys` cached positions per row."""
     d, inner = config.d_model, config.num_heads * config.d_kv
@@ -304,73 +276,23 @@ def _moe_layers(config: ModelConfig, stack: str) -> list[int]:
     return list(config.moe.encoder_layers if stack == "encoder" else config.moe.decoder_layers)
 
 
-@dataclass
-class _Replay:
-    """The pool and routing of one replayed request, shared by its encoder pass and decode steps."""
-
-    costs: _Costs
-    pool: ExpertPool
-    window: int
-    routing: Routing
-    requests: int
-    """Requests in the batch (a call's rows are theirs in equal shares)."""
-    resident: bool = False
-    """Every expert loaded at start (a budget that holds them all): no layer reads."""
-    hits: int = 0
-    looked: int = 0
-
-    def layer(self, key: MoELayerKey, rows: int) -> tuple[float, float, float, float, int]:
-        """One MoE layer on `rows` tokens of the batch: (makespan, compute, transfer, stall, loads)."""
-        demand = self.routing.next_call(str(key), rows, self.requests)
-        upcoming = [(key, e) for e, _ in demand]
-        hits = []
-        for i, (expert, _) in enumerate(demand):
-            hits.append(self.resident or self.pool.record_use((key, expert), upcoming=upcoming[i + 1 :]))
-        self.hits += sum(hits)
-        self.looked += len(demand)
-        # β: a load alone pays its read latency and the provider's hand-offs in full; with n of a
-        # layer's loads queued, up to `window` are in flight together and their latencies and
-        # wake-ups overlap (bytes and the engine thread's bookkeeping do not). One load a layer is
-        # decoding at batch 1; dozens are an encoder pass.
-        misses = len(hits) - sum(hits)
-        beta = self.costs.load_link_seconds + self.costs.load_latency_seconds / max(1, min(misses, self.window))
-        # A CPU layer that loads computes its experts while the reader's threads share the cores.
-        slowdown = self.costs.read_contention if misses else 1.0
-        jobs = []
-        for (expert, tokens), hit in zip(demand, hits, strict=True):
-            matrices = self.costs.expert_matrices  # each its own call, streamed at its own size's rate
-            compute = self.costs.expert_call_seconds + slowdown * matrices * self.costs.experts.seconds(
-                rows=tokens,
-                weight_bytes=self.costs.expert_bytes / matrices,
-                parameters=self.costs.expert_parameters // matrices,
-            )
-            jobs.append(Job(expert, compute, 0.0 if hit else beta))
-        schedule = simulate(order_jobs(jobs, "infmoe", slots=self.window), slots=self.window)
-        loads = sum(1 for j in jobs if j.transfer > 0)
-        return schedule.makespan, schedule.compute, schedule.transfer, schedule.stall, loads
-
-
-def _encode_seconds(config: ModelConfig, c: _Costs, replay: _Replay, profile: HardwareProfile, case: PlanCase) -> float:
+def _encode_seconds(config: ModelConfig, c: Costs, replay: Replay, profile: HardwareProfile, case: PlanCase) -> float:
     rows = case.batch * case.source_len
     moe = set(_moe_layers(config, "encoder"))
-    seconds = 0.0
-    for block in range(config.num_encoder_layers):
-        seconds += _attention_seconds(config, c, rows=rows, keys=case.source_len, cross=False)
-        seconds += profile.overhead.block_seconds(rows)
-        if block in moe:
-            seconds += replay.layer(MoELayerKey("encoder", block), rows)[0] + profile.overhead.moe_layer_us * 1e-6
-        else:
-            seconds += _ffn_seconds(config, c, rows)
+    block = _attention_seconds(config, c, rows=rows, keys=case.source_len, cross=False)
+    before = [block + profile.overhead.block_seconds(rows)] * config.num_encoder_layers
+    ffn = [None if block in moe else _ffn_seconds(config, c, rows) for block in range(config.num_encoder_layers)]
+    seconds = _stack(replay, "encoder", before, ffn, rows=rows, moe_seconds=profile.overhead.moe_layer_us * 1e-6)
     # Every decoder block's cross-attention keys and values, once per request.
     inner = config.num_heads * config.d_kv
-    seconds += config.num_decoder_layers * _matmul(
+    keys_values = config.num_decoder_layers * _matmul(
         c.dense,
         rows=rows,
         out_features=2 * inner,
         in_features=config.d_model,
         bytes_per_parameter=c.dense_bytes_per_parameter,
     )
-    return seconds
+    return seconds + replay.advance(keys_values)
 
 
 @dataclass
@@ -388,10 +310,51 @@ class _Totals:
     looked: int = 0
 
 
+def _stack(
+    replay: Replay,
+    stack: Literal["encoder", "decoder"],
+    before: list[float],
+    ffn: list[float | None],
+    *,
+    rows: int,
+    moe_seconds: float,
+    into: _Totals | None = None,
+) -> float:
+    """A stack's blocks in order, their seconds: `before[b]` the dense work ahead of block b's feed-
+    forward, `ffn[b]` its dense feed-forward or None where that is an MoE layer (replayed, then
+    `moe_seconds` of the layer's own overhead). Dense work advances the replay's clock, so guessed
+    loads land as they would; each MoE layer is told the next one and the dense work before it.
+    Dense and MoE seconds and the calls' counts are added to `into`."""
+    into = into if into is not None else _Totals()
+    moe = [block for block, seconds in enumerate(ffn) if seconds is None]
+    dense = expert = 0.0
+    for block, seconds in enumerate(ffn):
+        dense += replay.advance(before[block])
+        if seconds is not None:
+            dense += replay.advance(seconds)
+            continue
+        following = [b for b in moe if b > block]
+        ahead = None
+        if following:
+            nxt = following[0]
+            between = sum(before[b] + (ffn[b] or 0.0) for b in range(block + 1, nxt))
+            ahead = (MoELayerKey(stack, nxt), moe_seconds + between + before[nxt])
+        call = replay.layer(MoELayerKey(stack, block), rows, ahead=ahead)
+        dense += replay.advance(moe_seconds)
+        expert += call.makespan
+        into.compute += call.compute
+        into.transfer += call.transfer
+        into.stall += call.stall
+        into.loads += call.loads
+    into.dense += dense
+    into.step += dense + expert
+    return dense + expert
+
+
 def _step(
     config: ModelConfig,
-    c: _Costs,
-    replay: _Replay,
+    c: Costs,
+    replay: Replay,
     profile: HardwareProfile,
     case: PlanCase,
     *,
@@ -401,44 +364,31 @@ def _step(
     """One decode step at `position` added to `into`; returns its seconds."""
     rows = case.batch
     moe = set(_moe_layers(config, "decoder"))
-    dense = profile.overhead.step_us * 1e-6
-    compute = transfer = stall = 0.0
-    step = 0.0
-    loads = 0
     hits, looked = replay.hits, replay.looked
-    for block in range(config.num_decoder_layers):
-        dense += _attention_seconds(config, c, rows=rows, keys=position + 1, cross=False)
-        dense += _attention_seconds(config, c, rows=rows, keys=case.source_len, cross=True)
-        dense += profile.overhead.block_seconds(rows)
-        if block in moe:
-            makespan, layer_compute, layer_transfer, layer_stall, layer_loads = replay.layer(
-                MoELayerKey("decoder", block), rows
-            )
-            step += makespan
-            compute += layer_compute
-            transfer += layer_transfer
-            stall += layer_stall
-            loads += layer_loads
-            dense += profile.overhead.moe_layer_us * 1e-6
-        else:
-            dense += _ffn_seconds(config, c, rows)
-    dense += _matmul(
+    overhead = replay.advance(profile.overhead.step_us * 1e-6)
+    block = (
+        _attention_seconds(config, c, rows=rows, keys=position + 1, cross=False)
+        + _attention_seconds(config, c, rows=rows, keys=case.source_len, cross=True)
+        + profile.overhead.block_seconds(rows)
+    )
+    before = [block] * config.num_decoder_layers
+    ffn = [None if b in moe else _ffn_seconds(config, c, rows) for b in range(config.num_decoder_layers)]
+    moe_seconds = profile.overhead.moe_layer_us * 1e-6
+    seconds = _stack(replay, "decoder", before, ffn, rows=rows, moe_seconds=moe_seconds, into=into)
+    logits = _matmul(
         c.dense,
         rows=rows,
         out_features=config.vocab_size,
         in_features=config.d_model,
         bytes_per_parameter=c.dense_bytes_per_parameter,
     )
+    logits = replay.advance(logits)
     into.steps += 1
-    into.step += dense + step
-    into.dense += dense
-    into.compute += compute
-    into.transfer += transfer
-    into.stall += stall
-    into.loads += loads
+    into.step += overhead + logits
+    into.dense += overhead + logits
     into.hits += replay.hits - hits
     into.looked += replay.looked - looked
-    return dense + step
+    return overhead + seconds + logits
 
 
 def predict(
@@ -451,6 +401,7 @@ def predict(
     reuse: Mapping[str, float] | None = None,
     concentration: Mapping[str, float] | None = None,
     trace: RoutingTrace | None = None,
+    precision: Mapping[str, float] | None = None,
 ) -> Prediction:
     """Memory, time to first token and decode speed of `config` on `profile` as `case` says.
 
@@ -474,6 +425,10 @@ def predict(
     This is how the planner is checked against real runs (`bench.plan_validation`): the routing of
     a model with random routers is a property of its weights, not something the planner can know,
     and replaying it leaves the error that is the planner's own.
+
+    `precision`: per MoE layer, the share of the provider's predictions of its experts that were
+    right (`engine.planner.replay`); the provider's guessed loads for a layer are replayed only
+    where it has one (absent: as with prefetch off).
     """
     if config.moe is None:
         raise ConfigError("cpm2 plan models offloaded experts; this config has none (cpm2 info sizes dense models)")
@@ -533,7 +488,19 @@ def predict(
     )
     slots = plan.num_slots if plan.is_offloaded else plan.num_experts
     pool = ExpertPool(max(1, slots))
-    replay = _Replay(costs, pool, case.window, routing, requests=case.batch, resident=not plan.is_offloaded)
+    for layer, share in (precision or {}).items():
+        if not 0 <= share <= 1:
+            raise ConfigError(f"prediction precision of {layer}: {share} is not a share in [0, 1]")
+    replay = Replay(
+        costs,
+        pool,
+        case.window,
+        routing,
+        requests=case.batch,
+        resident=not plan.is_offloaded,
+        precision=dict(precision or {}),
+        guesser=np.random.default_rng(case.seed),
+    )
     encode = _encode_seconds(qconfig, costs, replay, profile, case)
     first = _Totals()
     first_step = _step(qconfig, costs, replay, profile, case, position=0, into=first)
@@ -547,8 +514,8 @@ def predict(
 
 def _average(
     config: ModelConfig,
-    costs: _Costs,
-    replay: _Replay,
+    costs: Costs,
+    replay: Replay,
     profile: HardwareProfile,
     case: PlanCase,
     *,

@@ -132,6 +132,9 @@ class RoutingRecord:
     popularity: dict[str, list[float]]
     reuse: dict[str, float] = field(default_factory=dict)
     concentration: dict[str, float] = field(default_factory=dict)
+    precision: dict[str, float] = field(default_factory=dict)
+    """Per MoE layer the provider predicted, the share of its predictions that were right
+    (`prediction_precision`); empty where the recording ran without offloading or prefetch."""
     requests: int = 0
     """Requests in the recording (0: unknown, e.g. a file of counts alone)."""
     source: str = ""
@@ -146,6 +149,7 @@ class RoutingRecord:
         top_k: int,
         requests: int,
         source: str = "",
+        precision: Mapping[str, float] | None = None,
     ) -> RoutingRecord:
         """Tokens per expert (`popularity`), and reuse and concentration fitted to `trace` (none
         where it is empty). `requests`: how many requests shared the first call of each encoder
@@ -155,26 +159,36 @@ class RoutingRecord:
             popularity=counts,
             reuse=routing_reuse(trace, counts),
             concentration=routing_concentration(trace, counts, top_k=top_k, requests=requests),
+            precision=dict(precision or {}),
             requests=requests,
             source=source,
         )
 
     @classmethod
-    def from_recorder(cls, recorder: RoutingRecorder, *, top_k: int, requests: int, source: str) -> RoutingRecord:
+    def from_recorder(
+        cls,
+        recorder: RoutingRecorder,
+        *,
+        top_k: int,
+        requests: int,
+        source: str,
+        precision: Mapping[str, float] | None = None,
+    ) -> RoutingRecord:
         """`fit` to what `recorder` saw: its counts and its trace."""
         popularity = {str(k): c.tolist() for k, c in recorder.counts.items()}
-        return cls.fit(popularity, recorder.trace(), top_k=top_k, requests=requests, source=source)
+        return cls.fit(popularity, recorder.trace(), top_k=top_k, requests=requests, source=source, precision=precision)
 
     def check(self, config: ModelConfig, *, path: Path) -> None:
         """Refuse a record whose layers or expert counts are not `config`'s (recorded on another model)."""
         moe = config.moe
         if moe is None:
             raise ConfigError(f"--routing {path}: this config has no MoE layers to route")
-        layers = [f"encoder.{i}" for i in moe.encoder_layers] + [f"decoder.{i}" for i in moe.decoder_layers]
+        layers = moe_layer_names(config)
         for name, per_layer in (
             ("popularity", self.popularity),
             ("reuse", self.reuse),
             ("concentration", self.concentration),
+            ("precision", self.precision),
         ):
             for layer in per_layer:
                 if layer not in layers:
@@ -182,6 +196,9 @@ class RoutingRecord:
                         f"--routing {path}: {name} names {layer}, not a MoE layer of this config "
                         f"({', '.join(layers)}); record the routing with this model or one of its shape"
                     )
+        for layer, share in self.precision.items():
+            if not 0 <= share <= 1:
+                raise ConfigError(f"--routing {path}: the precision of {layer} is {share}, not a share in [0, 1]")
         for layer, counts in self.popularity.items():
             if len(counts) != moe.num_experts:
                 raise ConfigError(
@@ -197,6 +214,7 @@ class RoutingRecord:
             "popularity": self.popularity,
             "reuse": self.reuse,
             "concentration": self.concentration,
+            "precision": self.precision,
         }
 
     def save(self, path: Path) -> None:
@@ -223,6 +241,7 @@ class RoutingRecord:
                 popularity=_per_layer(path, "popularity", data.get("popularity"), list),
                 reuse=_per_layer(path, "reuse", data.get("reuse", {}), float),
                 concentration=_per_layer(path, "concentration", data.get("concentration", {}), float),
+                precision=_per_layer(path, "precision", data.get("precision", {}), float),
                 requests=int(data.get("requests", 0)),
                 source=str(data.get("source", "")),
             )
@@ -249,3 +268,18 @@ def _per_layer(path: Path, name: str, value: object, kind: type) -> Any:
 
 def _is_count(x: object) -> bool:
     return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x) and x >= 0
+
+
+def prediction_precision(layers: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
+    """Per MoE layer, the share of the provider's predictions of its experts that were right, from
+    its per-layer counters (`ExpertStats.layers_to_dict()`, a report's `experts_per_layer`); layers
+    it never predicted are left out."""
+    return {name: c["predicted_used"] / c["predicted"] for name, c in layers.items() if c.get("predicted")}
+
+
+def moe_layer_names(config: ModelConfig) -> list[str]:
+    """The names routing files and predictions key MoE layers by (`encoder.0`, `decoder.3`), in order."""
+    moe = config.moe
+    if moe is None:
+        return []
+    return [f"encoder.{i}" for i in moe.encoder_layers] + [f"decoder.{i}" for i in moe.decoder_layers]
