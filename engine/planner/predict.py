@@ -278,11 +278,9 @@ def _moe_layers(config: ModelConfig, stack: str) -> list[int]:
 
 def _encode_seconds(config: ModelConfig, c: Costs, replay: Replay, profile: HardwareProfile, case: PlanCase) -> float:
     rows = case.batch * case.source_len
-    moe = set(_moe_layers(config, "encoder"))
-    block = _attention_seconds(config, c, rows=rows, keys=case.source_len, cross=False)
-    before = [block + profile.overhead.block_seconds(rows)] * config.num_encoder_layers
-    ffn = [None if block in moe else _ffn_seconds(config, c, rows) for block in range(config.num_encoder_layers)]
-    seconds = _stack(replay, "encoder", before, ffn, rows=rows, moe_seconds=profile.overhead.moe_layer_us * 1e-6)
+    before = _attention_seconds(config, c, rows=rows, keys=case.source_len, cross=False)
+    before += profile.overhead.block_seconds(rows)
+    seconds = _stack(config, c, replay, profile, "encoder", rows=rows, before=before)
     # Every decoder block's cross-attention keys and values, once per request.
     inner = config.num_heads * config.d_kv
     keys_values = config.num_decoder_layers * _matmul(
@@ -311,34 +309,38 @@ class _Totals:
 
 
 def _stack(
+    config: ModelConfig,
+    c: Costs,
     replay: Replay,
+    profile: HardwareProfile,
     stack: Literal["encoder", "decoder"],
-    before: list[float],
-    ffn: list[float | None],
     *,
     rows: int,
-    moe_seconds: float,
+    before: float,
     into: _Totals | None = None,
 ) -> float:
-    """A stack's blocks in order, their seconds: `before[b]` the dense work ahead of block b's feed-
-    forward, `ffn[b]` its dense feed-forward or None where that is an MoE layer (replayed, then
-    `moe_seconds` of the layer's own overhead). Dense work advances the replay's clock, so guessed
-    loads land as they would; each MoE layer is told the next one and the dense work before it.
-    Dense and MoE seconds and the calls' counts are added to `into`."""
+    """A stack's blocks in order, their seconds: `before` the dense work ahead of each block's feed-
+    forward, then its dense feed-forward or its MoE layer (replayed, plus the layer's own overhead).
+    Dense work advances the replay's clock, so guessed loads land as they would; each MoE layer is
+    told the next one and the dense work before it. Dense and MoE seconds and the calls' counts are
+    added to `into`."""
     into = into if into is not None else _Totals()
-    moe = [block for block, seconds in enumerate(ffn) if seconds is None]
+    blocks = config.num_encoder_layers if stack == "encoder" else config.num_decoder_layers
+    moe = _moe_layers(config, stack)
+    ffn = _ffn_seconds(config, c, rows)
+    moe_seconds = profile.overhead.moe_layer_us * 1e-6
     dense = expert = 0.0
-    for block, seconds in enumerate(ffn):
-        dense += replay.advance(before[block])
-        if seconds is not None:
-            dense += replay.advance(seconds)
+    for block in range(blocks):
+        dense += replay.advance(before)
+        if block not in moe:
+            dense += replay.advance(ffn)
             continue
         following = [b for b in moe if b > block]
         ahead = None
         if following:
-            nxt = following[0]
-            between = sum(before[b] + (ffn[b] or 0.0) for b in range(block + 1, nxt))
-            ahead = (MoELayerKey(stack, nxt), moe_seconds + between + before[nxt])
+            # This layer's overhead, the blocks in between, and the next one's dense work ahead of it.
+            between = (following[0] - block - 1) * (before + ffn)
+            ahead = (MoELayerKey(stack, following[0]), moe_seconds + between + before)
         call = replay.layer(MoELayerKey(stack, block), rows, ahead=ahead)
         dense += replay.advance(moe_seconds)
         expert += call.makespan
@@ -363,18 +365,14 @@ def _step(
 ) -> float:
     """One decode step at `position` added to `into`; returns its seconds."""
     rows = case.batch
-    moe = set(_moe_layers(config, "decoder"))
     hits, looked = replay.hits, replay.looked
     overhead = replay.advance(profile.overhead.step_us * 1e-6)
-    block = (
+    before = (
         _attention_seconds(config, c, rows=rows, keys=position + 1, cross=False)
         + _attention_seconds(config, c, rows=rows, keys=case.source_len, cross=True)
         + profile.overhead.block_seconds(rows)
     )
-    before = [block] * config.num_decoder_layers
-    ffn = [None if b in moe else _ffn_seconds(config, c, rows) for b in range(config.num_decoder_layers)]
-    moe_seconds = profile.overhead.moe_layer_us * 1e-6
-    seconds = _stack(replay, "decoder", before, ffn, rows=rows, moe_seconds=moe_seconds, into=into)
+    seconds = _stack(config, c, replay, profile, "decoder", rows=rows, before=before, into=into)
     logits = _matmul(
         c.dense,
         rows=rows,
@@ -488,9 +486,6 @@ def predict(
     )
     slots = plan.num_slots if plan.is_offloaded else plan.num_experts
     pool = ExpertPool(max(1, slots))
-    for layer, share in (precision or {}).items():
-        if not 0 <= share <= 1:
-            raise ConfigError(f"prediction precision of {layer}: {share} is not a share in [0, 1]")
     replay = Replay(
         costs,
         pool,

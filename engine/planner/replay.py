@@ -26,6 +26,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from engine.errors import ConfigError
 from engine.experts.order import Job, order_jobs, simulate
 from engine.experts.pool import ExpertId, ExpertPool
 from engine.experts.provider import PREFETCH_MIN_PRECISION, guesses_that_pay
@@ -103,7 +104,6 @@ class Replay:
     """Draws which guesses are right, apart from the routing's draws."""
     hits: int = 0
     looked: int = 0
-    prefetches: int = 0
     clock: float = 0.0
     _guesses: list[_Guess] = field(default_factory=list)
     """Guessed loads not yet landed, in link order."""
@@ -111,6 +111,11 @@ class Replay:
     """Calls drawn ahead, when their layer was predicted."""
     _missed: dict[str, bool] = field(default_factory=dict)
     """Whether a layer's last call had to load (the provider predicts for it only then)."""
+
+    def __post_init__(self) -> None:
+        for layer, share in self.precision.items():
+            if not 0 <= share <= 1:
+                raise ConfigError(f"prediction precision of {layer}: {share} is not a share in [0, 1]")
 
     def advance(self, seconds: float) -> float:
         """Dense work of `seconds` (alone) between MoE layer calls; how long it takes. The part that
@@ -234,7 +239,6 @@ class Replay:
             self._queue_guess(guessed, start, seconds)
             start += seconds
             made += 1
-            self.prefetches += 1
             if made == budget:
                 break
         return made
