@@ -76,6 +76,12 @@ def test_fullscale_reports_runs_bounds_and_memory(tiny_config: Path, tmp_path: P
             r["compute_only_tokens_per_second"], r["read_bound_tokens_per_second"]
         )
         assert r["ratio_to_bound"] == pytest.approx(r["tokens_per_second"] / r["bound_tokens_per_second"])
+        # The read bound is at the fastest rate the run saw: the store's readings or its own reads.
+        own = r["at_link_rate"]["decode_link_gb_s"]
+        assert r["read_bandwidth_gb_s"] == max(*r["read_bandwidth_all_gb_s"], own)
+        assert r["read_bound_tokens_per_second"] == pytest.approx(
+            1e9 * r["read_bandwidth_gb_s"] / r["storage_bytes_per_token"]
+        )
         assert r["experts"]["misses"] > 0  # a quarter of the experts: decoding loads some
         assert r["predicted_tokens_per_second"] > 0  # the planner's prediction of the same case
     assert (
