@@ -224,7 +224,8 @@ def test_a_kept_fit_decides_what_the_provider_guesses(
                 to_3 = torch.nn.functional.one_hot(torch.tensor(3), E).float()
                 p.fitted = (torch.zeros(E, D), to_3) if fitted else None
             guessed.clear()
-            provider._precision, provider._in_ram = 1.0, {}
+            provider._precision = 1.0
+            provider._cached.in_ram.clear()
             Generator(loaded.model).generate(requests)
             assert guessed
             assert (set(guessed) == {3}) == fitted, guessed

@@ -256,7 +256,8 @@ def test_predictions_that_cannot_load_anything_are_sampled(
         calls.clear()
         rankings.clear()
         provider.cost = dataclasses.replace(provider.cost, beta=1e-9)
-        provider._precision, provider._in_ram = 1.0, {}
+        provider._precision = 1.0
+        provider._cached.in_ram.clear()
         Generator(loaded.model).generate(_requests(1000)[:1])
         assert rankings
         assert len(rankings) > len(calls) // provider_module.IDLE_PREDICTION_EVERY
@@ -264,38 +265,58 @@ def test_predictions_that_cannot_load_anything_are_sampled(
         loaded.close()
 
 
-def test_a_layer_served_by_guessed_loads_stays_predicted(tiny_model_dir: Path, tmp_path: Path) -> None:
+def test_a_layer_served_by_guessed_loads_stays_predicted(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A hit that a guessed load brought in is a load the layer needed: it keeps the layer
     predicted for. Counted as found in RAM, the next call went unpredicted, missed, was predicted
     for again: guesses right 96 % of the time served every other call (NLLB-MoE 54B, batch 1). Only
     `CACHED_AFTER_CALLS` calls in a row that find their experts in RAM without a guess let the
     predictions for it idle."""
-    from engine.experts.provider import CACHED_AFTER_CALLS
+    from engine.experts import provider as provider_module
     from engine.model.moe import ExpertDemand
 
+    rankings: list[int] = []
+    rank = provider_module.rank_experts
+
+    def counting(scores_NE: torch.Tensor, top_k: int) -> tuple[set[int], list[int]]:
+        rankings.append(scores_NE.shape[0])
+        return rank(scores_NE, top_k)
+
+    monkeypatch.setattr(provider_module, "rank_experts", counting)
     loaded = _offloaded(tiny_model_dir, tmp_path, expert_memory="60%", direct_io=True)
     try:
         provider = loaded.provider
         assert provider is not None
-        layer = MoELayerKey("decoder", loaded.model.config.moe_layers("decoder")[0])
+        provider.cost = dataclasses.replace(provider.cost, beta=1e-9)  # every guess pays
+        first, layer = (MoELayerKey("decoder", b) for b in loaded.model.config.moe_layers("decoder")[:2])
         hidden_1D = torch.zeros(1, loaded.model.config.d_model)
 
-        def call(expert: int) -> None:
-            assert [e for e, _ in provider.fetch(layer, [ExpertDemand(expert, 1)], hidden_1D)] == [expert]
+        def call(key: MoELayerKey, expert: int) -> None:
+            assert [e for e, _ in provider.fetch(key, [ExpertDemand(expert, 1)], hidden_1D)] == [expert]
 
-        call(0)  # a demand load
-        assert provider._in_ram[layer] == 0
+        def predicted_for() -> bool:
+            """Whether a call of `first` predicts `layer`'s experts (not an idle call's sample)."""
+            rankings.clear()
+            provider._precision, provider._idle_calls, provider._gap[first] = 1.0, 0, 1.0
+            call(first, 0)
+            return bool(rankings)
+
+        call(layer, 0)  # a demand load
         assert provider._load((layer, 1), upcoming=[], spare_upcoming=True, prefetch=True)
         guessed = provider.pool.get((layer, 1))
         assert guessed is not None
         guessed.prefetched = True
         hits = provider.stats.hits
-        call(1)  # served by the guess: a hit, and still a layer that needs loads
+        call(layer, 1)  # served by the guess: a hit, and still a layer that needs loads
         assert provider.stats.hits == hits + 1
-        assert provider._in_ram[layer] == 0
-        for streak in range(1, CACHED_AFTER_CALLS + 1):
-            call(streak % 2)  # both in RAM now, neither guessed any more
-            assert provider._in_ram[layer] == streak
+        assert provider._cached.in_ram[layer] == 0
+        assert predicted_for()
+        for streak in range(1, provider_module.CACHED_AFTER_CALLS + 1):
+            assert predicted_for()
+            call(layer, streak % 2)  # both in RAM now, neither guessed any more
+            assert provider._cached.in_ram[layer] == streak
+        assert not predicted_for()  # it looks cached: predicting for it idles
     finally:
         loaded.close()
 

@@ -14,7 +14,8 @@ moves the bytes, and the layer does the math. Results are bit-identical to resid
 from __future__ import annotations
 
 import time
-from collections.abc import Container, Iterator, Sequence
+from collections.abc import Container, Hashable, Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -116,8 +117,7 @@ class OffloadedExpertProvider:
         self._predicted: dict[MoELayerKey, set[int]] = {}
         self._precision = 1.0  # running precision of next-layer predictions
         self._idle_calls = 0  # layer calls since a prediction was last made with nothing to load
-        # Per layer, its calls in a row that found every expert in RAM without a guessed load.
-        self._in_ram: dict[MoELayerKey, int] = {}
+        self._cached = CachedLayers()
         # Per MoE layer, the running time from the end of its fetch to the next fetch (the dense work
         # in between: the link's idle time unless guesses fill it), and when the last fetch ended.
         self._gap: dict[MoELayerKey, float] = {}
@@ -170,8 +170,7 @@ class OffloadedExpertProvider:
             else:
                 stats.misses += 1
                 counts.misses += 1
-        loaded = from_guesses > 0 or len(cached) < len(demand)
-        self._in_ram[layer] = 0 if loaded else self._in_ram.get(layer, 0) + 1
+        self._cached.note(layer, loaded=from_guesses > 0 or len(cached) < len(demand))
         jobs = order_jobs(
             jobs_for([(d.expert, d.num_tokens) for d in demand], cached, self.cost),
             self.order,
@@ -301,7 +300,7 @@ class OffloadedExpertProvider:
         guesses = self._guesses_that_pay(self._gap.get(layer, 0.0)) if pays else 0
         budget = max(0, min(guesses, self.pool.num_slots - 1 - len(self.pool.loading())))
         may_load = budget > 0 or (pays and self.transfers.takes_hints)
-        if not (may_load and self._in_ram.get(following[0][0], 0) < CACHED_AFTER_CALLS):
+        if not (may_load and not self._cached.looks_cached(following[0][0])):
             self._idle_calls += 1
             if self._idle_calls % IDLE_PREDICTION_EVERY:
                 return  # nothing would be loaded or hinted: predict only to keep the precision current
@@ -377,6 +376,23 @@ class OffloadedExpertProvider:
         for entry in self.pool.loading():
             self._ready(entry)
         self.transfers.close()
+
+
+@dataclass
+class CachedLayers:
+    """Which MoE layers look cached, so that predicting for them can idle: those whose last
+    `CACHED_AFTER_CALLS` calls found every expert in RAM without a guessed load. The provider and
+    the planner's replay (`engine.planner.replay`) each keep one, so the two gate alike."""
+
+    in_ram: dict[Hashable, int] = field(default_factory=dict)
+    """Per layer, its calls in a row that found every expert in RAM without a guessed load."""
+
+    def note(self, layer: Hashable, *, loaded: bool) -> None:
+        """One call of `layer`; `loaded`: it read an expert, or used one a guessed load brought in."""
+        self.in_ram[layer] = 0 if loaded else self.in_ram.get(layer, 0) + 1
+
+    def looks_cached(self, layer: Hashable) -> bool:
+        return self.in_ram.get(layer, 0) >= CACHED_AFTER_CALLS
 
 
 def guesses_that_pay(gap: float, *, beta: float, precision: float, window: int) -> int:

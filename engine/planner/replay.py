@@ -5,7 +5,7 @@ which decides hits and misses with the provider's pool (`engine.experts.pool.Exp
 the call with the InfMoE order and its simulation (`engine.experts.order`) and, where the layer
 after it is predicted, makes the guessed loads the provider would (`engine.experts.provider`: the
 next layer's predicted experts, as many as `guesses_that_pay` allows, never evicting what the call
-needs, only while that layer does not look cached: `CACHED_AFTER_CALLS`).
+needs, only while that layer does not look cached: `CachedLayers`).
 
 What a prediction gets right is a property of the model's weights, not something the planner can
 know: `precision` gives it per predicted layer (the share of the provider's predictions of that
@@ -29,7 +29,7 @@ import numpy as np
 from engine.errors import ConfigError
 from engine.experts.order import Job, order_jobs, simulate
 from engine.experts.pool import ExpertId, ExpertPool
-from engine.experts.provider import CACHED_AFTER_CALLS, PREFETCH_MIN_PRECISION, guesses_that_pay
+from engine.experts.provider import PREFETCH_MIN_PRECISION, CachedLayers, guesses_that_pay
 from engine.model import MoELayerKey
 from engine.planner.profile import MatmulRates
 from engine.planner.routing import Routing
@@ -109,8 +109,8 @@ class Replay:
     """Guessed loads not yet landed, in link order."""
     _drawn: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
     """Calls drawn ahead, when their layer was predicted."""
-    _in_ram: dict[str, int] = field(default_factory=dict)
-    """Per layer, its calls in a row that found every expert in RAM without a guess (as the provider counts)."""
+    _cached: CachedLayers = field(default_factory=CachedLayers)
+    """The layers that look cached, counted as the provider counts them."""
 
     def __post_init__(self) -> None:
         for layer, share in self.precision.items():
@@ -165,7 +165,7 @@ class Replay:
             transfer = landing.get((key, expert), 0.0) if hit else beta
             jobs.append(Job(expert, compute, transfer))
         schedule = simulate(order_jobs(jobs, "infmoe", slots=self.window), slots=self.window, link_busy=link_busy)
-        self._in_ram[name] = 0 if misses or from_guesses else self._in_ram.get(name, 0) + 1
+        self._cached.note(name, loaded=misses > 0 or from_guesses > 0)
         # Guesses left from before queue behind this call's demand loads; this call's own go after them.
         link_free = self.clock + schedule.link_end
         self._guesses = [busy] if busy is not None else []
@@ -212,8 +212,7 @@ class Replay:
         next_key, gap = ahead
         name = str(next_key)
         p = self.precision.get(name)
-        cached = self._in_ram.get(name, 0) >= CACHED_AFTER_CALLS
-        if self.resident or p is None or p < PREFETCH_MIN_PRECISION or cached:
+        if self.resident or p is None or p < PREFETCH_MIN_PRECISION or self._cached.looks_cached(name):
             return 0
         seconds = self.costs.guess_seconds
         pays = guesses_that_pay(gap, beta=seconds, precision=p, window=self.window)
