@@ -262,11 +262,11 @@ def bounds(row: dict[str, Any]) -> dict[str, float]:
     rate = max(row["read_bandwidth_all_gb_s"])
     if (own := (row.get("at_link_rate") or {}).get("decode_link_gb_s")) is not None:
         rate = max(rate, own)
-    read_seconds = row["storage_bytes_per_token"] / (rate * 1e9)
-    bound = min(row["compute_only_tokens_per_second"], 1 / read_seconds if read_seconds > 0 else float("inf"))
+    read_bound = rate * 1e9 / row["storage_bytes_per_token"] if row["storage_bytes_per_token"] else float("inf")
+    bound = min(row["compute_only_tokens_per_second"], read_bound)
     return {
         "read_bandwidth_gb_s": rate,
-        "read_bound_tokens_per_second": 1 / read_seconds if read_seconds > 0 else float("inf"),
+        "read_bound_tokens_per_second": read_bound,
         "bound_tokens_per_second": bound,
         "ratio_to_bound": row["tokens_per_second"] / bound,
     }

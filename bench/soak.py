@@ -233,15 +233,14 @@ def main(argv: list[str] | None = None) -> int:
                 seed=args.seed,
             )
         )
-        time.sleep(2)
         scraped = settled_metrics(server.url)
         idle["after"] = probe(pid)
         names = ["generation_tokens", "requests_cancelled", "requests_timed_out", "engine_request_failures"]
         names += ["prompt_cache_evictions", "prompt_cache_hits", "prompt_cache_misses"]
         counters = {f"cpm2_{n}_total": scraped.get(f"cpm2_{n}_total", float("nan")) for n in names}
         # At idle these must be back to 0 (in flight, running, waiting) and to the shared prompts.
-        gauges = ["prompts_registered", "prompt_cache_entries", "requests_in_flight", "requests_running"]
-        counters |= {f"cpm2_{n}": scraped.get(f"cpm2_{n}", float("nan")) for n in [*gauges, "requests_waiting"]}
+        gauges = ["prompts_registered", "prompt_cache_entries", *HELD]
+        counters |= {f"cpm2_{n}": scraped.get(f"cpm2_{n}", float("nan")) for n in gauges}
     finally:
         server.stop()
     counters["server_exit_status"] = float(server.process.returncode or 0)
