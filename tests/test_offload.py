@@ -216,12 +216,9 @@ def test_one_token_ranking_equals_the_batched_ranking(top_k: int) -> None:
         assert predicted == set(scores_1E[0].topk(top_k).indices.tolist())
 
 
-def test_predictions_that_cannot_load_anything_are_sampled(
-    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Where no guessed load would pay (strict mode, a transfer longer than any gap, low precision),
-    the next layer is predicted on one call in `IDLE_PREDICTION_EVERY`, which keeps its precision
-    measured; where guesses pay, on every call whose next layer last had to load."""
+def _count_rankings(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """A list that gets the rows of every ranking the provider makes of a next layer's experts
+    (each one a prediction made, not an idle call skipped)."""
     from engine.experts import provider as provider_module
 
     rankings: list[int] = []
@@ -232,6 +229,18 @@ def test_predictions_that_cannot_load_anything_are_sampled(
         return rank(scores_NE, top_k)
 
     monkeypatch.setattr(provider_module, "rank_experts", counting)
+    return rankings
+
+
+def test_predictions_that_cannot_load_anything_are_sampled(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where no guessed load would pay (strict mode, a transfer longer than any gap, low precision),
+    the next layer is predicted on one call in `IDLE_PREDICTION_EVERY`, which keeps its precision
+    measured; where guesses pay, on every call whose next layer does not look cached."""
+    from engine.experts import provider as provider_module
+
+    rankings = _count_rankings(monkeypatch)
     loaded = _offloaded(tiny_model_dir, tmp_path, expert_memory="60%", direct_io=True)
     try:
         provider = loaded.provider
@@ -252,7 +261,7 @@ def test_predictions_that_cannot_load_anything_are_sampled(
         assert len(calls) >= 2 * provider_module.IDLE_PREDICTION_EVERY
         assert len(rankings) == len(calls) // provider_module.IDLE_PREDICTION_EVERY
         assert provider.stats.predicted > 0  # still scored
-        # Guesses that pay: every predicting call whose next layer missed last time predicts.
+        # Guesses that pay: every predicting call whose next layer does not look cached predicts.
         calls.clear()
         rankings.clear()
         provider.cost = dataclasses.replace(provider.cost, beta=1e-9)
@@ -276,14 +285,7 @@ def test_a_layer_served_by_guessed_loads_stays_predicted(
     from engine.experts import provider as provider_module
     from engine.model.moe import ExpertDemand
 
-    rankings: list[int] = []
-    rank = provider_module.rank_experts
-
-    def counting(scores_NE: torch.Tensor, top_k: int) -> tuple[set[int], list[int]]:
-        rankings.append(scores_NE.shape[0])
-        return rank(scores_NE, top_k)
-
-    monkeypatch.setattr(provider_module, "rank_experts", counting)
+    rankings = _count_rankings(monkeypatch)
     loaded = _offloaded(tiny_model_dir, tmp_path, expert_memory="60%", direct_io=True)
     try:
         provider = loaded.provider
