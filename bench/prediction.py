@@ -33,7 +33,7 @@ from rich.table import Table
 from bench.cache_policies import serve_demo_tasks
 from bench.machine import machine_info, publish
 from bench.offload_common import load_cpm2, random_ids
-from engine.experts.predictor import PredictorChain
+from engine.experts.predictor import PredictorChain, stack_input
 from engine.experts.provider import rank_experts
 from engine.model import MoELayerKey
 from engine.model.moe import ExpertDemand, MoEFeedForward
@@ -67,8 +67,8 @@ class Tally:
 
 
 class PredictionScorer:
-    """Wraps a model's MoE layers; scores both predictors on every layer call that has a predecessor
-    in its stack, then lets the calibrated one learn from it."""
+    """Wraps a model's MoE layers; scores both predictors on every layer call (a stack's first MoE
+    layer predicted from the stack's input), then lets the calibrated one learn from it."""
 
     def __init__(self, layers: Sequence[MoEFeedForward]) -> None:
         self.layers = list(layers)
@@ -88,6 +88,15 @@ class PredictionScorer:
                 tallies[name].add(guess, needed)
                 if was_fitted:
                     tallies[f"{name}_while_fitted"].add(guess, needed)
+        self.guess(layer, hidden_ND)
+
+    def anticipate(self, layer: MoELayerKey, hidden_ND: torch.Tensor) -> None:
+        """The stack's input ahead of its first MoE layer `layer` (`AnticipatingProvider`)."""
+        self.guess(stack_input(layer.stack), hidden_ND)
+
+    def guess(self, layer: MoELayerKey, hidden_ND: torch.Tensor) -> None:
+        """Both predictors' guesses of the layer after `layer` (a MoE layer or a stack's input) from
+        its input, then the calibrated one's learning from that input."""
         ahead = self.chain.ahead(layer)
         if ahead and hidden_ND.shape[0] > 0:
             next_key, predictor = ahead[0]
@@ -130,6 +139,9 @@ class PredictionScorer:
 class _Scoring:
     scorer: PredictionScorer
     inner: Any
+
+    def anticipate(self, layer: MoELayerKey, hidden_ND: torch.Tensor) -> None:
+        self.scorer.anticipate(layer, hidden_ND)
 
     def fetch(self, layer: MoELayerKey, demand: Sequence[ExpertDemand], hidden_ND: torch.Tensor) -> Iterator[Any]:
         self.scorer.observe(layer, demand, hidden_ND)

@@ -223,7 +223,7 @@ def test_expert_pool_stays_within_its_budget(tiny_model_dir: Path, tmp_path: Pat
     used_ = _labelled(metrics, "cpm2_expert_layer_predicted_used_total")
     needed = _labelled(metrics, "cpm2_expert_layer_needed_after_prediction_total")
     assert predicted["decoder.1"] > 0
-    assert predicted["decoder.0"] == 0  # the first MoE layer of a stack has no predictor
+    assert predicted["decoder.0"] > 0  # the first MoE layer of a stack, from the stack's input
     assert all(used_[layer] <= min(predicted[layer], needed[layer]) for layer in predicted)
 
 

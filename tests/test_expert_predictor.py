@@ -4,7 +4,6 @@ only where it predicts better on held-out tokens."""
 from __future__ import annotations
 
 import dataclasses
-import itertools
 from pathlib import Path
 
 import pytest
@@ -148,7 +147,8 @@ def test_overlap_counts_shared_top_k() -> None:
 def test_the_provider_teaches_each_predictor_the_tokens_it_serves(
     tiny_model_dir: Path, tmp_path: Path, prediction: str
 ) -> None:
-    """Every MoE layer with a predecessor in its stack gets a predictor; under `calibrated` it learns
+    """Every MoE layer gets a predictor (of the layer before it in its stack, or of the stack's input
+    for the stack's first MoE layer); under `calibrated` it learns
     from every token that reaches it (the same rows at both layers), under `router` from none; the
     outputs are those of resident experts either way (prediction only decides what loads early)."""
     params = SamplingParams(max_new_tokens=6, ignore_eos=True)
@@ -162,7 +162,7 @@ def test_the_provider_teaches_each_predictor_the_tokens_it_serves(
         assert provider is not None
         layers = loaded.model.moe_layers()
         predictors = provider.predictors.by_layer()
-        assert set(predictors) == {str(b.key) for a, b in itertools.pairwise(layers) if a.key.stack == b.key.stack}
+        assert set(predictors) == {str(layer.key) for layer in layers}
         assert [r.token_ids for r in Generator(loaded.model).generate(requests)] == expected
         seen = {name: p.tokens_seen for name, p in predictors.items()}
         if prediction == "router":

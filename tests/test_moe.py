@@ -12,16 +12,19 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from moe_layers import KEY, random_moe_layer
+from torch import nn
 
 from engine.config import MoEConfig
 from engine.experts.store import ExpertStore
+from engine.generation import GenerationRequest, Generator, SamplingParams
 from engine.model import ExpertWeights, MoELayerKey
 from engine.model.ffn import ACTIVATIONS, FeedForward, feed_forward
-from engine.model.moe import ExpertDemand, MoEFeedForward
+from engine.model.moe import ExpertDemand, MoEFeedForward, ResidentExpertProvider
 from engine.weights.loader import load_model
 
 
@@ -137,3 +140,60 @@ def test_model_without_resident_experts_runs_on_a_provider(tiny_model_dir: Path)
     x = torch.randn(4, bare.config.d_model)
     w = next(iter(bare.moe_layers()[0].expert_provider.store.values()))  # type: ignore[attr-defined]
     assert feed_forward(x, w, act).shape == x.shape
+
+
+class _Anticipating:
+    """Serves `inner`'s experts and records what the model hands it, in order."""
+
+    def __init__(self, inner: object, events: list[tuple[str, MoELayerKey, torch.Tensor]]) -> None:
+        self.inner = inner
+        self.events = events
+
+    def anticipate(self, layer: MoELayerKey, hidden_ND: torch.Tensor) -> None:
+        self.events.append(("anticipate", layer, hidden_ND.clone()))
+
+    def fetch(
+        self, layer: MoELayerKey, demand: Sequence[ExpertDemand], hidden_ND: torch.Tensor
+    ) -> Iterable[tuple[int, ExpertWeights]]:
+        self.events.append(("fetch", layer, hidden_ND.clone()))
+        assert isinstance(self.inner, ResidentExpertProvider)
+        yield from self.inner.fetch(layer, demand, hidden_ND)
+
+
+@torch.no_grad()
+def test_a_stack_hands_its_input_to_its_first_moe_layers_provider(tiny_model_dir: Path) -> None:
+    """An `AnticipatingProvider` gets each stack's input, normed by the first MoE layer's norm, on
+    every pass of the stack and before that layer's call, in the rows the call then gets (padding
+    left out); what the model computes does not change."""
+    model, _ = load_model(tiny_model_dir)
+    params = SamplingParams(max_new_tokens=3, ignore_eos=True)
+    requests = [GenerationRequest((5, 9, 13, 2, 7)[: 2 + i], params) for i in range(3)]  # ragged: padding
+    expected = [r.token_ids for r in Generator(model).generate(requests)]
+    events: list[tuple[str, MoELayerKey, torch.Tensor]] = []
+    for layer in model.moe_layers():
+        layer.expert_provider = _Anticipating(layer.expert_provider, events)
+    # Each stack's input, as its first block gets it, and the rows the stack's first MoE layer sees.
+    expected_rows: list[torch.Tensor] = []
+    for stack, valid_at in ((model.encoder, 2), (model.decoder, 3)):
+        assert stack.first_moe is not None
+        first = stack.blocks[stack.first_moe]
+
+        def record(
+            module: nn.Module, args: tuple[Any, ...], first: nn.Module = first, valid_at: int = valid_at
+        ) -> None:
+            x_BTD, valid_BT = args[0], args[valid_at]
+            rows = first.ff_norm(x_BTD).reshape(-1, x_BTD.shape[-1])
+            expected_rows.append(rows if valid_BT is None or bool(valid_BT.all()) else rows[valid_BT.reshape(-1)])
+
+        stack.blocks[0].register_forward_pre_hook(record)
+    assert [r.token_ids for r in Generator(model).generate(requests)] == expected
+    firsts = {f"{s.blocks[s.first_moe].mlp.key}" for s in (model.encoder, model.decoder) if s.first_moe is not None}
+    anticipated = [(i, key, rows) for i, (kind, key, rows) in enumerate(events) if kind == "anticipate"]
+    assert len(anticipated) == len(expected_rows) > 2  # the encoder pass and every decode step
+    for (i, key, rows), wanted in zip(anticipated, expected_rows, strict=True):
+        assert str(key) in firsts
+        torch.testing.assert_close(rows, wanted)
+        # The next call to that layer is this pass's, with the same rows.
+        kind, _, fetched = next(e for e in events[i + 1 :] if e[1] == key)
+        assert kind == "fetch"
+        assert fetched.shape == rows.shape

@@ -17,6 +17,7 @@ from engine.errors import ConfigError
 from engine.experts.cpu import drop_from_page_cache
 from engine.experts.order import ORDER_POLICIES
 from engine.experts.pool import CACHE_POLICIES, ExpertPool
+from engine.experts.predictor import stack_input
 from engine.generation import GenerationRequest, Generator, SamplingParams
 from engine.model import MoELayerKey
 from engine.offload import InferenceModel, OffloadConfig, direct_io, load_for_inference, resolve_budget
@@ -191,12 +192,10 @@ def test_guesses_are_made_only_where_they_pay(tiny_model_dir: Path, tmp_path: Pa
         assert provider is not None
         beta = 2.3e-3
         provider.cost = dataclasses.replace(provider.cost, beta=beta)
-        provider._precision = 0.4
-        assert provider._guesses_that_pay(1.3e-3) == 0  # batch 1 on one disk: 0.4 x 1.3 < 0.6 x 1.0
-        assert provider._guesses_that_pay(2 * beta + 0.2e-3) == 2  # two fit; a third would mostly delay
-        provider._precision = 0.9
-        assert provider._guesses_that_pay(1.3e-3) == 1  # 0.9 x 1.3 > 0.1 x 1.0
-        assert provider._guesses_that_pay(0.0) == 0
+        assert provider._guesses_that_pay(1.3e-3, 0.4) == 0  # batch 1 on one disk: 0.4 x 1.3 < 0.6 x 1.0
+        assert provider._guesses_that_pay(2 * beta + 0.2e-3, 0.4) == 2  # two fit; a third would mostly delay
+        assert provider._guesses_that_pay(1.3e-3, 0.9) == 1  # 0.9 x 1.3 > 0.1 x 1.0
+        assert provider._guesses_that_pay(0.0, 0.9) == 0
     finally:
         loaded.close()
 
@@ -255,7 +254,7 @@ def test_predictions_that_cannot_load_anything_are_sampled(
 
         monkeypatch.setattr(provider, "_prefetch_next", recording)
         provider.cost = dataclasses.replace(provider.cost, beta=1.0)  # a transfer outlasts any gap
-        provider._precision = 0.0
+        provider._precision = provider._input_precision = 0.0
         Generator(loaded.model).generate(_requests(1000))
         assert provider.stats.prefetches == 0
         assert len(calls) >= 2 * provider_module.IDLE_PREDICTION_EVERY
@@ -265,7 +264,7 @@ def test_predictions_that_cannot_load_anything_are_sampled(
         calls.clear()
         rankings.clear()
         provider.cost = dataclasses.replace(provider.cost, beta=1e-9)
-        provider._precision = 1.0
+        provider._precision = provider._input_precision = 1.0
         provider._cached.in_ram.clear()
         Generator(loaded.model).generate(_requests(1000)[:1])
         assert rankings
@@ -454,3 +453,44 @@ def test_a_given_budget_bounds_expert_memory(wide_moe_dir: Path, tmp_path: Path)
         assert unbounded.provider.memory()["mapped_resident_bytes"] > unbounded.budget_bytes + BUDGET_SLACK_BYTES
     finally:
         unbounded.close()
+
+
+def test_a_stacks_first_moe_layer_is_guessed_from_the_stacks_input(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No MoE layer comes before a stack's first one; the stack's input predicts it (`anticipate`):
+    its predictions are scored like any layer's, on their own precision, and guessed loads are made
+    for it in the time the blocks before it take; outputs are those of resident experts."""
+    resident, _ = load_model(tiny_model_dir)
+    requests = _requests(resident.config.vocab_size)[:2]
+    expected = [r.token_ids for r in Generator(resident).generate(requests)]
+    loaded = _offloaded(tiny_model_dir, tmp_path, cold=True, expert_memory="60%", direct_io=True)
+    try:
+        provider = loaded.provider
+        assert provider is not None
+        guessed: list[MoELayerKey] = []
+        load = provider._load
+
+        def recording(expert: tuple[MoELayerKey, int], **kwargs: object) -> bool:
+            if kwargs.get("prefetch"):
+                guessed.append(expert[0])
+            return load(expert, **kwargs)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(provider, "_load", recording)
+        provider.cost = dataclasses.replace(provider.cost, beta=1e-9)  # every guess pays
+        # Guesses wait for the blocks before the layer to be timed once: an encoder pass per call.
+        for _ in range(3):
+            assert [r.token_ids for r in Generator(loaded.model).generate(requests)] == expected
+        firsts = {
+            stack: min(m.key for m in loaded.model.moe_layers() if m.key.stack == stack)
+            for stack in ("encoder", "decoder")
+        }
+        for stack, first in firsts.items():
+            counts = provider.stats.layer(str(first))
+            assert counts.predicted > 0, first
+            assert counts.predicted_used <= counts.predicted
+            assert first in guessed
+            assert provider._gap[stack_input(stack)] > 0  # the blocks before it, timed
+        assert 0 <= provider._input_precision <= 1
+    finally:
+        loaded.close()

@@ -23,7 +23,7 @@ def _check_scores(scores: dict, layers: set[str]) -> None:
 
 def test_scores_a_random_models_decode_steps(tiny_model_dir: Path) -> None:
     scores = score_random(tiny_model_dir, batch=2, steps=4, sequences=2)
-    # Every MoE layer after the first of its stack is predicted and scored.
+    # Every MoE layer is predicted (the first of its stack from the stack's input) and scored.
     _check_scores(scores, set(scores["fits"]))
     assert any(layer.startswith("decoder") for layer in scores["fits"])
     # Nothing fitted in so few tokens: the calibrated guesses are the router's.

@@ -20,6 +20,7 @@ linear in each other), which is why a layer keeps the router unless its held-out
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +39,16 @@ MIN_GAIN = 0.02
 #: cores a one-row `learn` took 0.37 ms adding each row as it came, 0.10 ms adding them 64 at a time
 #: (scored one by one); scoring them 64 at a time too leaves the copy of a row (see `learn`).
 FLUSH_ROWS = 64
+
+
+def stack_input(stack: Literal["encoder", "decoder"]) -> MoELayerKey:
+    """The stack's input, before its first block, as the layer that predicts the stack's first MoE
+    layer (`AnticipatingProvider`): block -1."""
+    return MoELayerKey(stack, -1)
+
+
+def is_stack_input(key: MoELayerKey) -> bool:
+    return key.block < 0
 
 
 def _held_out(first: int, count: int) -> int:
@@ -211,12 +222,19 @@ class NextLayerPredictor:
 
 
 class PredictorChain:
-    """Each MoE layer's predictors of the next `depth` MoE layers of its stack, and the learning that
-    pairs one layer call's input rows with the next layer call's (the same tokens: an MoE layer hands
-    its provider its input rows in token order). Only the next layer's predictor learns."""
+    """Each MoE layer's predictors of the next `depth` MoE layers of its stack (and each stack
+    input's predictor of the stack's first MoE layer: `stack_input`), and the learning that pairs one
+    call's input rows with the next layer call's (the same tokens: an MoE layer hands its provider
+    its input rows in token order). Only the next layer's predictor learns."""
 
     def __init__(self, layers: Sequence[MoEFeedForward], *, depth: int = 1, learns: bool = True) -> None:
         self._ahead: dict[MoELayerKey, list[tuple[MoELayerKey, NextLayerPredictor]]] = {}
+        # A stack's input predicts its first MoE layer (one layer ahead: the blocks before it are
+        # the time there is; the next MoE layer is the first one's to predict).
+        for first in {m.key.stack: m for m in reversed(layers)}.values():
+            self._ahead[stack_input(first.key.stack)] = [
+                (first.key, NextLayerPredictor(first.router, first.moe.top_k, learns=learns))
+            ]
         for i, current in enumerate(layers):
             following = [m for m in layers[i + 1 : i + 1 + depth] if m.key.stack == current.key.stack]
             self._ahead[current.key] = [

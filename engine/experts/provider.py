@@ -22,7 +22,7 @@ import torch
 
 from engine.experts.order import CostModel, OrderPolicy, jobs_for, order_jobs
 from engine.experts.pool import ExpertId, ExpertPool, PoolEntry
-from engine.experts.predictor import PredictorChain
+from engine.experts.predictor import PredictorChain, is_stack_input, stack_input
 from engine.experts.stats import ExpertStats, LayerCounts
 from engine.model import ExpertWeights, MoELayerKey
 from engine.model.moe import ExpertDemand, MoEFeedForward
@@ -114,8 +114,13 @@ class OffloadedExpertProvider:
         # For each MoE layer, the next `PREFETCH_DEPTH` MoE layers of the same stack and their
         # predictors (each one's router, corrected from the traffic while `calibrate_prediction`).
         self.predictors = PredictorChain([], learns=False)
-        self._predicted: dict[MoELayerKey, set[int]] = {}
+        # The experts predicted for a layer, and whether a stack's input predicted them.
+        self._predicted: dict[MoELayerKey, tuple[set[int], bool]] = {}
         self._precision = 1.0  # running precision of next-layer predictions
+        # ... and of predictions of a stack's first MoE layer from the stack's input (`anticipate`),
+        # kept apart: that guess skips the dense blocks in between, and its misses must not stop
+        # the next-layer guesses.
+        self._input_precision = 1.0
         self._idle_calls = 0  # layer calls since a prediction was last made with nothing to load
         self._cached = CachedLayers()
         # Per MoE layer, the running time from the end of its fetch to the next fetch (the dense work
@@ -220,6 +225,17 @@ class OffloadedExpertProvider:
         self._learn_beta()
         self._last_fetch = (layer, time.perf_counter())
 
+    def anticipate(self, layer: MoELayerKey, hidden_ND: torch.Tensor) -> None:
+        """Guess the experts of `layer`, its stack's first MoE layer, from the stack's input
+        (`AnticipatingProvider`), as a layer's call guesses the next layer's: loads while they pay
+        for themselves in the time the blocks before `layer` take (their running gap)."""
+        source = stack_input(layer.stack)
+        self._note_gap()
+        self.predictors.observe(source, hidden_ND)
+        if self.prefetch:
+            self._prefetch_next(source, hidden_ND, demand_loads=0, protect=())
+        self._last_fetch = (source, time.perf_counter())
+
     def _note_gap(self) -> None:
         """Fold the time since the previous fetch ended into that layer's running gap."""
         if self._last_fetch is None:
@@ -296,8 +312,10 @@ class OffloadedExpertProvider:
         if not following or hidden_ND.shape[0] == 0:
             return
         # Loads are spent on guesses only while they keep paying off, and only as many as pay.
-        pays = self._precision >= PREFETCH_MIN_PRECISION
-        guesses = self._guesses_that_pay(self._gap.get(layer, 0.0)) if pays else 0
+        from_input = is_stack_input(layer)
+        precision = self._input_precision if from_input else self._precision
+        pays = precision >= PREFETCH_MIN_PRECISION
+        guesses = self._guesses_that_pay(self._gap.get(layer, 0.0), precision) if pays else 0
         budget = max(0, min(guesses, self.pool.num_slots - 1 - len(self.pool.loading())))
         may_load = budget > 0 or (pays and self.transfers.takes_hints)
         if not (may_load and not self._cached.looks_cached(following[0][0])):
@@ -309,7 +327,7 @@ class OffloadedExpertProvider:
         for depth, (next_key, predictor) in enumerate(following):
             predicted, ranked_list = rank_experts(predictor.scores(hidden_ND), predictor.top_k)
             if depth == 0:
-                self._predicted[next_key] = predicted
+                self._predicted[next_key] = (predicted, from_input)
             candidates += [((next_key, e), True) for e in ranked_list[: len(predicted)]]
             if depth == 0:
                 # Only the next few by mass: going further down the ranking evicts more useful
@@ -333,21 +351,24 @@ class OffloadedExpertProvider:
             entry.prefetched = True
             self.stats.prefetches += 1
 
-    def _guesses_that_pay(self, gap: float) -> int:
-        return guesses_that_pay(gap, beta=self.cost.beta, precision=self._precision, window=self.window)
+    def _guesses_that_pay(self, gap: float, precision: float) -> int:
+        return guesses_that_pay(gap, beta=self.cost.beta, precision=precision, window=self.window)
 
     def _score_prediction(self, layer: MoELayerKey, demand: Sequence[ExpertDemand], layer_counts: LayerCounts) -> None:
         """Score the prediction made for `layer`, in the totals and in the layer's own counters."""
-        predicted = self._predicted.pop(layer, None)
-        if predicted is None:
+        made = self._predicted.pop(layer, None)
+        if made is None:
             return
+        predicted, from_input = made
         needed = {d.expert for d in demand}
         used = len(predicted & needed)
         for counts in (self.stats, layer_counts):
             counts.predicted += len(predicted)
             counts.predicted_used += used
             counts.needed_after_prediction += len(needed)
-        if predicted:
+        if predicted and from_input:
+            self._input_precision = 0.9 * self._input_precision + 0.1 * used / len(predicted)
+        elif predicted:
             self._precision = 0.9 * self._precision + 0.1 * used / len(predicted)
 
     # ---- calibration -------------------------------------------------------------------------

@@ -81,6 +81,20 @@ class ExpertProvider(Protocol):
         ...
 
 
+@runtime_checkable
+class AnticipatingProvider(Protocol):
+    """A provider that can start on a stack's first MoE layer before its block runs.
+
+    Later MoE layers' experts are guessed from the layer before (`ExpertProvider.fetch`'s rows);
+    the first MoE layer of a stack has none, so the stack hands its provider its input instead, the
+    dense blocks ahead of that layer being the time a guessed load has to hide in."""
+
+    def anticipate(self, layer: MoELayerKey, hidden_ND: torch.Tensor) -> None:
+        """`hidden_ND`: the stack's input, normed as `layer`'s input will be normed, the same rows
+        (one per routed token, in token order) that `fetch` will get for `layer` (read-only)."""
+        ...
+
+
 class ResidentExpertProvider:
     """Experts that are ordinary parameters of the layer, yielded in index order."""
 
@@ -257,6 +271,24 @@ class MoEFeedForward(nn.Module):
             gate_BS = probs_BSE.gather(-1, expert_BS.unsqueeze(-1)).squeeze(-1)
         return expert_BS, gate_BS, keep_BS
 
+    @property
+    def anticipates(self) -> bool:
+        """Whether the provider takes this layer's input ahead of its block (`anticipate`)."""
+        return isinstance(self.expert_provider, AnticipatingProvider)
+
+    def anticipate(self, x_BSD: torch.Tensor, valid_BS: torch.Tensor | None) -> None:
+        """Hand an `AnticipatingProvider` what this layer's normed input `x_BSD` would be if the
+        blocks before it changed nothing: the stack's input, normed by this layer's norm."""
+        provider = self.expert_provider
+        if isinstance(provider, AnticipatingProvider):
+            provider.anticipate(self.key, self._provider_rows(x_BSD.reshape(-1, x_BSD.shape[-1]), valid_BS))
+
+    def _provider_rows(self, x_MD: torch.Tensor, valid_BS: torch.Tensor | None) -> torch.Tensor:
+        """The provider's view of the tokens (`ExpertProvider.fetch`); copied only when some are padding."""
+        if valid_BS is not None and not self.moe.route_padding and not bool(valid_BS.all()):
+            return x_MD[valid_BS.reshape(-1)]
+        return x_MD
+
     def forward(self, x_BSD: torch.Tensor, valid_BS: torch.Tensor | None = None) -> torch.Tensor:
         """MoE output for normed input `x_BSD`; `valid_BS` marks real (non-padding) tokens."""
         B, S, D = x_BSD.shape
@@ -279,11 +311,7 @@ class MoEFeedForward(nn.Module):
 
         routed_ND = x_MD.index_select(0, token_N)
         out_ND = torch.empty_like(routed_ND)
-        # The provider's view of the tokens (`ExpertProvider.fetch`); copied only when some are padding.
-        tokens_ND = x_MD
-        if valid_BS is not None and not self.moe.route_padding and not bool(valid_BS.all()):
-            tokens_ND = x_MD[valid_BS.reshape(-1)]
-        for e, weights in self.expert_provider.fetch(self.key, demand, tokens_ND):
+        for e, weights in self.expert_provider.fetch(self.key, demand, self._provider_rows(x_MD, valid_BS)):
             rows = slice(starts[e], starts[e] + counts[e])
             out_ND[rows] = feed_forward(routed_ND[rows], weights, self.act)
         if self.moe.expert_output_scale != 1.0:

@@ -134,6 +134,20 @@ class _Stack(nn.Module):
         self.blocks = nn.ModuleList(blocks)
         self.final_norm = build_norm(config)
         self.dropout = config.dropout_rate
+        # The block of the stack's first MoE layer (an index: a second reference to the block would
+        # register it twice as a submodule).
+        self.first_moe = next((i for i, b in enumerate(blocks) if isinstance(b.mlp, MoEFeedForward)), None)
+
+    def anticipate_experts(self, x_BTD: torch.Tensor, valid_BT: torch.Tensor | None) -> None:
+        """Hand the stack's input `x_BTD` to its first MoE layer's provider, if that provider guesses
+        experts ahead (`AnticipatingProvider`): nothing before that layer foretells its routes."""
+        if self.first_moe is None or self.training:
+            return
+        block = self.blocks[self.first_moe]
+        assert isinstance(block, EncoderBlock | DecoderBlock)
+        assert isinstance(block.mlp, MoEFeedForward)
+        if block.mlp.anticipates:
+            block.mlp.anticipate(block.ff_norm(x_BTD), valid_BT)
 
     def add_positions(
         self, x_BTD: torch.Tensor, valid_BT: torch.Tensor | None, start_B1: torch.Tensor, *, longest: int
@@ -184,6 +198,7 @@ class Encoder(_Stack):
         start_11 = torch.zeros(1, 1, dtype=torch.long, device=x_BSD.device)
         x_BSD = self.add_positions(x_BSD, valid_BS, start_11, longest=S)
         x_BSD = F.dropout(x_BSD, self.dropout, self.training)
+        self.anticipate_experts(x_BSD, valid_BS)
         return EncoderPass(x_BSD, bias_BHSS, valid_BS)
 
     def advance(self, state: EncoderPass, blocks: int) -> bool:
@@ -227,6 +242,7 @@ class Decoder(_Stack):
         # A row's cache length is HF's past length for it; this call's positions continue from there.
         x_BTD = self.add_positions(x_BTD, valid_BT, query_pos[:, :1], longest=K)
         x_BTD = F.dropout(x_BTD, self.dropout, self.training)
+        self.anticipate_experts(x_BTD, valid_BT)
         for block in self.blocks:
             x_BTD = block(x_BTD, bias_BHTK, state, valid_BT)
         state.advance(T)

@@ -330,6 +330,11 @@ def _stack(
     ffn = _ffn_seconds(config, c, rows)
     moe_seconds = profile.overhead.moe_layer_us * 1e-6
     dense = expert = 0.0
+    if moe:
+        # The provider guesses the first MoE layer's experts from the stack's input.
+        made = replay.anticipate((MoELayerKey(stack, min(moe)), min(moe) * (before + ffn) + before), rows)
+        into.transfer += made * c.guess_seconds
+        into.loads += made
     for block in range(blocks):
         dense += replay.advance(before)
         if block not in moe:

@@ -183,6 +183,13 @@ class Replay:
             misses + made,
         )
 
+    def anticipate(self, ahead: tuple[MoELayerKey, float], rows: int) -> int:
+        """The provider's guesses for a stack's first MoE layer from the stack's input
+        (`OffloadedExpertProvider.anticipate`): `ahead` is that layer and the dense seconds before
+        it. They queue behind any guessed loads still on the link; how many were made."""
+        start = max([self.clock] + [guess.end for guess in self._guesses])
+        return self._guess(ahead, rows, misses=0, protect=[], start=start)
+
     def _guesses_now(self, needed: set[ExpertId]) -> tuple[dict[ExpertId, float], _Guess | None, list[_Guess]]:
         """Guessed loads not yet landed at this call's start: those it needs (their link time left,
         or a whole load for one still queued), the one in flight that it does not need (the link
