@@ -68,7 +68,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.precision is not None:
         if not 0 <= args.precision <= 1:
             raise ConfigError(
-                f"--precision {args.precision}: a share in [0, 1] (the share of next-layer predictions that are right)"
+                f"--precision {args.precision}: a share in [0, 1] "
+                "(the share of the provider's expert predictions that are right)"
             )
         precision = dict.fromkeys(moe_layer_names(config), args.precision)
     predictions = [
@@ -168,9 +169,10 @@ def add_plan_parser(subparsers: Any) -> None:
     p.add_argument(
         "--precision",
         type=float,
-        help="share of the provider's next-layer predictions that are right, in every MoE layer: its guessed "
-        "loads are replayed (`cpm2 generate --details` prints prefetch_precision; measured 0.3-0.5 on random "
-        "bench models, 0.96 on a random NLLB-MoE 54B; default: the --routing recording's, else no prefetch)",
+        help="share of the provider's expert predictions that are right, in every MoE layer (each from the layer "
+        "before it, or the first from its stack's input): its guessed "
+        "loads are replayed (`cpm2 generate --details` prints prefetch_precision; measured 0.38-0.57 on the random "
+        "bench models, 0.93-0.96 on a random NLLB-MoE 54B; default: the --routing recording's, else no prefetch)",
     )
     p.add_argument("--json", action="store_true")
     p.add_argument("--measure", action="store_true", help="measure this machine and write its profile")

@@ -166,6 +166,12 @@ def test_a_stack_hands_its_input_to_its_first_moe_layers_provider(tiny_model_dir
     every pass of the stack and before that layer's call, in the rows the call then gets (padding
     left out); what the model computes does not change."""
     model, _ = load_model(tiny_model_dir)
+    # Norm weights apart from one another, so that rows through any norm but the first MoE layer's
+    # own would differ.
+    generator = torch.Generator().manual_seed(0)
+    for name, parameter in model.named_parameters():
+        if "norm" in name:
+            parameter.data = 0.5 + torch.rand(parameter.shape, generator=generator)
     params = SamplingParams(max_new_tokens=3, ignore_eos=True)
     requests = [GenerationRequest((5, 9, 13, 2, 7)[: 2 + i], params) for i in range(3)]  # ragged: padding
     expected = [r.token_ids for r in Generator(model).generate(requests)]

@@ -20,6 +20,7 @@ from engine.experts.pool import CACHE_POLICIES, ExpertPool
 from engine.experts.predictor import stack_input
 from engine.generation import GenerationRequest, Generator, SamplingParams
 from engine.model import MoELayerKey
+from engine.model.moe import ExpertDemand
 from engine.offload import InferenceModel, OffloadConfig, direct_io, load_for_inference, resolve_budget
 from engine.weights.init import write_random_model
 from engine.weights.loader import load_model
@@ -491,6 +492,13 @@ def test_a_stacks_first_moe_layer_is_guessed_from_the_stacks_input(
             assert counts.predicted_used <= counts.predicted
             assert first in guessed
             assert provider._gap[stack_input(stack)] > 0  # the blocks before it, timed
-        assert 0 <= provider._input_precision <= 1
+        # A wrong guess of a stack's first layer lowers the precision of guesses from a stack's
+        # input only: the next-layer guesses keep theirs.
+        first = firsts["decoder"]
+        layer_precision, input_precision = provider._precision, provider._input_precision
+        provider._predicted[first] = {0}
+        provider._score_prediction(first, [ExpertDemand(1, 1)], provider.stats.layer(str(first)))
+        assert provider._precision == layer_precision
+        assert provider._input_precision == pytest.approx(0.9 * input_precision)
     finally:
         loaded.close()

@@ -231,7 +231,10 @@ class PredictorChain:
         self._ahead: dict[MoELayerKey, list[tuple[MoELayerKey, NextLayerPredictor]]] = {}
         # A stack's input predicts its first MoE layer (one layer ahead: the blocks before it are
         # the time there is; the next MoE layer is the first one's to predict).
-        for first in {m.key.stack: m for m in reversed(layers)}.values():
+        firsts: dict[str, MoEFeedForward] = {}
+        for layer in layers:
+            firsts.setdefault(layer.key.stack, layer)
+        for first in firsts.values():
             self._ahead[stack_input(first.key.stack)] = [
                 (first.key, NextLayerPredictor(first.router, first.moe.top_k, learns=learns))
             ]
@@ -247,6 +250,10 @@ class PredictorChain:
     def ahead(self, layer: MoELayerKey) -> list[tuple[MoELayerKey, NextLayerPredictor]]:
         """The next MoE layers of `layer`'s stack and their predictors, nearest first."""
         return self._ahead.get(layer, [])
+
+    def predicted_from_input(self, layer: MoELayerKey) -> bool:
+        """Whether `layer` is predicted from its stack's input (it is the stack's first MoE layer)."""
+        return any(key == layer for key, _ in self.ahead(stack_input(layer.stack)))
 
     def by_layer(self) -> dict[str, NextLayerPredictor]:
         """Each next-layer predictor, by the name of the layer it predicts."""

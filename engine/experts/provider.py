@@ -114,8 +114,7 @@ class OffloadedExpertProvider:
         # For each MoE layer, the next `PREFETCH_DEPTH` MoE layers of the same stack and their
         # predictors (each one's router, corrected from the traffic while `calibrate_prediction`).
         self.predictors = PredictorChain([], learns=False)
-        # The experts predicted for a layer, and whether a stack's input predicted them.
-        self._predicted: dict[MoELayerKey, tuple[set[int], bool]] = {}
+        self._predicted: dict[MoELayerKey, set[int]] = {}  # the experts predicted for a layer
         self._precision = 1.0  # running precision of next-layer predictions
         # ... and of predictions of a stack's first MoE layer from the stack's input (`anticipate`),
         # kept apart: that guess skips the dense blocks in between, and its misses must not stop
@@ -327,7 +326,7 @@ class OffloadedExpertProvider:
         for depth, (next_key, predictor) in enumerate(following):
             predicted, ranked_list = rank_experts(predictor.scores(hidden_ND), predictor.top_k)
             if depth == 0:
-                self._predicted[next_key] = (predicted, from_input)
+                self._predicted[next_key] = predicted
             candidates += [((next_key, e), True) for e in ranked_list[: len(predicted)]]
             if depth == 0:
                 # Only the next few by mass: going further down the ranking evicts more useful
@@ -356,17 +355,16 @@ class OffloadedExpertProvider:
 
     def _score_prediction(self, layer: MoELayerKey, demand: Sequence[ExpertDemand], layer_counts: LayerCounts) -> None:
         """Score the prediction made for `layer`, in the totals and in the layer's own counters."""
-        made = self._predicted.pop(layer, None)
-        if made is None:
+        predicted = self._predicted.pop(layer, None)
+        if predicted is None:
             return
-        predicted, from_input = made
         needed = {d.expert for d in demand}
         used = len(predicted & needed)
         for counts in (self.stats, layer_counts):
             counts.predicted += len(predicted)
             counts.predicted_used += used
             counts.needed_after_prediction += len(needed)
-        if predicted and from_input:
+        if predicted and self.predictors.predicted_from_input(layer):
             self._input_precision = 0.9 * self._input_precision + 0.1 * used / len(predicted)
         elif predicted:
             self._precision = 0.9 * self._precision + 0.1 * used / len(predicted)

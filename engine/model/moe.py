@@ -30,7 +30,7 @@ parameters; an offloading provider plugs in through `MoEFeedForward.expert_provi
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol, runtime_checkable
 
@@ -271,17 +271,16 @@ class MoEFeedForward(nn.Module):
             gate_BS = probs_BSE.gather(-1, expert_BS.unsqueeze(-1)).squeeze(-1)
         return expert_BS, gate_BS, keep_BS
 
-    @property
-    def anticipates(self) -> bool:
-        """Whether the provider takes this layer's input ahead of its block (`anticipate`)."""
-        return isinstance(self.expert_provider, AnticipatingProvider)
-
-    def anticipate(self, x_BSD: torch.Tensor, valid_BS: torch.Tensor | None) -> None:
-        """Hand an `AnticipatingProvider` what this layer's normed input `x_BSD` would be if the
-        blocks before it changed nothing: the stack's input, normed by this layer's norm."""
+    def anticipate(
+        self, x_BSD: torch.Tensor, valid_BS: torch.Tensor | None, *, norm: Callable[[torch.Tensor], torch.Tensor]
+    ) -> None:
+        """Hand an `AnticipatingProvider` what this layer's input would be if the blocks before it
+        changed nothing: the stack's input `x_BSD` through `norm` (the layer's pre-norm), in the rows
+        `fetch` will get. Other providers cost one type check: nothing is normed for them."""
         provider = self.expert_provider
         if isinstance(provider, AnticipatingProvider):
-            provider.anticipate(self.key, self._provider_rows(x_BSD.reshape(-1, x_BSD.shape[-1]), valid_BS))
+            normed_BSD = norm(x_BSD)
+            provider.anticipate(self.key, self._provider_rows(normed_BSD.reshape(-1, normed_BSD.shape[-1]), valid_BS))
 
     def _provider_rows(self, x_MD: torch.Tensor, valid_BS: torch.Tensor | None) -> torch.Tensor:
         """The provider's view of the tokens (`ExpertProvider.fetch`); copied only when some are padding."""

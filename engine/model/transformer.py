@@ -146,8 +146,7 @@ class _Stack(nn.Module):
         block = self.blocks[self.first_moe]
         assert isinstance(block, EncoderBlock | DecoderBlock)
         assert isinstance(block.mlp, MoEFeedForward)
-        if block.mlp.anticipates:
-            block.mlp.anticipate(block.ff_norm(x_BTD), valid_BT)
+        block.mlp.anticipate(x_BTD, valid_BT, norm=block.ff_norm)
 
     def add_positions(
         self, x_BTD: torch.Tensor, valid_BT: torch.Tensor | None, start_B1: torch.Tensor, *, longest: int

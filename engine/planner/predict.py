@@ -332,7 +332,8 @@ def _stack(
     dense = expert = 0.0
     if moe:
         # The provider guesses the first MoE layer's experts from the stack's input.
-        made = replay.anticipate((MoELayerKey(stack, min(moe)), min(moe) * (before + ffn) + before), rows)
+        first = min(moe)
+        made = replay.anticipate((MoELayerKey(stack, first), first * (before + ffn) + before), rows)
         into.transfer += made * c.guess_seconds
         into.loads += made
     for block in range(blocks):
