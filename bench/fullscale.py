@@ -48,6 +48,7 @@ from rich.table import Table
 from bench.machine import machine_info, publish, reset_peak_rss
 from bench.offload_common import (
     DecodeRun,
+    DiskSampler,
     decode_cpm2,
     drop_page_cache,
     load_cpm2,
@@ -200,11 +201,13 @@ def measure(
     decoded: dict[int, tuple[list[DecodeRun], list[DecodeRun], list[float]]] = {}
     for batch in cfg.batches:
         decode = functools.partial(decode_cpm2, loaded, batch=batch, steps=cfg.steps, source_len=cfg.source_len)
+        sampler = functools.partial(DiskSampler, threads=cfg.io_threads, window=cfg.window)
         colds, warms, rates = [], [], [store_read_gb_s(store, threads=cfg.io_threads, window=cfg.window)]
         for repeat in range(cfg.repeats):
             cfg.log(f"batch {batch}: cold, warm ({repeat + 1} of {cfg.repeats})")
-            colds.append(decode(warmup=0, seed=100 * batch + 2 * repeat, cold_files=files))
-            warms.append(decode(warmup=cfg.warmup, seed=100 * batch + 2 * repeat + 1, cold_files=files))
+            seed = 100 * batch + 2 * repeat
+            colds.append(decode(warmup=0, seed=seed, cold_files=files, sampler=sampler(store)))
+            warms.append(decode(warmup=cfg.warmup, seed=seed + 1, cold_files=files, sampler=sampler(store)))
             rates.append(store_read_gb_s(store, threads=cfg.io_threads, window=cfg.window))
         decoded[batch] = (colds, warms, rates)
     report["peak_rss_decoding_bytes"] = _peak_rss()
@@ -245,9 +248,9 @@ def predict_row(
     config: ModelConfig, profile: HardwareProfile, row: dict[str, Any], cfg: FullscaleConfig
 ) -> dict[str, Any]:
     """The planner's figures for a measured `row` and their errors: this machine's profile with the
-    store's read rate measured around the row's runs (their median: the VM's disk dips for seconds
-    at a time, and one reading taken in a dip would stand for minutes), the routing they recorded."""
-    rate = statistics.median(row["read_bandwidth_all_gb_s"])
+    store's read rate sampled between the run's steps (`DiskSampler`; a report from before it: the
+    median of the readings around the runs), the routing they recorded."""
+    rate = row.get("sampled_read_gb_s") or statistics.median(row["read_bandwidth_all_gb_s"])
     return predict_measured(config, profile, _case(cfg, row["batch"]), row, disk_read_gb_s=rate)
 
 
@@ -258,10 +261,9 @@ def bounds(row: dict[str, Any]) -> dict[str, float]:
     The disk's rate drifts by tens of percent within minutes on this VM, and a run's own reads can
     outpace the store's readings around it (NLLB-MoE 54B on the EPYC VM: 3.4-3.5 GB/s of link time
     in the runs, 1.7-2.0 in the readings, which bounded the batch-16 runs below what they
-    decoded): the best rate is the fastest of the readings and the run's own."""
-    rate = max(row["read_bandwidth_all_gb_s"])
-    if (own := (row.get("at_link_rate") or {}).get("decode_link_gb_s")) is not None:
-        rate = max(rate, own)
+    decoded): the best rate is the fastest of the readings, the samples between the run's steps
+    and the run's own."""
+    rate = max(row["read_bandwidth_all_gb_s"] + [row["disk_read_gb_s"]["sampled"], row["disk_read_gb_s"]["decode"]])
     read_bound = rate * 1e9 / row["storage_bytes_per_token"] if row["storage_bytes_per_token"] else float("inf")
     bound = min(row["compute_only_tokens_per_second"], read_bound)
     return {
@@ -340,7 +342,7 @@ def print_report(report: dict[str, Any], console: Console) -> None:
     )
     table = Table(title="decode, strict mode, expert files dropped from the page cache every step")
     columns = ("batch", "phase", "tok/s", "compute-only", "read GB/s", "read bound", "of bound", "MB read/tok", "hit")
-    for col in (*columns, "prefill s", "prefill GB/s", "planned tok/s", "error"):
+    for col in (*columns, "prefill s", "prefill GB/s", "planned tok/s", "error", "sampled GB/s", "error at it"):
         table.add_column(col, justify="right")
     for r in report["runs"]:
         e = r.get("experts", {})
@@ -358,6 +360,8 @@ def print_report(report: dict[str, Any], console: Console) -> None:
             f"{r.get('encode_storage_bytes_read', 0) / 1e9 / max(r['encode_seconds'], 1e-9):.2f}",
             f"{r['predicted_tokens_per_second']:.2f}",
             f"{r['tokens_per_second_error']:+.0%}",
+            f"{r['disk_read_gb_s']['sampled']:.2f}",
+            f"{r['at_sampled_rate']['tokens_per_second_error']:+.0%}",
         )
     console.print(table)
     console.print(

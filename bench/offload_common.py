@@ -185,14 +185,49 @@ def measure_read_bandwidth(paths: Sequence[Path], *, readers: int, total_bytes: 
     return done / (time.perf_counter() - begin) / 1e9
 
 
-def store_read_gb_s(store: ExpertStore, *, threads: int = 4, window: int = 4, count: int = 96) -> float:
-    """Cold read rate (GB/s) of `count` random experts of `store` through the provider's own reader
-    (O_DIRECT, `threads` I/O threads, `window` blobs in flight)."""
-    generator = torch.Generator().manual_seed(len(store.keys))
+def store_read_gb_s(
+    store: ExpertStore, *, threads: int = 4, window: int = 4, count: int = 96, seed: int | None = None
+) -> float:
+    """Cold read rate (GB/s) of `count` random experts of `store` (drawn with `seed`; the same
+    experts every time without one) through the provider's own reader (O_DIRECT, `threads` I/O
+    threads, `window` blobs in flight)."""
+    generator = torch.Generator().manual_seed(len(store.keys) if seed is None else seed)
     picks = torch.randint(len(store.keys) * store.num_experts, (count,), generator=generator).tolist()
     locations = [store.location(store.keys[i // store.num_experts], i % store.num_experts) for i in picks]
     drop_page_cache(sorted({loc.path for loc in locations}))
     return blob_read_gb_s(locations, threads=threads, window=window)
+
+
+@dataclass
+class DiskSampler:
+    """The store's cold read rate sampled between a run's steps, so that it stands for the disk over
+    the run's whole duration rather than for a second or two either side of it.
+
+    This VM's virtual disk moves by up to 2x within minutes (1.6-2.8 GB/s in readings around the
+    NLLB-MoE 54B runs whose own reads ran at 3.0-3.4): a reading before and after a run can miss
+    what the run saw in either direction. A few experts are read after the encoder pass and after
+    every timed step, outside the timed region, each time other ones (the page cache is dropped
+    before the next step anyway); the rate is the bytes of all samples over their seconds."""
+
+    store: ExpertStore
+    count: int = 8
+    threads: int = 4
+    window: int = 4
+    bytes_read: int = 0
+    seconds: float = 0.0
+    rates: list[float] = field(default_factory=list)
+
+    def __call__(self) -> None:
+        seed = len(self.rates) + 1_000_003 * len(self.store.keys)
+        rate = store_read_gb_s(self.store, threads=self.threads, window=self.window, count=self.count, seed=seed)
+        nbytes = self.count * self.store.layout.nbytes
+        self.bytes_read += nbytes
+        self.seconds += nbytes / (rate * 1e9)
+        self.rates.append(rate)
+
+    @property
+    def gb_s(self) -> float | None:
+        return self.bytes_read / self.seconds / 1e9 if self.seconds > 0 else None
 
 
 def storage_read_bytes() -> int:
@@ -231,6 +266,8 @@ class DecodeRun:
     encoder_expert_counts: dict[str, list[int]] = field(default_factory=dict)
     #: Every layer call from the encoder pass to the last timed step (`RoutingRecorder.trace`).
     routing_trace: dict[str, list[list[tuple[int, int]]]] = field(default_factory=dict)
+    #: The store's read rate sampled between the run's steps (`DiskSampler`), where it was.
+    sampled_read_gb_s: float | None = None
 
     @property
     def encode_transfers(self) -> int:
@@ -249,6 +286,8 @@ class DecodeRun:
             "encode_transfers": self.encode_transfers,
             "encode_storage_bytes_read": self.encode_storage_bytes_read,
         }
+        if self.sampled_read_gb_s is not None:
+            out["sampled_read_gb_s"] = self.sampled_read_gb_s
         if self.encode_stats is not None:
             out["encode_experts"] = self.encode_stats.to_dict()
         if self.stats is not None:
@@ -279,8 +318,11 @@ def decode_cpm2(
     source_len: int = 32,
     seed: int = 0,
     cold_files: Sequence[Path] = (),
+    sampler: DiskSampler | None = None,
 ) -> DecodeRun:
-    """Teacher-forced decode of `steps` random tokens for `batch` rows; only the steps are timed."""
+    """Teacher-forced decode of `steps` random tokens for `batch` rows; only the steps are timed.
+    A `sampler` reads the disk after the encoder pass and after every timed step (untimed); its
+    rate is the run's `sampled_read_gb_s`."""
     model = loaded.model
     device = model.embed.weight.device
     vocab = model.config.vocab_size
@@ -301,6 +343,8 @@ def decode_cpm2(
         encode_storage = storage_read_bytes() - encode_read_before
         encode_stats = (loaded.provider.stats - encode_before) if loaded.provider and encode_before else None
         encoder_counts = recorder.stack_counts("encoder")
+        if sampler is not None:
+            sampler()
         for t in range(warmup):
             model.logits(model.decode(model.embed(forced[t].unsqueeze(1)), state))
         recorder.counts = {k: torch.zeros_like(v) for k, v in recorder.counts.items()}
@@ -318,6 +362,8 @@ def decode_cpm2(
             _sync(device)
             elapsed += time.perf_counter() - begin
             storage += storage_read_bytes() - read_before
+            if sampler is not None:
+                sampler()
         stats = (loaded.provider.stats - before) if loaded.provider and before else None
         return DecodeRun(
             batch * steps / elapsed,
@@ -332,6 +378,7 @@ def decode_cpm2(
             encode_stats=encode_stats,
             encoder_expert_counts=encoder_counts,
             routing_trace=recorder.trace(),
+            sampled_read_gb_s=sampler.gb_s if sampler is not None else None,
         )
     finally:
         unwrap(model.moe_layers())

@@ -76,9 +76,17 @@ def test_fullscale_reports_runs_bounds_and_memory(tiny_config: Path, tmp_path: P
             r["compute_only_tokens_per_second"], r["read_bound_tokens_per_second"]
         )
         assert r["ratio_to_bound"] == pytest.approx(r["tokens_per_second"] / r["bound_tokens_per_second"])
-        # The read bound is at the fastest rate the run saw: the store's readings or its own reads.
-        own = r["at_link_rate"]["decode_link_gb_s"]
-        assert r["read_bandwidth_gb_s"] == max(*r["read_bandwidth_all_gb_s"], own)
+        # The read bound is at the fastest rate the run saw: the store's readings, the samples
+        # between its steps or its own reads.
+        own = r["experts"]["bytes_moved"] / r["experts"]["transfer_seconds"] / 1e9
+        assert r["disk_read_gb_s"] == {
+            "decode": pytest.approx(own),
+            "prefill": pytest.approx(
+                r["encode_experts"]["bytes_moved"] / r["encode_experts"]["transfer_seconds"] / 1e9
+            ),
+            "sampled": r["sampled_read_gb_s"],
+        }
+        assert r["read_bandwidth_gb_s"] == max(*r["read_bandwidth_all_gb_s"], r["sampled_read_gb_s"], own)
         assert r["read_bound_tokens_per_second"] == pytest.approx(
             1e9 * r["read_bandwidth_gb_s"] / r["storage_bytes_per_token"]
         )
@@ -93,6 +101,32 @@ def test_fullscale_reports_runs_bounds_and_memory(tiny_config: Path, tmp_path: P
     out = io.StringIO()
     print_report(report, Console(file=out, width=160))
     assert "of bound" in out.getvalue()
+
+
+def test_the_disk_is_sampled_after_the_encoder_pass_and_every_timed_step(tiny_config: Path, tmp_path: Path) -> None:
+    """`DiskSampler` reads a few other experts each time, outside the timed region; its rate is the
+    bytes of all its samples over their seconds."""
+    from bench.fullscale import ensure_model
+    from bench.offload_common import DiskSampler, decode_cpm2, load_cpm2, storage_read_bytes
+    from engine.experts.store import ExpertStore
+
+    model_dir = tmp_path / "model"
+    ensure_model(_cfg(tiny_config, model_dir))
+    loaded = load_cpm2(model_dir, budget="25%", direct_io=True)
+    try:
+        store = ExpertStore.open(model_dir, loaded.model.config)
+        sampler = DiskSampler(store, count=3)
+        before = storage_read_bytes()
+        run = decode_cpm2(loaded, batch=2, steps=3, warmup=1, source_len=4, sampler=sampler)
+        read = storage_read_bytes() - before
+    finally:
+        loaded.close()
+    assert len(sampler.rates) == 3 + 1
+    assert sampler.bytes_read == 4 * 3 * store.layout.nbytes
+    assert read >= sampler.bytes_read + run.storage_bytes_read  # the samples came from storage
+    assert run.sampled_read_gb_s == sampler.gb_s == pytest.approx(sampler.bytes_read / sampler.seconds / 1e9)
+    assert run.to_dict()["sampled_read_gb_s"] == run.sampled_read_gb_s
+    assert DiskSampler(store).gb_s is None  # nothing sampled yet
 
 
 def test_a_kept_model_is_reused_and_another_format_refused(tiny_config: Path, tmp_path: Path) -> None:
@@ -117,9 +151,10 @@ def test_the_default_shape_is_nllb_moe_54b() -> None:
 def test_plan_validation_compares_a_run_with_its_prediction(tiny_config: Path, tmp_path: Path) -> None:
     """`bench.plan_validation` on a tiny model: a measured row and the planner's row for the same case."""
     from bench.fullscale import ensure_model
-    from bench.plan_validation import ValidationConfig, measure_model, predict_row
+    from bench.plan_validation import ValidationConfig, measure_model, predict_measured, predict_row
     from engine.planner.measure import MeasureOptions
-    from engine.planner.profile import load_profile
+    from engine.planner.predict import PlanCase
+    from engine.planner.profile import HardwareProfile, load_profile
     from engine.weights.loader import inspect_checkpoint
 
     model_dir = tmp_path / "model"
@@ -132,9 +167,10 @@ def test_plan_validation_compares_a_run_with_its_prediction(tiny_config: Path, t
         # predicted from the CPU rates measured again just before the row's runs
         assert r["profile"]["cpu"]["bfloat16"] != dataclasses.asdict(profile.cpu["bfloat16"])
         assert r["profile"]["read_contention"] == profile.read_contention
-        # the store's read rate read before the repeat and after it, the run's rate their mean
+        # the store's read rate read before the repeat and after it, and sampled between the run's
+        # steps: the rate it is predicted at
         assert len(r["store_read_gb_s_all"]) == cfg.repeats + 1
-        assert r["store_read_gb_s"] == pytest.approx(sum(r["store_read_gb_s_all"]) / 2)
+        assert r["store_read_gb_s"] == r["sampled_read_gb_s"] > 0
         assert "routing_concentration" in r
         assert r["tokens_per_second_error"] == pytest.approx(
             r["predicted_tokens_per_second"] / r["tokens_per_second"] - 1
@@ -148,13 +184,28 @@ def test_plan_validation_compares_a_run_with_its_prediction(tiny_config: Path, t
         top_k = inspect_checkpoint(model_dir).config.moe.top_k  # type: ignore[union-attr]
         assert all(sum(n for _, n in call) == r["batch"] * top_k for calls in decoder for call in calls)
         assert "tokens_per_second_error" in r["replayed"]
-        # Predicted again at the rate the run's own reads ran at (the provider's link time).
-        if r["experts"]["transfer_seconds"] > 0 and r["encode_experts"]["transfer_seconds"] > 0:
-            at = r["at_link_rate"]
-            rate = r["experts"]["bytes_moved"] / r["experts"]["transfer_seconds"] / 1e9
-            assert at["decode_link_gb_s"] == pytest.approx(rate)
-            assert {"tokens_per_second_error", "encode_seconds_error", "encode_link_gb_s"} <= set(at)
-    assert any("at_link_rate" in r for r in rows)
+        # Predicted at the rates the run's own reads ran at (the provider's link time) in each
+        # phase, the store's sampled rate where a phase read nothing; and again at the sampled rate.
+        disk = r["disk_read_gb_s"]
+        for phase, stats in (("decode", r["experts"]), ("prefill", r["encode_experts"])):
+            link = stats["bytes_moved"] / stats["transfer_seconds"] / 1e9 if stats["transfer_seconds"] else None
+            assert disk[phase] == pytest.approx(link or r["store_read_gb_s"])
+        assert disk["sampled"] == r["store_read_gb_s"]
+        assert set(r["at_sampled_rate"]) == {"tokens_per_second_error", "encode_seconds_error"}
+    # Each phase's figure is the one at its own rate: predicted with the store "sampled" at the
+    # decode rate, the tok/s error is the row's; at the prefill rate, the prefill error is.
+    row = next(r for r in rows if r["disk_read_gb_s"]["decode"] != r["disk_read_gb_s"]["prefill"])
+    row_profile = HardwareProfile.from_dict(row["profile"], source="the row's")
+    config = inspect_checkpoint(model_dir).config
+    case = PlanCase(batch=row["batch"], budget=cfg.budget, warmup=cfg.warmup, steps=cfg.steps)
+    for phase, key in (("decode", "tokens_per_second_error"), ("prefill", "encode_seconds_error")):
+        again = predict_measured(config, row_profile, case, row, disk_read_gb_s=row["disk_read_gb_s"][phase])
+        assert again["at_sampled_rate"][key] == pytest.approx(row[key])
+    # A run that read nothing is predicted at the sampled rate in both phases.
+    unread = {**row, "experts": {**row["experts"], "transfer_seconds": 0.0}, "encode_experts": {}}
+    again = predict_measured(config, row_profile, case, unread, disk_read_gb_s=1.25)
+    assert again["disk_read_gb_s"] == {"decode": 1.25, "prefill": 1.25, "sampled": 1.25}
+    assert again["tokens_per_second_error"] == again["at_sampled_rate"]["tokens_per_second_error"]
     # The row's own rates are what it is predicted from: halving them slows the prediction.
     row = rows[0]
     halved = {
