@@ -1,6 +1,6 @@
 """`cpm2 plan` against what this machine measures: the planner's predictions beside real runs.
 
-    python -m bench.plan_validation          # ~6 min on 2 cores; --quick for a smoke run
+    python -m bench.plan_validation          # ~2 min on 2 cores; --quick for a smoke run
 
 In one run: this machine's profile (`cpm2 plan --measure`'s code, scratch file beside the models),
 then the offload benchmark models (`bench.offload_common`: Switch-like, CPM-2-like, NLLB-MoE-shaped,
@@ -13,8 +13,10 @@ the run's routing replayed call by call (its trace: which experts each layer cal
 how many tokens), which leaves only the planner's costs and schedule to err; where the two differ,
 the drawn routing's hits and reads are what moved the figure.
 
-Error = predicted / measured - 1, for decode tok/s, prefill (encoder pass) seconds and bytes read
-per token; target within 25 %.
+Each run is predicted at the disk rates it had (its decode steps' and prefill's own reads), and
+again at the store's rate sampled between its steps (`DiskSampler`): the drift of this VM's disk.
+Error = predicted / measured - 1, for decode tok/s and prefill (encoder pass) seconds, target
+within 25 %; bytes read per token beside them.
 The full-scale run (`bench.fullscale`) predicts itself the same way, in its own run.
 """
 
