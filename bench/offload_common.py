@@ -213,17 +213,18 @@ class DiskSampler:
     count: int = 8
     threads: int = 4
     window: int = 4
-    bytes_read: int = 0
+    samples: int = 0
     seconds: float = 0.0
-    rates: list[float] = field(default_factory=list)
 
     def __call__(self) -> None:
-        seed = len(self.rates) + 1_000_003 * len(self.store.keys)
+        seed = self.samples + 1_000_003 * len(self.store.keys)  # other experts each time
         rate = store_read_gb_s(self.store, threads=self.threads, window=self.window, count=self.count, seed=seed)
-        nbytes = self.count * self.store.layout.nbytes
-        self.bytes_read += nbytes
-        self.seconds += nbytes / (rate * 1e9)
-        self.rates.append(rate)
+        self.samples += 1
+        self.seconds += self.count * self.store.layout.nbytes / (rate * 1e9)
+
+    @property
+    def bytes_read(self) -> int:
+        return self.samples * self.count * self.store.layout.nbytes
 
     @property
     def gb_s(self) -> float | None:
