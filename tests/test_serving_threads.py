@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import engine.model.kernels as kernels_module
 import engine.serving.engine as engine_module
 import server.prompt_store as prompt_store_module
 from engine.experts.cpu import cast_serially
@@ -90,6 +91,42 @@ def test_the_engine_loads_its_model_off_the_calling_thread(monkeypatch: pytest.M
         AsyncEngine.from_config(EngineConfig(model=tmp_path))
     assert loaded_on[0] is not threading.current_thread()
     assert not loaded_on[0].is_alive()
+
+
+@pytest.mark.skipif(not _libgomp_loaded(), reason="libgomp's teams, seen through Linux's /proc (other OpenMPs pool)")
+def test_the_engine_answers_the_event_loop_without_a_thread_team(
+    monkeypatch: pytest.MonkeyPatch, tiny_model_dir: Path
+) -> None:
+    """What the server asks the engine on its event loop's thread runs no parallel tensor work: the
+    int4 probe behind `info` once did, and the event loop's team throttled the engine's (a batch-1
+    decode step of the serving benchmark's model in the server: 7.8 ms against 4.1 in-process)."""
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("one CPU: torch starts no worker threads")
+    # A kernel table with nothing probed yet, as in a fresh server process.
+    monkeypatch.setattr(kernels_module, "_active", kernels_module.CpuKernels(kernels_module.active_kernels().mode))
+    engine = AsyncEngine.from_config(EngineConfig(model=tiny_model_dir))
+    counts: dict[str, int] = {}
+    suite_threads = torch.get_num_threads()
+
+    def work() -> dict[str, str]:
+        counts["before"] = _num_threads()
+        torch.set_num_threads(2)  # as a server's process runs
+        try:
+            info = engine.info()
+            engine.stats()
+            engine.health()
+            engine.tokenize("hello world")
+            counts["during"] = _num_threads()
+            return info.cpu_kernels
+        finally:
+            torch.set_num_threads(suite_threads)
+
+    try:
+        cpu_kernels = in_fresh_thread(work)
+    finally:
+        engine.loaded.close()
+    assert "int4_packing" in cpu_kernels  # the probe ran, in the loader's thread
+    assert counts["during"] == counts["before"]
 
 
 def test_the_prompt_store_checks_prompts_off_the_calling_thread(

@@ -88,13 +88,35 @@ def _expert_stats(provider: OffloadedExpertProvider) -> tuple[dict[str, float], 
     return stats, snapshot.layers_to_dict()
 
 
+def kernel_info(loaded: InferenceModel) -> dict[str, str]:
+    """The CPU kernels `loaded` runs on, as `EngineInfo.cpu_kernels` reports them (empty off the CPU).
+
+    Probes torch's int4 kernel the first time in a process (a small matmul): call it off the event
+    loop's thread.
+    """
+    kernels = loaded.kernels
+    if kernels is None:
+        return {}
+    table = active_kernels()
+    return {
+        "mode": table.mode,
+        "cpu_capability": cpu_capability(),
+        **kernels.to_dict(),
+        "int4_packing": table.int4_packing or "",
+    }
+
+
 class AsyncEngine:
     """`EngineClient` implementation backed by one model and one engine thread."""
 
-    def __init__(self, config: EngineConfig, loaded: InferenceModel, tokenizer: Tokenizer) -> None:
+    def __init__(
+        self, config: EngineConfig, loaded: InferenceModel, tokenizer: Tokenizer, *, kernels: dict[str, str]
+    ) -> None:
+        """`kernels`: the CPU kernels `loaded` runs on (`kernel_info`), probed off this thread."""
         self.config = config
         self.loaded = loaded
         self.tokenizer = tokenizer
+        self._kernels = kernels
         provider = loaded.provider
         self.generator = Generator(
             loaded.model, tokenizer, expert_stats=provider.stats.totals if provider is not None else None
@@ -116,19 +138,25 @@ class AsyncEngine:
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> AsyncEngine:
-        # Loaded in a thread of its own, so that its OpenMP team does not outlive it (see
-        # engine.serving.threads): the engine thread's must be the only one.
-        loaded = in_fresh_thread(
-            lambda: load_for_inference(
+        # Loaded, and the kernels `info` reports probed, in a thread of its own, so that its OpenMP
+        # team does not outlive it (see engine.serving.threads): the engine thread's must be the only
+        # one. The int4 probe runs a matmul, which `info` on the event loop's thread used to run.
+        def load() -> tuple[InferenceModel, dict[str, str]]:
+            loaded = load_for_inference(
                 config.model,
                 dtype=config.dtype,
                 device=config.device,
                 offload=config.offload,
                 progress=False,
                 cpu_kernels=config.cpu_kernels,
-            ),
-            name="cpm2-load",
-        )
+            )
+            try:
+                return loaded, kernel_info(loaded)
+            except BaseException:
+                loaded.close()
+                raise
+
+        loaded, kernels = in_fresh_thread(load, name="cpm2-load")
         try:
             tokenizer = load_tokenizer(config.model)
             model_config = loaded.model.config
@@ -141,7 +169,7 @@ class AsyncEngine:
         except BaseException:
             loaded.close()  # the offload threads and files; the server exits with the error
             raise
-        return cls(config, loaded, tokenizer)
+        return cls(config, loaded, tokenizer, kernels=kernels)
 
     # ---- lifecycle -------------------------------------------------------------------------------
 
@@ -200,22 +228,10 @@ class AsyncEngine:
                     if fmt is not None
                 },
             },
-            cpu_kernels=self._kernel_info(),
+            cpu_kernels=dict(self._kernels),
             languages=self.tokenizer.language_codes if isinstance(self.tokenizer, TranslationTokenizer) else (),
             max_token_chars=self._max_token_chars,
         )
-
-    def _kernel_info(self) -> dict[str, str]:
-        kernels = self.loaded.kernels
-        if kernels is None:
-            return {}
-        table = active_kernels()
-        return {
-            "mode": table.mode,
-            "cpu_capability": cpu_capability(),
-            **kernels.to_dict(),
-            "int4_packing": table.int4_packing or "",
-        }
 
     @property
     def dtype(self) -> torch.dtype:

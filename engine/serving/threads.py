@@ -7,9 +7,10 @@ iterations (`gomp_throttled_spin_count_var`), so each of the engine thread's par
 (hundreds per decode step) has to wake its workers through the kernel. Measured on a 2-core VM,
 serving benchmark model, batch 1: a decode step took 20 ms with the model loaded on the main
 thread, 14 ms with it loaded in a thread that had ended, 14 ms with everything on one thread;
-an encoder pass 155 vs 115 ms. So loading and the server's prompt checks (a cast and a NaN scan,
-parallel above 32768 values) run through `in_fresh_thread`, and the engine thread's team is the
-only one that lives.
+an encoder pass 155 vs 115 ms. So loading, the CPU kernel probes (the int4 one runs a matmul) and
+the server's prompt checks (a cast and a NaN scan, parallel above 32768 values) run through
+`in_fresh_thread`, and the engine thread's team is the only one that lives. Anything the event
+loop's thread asks of the engine must stay free of parallel tensor work for the same reason.
 """
 
 from __future__ import annotations
