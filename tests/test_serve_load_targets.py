@@ -29,6 +29,7 @@ def test_the_share_of_the_step_bound_and_what_encoding_leaves_of_it() -> None:
     # One client: 5 ms steps, 20 % of the time encoding. Sixteen: 20 ms steps (bound 16 x 5 / 20 = 4x),
     # 3x the tok/s (0.75 of the bound), 40 % encoding (at most 0.6 / 0.8 = 0.75 of the bound).
     targets = _targets([_result(1, 100.0, 5.0, 0.2), _result(16, 300.0, 20.0, 0.4)])
+    assert targets["c16_over_c1 (one prompt)"] == pytest.approx(3.0)
     assert targets["c16_decode_step_bound (one prompt)"] == pytest.approx(4.0)
     assert targets["share of the decode-step bound (C=16, one prompt)"] == pytest.approx(0.75)
     assert targets["most of the bound encoding leaves (C=16, one prompt)"] == pytest.approx(0.75)
